@@ -1,0 +1,201 @@
+"""Build a model bundle from an ONNX file: contract check, normalisation, motif head, goldens.
+
+Steps: read the model's input/output contract from the file itself (names, batch); take the
+per-channel normalisation from a JSON (the exporter's `model_config.json` works as is) or derive it
+from the calibration set; run the calibration windows through ONNX Runtime; when the model gives
+only a latent, fit 12 k-means prototypes on the calibration latents for the motif head; store a
+few golden windows with their expected latents; write the bundle.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import logging
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import orjson
+from numpy.typing import NDArray
+
+from fleet.bundles.calibration import CalibrationSet, load_calibration, simulated_calibration
+from fleet.bundles.kmeans import kmeans
+from node.errors import BundleError, ModelContractError
+from node.inference.backend import BackendOptions
+from node.inference.motif_head import squared_distances
+from node.inference.normalize import Normalizer
+from node.inference.onnx_backend import OnnxBackend
+from node.model.bundle import Bundle, file_entries, npy_bytes, write_bundle
+from schemas.limits import CHANNELS, LATENT_DIM, MOTIF_COUNT, WINDOW_LENGTH
+from schemas.manifest import (
+    Golden,
+    InputSpec,
+    Manifest,
+    Normalization,
+    Outputs,
+    OutputSpec,
+    PrototypeHead,
+)
+
+logger = logging.getLogger(__name__)
+
+GOLDEN_COUNT = 8
+PROTOTYPE_SEED = 0
+
+FloatArray = NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelContract:
+    """What an ONNX file declares: its input and outputs, read from the file."""
+
+    input: InputSpec
+    outputs: Outputs
+
+
+def read_contract(onnx_bytes: bytes) -> ModelContract:
+    """Read input name/shape and identify the latent (and motif logits) outputs by size."""
+    try:
+        session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        msg = f"ONNX Runtime cannot load the model: {exc}"
+        raise ModelContractError(msg) from exc
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        msg = f"model has {len(inputs)} inputs; the contract is one [1, 100, 9] float32 input"
+        raise ModelContractError(msg)
+    shape = list(inputs[0].shape)
+    if (
+        inputs[0].type != "tensor(float)"
+        or len(shape) != 3
+        or shape[1:] != [WINDOW_LENGTH, CHANNELS]
+    ):
+        msg = f"model input is {inputs[0].type} {shape}; the contract is [1, 100, 9] float32"
+        raise ModelContractError(msg)
+    batch = shape[0] if isinstance(shape[0], int) else None
+    by_dim: dict[int, str] = {}
+    for out in session.get_outputs():
+        dims = [d for d in out.shape[1:] if d != 1]
+        if len(dims) == 1 and isinstance(dims[0], int):
+            by_dim.setdefault(dims[0], out.name)
+    if LATENT_DIM not in by_dim:
+        names = [f"{o.name} {o.shape}" for o in session.get_outputs()]
+        msg = f"model has no [batch, {LATENT_DIM}] latent output; it has {names}"
+        raise ModelContractError(msg)
+    logits = by_dim.get(MOTIF_COUNT)
+    return ModelContract(
+        input=InputSpec(name=inputs[0].name, shape=[batch, WINDOW_LENGTH, CHANNELS]),
+        outputs=Outputs(
+            latent=OutputSpec(name=by_dim[LATENT_DIM], dim=LATENT_DIM),
+            motif_logits=OutputSpec(name=logits, dim=MOTIF_COUNT) if logits else None,
+        ),
+    )
+
+
+def load_normalization(path: Path) -> Normalization:
+    """Read `{"mean": [9], "std": [9]}`, or the same under a `normalization` key."""
+    try:
+        data = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        msg = f"cannot read normalisation file {path}: {exc}"
+        raise BundleError(msg) from exc
+    if isinstance(data, dict) and isinstance(data.get("normalization"), dict):
+        data = data["normalization"]
+    if not isinstance(data, dict) or "mean" not in data or "std" not in data:
+        msg = f"{path} needs 'mean' and 'std' (9 numbers each), at the top or under 'normalization'"
+        raise BundleError(msg)
+    order = data.get("channel_order")
+    if order is not None and tuple(order) != InputSpec.model_fields["channel_order"].default:
+        msg = f"{path} channel_order {order} differs from the contract's ax..mz order"
+        raise BundleError(msg)
+    try:
+        return Normalization(mean=data["mean"], std=data["std"], source=path.name)
+    except ValueError as exc:
+        msg = f"{path}: {exc}"
+        raise BundleError(msg) from exc
+
+
+def normalization_from(calibration: CalibrationSet) -> Normalization:
+    """Per-channel mean and std of the calibration windows."""
+    flat = calibration.windows.reshape(-1, CHANNELS).astype(np.float64)
+    std = np.maximum(flat.std(axis=0), 1e-6)
+    return Normalization(
+        mean=flat.mean(axis=0).tolist(),
+        std=std.tolist(),
+        source=f"calibration:{calibration.source}",
+    )
+
+
+def fit_prototype_head(latents: FloatArray, labels: list[str] | None) -> PrototypeHead:
+    """12 k-means prototypes; temperature = median squared distance to the nearest prototype."""
+    centroids, assignment = kmeans(latents, MOTIF_COUNT, seed=PROTOTYPE_SEED)
+    nearest = squared_distances(latents, centroids).min(axis=1)
+    temperature = float(max(np.median(nearest), 1e-6))
+    names = None
+    if labels is not None:
+        names = []
+        for cluster in range(MOTIF_COUNT):
+            members = [labels[i] for i in np.flatnonzero(assignment == cluster)]
+            names.append(max(set(members), key=members.count) if members else "")
+    return PrototypeHead(prototypes=centroids.tolist(), temperature=temperature, labels=names)
+
+
+def golden_indices(count: int, total: int) -> list[int]:
+    """Evenly spread indices into the calibration set (covers every activity)."""
+    return sorted({int(i) for i in np.linspace(0, total - 1, num=min(count, total))})
+
+
+def build_bundle(
+    *,
+    onnx_path: Path,
+    name: str,
+    version: str,
+    out: Path,
+    normalization: Path | None = None,
+    calibration: Path | None = None,
+    description: str = "",
+) -> Bundle:
+    """Build, verify and write a bundle; returns it as a node would read it."""
+    onnx_bytes = onnx_path.read_bytes()
+    contract = read_contract(onnx_bytes)
+    calib = load_calibration(calibration) if calibration else simulated_calibration()
+    norm = load_normalization(normalization) if normalization else None
+    if norm is None:
+        norm = normalization_from(calib)
+        logger.warning(
+            "no --normalization given: derived mean/std from the calibration set (%s). Pass the "
+            "exporter's model_config.json to use the training statistics.",
+            calib.source,
+        )
+    files = {"model.onnx": onnx_bytes}
+    backend = OnnxBackend(onnx_bytes, contract.outputs, BackendOptions(threads=2))
+    try:
+        output = backend.infer(Normalizer(norm).apply(calib.windows))
+    finally:
+        backend.close()
+    head = None
+    if contract.outputs.motif_logits is None:
+        head = fit_prototype_head(output.latent, calib.labels)
+    picks = golden_indices(GOLDEN_COUNT, len(calib.windows))
+    golden = Golden(count=len(picks))
+    files[golden.inputs] = npy_bytes(calib.windows[picks])
+    files[golden.latents] = npy_bytes(output.latent[picks])
+    manifest = Manifest(
+        name=name,
+        version=version,
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        created_by=f"{getpass.getuser()}@{socket.gethostname()}",
+        description=description,
+        files=file_entries(files),
+        input=contract.input,
+        normalization=norm,
+        outputs=contract.outputs,
+        motif_head=head,
+        golden=golden,
+    )
+    write_bundle(out, manifest, files)
+    logger.info("wrote %s (%s %s, %d calibration windows)", out, name, version, len(calib.windows))
+    return Bundle(manifest=manifest, files=files, path=out)

@@ -1,0 +1,90 @@
+"""Calibration sets: recorded windows from a file, or the simulator's activities by default.
+
+Accepted files: `.npy` holding (N, 100, 9); `.npz` with a `windows` (or `x`) array and optional
+`labels`; `.jsonl` with one window message per line (`{"x": [[...9]...100], ...}`), optionally
+wrapped as `{"payload": {...}}` the way recordings store them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+from numpy.typing import NDArray
+
+from node.errors import BundleError
+from schemas.codec import InputRejectedError, decode_window
+from schemas.limits import CHANNELS, WINDOW_LENGTH
+
+SIMULATED_PER_ACTIVITY = 64
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrationSet:
+    """Raw windows (N, 100, 9) float32, optional label per window, and where they came from."""
+
+    windows: NDArray[np.float32]
+    labels: list[str] | None
+    source: str
+
+
+def simulated_calibration(per_activity: int = SIMULATED_PER_ACTIVITY) -> CalibrationSet:
+    """Windows of every simulated activity (rest, walk, run, turn, stairs, shake)."""
+    from fleet.simulate.imu_signals import calibration_set  # noqa: PLC0415 (optional heavy path)
+
+    windows, labels = calibration_set(per_activity)
+    return CalibrationSet(windows, [str(a) for a in labels], f"simulator x{len(windows)}")
+
+
+def load_calibration(path: Path) -> CalibrationSet:
+    """Load a calibration file (see module docstring); raises BundleError with what is wrong."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            windows, labels = np.load(path, allow_pickle=False), None
+        elif suffix == ".npz":
+            windows, labels = _from_npz(path)
+        elif suffix in {".jsonl", ".ndjson"}:
+            windows, labels = _from_jsonl(path), None
+        else:
+            msg = f"calibration file {path} must be .npy, .npz or .jsonl"
+            raise BundleError(msg)
+    except (OSError, ValueError) as exc:
+        msg = f"cannot read calibration file {path}: {exc}"
+        raise BundleError(msg) from exc
+    windows = np.asarray(windows, dtype=np.float32)
+    if windows.ndim != 3 or windows.shape[1:] != (WINDOW_LENGTH, CHANNELS) or not len(windows):
+        msg = f"calibration windows have shape {windows.shape}; expected (N, 100, 9) with N >= 12"
+        raise BundleError(msg)
+    if not np.isfinite(windows).all():
+        msg = f"calibration file {path} holds NaN or infinity"
+        raise BundleError(msg)
+    return CalibrationSet(windows, labels, path.name)
+
+
+def _from_npz(path: Path) -> tuple[NDArray[np.float32], list[str] | None]:
+    with np.load(path, allow_pickle=False) as archive:
+        key = "windows" if "windows" in archive else "x"
+        if key not in archive:
+            msg = f"{path} has no 'windows' or 'x' array (found {list(archive.keys())})"
+            raise BundleError(msg)
+        labels = [str(v) for v in archive["labels"]] if "labels" in archive else None
+        return archive[key], labels
+
+
+def _from_jsonl(path: Path) -> NDArray[np.float32]:
+    rows = []
+    with path.open("rb") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = orjson.loads(line)
+                payload = record.get("payload", record) if isinstance(record, dict) else record
+                rows.append(decode_window(orjson.dumps(payload)).x)
+            except (orjson.JSONDecodeError, InputRejectedError) as exc:
+                msg = f"{path}:{number}: not a window message: {exc}"
+                raise BundleError(msg) from exc
+    return np.stack(rows) if rows else np.empty((0, WINDOW_LENGTH, CHANNELS), np.float32)

@@ -1,0 +1,1 @@
+"""Synthetic sensor sources used by the fleet simulator."""

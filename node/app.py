@@ -1,0 +1,238 @@
+"""The node: wires session, ingest, worker, results, telemetry and status together.
+
+Lifecycle: `start()` loads nothing (the model is loaded and golden-checked before construction),
+starts the worker and telemetry threads and the MQTT session; on every connection the node
+publishes its retained birth status and model state. `stop()` unsubscribes the sensor topics,
+drains the queue, waits for every result to be acknowledged, publishes a retained `stopped`
+status and disconnects (so the will's `offline` only ever means a crash or a lost link).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import sys
+import threading
+import time
+import uuid
+from importlib.metadata import PackageNotFoundError, version
+
+import paho.mqtt.client as mqtt
+from pydantic import ValidationError
+
+from node.config import NodeConfig
+from node.identity import default_node_id
+from node.inference.pipeline import ModelPipeline
+from node.inference.worker import InferenceWorker, WorkItem
+from node.ingest.router import Ingest
+from node.ingest.windower import SampleWindower
+from node.metrics import NodeMetrics
+from node.mqtt.session import MqttSession, SessionSettings
+from node.reporting import ErrorReporter
+from node.results import ResultPublisher
+from node.telemetry import TelemetryLoop
+from schemas import topics
+from schemas.codec import encode
+from schemas.messages import (
+    ErrorKind,
+    ModelLifecycle,
+    NodeModelState,
+    NodeState,
+    NodeStatus,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def software_version() -> str:
+    """The installed package version."""
+    try:
+        return version("imu-edge")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+class NodeApp:
+    """One running node."""
+
+    def __init__(self, config: NodeConfig, pipeline: ModelPipeline) -> None:
+        self.config = config
+        self.node_id = config.node_id or default_node_id()
+        self.instance = uuid.uuid4().hex[:12]
+        self.metrics = NodeMetrics()
+        self._stopped = threading.Event()
+        self._conflicts: set[str] = set()
+        self._birth_seen = False
+        address = config.broker_address
+        self.session = MqttSession(
+            SessionSettings(
+                address=address,
+                client_id=f"{self.node_id}-{self.instance[:6]}",
+                protocol=config.mqtt_protocol,
+                keepalive_s=config.keepalive_s,
+                username=config.username,
+                password=config.password.get_secret_value() if config.password else None,
+                ca_file=str(config.ca_file) if config.ca_file else None,
+                will=(
+                    topics.node_status(self.node_id),
+                    self._status(NodeState.OFFLINE, pipeline, "connection lost (will)"),
+                ),
+                max_pending_publishes=config.max_pending_publishes,
+            ),
+            on_connected=self._announce,
+        )
+        self.queue: queue.Queue[WorkItem] = queue.Queue(maxsize=config.queue_size)
+        self.reporter = ErrorReporter(
+            self.node_id, self._publish_qos1, self.metrics, per_second=config.error_reports_per_s
+        )
+        self.ingest = Ingest(self.queue, SampleWindower(config.hop), self.reporter, self.metrics)
+        self.worker = InferenceWorker(
+            pipeline,
+            self.queue,
+            ResultPublisher(self.node_id, self._publish_qos1, self.metrics),
+            self._inference_failed,
+            max_batch=config.max_batch,
+            batch_wait_s=config.batch_wait_ms / 1000,
+        )
+        self.telemetry = TelemetryLoop(
+            node_id=self.node_id,
+            interval_s=config.telemetry_interval_s,
+            metrics=self.metrics,
+            work=self.queue,
+            model=lambda: self.worker.pipeline,
+            publish=lambda topic, payload: self.session.publish(topic, payload, qos=0),
+        )
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start serving; returns at once (the session connects in the background)."""
+        sys.setswitchinterval(self.config.switch_interval_ms / 1000)
+        share = self.config.share_group
+        sensors = self.config.sensors
+        self.session.route(topics.window(sensors), self.ingest.on_window, share=share)
+        self.session.route(topics.samples(sensors), self.ingest.on_samples, share=share)
+        self.session.route(topics.node_status(self.node_id), self._on_status)
+        self.worker.start()
+        self.telemetry.start()
+        self.session.start()
+        pipeline = self.worker.pipeline
+        logger.info(
+            "node %s starting: broker %s, model %s %s on %s, hop %d, queue %d",
+            self.node_id,
+            self.config.broker_address,
+            pipeline.ref.name,
+            pipeline.ref.version,
+            pipeline.info.name,
+            self.config.hop,
+            self.config.queue_size,
+        )
+
+    def stop(self, reason: str = "stopped") -> bool:
+        """Drain and stop cleanly; True when every window was served and every result acked."""
+        if self._stopped.is_set():
+            return True
+        self._stopped.set()
+        timeout = self.config.drain_timeout_s
+        sensors = self.config.sensors
+        for topic_filter in (topics.window(sensors), topics.samples(sensors)):
+            self.session.unroute(topic_filter)
+        drained = self.worker.stop(timeout)
+        self.ingest.close()
+        self.telemetry.stop()
+        acked = self.session.wait_published(timeout)
+        if not drained or not acked:
+            logger.warning(
+                "stopping with work left: %d queued, %d results unacknowledged",
+                self.queue.qsize(),
+                self.session.pending_publishes(),
+            )
+        self.session.publish(
+            topics.node_status(self.node_id),
+            self._status(NodeState.STOPPED, self.worker.pipeline, reason),
+            retain=True,
+        )
+        self.session.wait_published(min(timeout, 5.0))
+        self.session.stop()
+        self.worker.pipeline.close()
+        logger.info("node %s stopped (%s)", self.node_id, reason)
+        return drained and acked
+
+    # -- publishing -------------------------------------------------------------------------
+
+    def _publish_qos1(self, topic: str, payload: bytes) -> bool:
+        return self.session.publish(topic, payload, qos=1)
+
+    def _status(
+        self, state: NodeState, pipeline: ModelPipeline, reason: str | None = None
+    ) -> bytes:
+        return encode(
+            NodeStatus(
+                state=state,
+                node_id=self.node_id,
+                instance=self.instance,
+                ts=time.time(),
+                software_version=software_version(),
+                backend=pipeline.info.name,
+                model=pipeline.ref,
+                config_digest=self.config.digest(),
+                group=self.config.group,
+                host=socket.gethostname(),
+                reason=reason,
+            )
+        )
+
+    def _announce(self) -> None:
+        """On every connection: retained birth and model state (network thread)."""
+        pipeline = self.worker.pipeline
+        self.session.publish(
+            topics.node_status(self.node_id), self._status(NodeState.ONLINE, pipeline), retain=True
+        )
+        state = NodeModelState(
+            node_id=self.node_id,
+            ts=time.time(),
+            state=ModelLifecycle.ACTIVE,
+            active=pipeline.ref,
+            backend=pipeline.info.name,
+        )
+        self.session.publish(topics.node_model(self.node_id), encode(state), retain=True)
+
+    def _inference_failed(self, batch: list[WorkItem], exc: Exception) -> None:
+        for item in batch:
+            self.metrics.window_dropped("inference_failed")
+            self.reporter.report(
+                ErrorKind.INFERENCE,
+                f"backend failed on this window: {exc}",
+                sensor_id=item.sensor_id,
+                seq=item.seq,
+            )
+
+    # -- duplicate node ids -----------------------------------------------------------------
+
+    def _on_status(self, message: mqtt.MQTTMessage) -> None:
+        """Watch our own status topic for another live process with our node id."""
+        try:
+            status = NodeStatus.model_validate_json(message.payload)
+        except ValidationError:
+            return
+        if status.instance == self.instance:
+            self._birth_seen = True
+            return
+        if not self._birth_seen or status.state is not NodeState.ONLINE:
+            return  # retained state from before our birth: a previous run, or a crash
+        if status.instance in self._conflicts:
+            return
+        self._conflicts.add(status.instance)
+        reason = (
+            f"another process (instance {status.instance} on host {status.host}) is online as "
+            f"node {self.node_id}; give each node its own node_id"
+        )
+        logger.error("duplicate node id: %s", reason)
+        self.reporter.report(ErrorKind.DUPLICATE_NODE_ID, reason, topic=message.topic)
+        # assert our presence once, so the other process learns about us as well
+        self.session.publish(
+            topics.node_status(self.node_id),
+            self._status(NodeState.ONLINE, self.worker.pipeline),
+            retain=True,
+        )

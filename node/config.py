@@ -1,0 +1,173 @@
+"""Node configuration: defaults < TOML file < environment (`IMU_NODE_*`) < command-line flags.
+
+Every setting has a title and a description; `imu-node config --show` prints the effective
+configuration and `docs/configuration.md` documents each field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from node.errors import ConfigError
+from schemas.topics import is_valid_id
+
+ENV_PREFIX = "IMU_NODE_"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    """A parsed `mqtt://host:port` or `mqtts://host:port` URL."""
+
+    host: str
+    port: int
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        """Parse a broker URL; raises ValueError saying what a valid one looks like."""
+        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+        if parts.scheme not in {"mqtt", "mqtts", "tcp", "ssl"} or not parts.hostname:
+            msg = f"broker URL {url!r} must look like mqtt://HOST:PORT or mqtts://HOST:PORT"
+            raise ValueError(msg)
+        tls = parts.scheme in {"mqtts", "ssl"}
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError as exc:
+            msg = f"broker URL {url!r} has an invalid port"
+            raise ValueError(msg) from exc
+        return cls(host=parts.hostname, port=port, tls=tls)
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+class NodeConfig(BaseSettings):
+    """Everything a node can be told. Unknown keys are errors (typos must not pass silently)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, validate_default=True
+    )
+
+    broker: str = Field(
+        "mqtt://127.0.0.1:1883", title="Broker URL", description="mqtt:// or mqtts://"
+    )
+    username: str | None = Field(None, description="MQTT user name")
+    password: SecretStr | None = Field(None, description="MQTT password (never logged)")
+    ca_file: Path | None = Field(None, description="CA bundle for mqtts:// brokers")
+    node_id: str | None = Field(None, description="Defaults to a stable id derived from hardware")
+    group: str = Field("default", description="Fleet group this node belongs to")
+    model: Path | None = Field(None, description="Model bundle to serve")
+    backend: Literal["onnx"] = Field("onnx", description="Inference backend")
+    threads: int = Field(1, ge=1, le=64, description="CPU threads for the ONNX Runtime backend")
+    mqtt_protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive")
+    share_group: str | None = Field(
+        None, description="Subscribe to sensor topics as $share/GROUP/... (MQTT 5 load sharing)"
+    )
+    sensors: str = Field("+", description="Sensor id (or + for all) whose topics to consume")
+    hop: int = Field(50, ge=1, le=100, description="Samples between windows cut from `samples`")
+    queue_size: int = Field(512, ge=1, le=100_000, description="Windows waiting for inference")
+    max_batch: int = Field(8, ge=1, le=256, description="Largest micro-batch per inference call")
+    batch_wait_ms: float = Field(
+        2.0, ge=0, le=1000, description="How long the worker waits to fill a micro-batch"
+    )
+    telemetry_interval_s: float = Field(10.0, gt=0, le=3600, description="Telemetry period")
+    max_pending_publishes: int = Field(
+        10_000, ge=10, description="Results held while the broker is unreachable"
+    )
+    error_reports_per_s: float = Field(
+        5.0, gt=0, description="Errors-topic rate per sensor and kind; the rest are counted"
+    )
+    drain_timeout_s: float = Field(10.0, ge=0, description="SIGTERM: time to finish in-flight work")
+    switch_interval_ms: float = Field(
+        0.5, gt=0, le=10, description="Python thread switch interval (lower = tighter tail)"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("broker")
+    @classmethod
+    def _broker(cls, url: str) -> str:
+        BrokerAddress.parse(url)
+        return url
+
+    @field_validator("node_id", "group", "share_group")
+    @classmethod
+    def _identifier(cls, value: str | None) -> str | None:
+        if value is not None and not is_valid_id(value):
+            msg = f"{value!r} is not a valid id (letters, digits, '_', '.', ':', '-'; max 64)"
+            raise ValueError(msg)
+        return value
+
+    @field_validator("sensors")
+    @classmethod
+    def _sensors(cls, value: str) -> str:
+        if value != "+" and not is_valid_id(value):
+            msg = f"sensors must be '+' or one sensor id, not {value!r}"
+            raise ValueError(msg)
+        return value
+
+    @property
+    def broker_address(self) -> BrokerAddress:
+        """The parsed broker URL."""
+        return BrokerAddress.parse(self.broker)
+
+    def digest(self) -> str:
+        """Short sha256 of the effective configuration (secrets excluded), for the birth message."""
+        body = self.model_dump_json(exclude={"password"}).encode()
+        return hashlib.sha256(body).hexdigest()[:12]
+
+
+def load_config(config_file: Path | None = None, **overrides: Any) -> NodeConfig:
+    """Merge defaults, the TOML file, `IMU_NODE_*` variables and `overrides` (flags, highest)."""
+    if config_file is not None and not config_file.is_file():
+        msg = f"config file {config_file} does not exist"
+        raise ConfigError(msg)
+
+    class _Layered(NodeConfig):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            if config_file is None:
+                return (init_settings, env_settings)
+            return (
+                init_settings,
+                env_settings,
+                TomlConfigSettingsSource(settings_cls, config_file),
+            )
+
+    clean = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        layered = _Layered(**clean)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+    return NodeConfig.model_validate(layered.model_dump())
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per problem: `setting: what is wrong`."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in error["loc"]) or "config"
+        msg = str(error["msg"]).removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            msg = "unknown setting (check the spelling; see `imu-node config --help`)"
+        lines.append(f"{where}: {msg}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

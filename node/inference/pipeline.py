@@ -1,0 +1,113 @@
+"""A loaded model: normalisation -> backend -> motif head, proven on its golden vectors.
+
+`load_model` is the only way a model reaches the worker: it opens the backend, warms it up and
+runs the golden check, and closes the backend again if any step fails.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from node.errors import GoldenCheckError
+from node.inference.backend import (
+    BackendInfo,
+    BackendOptions,
+    FloatArray,
+    InferenceBackend,
+    open_backend,
+)
+from node.inference.motif_head import MotifHead
+from node.inference.normalize import Normalizer
+from node.model.bundle import Bundle
+from schemas.messages import ModelRef
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class GoldenReport:
+    """How closely a backend reproduced the bundle's golden latents."""
+
+    count: int
+    max_abs_error: float
+    min_cosine: float
+    passed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """Latents (n, 64) and motif scores (n, 12) for one batch."""
+
+    latent: FloatArray
+    scores: FloatArray
+
+
+class ModelPipeline:
+    """One model version ready to serve: normalise, infer, score."""
+
+    def __init__(self, bundle: Bundle, backend: InferenceBackend) -> None:
+        self.bundle = bundle
+        self.ref: ModelRef = bundle.ref
+        self.backend = backend
+        self.info: BackendInfo = backend.describe()
+        self.normalizer = Normalizer(bundle.manifest.normalization)
+        self._head = MotifHead(bundle.manifest)
+
+    def run(self, raw: FloatArray) -> BatchResult:
+        """Raw windows (n, 100, 9) -> latents and motif scores."""
+        out = self.backend.infer(self.normalizer.apply(raw))
+        return BatchResult(
+            latent=out.latent, scores=self._head.scores(out.latent, out.motif_logits)
+        )
+
+    def golden_check(self) -> GoldenReport:
+        """Run the golden windows and compare with the expected latents."""
+        inputs, expected = self.bundle.golden()
+        got = self.backend.infer(self.normalizer.apply(inputs)).latent
+        spec = self.bundle.manifest.golden
+        max_err = float(np.max(np.abs(got - expected)))
+        cosine = float(np.min(cosine_similarity(got, expected)))
+        passed = max_err <= spec.atol and cosine >= spec.min_cosine
+        return GoldenReport(len(inputs), max_err, cosine, passed)
+
+    def close(self) -> None:
+        """Release the backend."""
+        self.backend.close()
+
+
+def cosine_similarity(a: FloatArray, b: FloatArray) -> FloatArray:
+    """Row-wise cosine similarity of two (n, d) arrays."""
+    num = np.sum(a * b, axis=1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    similarity: FloatArray = (num / np.maximum(den, 1e-12)).astype(np.float32)
+    return similarity
+
+
+def load_model(bundle: Bundle, backend: str, options: BackendOptions) -> ModelPipeline:
+    """Open, warm up and prove a model; raises GoldenCheckError when it does not reproduce."""
+    pipeline = ModelPipeline(bundle, open_backend(backend, bundle, options))
+    try:
+        report = pipeline.golden_check()  # the first run doubles as the warm-up
+        if not report.passed:
+            spec = bundle.manifest.golden
+            msg = (
+                f"{bundle.ref.name} {bundle.ref.version} on {backend} failed its golden check: "
+                f"max abs error {report.max_abs_error:.3g} (limit {spec.atol:g}), min cosine "
+                f"{report.min_cosine:.5f} (limit {spec.min_cosine:g})"
+            )
+            raise GoldenCheckError(msg)
+    except BaseException:
+        pipeline.close()
+        raise
+    logger.info(
+        "model %s %s loaded on %s; golden check passed (max abs error %.2g, min cosine %.6f)",
+        bundle.ref.name,
+        bundle.ref.version,
+        backend,
+        report.max_abs_error,
+        report.min_cosine,
+    )
+    return pipeline

@@ -1,0 +1,130 @@
+"""The inference worker: bounded queue in, micro-batches through the model, results out.
+
+The worker takes whatever is queued (up to `max_batch`, waiting at most `batch_wait_s` for more),
+runs it as one batch and hands the results to the publisher. The model reference is read once per
+batch, so `swap` takes effect between two batches: no window is lost or run twice, and each result
+names the model version that produced it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from node.errors import BackendError
+from node.inference.backend import FloatArray
+from node.inference.pipeline import BatchResult, ModelPipeline
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    """One window waiting for inference."""
+
+    sensor_id: str
+    seq: int | None
+    t0: float | None
+    t1: float | None
+    x: FloatArray
+    received_ns: int
+    """`time.perf_counter_ns()` when the message arrived."""
+
+
+ResultSink = Callable[[list[WorkItem], BatchResult, ModelPipeline], None]
+FailureSink = Callable[[list[WorkItem], Exception], None]
+
+
+class InferenceWorker:
+    """A named thread that drains the queue in micro-batches."""
+
+    def __init__(
+        self,
+        pipeline: ModelPipeline,
+        work: queue.Queue[WorkItem],
+        on_results: ResultSink,
+        on_failure: FailureSink,
+        *,
+        max_batch: int = 8,
+        batch_wait_s: float = 0.0,
+    ) -> None:
+        self._pipeline = pipeline
+        self._queue = work
+        self._on_results = on_results
+        self._on_failure = on_failure
+        self._max_batch = max_batch
+        self._batch_wait_s = batch_wait_s
+        self._swap_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="inference-worker", daemon=True)
+
+    @property
+    def pipeline(self) -> ModelPipeline:
+        """The model currently serving."""
+        return self._pipeline
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._thread.start()
+
+    def swap(self, new: ModelPipeline) -> ModelPipeline:
+        """Serve `new` from the next batch on; returns the previous model (still open)."""
+        with self._swap_lock:
+            old, self._pipeline = self._pipeline, new
+        return old
+
+    def stop(self, timeout: float) -> bool:
+        """Finish what is queued, then stop; False if the queue did not drain in time."""
+        deadline = time.monotonic() + timeout
+        while not self._queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self._stop.set()
+        self._thread.join(max(deadline - time.monotonic(), 0.1))
+        return self._queue.empty() and not self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            batch = self._next_batch()
+            if batch:
+                self._process(batch)
+
+    def _next_batch(self) -> list[WorkItem]:
+        try:
+            batch = [self._queue.get(timeout=0.05)]
+        except queue.Empty:
+            return []
+        deadline = time.monotonic() + self._batch_wait_s
+        while len(batch) < self._max_batch:
+            try:
+                remaining = deadline - time.monotonic()
+                item = (
+                    self._queue.get(timeout=remaining)
+                    if remaining > 0
+                    else self._queue.get_nowait()
+                )
+            except queue.Empty:
+                break
+            batch.append(item)
+        return batch
+
+    def _process(self, batch: list[WorkItem]) -> None:
+        with self._swap_lock:
+            pipeline = self._pipeline
+        windows = np.stack([item.x for item in batch])
+        try:
+            result = pipeline.run(windows)
+        except BackendError as exc:
+            logger.error("inference failed on a batch of %d: %s", len(batch), exc)
+            self._on_failure(batch, exc)
+            return
+        except Exception as exc:
+            logger.exception("unexpected failure on a batch of %d", len(batch))
+            self._on_failure(batch, exc)
+            return
+        self._on_results(batch, result, pipeline)

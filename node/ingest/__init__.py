@@ -1,0 +1,1 @@
+"""Ingest: sensor messages in, validated windows out to the inference queue."""

@@ -1,0 +1,1 @@
+"""The node's one MQTT session: connect, reconnect, subscribe, publish."""

@@ -1,0 +1,56 @@
+"""Result messages: one JSON line per window on `imu/{sensor_id}/motifs`, QoS 1."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from node.inference.pipeline import BatchResult, ModelPipeline
+from node.inference.worker import WorkItem
+from node.metrics import NodeMetrics
+from schemas import SCHEMA_VERSION, topics
+from schemas.codec import encode_dict
+
+Publisher = Callable[[str, bytes], bool]
+
+
+class ResultPublisher:
+    """Encodes a batch's results and queues them for the broker."""
+
+    def __init__(self, node_id: str, publish: Publisher, metrics: NodeMetrics) -> None:
+        self._node_id = node_id
+        self._publish = publish
+        self._metrics = metrics
+
+    def __call__(self, batch: list[WorkItem], result: BatchResult, model: ModelPipeline) -> None:
+        """Publish one result per window; counts latency and publication."""
+        ref = {"name": model.ref.name, "version": model.ref.version}
+        top = np.argmax(result.scores, axis=1)
+        latencies: list[float] = []
+        published = 0
+        for i, item in enumerate(batch):
+            latency_ms = (time.perf_counter_ns() - item.received_ns) / 1e6
+            payload = encode_dict(
+                {
+                    "schema_version": SCHEMA_VERSION,
+                    "sensor_id": item.sensor_id,
+                    "node_id": self._node_id,
+                    "seq": item.seq,
+                    "t0": item.t0,
+                    "t1": item.t1,
+                    "model": ref,
+                    "latent": result.latent[i],
+                    "motif_scores": result.scores[i],
+                    "top_motif": int(top[i]),
+                    "latency_ms": round(latency_ms, 3),
+                    "ts": time.time(),
+                }
+            )
+            latencies.append(latency_ms)
+            if self._publish(topics.motifs(item.sensor_id), payload):
+                published += 1
+            else:  # paho's offline queue is full: the broker has been away too long
+                self._metrics.window_dropped("result_queue_full")
+        self._metrics.batch_done(len(batch), latencies, published)

@@ -1,0 +1,292 @@
+"""Pydantic models of every message on the topic tree.
+
+Inbound sensor messages (`WindowMessage`, `SamplesMessage`) ignore unknown fields so sensors can
+add their own; everything the system itself publishes is frozen and forbids unknown fields.
+Numbers in sensor data are strict (no strings, no booleans), finite and representable as float32.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    field_validator,
+    model_validator,
+)
+
+from schemas import SCHEMA_VERSION
+from schemas.limits import (
+    CHANNEL_ORDER,
+    CHANNELS,
+    FLOAT32_MAX,
+    LATENT_DIM,
+    MAX_SAMPLES_PER_MESSAGE,
+    MOTIF_COUNT,
+    SENSOR_ID_PATTERN,
+    WINDOW_LENGTH,
+)
+
+SampleValue = Annotated[float, Strict(), AllowInfNan(False), Field(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
+"""One channel value: a JSON number, finite, within float32 range."""
+SampleRow = list[SampleValue]
+Timestamp = Annotated[float, AllowInfNan(False), Field(ge=0)]
+SequenceNumber = Annotated[int, Strict(), Field(ge=0, le=2**63 - 1)]
+Identifier = Annotated[str, Field(pattern=SENSOR_ID_PATTERN)]
+
+_CHANNELS_HELP = ",".join(CHANNEL_ORDER)
+
+
+def _check_rows(rows: list[list[float]], what: str) -> None:
+    for index, row in enumerate(rows):
+        if len(row) != CHANNELS:
+            msg = (
+                f"{what} row {index} has {len(row)} values; every row needs {CHANNELS} "
+                f"({_CHANNELS_HELP})"
+            )
+            raise ValueError(msg)
+
+
+class _Inbound(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class _Outbound(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WindowMessage(_Inbound):
+    """`imu/{sensor_id}/window`: one whole window (the EdgeInfer `/infer` body)."""
+
+    x: list[SampleRow] = Field(
+        description=f"{WINDOW_LENGTH} rows of {CHANNELS} values ({_CHANNELS_HELP})"
+    )
+    seq: SequenceNumber | None = Field(default=None, description="Window counter")
+    t0: Timestamp | None = Field(default=None, description="Unix time of the first sample")
+
+    @field_validator("x")
+    @classmethod
+    def _window_shape(cls, rows: list[list[float]]) -> list[list[float]]:
+        if len(rows) != WINDOW_LENGTH:
+            msg = f"x has {len(rows)} rows; a window needs exactly {WINDOW_LENGTH}"
+            raise ValueError(msg)
+        _check_rows(rows, "x")
+        return rows
+
+
+class SamplesMessage(_Inbound):
+    """`imu/{sensor_id}/samples`: a run of consecutive samples for the node to window."""
+
+    seq: SequenceNumber = Field(description="Sample index of the first sample in `samples`")
+    t0: Timestamp | None = Field(default=None, description="Unix time of the first sample")
+    rate_hz: Annotated[float, AllowInfNan(False), Field(gt=0, le=10_000)] | None = None
+    samples: list[SampleRow] = Field(
+        min_length=1,
+        max_length=MAX_SAMPLES_PER_MESSAGE,
+        description=f"Rows of {CHANNELS} values ({_CHANNELS_HELP})",
+    )
+
+    @field_validator("samples")
+    @classmethod
+    def _row_shape(cls, rows: list[list[float]]) -> list[list[float]]:
+        _check_rows(rows, "samples")
+        return rows
+
+
+class ModelRef(_Outbound):
+    """Which model produced something: name and semantic version."""
+
+    name: str
+    version: str
+
+
+class MotifResult(_Outbound):
+    """`imu/{sensor_id}/motifs`: one result per window."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    sensor_id: str
+    node_id: str
+    seq: SequenceNumber | None
+    t0: Timestamp | None = None
+    t1: Timestamp | None = None
+    model: ModelRef
+    latent: Annotated[list[float], Field(min_length=LATENT_DIM, max_length=LATENT_DIM)]
+    motif_scores: Annotated[
+        list[Annotated[float, Field(ge=0, le=1)]],
+        Field(min_length=MOTIF_COUNT, max_length=MOTIF_COUNT),
+    ]
+    top_motif: Annotated[int, Field(ge=0, lt=MOTIF_COUNT)]
+    latency_ms: Annotated[float, Field(ge=0)] = Field(
+        description="Receipt of the input to publication of this result, on the node"
+    )
+    ts: Timestamp = Field(description="Unix time the result was published")
+
+    @model_validator(mode="after")
+    def _scores_are_a_distribution(self) -> MotifResult:
+        total = sum(self.motif_scores)
+        if abs(total - 1.0) > 1e-3:
+            msg = f"motif_scores sum to {total}, not 1"
+            raise ValueError(msg)
+        return self
+
+
+class NodeState(StrEnum):
+    """Lifecycle states on `fleet/nodes/{node_id}/status`."""
+
+    ONLINE = "online"
+    OFFLINE = "offline"
+    STOPPED = "stopped"
+
+
+class NodeStatus(_Outbound):
+    """`fleet/nodes/{node_id}/status` (retained): birth, will or clean stop."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    state: NodeState
+    node_id: str
+    instance: str = Field(description="Random id of this process run (tells two nodes apart)")
+    ts: Timestamp
+    software_version: str | None = None
+    backend: str | None = None
+    model: ModelRef | None = None
+    config_digest: str | None = None
+    group: str | None = None
+    host: str | None = None
+    reason: str | None = Field(default=None, description="Why the node stopped or went away")
+
+
+class LatencySummary(_Outbound):
+    """Latency percentiles over one telemetry interval, in milliseconds."""
+
+    count: int
+    p50: float | None
+    p95: float | None
+    p99: float | None
+    max: float | None
+
+
+class Telemetry(_Outbound):
+    """`fleet/nodes/{node_id}/telemetry`: periodic health and throughput."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    node_id: str
+    ts: Timestamp
+    interval_s: float
+    uptime_s: float
+    backend: str
+    model: ModelRef | None
+    windows_in: int = Field(description="Windows accepted into the queue since start")
+    windows_done: int = Field(description="Windows inferred since start")
+    results_published: int
+    windows_per_s: float = Field(description="Inference rate over the last interval")
+    latency_ms: LatencySummary
+    batch_mean: float | None = Field(description="Mean micro-batch size in the interval")
+    queue_depth: int
+    queue_capacity: int
+    dropped: dict[str, int] = Field(description="Windows dropped since start, by reason")
+    errors: dict[str, int] = Field(description="Errors reported since start, by kind")
+    cpu_percent: float | None
+    rss_mb: float
+    peak_rss_mb: float
+    temperature_c: float | None
+
+
+class ErrorKind(StrEnum):
+    """Kinds of problems a node reports on its errors topic."""
+
+    MALFORMED = "malformed"
+    """Payload is not valid JSON (or not a valid binary frame)."""
+    INVALID = "invalid"
+    """Valid JSON that breaks the schema: shape, types, ranges."""
+    NON_FINITE = "non_finite"
+    """NaN or infinity in sensor data."""
+    OVERSIZED = "oversized"
+    """Payload larger than the limit for its topic."""
+    BAD_TOPIC = "bad_topic"
+    """A message on a topic the node does not understand (e.g. an invalid sensor id)."""
+    SEQUENCE_GAP = "sequence_gap"
+    """Samples or windows missing between two messages of one sensor."""
+    SEQUENCE_RESET = "sequence_reset"
+    """A sensor's sequence went backwards (restart or duplicate); its buffer was reset."""
+    QUEUE_FULL = "queue_full"
+    """The node was over capacity and dropped a window."""
+    INFERENCE = "inference"
+    """The backend failed on a batch."""
+    PUBLISH = "publish"
+    """A result could not be queued for publication."""
+    DUPLICATE_NODE_ID = "duplicate_node_id"
+    """Another live process uses this node id."""
+
+
+class ErrorReport(_Outbound):
+    """`fleet/nodes/{node_id}/errors`: one rejected input or failed step."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    node_id: str
+    ts: Timestamp
+    kind: ErrorKind
+    reason: str = Field(description="What went wrong and what to do about it")
+    topic: str | None = Field(default=None, description="Topic of the offending message")
+    sensor_id: str | None = None
+    seq: int | None = None
+    suppressed: int = Field(
+        default=0, description="Similar reports folded into this one by rate limiting"
+    )
+
+
+class ModelLifecycle(StrEnum):
+    """States of `fleet/nodes/{node_id}/model`."""
+
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    WARMING = "warming"
+    ACTIVE = "active"
+    FAILED = "failed"
+
+
+class NodeModelState(_Outbound):
+    """`fleet/nodes/{node_id}/model` (retained): the node's actual model state."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    node_id: str
+    ts: Timestamp
+    state: ModelLifecycle
+    active: ModelRef | None
+    previous: ModelRef | None = None
+    target: ModelRef | None = Field(default=None, description="Model being fetched or loaded")
+    backend: str | None = None
+    last_error: str | None = None
+
+
+ALL_MESSAGES: tuple[type[BaseModel], ...] = (
+    WindowMessage,
+    SamplesMessage,
+    MotifResult,
+    NodeStatus,
+    Telemetry,
+    ErrorReport,
+    NodeModelState,
+)
+"""Every message model, in topic-tree order (for JSON Schema export)."""
+
+__all__ = [
+    "ALL_MESSAGES",
+    "ErrorKind",
+    "ErrorReport",
+    "Identifier",
+    "LatencySummary",
+    "ModelLifecycle",
+    "ModelRef",
+    "MotifResult",
+    "NodeModelState",
+    "NodeState",
+    "NodeStatus",
+    "SamplesMessage",
+    "Telemetry",
+    "WindowMessage",
+]
