@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="sensors send sample runs (node windows them) or whole windows (samples)",
     )  # fmt: skip
     demo.add_argument("--broker", default=None, help="use this broker instead of an embedded one")
+    demo.add_argument(
+        "--embedded", choices=["auto", "mosquitto", "amqtt"], default="auto",
+        help="which local broker to start: mosquitto if installed, else amqtt (auto)",
+    )  # fmt: skip
     demo.add_argument("--model", type=Path, default=None, help="bundle (default: reference model)")
     demo.add_argument("--hop", type=int, default=50, help="samples between windows (50)")
 
@@ -128,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 broker=args.broker,
                 model=args.model,
                 hop=args.hop,
+                embedded=args.embedded,
             )
         if args.command == "id":
             source = hardware_identity()

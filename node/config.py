@@ -21,6 +21,7 @@ from pydantic_settings import (
 )
 
 from node.errors import ConfigError
+from schemas.errors import describe_validation_error
 from schemas.topics import is_valid_id
 
 ENV_PREFIX = "IMU_NODE_"
@@ -43,14 +44,20 @@ class BrokerAddress:
             raise ValueError(msg)
         tls = parts.scheme in {"mqtts", "ssl"}
         try:
-            port = parts.port or (8883 if tls else 1883)
+            port = parts.port
         except ValueError as exc:
             msg = f"broker URL {url!r} has an invalid port"
             raise ValueError(msg) from exc
+        if port is None:
+            port = 8883 if tls else 1883
+        elif port == 0:
+            msg = f"broker URL {url!r} has port 0; give the broker's port (1883, 8883, ...)"
+            raise ValueError(msg)
         return cls(host=parts.hostname, port=port, tls=tls)
 
     def __str__(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
 
 
 class NodeConfig(BaseSettings):
@@ -157,17 +164,5 @@ def load_config(config_file: Path | None = None, **overrides: Any) -> NodeConfig
     try:
         layered = _Layered(**clean)
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc)) from None
+        raise ConfigError(describe_validation_error(exc, "configuration")) from None
     return NodeConfig.model_validate(layered.model_dump())
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line per problem: `setting: what is wrong`."""
-    lines = []
-    for error in exc.errors(include_url=False):
-        where = ".".join(str(p) for p in error["loc"]) or "config"
-        msg = str(error["msg"]).removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            msg = "unknown setting (check the spelling; see `imu-node config --help`)"
-        lines.append(f"{where}: {msg}")
-    return "invalid configuration:\n  " + "\n  ".join(lines)

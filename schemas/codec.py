@@ -20,6 +20,7 @@ from schemas.limits import (
     BINARY_CONTENT_TYPE,
     BINARY_WINDOW_BYTES,
     CHANNELS,
+    FLOAT32_MAX,
     MAX_SAMPLES_BYTES,
     MAX_SAMPLES_PER_MESSAGE,
     MAX_WINDOW_BYTES,
@@ -30,6 +31,8 @@ from schemas.messages import ErrorKind, SamplesMessage, WindowMessage
 FloatArray = NDArray[np.float32]
 M = TypeVar("M", bound=BaseModel)
 _INF = float("inf")
+_WINDOW_FIELDS = frozenset(WindowMessage.model_fields)
+_SAMPLES_FIELDS = frozenset(SamplesMessage.model_fields)
 
 
 class InputRejectedError(ValueError):
@@ -167,10 +170,10 @@ def _numeric_rows(value: object, max_rows: int) -> FloatArray | None:
         return None
     if array.dtype.kind not in "fi" or array.ndim != 2 or array.shape[1] != CHANNELS:
         return None
-    single = array.astype(np.float32)
-    if not np.isfinite(single).all():  # beyond float32 range: let pydantic name the value
+    wide = array.astype(np.float64)  # ints round once, through float64, as pydantic does
+    if not (np.abs(wide) <= FLOAT32_MAX).all():  # beyond float32: let pydantic name the value
         return None
-    return single
+    return wide.astype(np.float32)
 
 
 def _may_hold_booleans(payload: bytes) -> bool:
@@ -191,7 +194,7 @@ def _is_time(value: object) -> TypeGuard[float]:
 
 
 def _fast_window(payload: bytes) -> DecodedWindow | None:
-    data = _json_object(payload)
+    data = _json_object(payload, _WINDOW_FIELDS)
     if data is None:
         return None
     seq, t0 = data.get("seq"), data.get("t0")
@@ -204,7 +207,7 @@ def _fast_window(payload: bytes) -> DecodedWindow | None:
 
 
 def _fast_samples(payload: bytes) -> DecodedSamples | None:
-    data = _json_object(payload)
+    data = _json_object(payload, _SAMPLES_FIELDS)
     if data is None:
         return None
     seq, t0, rate = data.get("seq"), data.get("t0"), data.get("rate_hz")
@@ -222,12 +225,15 @@ def _fast_samples(payload: bytes) -> DecodedSamples | None:
     )
 
 
-def _json_object(payload: bytes) -> dict[str, object] | None:
-    """The payload as a JSON object, or None when the fast path must not judge it."""
+def _json_object(payload: bytes, fields: frozenset[str]) -> dict[str, object] | None:
+    """The payload as a JSON object of known fields only, or None to let pydantic judge it.
+
+    Unknown fields go to pydantic: they may nest deeper than its parser allows.
+    """
     if _may_hold_booleans(payload):
         return None
     try:
         data = orjson.loads(payload)
     except orjson.JSONDecodeError:
         return None
-    return data if isinstance(data, dict) else None
+    return data if isinstance(data, dict) and data.keys() <= fields else None

@@ -35,7 +35,7 @@ from schemas.limits import (
 SampleValue = Annotated[float, Strict(), AllowInfNan(False), Field(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
 """One channel value: a JSON number, finite, within float32 range."""
 SampleRow = list[SampleValue]
-Timestamp = Annotated[float, AllowInfNan(False), Field(ge=0)]
+Timestamp = Annotated[float, Strict(), AllowInfNan(False), Field(ge=0)]
 SequenceNumber = Annotated[int, Strict(), Field(ge=0, le=2**63 - 1)]
 Identifier = Annotated[str, Field(pattern=SENSOR_ID_PATTERN)]
 
@@ -84,7 +84,7 @@ class SamplesMessage(_Inbound):
 
     seq: SequenceNumber = Field(description="Sample index of the first sample in `samples`")
     t0: Timestamp | None = Field(default=None, description="Unix time of the first sample")
-    rate_hz: Annotated[float, AllowInfNan(False), Field(gt=0, le=10_000)] | None = None
+    rate_hz: Annotated[float, Strict(), AllowInfNan(False), Field(gt=0, le=10_000)] | None = None
     samples: list[SampleRow] = Field(
         min_length=1,
         max_length=MAX_SAMPLES_PER_MESSAGE,

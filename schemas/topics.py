@@ -93,7 +93,7 @@ def shared(filter_: str, group: str | None) -> str:
 
 def is_valid_id(value: str) -> bool:
     """True when `value` is usable as a sensor or node id (one safe topic level)."""
-    return bool(_ID.match(value))
+    return bool(_ID.fullmatch(value))
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 import orjson
 from numpy.typing import NDArray
+from pydantic import ValidationError
 
 from fleet.bundles.calibration import CalibrationSet, load_calibration, simulated_calibration
 from fleet.bundles.kmeans import kmeans
@@ -29,8 +30,11 @@ from node.inference.motif_head import squared_distances
 from node.inference.normalize import Normalizer
 from node.inference.onnx_backend import OnnxBackend
 from node.model.bundle import Bundle, file_entries, npy_bytes, write_bundle
-from schemas.limits import CHANNELS, LATENT_DIM, MOTIF_COUNT, WINDOW_LENGTH
+from schemas.errors import describe_validation_error
+from schemas.limits import CHANNEL_ORDER, CHANNELS, LATENT_DIM, MOTIF_COUNT, WINDOW_LENGTH
 from schemas.manifest import (
+    NAME,
+    SEMVER,
     Golden,
     InputSpec,
     Manifest,
@@ -108,13 +112,25 @@ def load_normalization(path: Path) -> Normalization:
         msg = f"{path} needs 'mean' and 'std' (9 numbers each), at the top or under 'normalization'"
         raise BundleError(msg)
     order = data.get("channel_order")
-    if order is not None and tuple(order) != InputSpec.model_fields["channel_order"].default:
+    if order is not None and (not isinstance(order, list) or tuple(order) != CHANNEL_ORDER):
         msg = f"{path} channel_order {order} differs from the contract's ax..mz order"
         raise BundleError(msg)
+    method = data.get("method", "z_score_per_channel")
+    if method != "z_score_per_channel":
+        msg = (
+            f"{path}: normalisation method {method!r} is not supported; nodes apply "
+            "z_score_per_channel, (x - mean) / std per channel"
+        )
+        raise BundleError(msg)
     try:
-        return Normalization(mean=data["mean"], std=data["std"], source=path.name)
-    except ValueError as exc:
-        msg = f"{path}: {exc}"
+        return Normalization(
+            method=method,
+            mean=data["mean"],
+            std=data["std"],
+            source=path.name,
+        )
+    except ValidationError as exc:
+        msg = f"{path}: {describe_validation_error(exc, 'normalization')}"
         raise BundleError(msg) from exc
 
 
@@ -154,15 +170,25 @@ def build_bundle(
     name: str,
     version: str,
     out: Path,
-    normalization: Path | None = None,
+    normalization: Path | Normalization | None = None,
     calibration: Path | None = None,
     description: str = "",
 ) -> Bundle:
     """Build, verify and write a bundle; returns it as a node would read it."""
-    onnx_bytes = onnx_path.read_bytes()
+    if not NAME.match(name):
+        msg = f"model name {name!r} must be lowercase letters, digits, '.', '_' or '-' (max 64)"
+        raise BundleError(msg)
+    if not SEMVER.match(version):
+        msg = f"version {version!r} is not semantic: use MAJOR.MINOR.PATCH, e.g. 1.4.0"
+        raise BundleError(msg)
+    try:
+        onnx_bytes = onnx_path.read_bytes()
+    except OSError as exc:
+        msg = f"cannot read {onnx_path}: {exc.strerror}"
+        raise BundleError(msg) from exc
     contract = read_contract(onnx_bytes)
     calib = load_calibration(calibration) if calibration else simulated_calibration()
-    norm = load_normalization(normalization) if normalization else None
+    norm = load_normalization(normalization) if isinstance(normalization, Path) else normalization
     if norm is None:
         norm = normalization_from(calib)
         logger.warning(

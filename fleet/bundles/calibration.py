@@ -16,9 +16,11 @@ from numpy.typing import NDArray
 
 from node.errors import BundleError
 from schemas.codec import InputRejectedError, decode_window
-from schemas.limits import CHANNELS, WINDOW_LENGTH
+from schemas.limits import CHANNELS, MOTIF_COUNT, WINDOW_LENGTH
 
 SIMULATED_PER_ACTIVITY = 64
+MIN_WINDOWS = MOTIF_COUNT
+"""Fewest calibration windows accepted: one per motif prototype."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +57,17 @@ def load_calibration(path: Path) -> CalibrationSet:
         msg = f"cannot read calibration file {path}: {exc}"
         raise BundleError(msg) from exc
     windows = np.asarray(windows, dtype=np.float32)
-    if windows.ndim != 3 or windows.shape[1:] != (WINDOW_LENGTH, CHANNELS) or not len(windows):
-        msg = f"calibration windows have shape {windows.shape}; expected (N, 100, 9) with N >= 12"
+    if windows.ndim != 3 or windows.shape[1:] != (WINDOW_LENGTH, CHANNELS):
+        msg = f"calibration windows have shape {windows.shape}; expected (N, 100, 9)"
+        raise BundleError(msg)
+    if len(windows) < MIN_WINDOWS:
+        msg = (
+            f"calibration file {path} has {len(windows)} windows; the motif head needs at least "
+            f"{MIN_WINDOWS} (hundreds recommended)"
+        )
+        raise BundleError(msg)
+    if labels is not None and len(labels) != len(windows):
+        msg = f"calibration file {path} has {len(labels)} labels for {len(windows)} windows"
         raise BundleError(msg)
     if not np.isfinite(windows).all():
         msg = f"calibration file {path} holds NaN or infinity"

@@ -19,6 +19,7 @@ from numpy.typing import NDArray
 from pydantic import ValidationError
 
 from node.errors import BundleError
+from schemas.errors import describe_validation_error
 from schemas.limits import CHANNELS, LATENT_DIM, WINDOW_LENGTH
 from schemas.manifest import FileEntry, Manifest
 from schemas.messages import ModelRef
@@ -133,7 +134,7 @@ def parse_bundle(data: bytes, *, path: Path | None = None) -> Bundle:
     try:
         manifest = Manifest.model_validate_json(members.pop(MANIFEST_NAME))
     except ValidationError as exc:
-        msg = f"{where}: invalid manifest: {exc.errors(include_url=False)[0]['msg']}"
+        msg = f"{where}: {describe_validation_error(exc, 'manifest')}"
         raise BundleError(msg) from exc
     unlisted = members.keys() - manifest.files.keys()
     if unlisted:

@@ -206,7 +206,9 @@ class MqttSession:
             try:
                 for attempt in Retrying(
                     wait=wait_exponential_jitter(
-                        initial=self.settings.backoff_initial_s, max=self.settings.backoff_max_s
+                        multiplier=self.settings.backoff_initial_s,
+                        max=self.settings.backoff_max_s,
+                        jitter=self.settings.backoff_initial_s,
                     ),
                     retry=retry_if_exception_type((OSError, ConnectRefusedError, TimeoutError)),
                     stop=stop_when_event_set(self._stop),

@@ -1,0 +1,176 @@
+"""Simulated IMU sensors publishing to a broker, in real time.
+
+Each sensor has its own seeded `ImuSignalGenerator` (activities change every few seconds). In
+`samples` mode a sensor publishes runs of consecutive samples (`seq` = index of the first sample)
+every `interval_s`; in `window` mode it publishes a whole 100-sample window every `hop` samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from fleet.simulate.imu_signals import Activity, ImuSignalGenerator
+from node.config import BrokerAddress
+from node.mqtt.session import MqttSession, SessionSettings
+from schemas import topics
+from schemas.codec import encode_dict
+from schemas.limits import CHANNELS, WINDOW_LENGTH
+
+logger = logging.getLogger(__name__)
+
+SensorMode = Literal["samples", "window"]
+
+
+@dataclass(slots=True)
+class _Sensor:
+    sensor_id: str
+    generator: ImuSignalGenerator
+    next_index: int = 0
+    pending: np.ndarray | None = None
+    """Samples not yet published (window mode keeps the last 100)."""
+    since_window: int = 0
+    window_seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatorStats:
+    """What the simulator has sent so far."""
+
+    messages: int
+    samples: int
+    windows: int
+    dropped: int
+
+
+class SensorSimulator:
+    """N simulated sensors on one MQTT connection, paced by the wall clock."""
+
+    def __init__(
+        self,
+        broker: str,
+        *,
+        sensors: int = 4,
+        rate_hz: float = 100.0,
+        mode: SensorMode = "samples",
+        interval_s: float = 0.1,
+        hop: int = 50,
+        prefix: str = "sim",
+        seed: int = 0,
+        protocol: Literal["5", "3.1.1"] = "5",
+        activity: Activity | None = None,
+    ) -> None:
+        if sensors < 1 or rate_hz <= 0 or interval_s <= 0 or not 1 <= hop <= WINDOW_LENGTH:
+            msg = "need sensors >= 1, rate_hz > 0, interval_s > 0 and 1 <= hop <= 100"
+            raise ValueError(msg)
+        self.rate_hz = rate_hz
+        self.mode = mode
+        self.interval_s = interval_s
+        self.hop = hop
+        self._sensors = [
+            _Sensor(f"{prefix}-{i:03d}", ImuSignalGenerator(rate_hz, seed + i, activity))
+            for i in range(sensors)
+        ]
+        self._session = MqttSession(
+            SessionSettings(
+                address=BrokerAddress.parse(broker),
+                client_id=f"{prefix}-simulator-{seed}-{time.monotonic_ns() % 10**6}",
+                protocol=protocol,
+            )
+        )
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._messages = self._samples = self._windows = self._dropped = 0
+
+    @property
+    def sensor_ids(self) -> list[str]:
+        """Ids of the simulated sensors."""
+        return [s.sensor_id for s in self._sensors]
+
+    def stats(self) -> SimulatorStats:
+        """Counts so far."""
+        return SimulatorStats(self._messages, self._samples, self._windows, self._dropped)
+
+    def start(self, connect_timeout: float = 10.0) -> None:
+        """Connect and start publishing in a background thread."""
+        self._session.start()
+        if not self._session.wait_connected(connect_timeout):
+            self._session.stop()
+            msg = f"simulator could not connect to {self._session.settings.address}"
+            raise ConnectionError(msg)
+        self._thread = threading.Thread(target=self._run, name="sensor-simulator", daemon=True)
+        self._thread.start()
+
+    def run_for(
+        self, seconds: float | None, progress: Callable[[SimulatorStats], None] | None = None
+    ) -> None:
+        """Publish in the foreground until `seconds` pass (None: until stop())."""
+        self.start()
+        deadline = None if seconds is None else time.monotonic() + seconds
+        while not self._stop.wait(1.0):
+            if progress is not None:
+                progress(self.stats())
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop publishing, wait for acknowledgements, disconnect."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self._session.wait_published(5)
+        self._session.stop()
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        while not self._stop.is_set():
+            due = int((time.monotonic() - start) * self.rate_hz)
+            for sensor in self._sensors:
+                count = due - sensor.next_index
+                if count > 0:
+                    self._emit(sensor, sensor.generator.next_samples(count))
+            self._stop.wait(self.interval_s)
+
+    def _emit(self, sensor: _Sensor, samples: np.ndarray) -> None:
+        t0 = time.time() - (len(samples) - 1) / self.rate_hz
+        if self.mode == "samples":
+            payload = {
+                "seq": sensor.next_index,
+                "t0": round(t0, 4),
+                "rate_hz": self.rate_hz,
+                "samples": samples.round(5),
+            }
+            self._send(topics.samples(sensor.sensor_id), payload)
+            self._samples += len(samples)
+        else:
+            self._emit_windows(sensor, samples, t0)
+        sensor.next_index += len(samples)
+
+    def _emit_windows(self, sensor: _Sensor, samples: np.ndarray, t0: float) -> None:
+        held = sensor.pending if sensor.pending is not None else np.empty((0, CHANNELS), np.float32)
+        buffer = np.concatenate([held, samples])
+        for i in range(len(samples)):
+            sensor.since_window += 1
+            end = len(held) + i + 1
+            if end >= WINDOW_LENGTH and sensor.since_window >= self.hop:
+                sensor.since_window = 0
+                first = t0 + (i - WINDOW_LENGTH + 1) / self.rate_hz
+                window = buffer[end - WINDOW_LENGTH : end].round(5)
+                payload = {"x": window, "seq": sensor.window_seq, "t0": round(first, 4)}
+                self._send(topics.window(sensor.sensor_id), payload)
+                sensor.window_seq += 1
+                self._windows += 1
+        sensor.pending = buffer[-(WINDOW_LENGTH - 1) :]
+
+    def _send(self, topic: str, payload: dict[str, object]) -> None:
+        if self._session.publish(topic, encode_dict(payload), qos=1):
+            self._messages += 1
+        else:
+            self._dropped += 1

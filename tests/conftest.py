@@ -1,0 +1,180 @@
+"""Shared fixtures: a real mosquitto per test session, the reference bundle, nodes, MQTT probes."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from fleet.bundles.reference import build_reference_bundle
+from node.app import NodeApp
+from node.config import BrokerAddress, load_config
+from node.inference.backend import BackendOptions
+from node.inference.pipeline import load_model
+from node.local_broker import LocalBroker
+from node.model.bundle import Bundle, read_bundle
+from schemas import topics
+
+
+def unique(prefix: str) -> str:
+    """A fresh id for sensors and nodes, so tests on one broker never see each other."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[LocalBroker]:
+    """One real mosquitto on a free loopback port for the whole session."""
+    if not shutil.which("mosquitto"):
+        pytest.fail("mosquitto is required for the tests: apt-get install -y mosquitto")
+    with LocalBroker("mosquitto") as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def reference_bundle_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference model as a bundle file, built once per session."""
+    return build_reference_bundle(tmp_path_factory.mktemp("bundles") / "tcn-reference-1.0.0.tar")
+
+
+@pytest.fixture(scope="session")
+def reference_bundle(reference_bundle_path: Path) -> Bundle:
+    """The verified reference bundle."""
+    return read_bundle(reference_bundle_path)
+
+
+@dataclass
+class Received:
+    """One message a probe saw."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+
+    def json(self) -> Any:
+        """The payload parsed as JSON."""
+        return orjson.loads(self.payload)
+
+
+class Probe:
+    """An MQTT 5 test client that records everything on its subscriptions."""
+
+    def __init__(self, url: str, protocol: str = "5") -> None:
+        self.messages: list[Received] = []
+        self._cv = threading.Condition()
+        self._subscribed = threading.Event()
+        address = BrokerAddress.parse(url)
+        version = MQTTProtocolVersion.MQTTv5 if protocol == "5" else MQTTProtocolVersion.MQTTv311
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, unique("probe"), protocol=version)
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *args: self._subscribed.set()
+        self.client.connect(address.host, address.port)
+        self.client.loop_start()
+
+    def subscribe(self, *filters: str) -> Probe:
+        """Subscribe (QoS 1) and wait for the SUBACK."""
+        for topic_filter in filters:
+            self._subscribed.clear()
+            self.client.subscribe(topic_filter, qos=1)
+            assert self._subscribed.wait(5), f"no SUBACK for {topic_filter}"
+        return self
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        """Publish and wait until the broker has it."""
+        self.client.publish(topic, payload, qos=qos, retain=retain).wait_for_publish(5)
+
+    def _on_message(self, client: Any, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        with self._cv:
+            self.messages.append(Received(message.topic, bytes(message.payload), message.retain))
+            self._cv.notify_all()
+
+    def on(self, topic_filter: str) -> list[Received]:
+        """Messages so far whose topic matches `topic_filter`."""
+        with self._cv:
+            return [m for m in self.messages if mqtt.topic_matches_sub(topic_filter, m.topic)]
+
+    def wait_for(
+        self,
+        topic_filter: str,
+        count: int = 1,
+        timeout: float = 10.0,
+        where: Callable[[Received], bool] = lambda m: True,
+    ) -> list[Received]:
+        """Block until `count` matching messages arrived; fails the test on timeout."""
+        deadline = time.monotonic() + timeout
+
+        def matching() -> list[Received]:
+            return [
+                m
+                for m in self.messages
+                if mqtt.topic_matches_sub(topic_filter, m.topic) and where(m)
+            ]
+
+        with self._cv:
+            while len(found := matching()) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    pytest.fail(
+                        f"waited {timeout} s for {count} message(s) on {topic_filter}, "
+                        f"got {len(found)}"
+                    )
+                self._cv.wait(remaining)
+            return found
+
+    def close(self) -> None:
+        """Disconnect."""
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def probe(broker: LocalBroker) -> Iterator[Probe]:
+    """A recording MQTT client on the session broker."""
+    client = Probe(broker.url)
+    yield client
+    client.close()
+
+
+NodeFactory = Callable[..., NodeApp]
+
+
+@pytest.fixture
+def start_node(broker: LocalBroker, reference_bundle_path: Path) -> Iterator[NodeFactory]:
+    """Start nodes on the session broker; each is stopped at the end of the test.
+
+    The factory returns once the node's birth message is on the broker, which the broker
+    orders after the node's subscriptions: windows published from then on are served.
+    """
+    apps: list[NodeApp] = []
+
+    def start(**settings: Any) -> NodeApp:
+        settings.setdefault("node_id", unique("node"))
+        settings.setdefault("model", reference_bundle_path)
+        settings.setdefault("broker", broker.url)
+        settings.setdefault("telemetry_interval_s", 0.5)
+        config = load_config(**settings)
+        assert config.model is not None
+        pipeline = load_model(read_bundle(config.model), config.backend, BackendOptions())
+        app = NodeApp(config, pipeline)
+        watcher = Probe(config.broker).subscribe(topics.node_status(app.node_id))
+        app.start()
+        apps.append(app)
+        watcher.wait_for(
+            topics.node_status(app.node_id),
+            where=lambda m: m.json()["instance"] == app.instance and m.json()["state"] == "online",
+        )
+        watcher.close()
+        return app
+
+    yield start
+    for app in apps:
+        app.stop("test finished")

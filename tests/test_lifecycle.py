@@ -1,0 +1,141 @@
+"""Process lifecycle: SIGTERM drains and says `stopped`, a crash leaves the will's `offline`,
+a broker restart is survived."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from conftest import NodeFactory, Probe, unique
+from test_node_e2e import raw_window
+
+from node.local_broker import LocalBroker
+from schemas import topics
+from schemas.messages import NodeStatus
+
+
+def spawn_node(
+    broker: LocalBroker, bundle: Path, node_id: str, *extra: str
+) -> subprocess.Popen[bytes]:
+    """`imu-node run` in its own process, logging JSON lines to a pipe."""
+    command = [sys.executable, "-m", "node.cli", "run", "--broker", broker.url,
+               "--node-id", node_id, "--model", str(bundle), *extra]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_online(probe: Probe, node_id: str) -> NodeStatus:
+    message = probe.wait_for(
+        topics.node_status(node_id), timeout=20, where=lambda m: m.json()["state"] == "online"
+    )[-1]
+    return NodeStatus.model_validate_json(message.payload)
+
+
+def test_sigterm_drains_publishes_stopped_and_exits_zero(
+    broker: LocalBroker, reference_bundle_path: Path, probe: Probe
+) -> None:
+    node_id, sensor = unique("proc"), unique("imu")
+    probe.subscribe(topics.node_status(node_id), topics.motifs(sensor))
+    process = spawn_node(broker, reference_bundle_path, node_id)
+    try:
+        wait_online(probe, node_id)
+        sent = 200
+        for seq in range(sent):
+            body = orjson.dumps({"x": raw_window(seq % 10).tolist(), "seq": seq})
+            probe.client.publish(topics.window(sensor), body, qos=1).wait_for_publish(5)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    results = probe.wait_for(topics.motifs(sensor), sent)
+    assert sorted(m.json()["seq"] for m in results) == list(range(sent))  # none lost, none twice
+    stopped = probe.wait_for(
+        topics.node_status(node_id), where=lambda m: m.json()["state"] == "stopped"
+    )[0]
+    assert stopped.json()["reason"] == "SIGTERM received"
+    # the retained status is `stopped`, not the will's `offline`
+    late = Probe(broker.url).subscribe(topics.node_status(node_id))
+    retained = late.wait_for(topics.node_status(node_id))[0]
+    late.close()
+    assert retained.retain
+    assert retained.json()["state"] == "stopped"
+
+
+def test_crash_leaves_the_will_offline(
+    broker: LocalBroker, reference_bundle_path: Path, probe: Probe
+) -> None:
+    node_id = unique("crash")
+    probe.subscribe(topics.node_status(node_id))
+    process = spawn_node(broker, reference_bundle_path, node_id)
+    try:
+        online = wait_online(probe, node_id)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    will = probe.wait_for(
+        topics.node_status(node_id), where=lambda m: m.json()["state"] == "offline"
+    )[0].json()
+    assert will["instance"] == online.instance
+
+
+def test_missing_model_fails_with_a_clear_message(broker: LocalBroker, tmp_path: Path) -> None:
+    process = spawn_node(broker, tmp_path / "absent.tar", unique("n"))
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 1
+    assert b"cannot read bundle" in stderr
+
+
+def test_node_reconnects_and_resubscribes_after_a_broker_restart(
+    start_node: NodeFactory, reference_bundle_path: Path
+) -> None:
+    own = LocalBroker("mosquitto").start()
+    try:
+        app = start_node(broker=own.url)
+        sensor = unique("imu")
+        probe = Probe(own.url).subscribe(topics.motifs(sensor))
+        probe.publish(topics.window(sensor), orjson.dumps({"x": raw_window(1).tolist(), "seq": 1}))
+        probe.wait_for(topics.motifs(sensor))
+        probe.close()
+
+        own.stop()
+        deadline = time.monotonic() + 10
+        while app.session.is_connected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not app.session.is_connected
+        own = LocalBroker("mosquitto", port=own.port).start()
+
+        assert app.session.wait_connected(30), "node did not reconnect"
+        probe = Probe(own.url).subscribe(topics.motifs(sensor), topics.node_status(app.node_id))
+        birth = probe.wait_for(topics.node_status(app.node_id))[0]  # republished, retained
+        assert birth.retain
+        assert birth.json()["state"] == "online"
+        probe.publish(topics.window(sensor), orjson.dumps({"x": raw_window(2).tolist(), "seq": 2}))
+        assert probe.wait_for(topics.motifs(sensor))[0].json()["seq"] == 2
+        assert app.session.counters.connects >= 2
+        probe.close()
+    finally:
+        own.stop()
+
+
+@pytest.mark.parametrize("embedded", ["mosquitto", "amqtt"])
+def test_demo_runs_and_shows_live_results(embedded: str, tmp_path: Path) -> None:
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    completed = subprocess.run(
+        [sys.executable, "-m", "node.cli", "demo", "--duration", "4", "--sensors", "2",
+         "--embedded", embedded],
+        capture_output=True, timeout=60, env=env, check=False,
+    )  # fmt: skip
+    out = completed.stdout.decode()
+    assert completed.returncode == 0, completed.stderr.decode()
+    assert f"({embedded})" in out
+    assert "sim-000" in out
+    assert "sim-001" in out
+    assert (tmp_path / "imu-edge" / "tcn-reference-1.0.0.tar").exists()
