@@ -98,9 +98,12 @@ class Receiver:
             return self.cv.wait_for(lambda: len(self.arrived) >= count, timeout)
 
 
-def client(url: str, name: str) -> mqtt.Client:
+PROTOCOLS = {"5": MQTTProtocolVersion.MQTTv5, "3.1.1": MQTTProtocolVersion.MQTTv311}
+
+
+def client(url: str, name: str, protocol: str) -> mqtt.Client:
     host, port = url.removeprefix("mqtt://").split(":")
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, name, protocol=MQTTProtocolVersion.MQTTv5)
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, name, protocol=PROTOCOLS[protocol])
     c.on_socket_open = lambda cl, ud, sock: sock.setsockopt(6, 1, 1)  # TCP_NODELAY
     c.max_inflight_messages_set(200)
     c.max_queued_messages_set(0)
@@ -116,6 +119,7 @@ def run_phase(
     *,
     rate: float | None,
     sensor: str,
+    protocol: str = "5",
     outstanding: int = 64,
 ) -> dict[str, Any]:
     """Send `count` windows, paced at `rate`/s or (rate None) as fast as the node keeps up.
@@ -124,11 +128,11 @@ def run_phase(
     closed loop measures sustained throughput instead of overflowing the node's queue.
     """
     receiver = Receiver()
-    sub = client(url, f"bench-sub-{sensor}")
+    sub = client(url, f"bench-sub-{sensor}", protocol)
     sub.on_message = receiver.on_message
     sub.subscribe(topics.motifs(sensor), qos=1)
     time.sleep(0.3)
-    pub = client(url, f"bench-pub-{sensor}")
+    pub = client(url, f"bench-pub-{sensor}", protocol)
     payloads = [
         orjson.dumps({"x": windows[i % len(windows)], "seq": i}, option=orjson.OPT_SERIALIZE_NUMPY)
         for i in range(count)
@@ -180,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--outstanding", type=int, default=64, help="burst phase: windows in flight (64)"
     )
+    parser.add_argument(
+        "--mqtt-protocol", choices=sorted(PROTOCOLS), default="5", help="node and bench clients"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
 
@@ -193,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         print("starting node ...", file=sys.stderr)
         node = subprocess.Popen(
             [sys.executable, "-m", "node.cli", "run", "--broker", broker.url, "--node-id",
-             "bench-node", "--model", str(fixed), "--log-level", "WARNING"],
+             "bench-node", "--model", str(fixed), "--log-level", "WARNING",
+             "--mqtt-protocol", args.mqtt_protocol],
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
         try:
@@ -204,7 +212,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"paced phase: {args.rate:g} windows/s for {args.seconds:g} s ...", file=sys.stderr
             )
             count = int(args.rate * args.seconds)
-            paced = run_phase(broker.url, windows, count, rate=args.rate, sensor="bench-paced")
+            paced = run_phase(
+                broker.url,
+                windows,
+                count,
+                rate=args.rate,
+                sensor="bench-paced",
+                protocol=args.mqtt_protocol,
+            )
             print(f"burst phase: {args.burst} windows ...", file=sys.stderr)
             burst = run_phase(
                 broker.url,
@@ -212,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.burst,
                 rate=None,
                 sensor="bench-burst",
+                protocol=args.mqtt_protocol,
                 outstanding=args.outstanding,
             )
             rss_peak = peak_rss_mb(node.pid)
@@ -226,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         "burst": burst,
         "node_rss_mb": {"after_start": rss_idle, "peak": rss_peak},
         "cpu_count": os.cpu_count(),
+        "mqtt_protocol": args.mqtt_protocol,
     }
     print_report(report, args.rate)
     if args.json:
@@ -236,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
 def print_report(r: dict[str, Any], rate: float) -> None:
     """The human-readable table."""
     raw, b8, paced, burst = r["raw_onnx_batch1"], r["raw_onnx_batch8"], r["paced"], r["burst"]
-    print(f"\n== end-to-end benchmark ({r['cpu_count']} CPUs) ==")
+    print(f"\n== end-to-end benchmark ({r['cpu_count']} CPUs, MQTT {r['mqtt_protocol']}) ==")
     print(
         f"raw ONNX Runtime, batch 1, 1 thread : {raw['windows_per_s']:8.0f} windows/s   "
         f"call p50 {raw['call_ms']['p50']:.3f} ms  p99 {raw['call_ms']['p99']:.3f} ms"

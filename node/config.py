@@ -88,7 +88,10 @@ class NodeConfig(BaseSettings):
     queue_size: int = Field(512, ge=1, le=100_000, description="Windows waiting for inference")
     max_batch: int = Field(8, ge=1, le=256, description="Largest micro-batch per inference call")
     batch_wait_ms: float = Field(
-        2.0, ge=0, le=1000, description="How long the worker waits to fill a micro-batch"
+        0.0,
+        ge=0,
+        le=1000,
+        description="How long the worker waits to fill a micro-batch (0: take what is queued)",
     )
     telemetry_interval_s: float = Field(10.0, gt=0, le=3600, description="Telemetry period")
     max_pending_publishes: int = Field(
@@ -101,7 +104,9 @@ class NodeConfig(BaseSettings):
     switch_interval_ms: float = Field(
         0.5, gt=0, le=10, description="Python thread switch interval (lower = tighter tail)"
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log threshold (JSON lines on stderr)"
+    )
 
     @field_validator("broker")
     @classmethod

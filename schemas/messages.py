@@ -84,7 +84,9 @@ class SamplesMessage(_Inbound):
 
     seq: SequenceNumber = Field(description="Sample index of the first sample in `samples`")
     t0: Timestamp | None = Field(default=None, description="Unix time of the first sample")
-    rate_hz: Annotated[float, Strict(), AllowInfNan(False), Field(gt=0, le=10_000)] | None = None
+    rate_hz: Annotated[float, Strict(), AllowInfNan(False), Field(gt=0, le=10_000)] | None = Field(
+        default=None, description="Sampling rate; with t0, gives each window's t0 and t1"
+    )
     samples: list[SampleRow] = Field(
         min_length=1,
         max_length=MAX_SAMPLES_PER_MESSAGE,

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from schemas import SCHEMA_VERSION, topics
 from schemas.export import main as export_main
-from schemas.export import schema_documents, write_schemas
+from schemas.export import schema_documents, topics_document, write_schemas
 from schemas.limits import (
     CHANNEL_ORDER,
     CHANNELS,
@@ -657,3 +657,8 @@ def test_export_writes_the_documents(tmp_path: Path) -> None:
 
 def test_schema_documents_are_deterministic() -> None:
     assert schema_documents() == schema_documents()
+
+
+def test_committed_topic_reference_is_up_to_date() -> None:
+    path = Path(__file__).resolve().parents[1] / "docs" / "topics.md"
+    assert path.read_text() == topics_document(), f"{path} differs; {STALE}"

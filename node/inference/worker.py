@@ -102,7 +102,6 @@ class InferenceWorker:
                 self._process(batch)
 
     def _next_batch(self) -> list[WorkItem]:
-        # An untimed get: a timed one measured ~2 ms slower to wake up (docs/performance.md).
         first = self._queue.get()
         if first is _STOP:
             return []
