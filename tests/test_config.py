@@ -292,3 +292,16 @@ def test_no_identity_at_all(tmp_path: Path) -> None:
         hardware_identity(tmp_path)
     with pytest.raises(RuntimeError):
         default_node_id(tmp_path / "empty")
+
+
+def test_every_setting_is_documented() -> None:
+    """docs/configuration.md has a row for each NodeConfig field."""
+    from node.config import ENV_PREFIX, NodeConfig
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    missing = [
+        name
+        for name in NodeConfig.model_fields
+        if f"| `{name}` | `{ENV_PREFIX}{name.upper()}` |" not in doc
+    ]
+    assert not missing, f"docs/configuration.md lacks rows for {missing}"
