@@ -156,8 +156,25 @@ class Golden(_Frozen):
         default=1e-4, description="Max abs error allowed against the expected latent"
     )
     min_cosine: Annotated[float, Field(gt=0, le=1)] = Field(
-        default=0.999, description="Min cosine similarity allowed (quantised backends)"
+        default=0.999, description="Min cosine similarity allowed (float backends)"
     )
+    min_cosine_quantized: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=0.95, description="Min cosine similarity allowed on quantised backends (HEF)"
+    )
+
+
+class HefInfo(_Frozen):
+    """What the bundle's `model.hef` was compiled for and how close it came to its ONNX twin."""
+
+    hw_arch: Literal["hailo8", "hailo8l"] = Field(
+        description="Target chip: a Hailo-8 runs hailo8 and hailo8l HEFs, a Hailo-8L only hailo8l"
+    )
+    compiler: str = Field(default="", description="e.g. `hailo_sdk_client 3.33.0`")
+    quantized: bool = True
+    cosine_mean: float | None = Field(
+        default=None, description="Mean cosine vs ONNX on the calibration set (emulator)"
+    )
+    max_abs_error: float | None = None
 
 
 class Signature(_Frozen):
@@ -183,6 +200,7 @@ class Manifest(_Frozen):
     outputs: Outputs
     motif_head: MotifHead | None = None
     golden: Golden
+    hef: HefInfo | None = Field(default=None, description="Present when the bundle has model.hef")
     expires_at: str | None = None
     signature: Signature | None = None
 
@@ -206,6 +224,9 @@ class Manifest(_Frozen):
     def _consistent(self) -> Manifest:
         if not ({"model.onnx", "model.hef"} & self.files.keys()):
             msg = "a bundle needs model.onnx and/or model.hef"
+            raise ValueError(msg)
+        if ("model.hef" in self.files) != (self.hef is not None):
+            msg = "model.hef and the manifest's hef section come together"
             raise ValueError(msg)
         for name in (self.golden.inputs, self.golden.latents):
             if name not in self.files:

@@ -36,6 +36,7 @@ from schemas.manifest import (
     NAME,
     SEMVER,
     Golden,
+    HefInfo,
     InputSpec,
     Manifest,
     Normalization,
@@ -159,6 +160,21 @@ def fit_prototype_head(latents: FloatArray, labels: list[str] | None) -> Prototy
     return PrototypeHead(prototypes=centroids.tolist(), temperature=temperature, labels=names)
 
 
+def with_hef(bundle: Bundle, hef: bytes, info: HefInfo, out: Path) -> Bundle:
+    """A copy of `bundle` with `model.hef` (replacing any) and its `hef` section, written to out.
+
+    Name, version, normalisation, head and golden vectors stay: the HEF is the same model
+    compiled for an accelerator, proven against the same goldens.
+    """
+    files = {**bundle.files, "model.hef": hef}
+    manifest = bundle.manifest.model_copy(
+        update={"files": file_entries(files), "hef": info, "signature": None}
+    )
+    manifest = Manifest.model_validate(manifest.model_dump())
+    write_bundle(out, manifest, files)
+    return Bundle(manifest=manifest, files=files, path=out)
+
+
 def golden_indices(count: int, total: int) -> list[int]:
     """Evenly spread indices into the calibration set (covers every activity)."""
     return sorted({int(i) for i in np.linspace(0, total - 1, num=min(count, total))})
@@ -173,8 +189,14 @@ def build_bundle(
     normalization: Path | Normalization | None = None,
     calibration: Path | None = None,
     description: str = "",
+    hef: Path | None = None,
+    hef_info: HefInfo | None = None,
 ) -> Bundle:
-    """Build, verify and write a bundle; returns it as a node would read it."""
+    """Build, verify and write a bundle; returns it as a node would read it.
+
+    With `hef`, the compiled HEF goes beside its ONNX twin; `hef_info` says what it was compiled
+    for (default: Hailo-8, quantised, no recorded parity).
+    """
     if not NAME.match(name):
         msg = f"model name {name!r} must be lowercase letters, digits, '.', '_' or '-' (max 64)"
         raise BundleError(msg)
@@ -197,6 +219,15 @@ def build_bundle(
             calib.source,
         )
     files = {"model.onnx": onnx_bytes}
+    if hef is not None:
+        try:
+            files["model.hef"] = hef.read_bytes()
+        except OSError as exc:
+            msg = f"cannot read {hef}: {exc.strerror}"
+            raise BundleError(msg) from exc
+        hef_info = hef_info or HefInfo(hw_arch="hailo8")
+    else:
+        hef_info = None
     backend = OnnxBackend(onnx_bytes, contract.outputs, BackendOptions(threads=2))
     try:
         output = backend.infer(Normalizer(norm).apply(calib.windows))
@@ -221,6 +252,7 @@ def build_bundle(
         outputs=contract.outputs,
         motif_head=head,
         golden=golden,
+        hef=hef_info,
     )
     write_bundle(out, manifest, files)
     logger.info("wrote %s (%s %s, %d calibration windows)", out, name, version, len(calib.windows))
