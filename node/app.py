@@ -22,12 +22,14 @@ import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
 from node.config import NodeConfig
+from node.errors import ConfigError, NodeError
 from node.identity import default_node_id
-from node.inference.pipeline import ModelPipeline
+from node.inference.pipeline import BatchResult, ModelPipeline, load_model, open_pipeline
 from node.inference.worker import InferenceWorker, WorkItem
 from node.ingest.router import Ingest
 from node.ingest.windower import SampleWindower
 from node.metrics import NodeMetrics
+from node.model.bundle import read_bundle
 from node.mqtt.session import MqttSession, SessionSettings
 from node.reporting import ErrorReporter
 from node.results import ResultPublisher
@@ -44,6 +46,9 @@ from schemas.messages import (
 
 logger = logging.getLogger(__name__)
 
+FALLBACK_AFTER_FAILURES = 3
+"""Consecutive failed batches before a node with `fallback = "onnx"` leaves its accelerator."""
+
 
 def software_version() -> str:
     """The installed package version."""
@@ -56,8 +61,12 @@ def software_version() -> str:
 class NodeApp:
     """One running node."""
 
-    def __init__(self, config: NodeConfig, pipeline: ModelPipeline) -> None:
+    def __init__(
+        self, config: NodeConfig, pipeline: ModelPipeline, backend_reason: str = "requested"
+    ) -> None:
         self.config = config
+        self.backend_reason = backend_reason
+        self._failures = 0
         self.node_id = config.node_id or default_node_id()
         self.instance = uuid.uuid4().hex[:12]
         self.metrics = NodeMetrics()
@@ -90,19 +99,35 @@ class NodeApp:
         self.worker = InferenceWorker(
             pipeline,
             self.queue,
-            ResultPublisher(self.node_id, self._publish_qos1, self.metrics),
+            self._results_ready,
             self._inference_failed,
             max_batch=config.max_batch,
             batch_wait_s=config.batch_wait_ms / 1000,
         )
+        self._results = ResultPublisher(self.node_id, self._publish_qos1, self.metrics)
         self.telemetry = TelemetryLoop(
             node_id=self.node_id,
             interval_s=config.telemetry_interval_s,
             metrics=self.metrics,
             work=self.queue,
             model=lambda: self.worker.pipeline,
+            backend_reason=lambda: self.backend_reason,
             publish=lambda topic, payload: self.session.publish(topic, payload, qos=0),
         )
+
+    @classmethod
+    def open(cls, config: NodeConfig) -> NodeApp:
+        """Read the configured bundle, pick and prove the backend, and build the node."""
+        if config.model is None:
+            msg = "no model: pass --model BUNDLE (build one with `imu-fleet bundle create`)"
+            raise ConfigError(msg)
+        pipeline, choice = open_pipeline(
+            read_bundle(config.model),
+            config.backend,
+            config.backend_options(),
+            fallback=config.fallback,
+        )
+        return cls(config, pipeline, choice.reason)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -175,6 +200,8 @@ class NodeApp:
                 ts=time.time(),
                 software_version=software_version(),
                 backend=pipeline.info.name,
+                backend_reason=self.backend_reason,
+                device=pipeline.info.detail if pipeline.info.name != "onnx" else None,
                 model=pipeline.ref,
                 config_digest=self.config.digest(),
                 group=self.config.group,
@@ -198,7 +225,14 @@ class NodeApp:
         )
         self.session.publish(topics.node_model(self.node_id), encode(state), retain=True)
 
+    def _results_ready(
+        self, batch: list[WorkItem], result: BatchResult, pipeline: ModelPipeline
+    ) -> None:
+        self._failures = 0
+        self._results(batch, result, pipeline)
+
     def _inference_failed(self, batch: list[WorkItem], exc: Exception) -> None:
+        self._failures += 1
         for item in batch:
             self.metrics.window_dropped("inference_failed")
             self.reporter.report(
@@ -207,6 +241,29 @@ class NodeApp:
                 sensor_id=item.sensor_id,
                 seq=item.seq,
             )
+        if self._failures >= FALLBACK_AFTER_FAILURES and self.config.fallback == "onnx":
+            self._fall_back(exc)
+
+    def _fall_back(self, exc: Exception) -> None:
+        """Serve on ONNX Runtime after repeated accelerator failures (worker thread)."""
+        current = self.worker.pipeline
+        if current.info.name == "onnx" or current.bundle.onnx is None:
+            return
+        try:
+            replacement = load_model(current.bundle, "onnx", self.config.backend_options())
+        except NodeError:
+            logger.exception("fallback to onnx failed; staying on %s", current.info.name)
+            return
+        old = self.worker.swap(replacement)
+        old.close()
+        self._failures = 0
+        self.backend_reason = f"fallback from {old.info.name}: {exc}"
+        self.reporter.report(
+            ErrorKind.BACKEND_FALLBACK,
+            f"{old.info.name} failed {FALLBACK_AFTER_FAILURES} batches in a row ({exc}); now "
+            "serving on onnx. Check the device (imu-node doctor) and restart to return to it",
+        )
+        self._announce()
 
     # -- duplicate node ids -----------------------------------------------------------------
 

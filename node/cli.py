@@ -155,19 +155,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from node.app import NodeApp  # noqa: PLC0415 (keeps `imu-node --help` fast)
-    from node.inference.backend import BackendOptions  # noqa: PLC0415
-    from node.inference.pipeline import load_model  # noqa: PLC0415
-    from node.model.bundle import read_bundle  # noqa: PLC0415
 
     config = load_config(args.config, **_overrides(args))
     configure_logging(config.log_level, json_lines=args.log_format == "json")
-    if config.model is None:
-        msg = "no model: pass --model BUNDLE (build one with `imu-fleet bundle create`)"
-        raise ConfigError(msg)
-    pipeline = load_model(
-        read_bundle(config.model), config.backend, BackendOptions(threads=config.threads)
-    )
-    app = NodeApp(config, pipeline)
+    app = NodeApp.open(config)
     stop = threading.Event()
     received: list[str] = []
 

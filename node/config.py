@@ -21,6 +21,7 @@ from pydantic_settings import (
 )
 
 from node.errors import ConfigError
+from node.inference.backend import BackendOptions
 from schemas.errors import describe_validation_error
 from schemas.topics import is_valid_id
 
@@ -76,8 +77,22 @@ class NodeConfig(BaseSettings):
     node_id: str | None = Field(None, description="Defaults to a stable id derived from hardware")
     group: str = Field("default", description="Fleet group this node belongs to")
     model: Path | None = Field(None, description="Model bundle to serve")
-    backend: Literal["onnx"] = Field("onnx", description="Inference backend")
+    backend: Literal["auto", "hailo", "onnx"] = Field(
+        "auto",
+        description="hailo, onnx, or auto: Hailo when the bundle has a HEF and a device is found",
+    )
+    fallback: Literal["none", "onnx"] = Field(
+        "none",
+        description="onnx: serve on ONNX Runtime when the Hailo device cannot be opened or keeps "
+        "failing (none: report and keep retrying the device)",
+    )
     threads: int = Field(1, ge=1, le=64, description="CPU threads for the ONNX Runtime backend")
+    hailo_timeout_ms: int = Field(1000, ge=10, le=60_000, description="Hailo: per-call timeout")
+    hailo_max_jobs: int = Field(4, ge=1, le=64, description="Hailo: async jobs in flight")
+    hailo_frames_per_job: int = Field(8, ge=1, le=256, description="Hailo: frames per async job")
+    hailo_batch_size: int = Field(
+        0, ge=0, le=256, description="Hailo: device batch (burst) size; 0 lets HailoRT choose"
+    )
     mqtt_protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version")
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive")
     share_group: str | None = Field(
@@ -129,6 +144,16 @@ class NodeConfig(BaseSettings):
             msg = f"sensors must be '+' or one sensor id, not {value!r}"
             raise ValueError(msg)
         return value
+
+    def backend_options(self) -> BackendOptions:
+        """The backend tuning knobs of this configuration."""
+        return BackendOptions(
+            threads=self.threads,
+            timeout_ms=self.hailo_timeout_ms,
+            max_jobs=self.hailo_max_jobs,
+            frames_per_job=self.hailo_frames_per_job,
+            batch_size=self.hailo_batch_size,
+        )
 
     @property
     def broker_address(self) -> BrokerAddress:

@@ -22,8 +22,6 @@ from fleet.bundles.reference import ensure_reference_bundle
 from fleet.simulate.sensors import SensorMode, SensorSimulator
 from node.app import NodeApp
 from node.config import BrokerAddress, load_config
-from node.inference.backend import BackendOptions
-from node.inference.pipeline import load_model
 from node.local_broker import BrokerKind, LocalBroker
 from node.model.bundle import read_bundle
 from node.mqtt.session import MqttSession, SessionSettings
@@ -126,7 +124,7 @@ def run_demo(
     )
     head = bundle.manifest.motif_head
     labels = head.labels if isinstance(head, PrototypeHead) else None
-    app = NodeApp(config, load_model(bundle, config.backend, BackendOptions(config.threads)))
+    app = NodeApp.open(config)
     board = ResultBoard(url, protocol)
     simulator = SensorSimulator(
         url, sensors=sensors, rate_hz=rate_hz, mode=mode, hop=hop, protocol=protocol

@@ -60,6 +60,7 @@ class TelemetryLoop:
         metrics: NodeMetrics,
         work: queue.Queue[Any],
         model: Callable[[], ModelPipeline],
+        backend_reason: Callable[[], str],
         publish: Callable[[str, bytes], bool],
     ) -> None:
         self._node_id = node_id
@@ -67,6 +68,7 @@ class TelemetryLoop:
         self._metrics = metrics
         self._queue = work
         self._model = model
+        self._backend_reason = backend_reason
         self._publish = publish
         self._process = psutil.Process()
         self._process.cpu_percent(None)  # first call primes the measurement
@@ -95,6 +97,8 @@ class TelemetryLoop:
             interval_s=round(interval.seconds, 3),
             uptime_s=round(time.monotonic() - self._metrics.started, 3),
             backend=model.info.name,
+            backend_reason=self._backend_reason(),
+            device=model.info.detail if model.info.name != "onnx" else None,
             model=model.ref,
             windows_in=windows_in,
             windows_done=done,
@@ -112,6 +116,7 @@ class TelemetryLoop:
             rss_mb=round(rss / 2**20, 1),
             peak_rss_mb=round(peak_kb / 1024, 1),
             temperature_c=board_temperature(),
+            accelerator_temperature_c=model.backend.temperature(),
         )
 
     def _run(self) -> None:

@@ -155,6 +155,12 @@ class NodeStatus(_Outbound):
     ts: Timestamp
     software_version: str | None = None
     backend: str | None = None
+    backend_reason: str | None = Field(
+        default=None, description="Why this backend (auto choice, fallback, or requested)"
+    )
+    device: dict[str, str | int | float] | None = Field(
+        default=None, description="Accelerator identity: architecture, firmware, serial, ..."
+    )
     model: ModelRef | None = None
     config_digest: str | None = None
     group: str | None = None
@@ -181,6 +187,8 @@ class Telemetry(_Outbound):
     interval_s: float
     uptime_s: float
     backend: str
+    backend_reason: str | None = None
+    device: dict[str, str | int | float] | None = None
     model: ModelRef | None
     windows_in: int = Field(description="Windows accepted into the queue since start")
     windows_done: int = Field(description="Windows inferred since start")
@@ -195,7 +203,10 @@ class Telemetry(_Outbound):
     cpu_percent: float | None
     rss_mb: float
     peak_rss_mb: float
-    temperature_c: float | None
+    temperature_c: float | None = Field(description="Board (SoC) temperature")
+    accelerator_temperature_c: float | None = Field(
+        default=None, description="Accelerator chip temperature (Hailo ts0 sensor)"
+    )
 
 
 class ErrorKind(StrEnum):
@@ -223,6 +234,8 @@ class ErrorKind(StrEnum):
     """A result could not be queued for publication."""
     DUPLICATE_NODE_ID = "duplicate_node_id"
     """Another live process uses this node id."""
+    BACKEND_FALLBACK = "backend_fallback"
+    """The accelerator kept failing and the node moved to its fallback backend."""
 
 
 class ErrorReport(_Outbound):

@@ -19,8 +19,6 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from fleet.bundles.reference import build_reference_bundle
 from node.app import NodeApp
 from node.config import BrokerAddress, load_config
-from node.inference.backend import BackendOptions
-from node.inference.pipeline import load_model
 from node.local_broker import LocalBroker
 from node.model.bundle import Bundle, read_bundle
 from schemas import topics
@@ -161,10 +159,8 @@ def start_node(broker: LocalBroker, reference_bundle_path: Path) -> Iterator[Nod
         settings.setdefault("model", reference_bundle_path)
         settings.setdefault("broker", broker.url)
         settings.setdefault("telemetry_interval_s", 0.5)
-        config = load_config(**settings)
-        assert config.model is not None
-        pipeline = load_model(read_bundle(config.model), config.backend, BackendOptions())
-        app = NodeApp(config, pipeline)
+        app = NodeApp.open(load_config(**settings))
+        config = app.config
         watcher = Probe(config.broker).subscribe(topics.node_status(app.node_id))
         app.start()
         apps.append(app)

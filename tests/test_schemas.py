@@ -516,7 +516,8 @@ LINEAR_HEAD = {
                 "golden_inputs.npy": {"sha256": SHA, "size": 1},
                 "golden_latents.npy": {"sha256": SHA, "size": 1},
             },
-        ),
+        )
+        | {"hef": {"hw_arch": "hailo8l"}},
         edited("golden", {"count": 1, "inputs": "g/in.npy", "latents": "g/out.npy"})
         | {
             "files": {
@@ -589,6 +590,12 @@ def test_manifest_valid_variants(data: dict[str, Any]) -> None:
         (edited("surprise", True), "surprise"),
         (edited("input/surprise", True), "surprise"),
         (edited("version", ...), "version"),
+        (edited("files/model.hef", {"sha256": SHA, "size": 1}), "come together"),
+        (edited("hef", {"hw_arch": "hailo8"}), "come together"),
+        (
+            edited("files/model.hef", {"sha256": SHA, "size": 1}) | {"hef": {"hw_arch": "h10"}},
+            "hw_arch",
+        ),
     ],
 )
 def test_manifest_rejects(data: dict[str, Any], reason: str) -> None:

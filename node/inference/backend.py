@@ -26,6 +26,14 @@ class BackendOptions:
 
     threads: int = 1
     """CPU threads for backends that compute on the CPU (ONNX Runtime intra-op threads)."""
+    timeout_ms: int = 1000
+    """Accelerators: how long one device call may take before it counts as failed."""
+    max_jobs: int = 4
+    """Accelerators: asynchronous jobs in flight at once."""
+    frames_per_job: int = 8
+    """Accelerators: frames submitted per asynchronous job."""
+    batch_size: int = 0
+    """Accelerators: device batch (HailoRT burst size); 0 lets the runtime choose."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +52,8 @@ class BackendInfo:
     device: str
     max_batch: int | None
     """Largest batch one device call takes (1 for a fixed-batch model); None = unbounded."""
+    quantized: bool = False
+    """True when outputs only approximate the float model (judged by cosine, not abs error)."""
     detail: dict[str, str | int | float] = field(default_factory=dict)
 
 
@@ -62,6 +72,10 @@ class InferenceBackend(ABC):
     def close(self) -> None:
         """Release the device and every resource; idempotent."""
 
+    def temperature(self) -> float | None:
+        """Accelerator temperature in Celsius, where the device has a sensor."""
+        return None
+
 
 BackendFactory = Callable[[Bundle, BackendOptions], InferenceBackend]
 
@@ -72,8 +86,40 @@ def _open_onnx(bundle: Bundle, options: BackendOptions) -> InferenceBackend:
     return OnnxBackend.from_bundle(bundle, options)
 
 
-BACKENDS: dict[str, BackendFactory] = {"onnx": _open_onnx}
+def _open_hailo(bundle: Bundle, options: BackendOptions) -> InferenceBackend:
+    from node.inference.hailo_backend import HailoBackend  # noqa: PLC0415 (optional SDK)
+
+    return HailoBackend(bundle, options)
+
+
+BACKENDS: dict[str, BackendFactory] = {"onnx": _open_onnx, "hailo": _open_hailo}
 """Explicit registry: backend name -> factory."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendChoice:
+    """Which backend to open and why (status and telemetry say it)."""
+
+    name: str
+    reason: str
+
+
+def choose_backend(requested: str, bundle: Bundle) -> BackendChoice:
+    """Resolve `auto`: Hailo when the bundle has a HEF, HailoRT imports and a device is present."""
+    if requested != "auto":
+        return BackendChoice(requested, "requested")
+    if bundle.hef is None:
+        return BackendChoice("onnx", "auto: the bundle has no HEF")
+    from node.inference.hailo_backend import find_devices, import_hailo  # noqa: PLC0415
+
+    try:
+        import_hailo()
+    except BackendUnavailableError:
+        return BackendChoice("onnx", "auto: hailo_platform is not installed")
+    devices = find_devices()
+    if not devices:
+        return BackendChoice("onnx", "auto: no Hailo device found")
+    return BackendChoice("hailo", f"auto: Hailo device {devices[0]}")
 
 
 def open_backend(name: str, bundle: Bundle, options: BackendOptions) -> InferenceBackend:
