@@ -19,6 +19,7 @@ examples:
       --normalization model_config.json --calibration recorded.npy --out tcn-vae-1.2.0.tar
   imu-fleet bundle inspect tcn-vae-1.2.0.tar
   imu-fleet bundle reference --out tcn-reference-1.0.0.tar   # the built-in test model
+  imu-fleet model validate tcn-vae-1.2.0.tar     # parity of every backend found here
   imu-fleet simulate sensors --broker mqtt://localhost:1883 --sensors 8 --rate 100
 """
 
@@ -61,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         "messages (default: the simulator's activities, 384 windows)",
     )
     create.add_argument("--description", default="", help="free text stored in the manifest")
+    create.add_argument("--hef", type=Path, help="compiled Hailo HEF of the same model")
+    create.add_argument(
+        "--hef-arch", choices=["hailo8", "hailo8l"], default="hailo8",
+        help="chip the HEF was compiled for (hailo8)",
+    )  # fmt: skip
 
     inspect = bundle_sub.add_parser("inspect", help="verify a bundle and print its manifest")
     inspect.add_argument("bundle", type=Path)
@@ -72,6 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     reference.add_argument("--seed", type=int, default=7, help="weights seed (7)")
     reference.add_argument(
         "--dynamic-batch", action="store_true", help="export with a dynamic batch dimension"
+    )
+
+    model = sub.add_parser("model", help="validate models across backends, compile HEFs")
+    model_sub = model.add_subparsers(dest="action", required=True, metavar="ACTION")
+    validate = model_sub.add_parser(
+        "validate",
+        help="parity table: every backend available here vs ONNX Runtime",
+        description="Runs the bundle on every backend this machine has, on its golden windows "
+        "and a calibration set, and prints cosine similarity and max error against ONNX "
+        "Runtime. Bar: mean cosine >= 0.99 (float), >= 0.95 (quantised HEF). Exit 1 if a "
+        "backend that ran misses its bar or its golden check.",
+    )
+    validate.add_argument("bundle", type=Path)
+    validate.add_argument(
+        "--calibration", type=Path, help="windows file (.npy/.npz/.jsonl); default: simulator"
     )
 
     simulate = sub.add_parser("simulate", help="simulate sensors")
@@ -100,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "bundle":
             return _bundle(args)
+        if args.command == "model":
+            return _model(args)
         return _simulate(args)
     except NodeError as exc:
         print(f"imu-fleet: {exc}", file=sys.stderr)
@@ -114,6 +137,7 @@ def _bundle(args: argparse.Namespace) -> int:
     from fleet.bundles.inspect import describe_bundle  # noqa: PLC0415
     from fleet.bundles.reference import build_reference_bundle  # noqa: PLC0415
     from node.model.bundle import manifest_bytes, read_bundle  # noqa: PLC0415
+    from schemas.manifest import HefInfo  # noqa: PLC0415
 
     if args.action == "create":
         bundle = build_bundle(
@@ -124,6 +148,8 @@ def _bundle(args: argparse.Namespace) -> int:
             normalization=args.normalization,
             calibration=args.calibration,
             description=args.description,
+            hef=args.hef,
+            hef_info=HefInfo(hw_arch=args.hef_arch) if args.hef else None,
         )
         print(describe_bundle(bundle))
         return 0
@@ -136,6 +162,19 @@ def _bundle(args: argparse.Namespace) -> int:
     bundle = read_bundle(args.bundle)
     print(manifest_bytes(bundle.manifest).decode() if args.json else describe_bundle(bundle))
     return 0
+
+
+def _model(args: argparse.Namespace) -> int:
+    from fleet.bundles.calibration import load_calibration, simulated_calibration  # noqa: PLC0415
+    from fleet.models.validate import format_table, validate_bundle  # noqa: PLC0415
+    from node.model.bundle import read_bundle  # noqa: PLC0415
+
+    bundle = read_bundle(args.bundle)
+    calib = load_calibration(args.calibration) if args.calibration else simulated_calibration(32)
+    rows = validate_bundle(bundle, calib)
+    print(format_table(rows, calib.source))
+    ran = [row for row in rows if not row.status.startswith("skipped")]
+    return 0 if ran and all(row.passed for row in ran) else 1
 
 
 def _simulate(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ examples:
   IMU_NODE_BROKER=mqtt://10.0.0.5 imu-node run --model m.tar   # or from the environment
   imu-node id                                   # this machine's default node id
   imu-node config --config /etc/imu-node.toml   # effective settings (secrets hidden)
+  imu-node doctor --config /etc/imu-node.toml   # what is wrong and what to do about it
 
 precedence: flags > environment (IMU_NODE_*) > --config file > defaults
 """
@@ -42,6 +43,7 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
         ("--group", "group", str),
         ("--model", "model", Path),
         ("--backend", "backend", str),
+        ("--fallback", "fallback", str),
         ("--threads", "threads", int),
         ("--hop", "hop", int),
         ("--queue-size", "queue_size", int),
@@ -111,46 +113,79 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="print the effective configuration (secrets hidden)")
     _add_node_options(config)
+
+    doctor = sub.add_parser(
+        "doctor",
+        help="check HailoRT, the device, the broker and the model; say what to fix",
+        description="Checks, in order: software versions and node id; HailoRT library vs "
+        "driver; Hailo devices, architecture, firmware, temperature; broker reachability and "
+        "credentials; the bundle's hashes, signature, HEF architecture and golden check on "
+        "every backend available. Exit status 1 when any check fails.",
+    )
+    _add_node_options(doctor)
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `imu-node`."""
     args = build_parser().parse_args(argv)
+    commands = {"run": _run, "demo": _demo, "id": _identity, "config": _config, "doctor": _config}
     try:
-        if args.command == "run":
-            return _run(args)
-        if args.command == "demo":
-            from node.demo import run_demo  # noqa: PLC0415 (pulls in the simulator)
-
-            configure_logging("WARNING", json_lines=False)
-            return run_demo(
-                duration=args.duration,
-                sensors=args.sensors,
-                rate_hz=args.rate,
-                mode=args.mode,
-                broker=args.broker,
-                model=args.model,
-                hop=args.hop,
-                embedded=args.embedded,
-            )
-        if args.command == "id":
-            source = hardware_identity()
-            node_id = default_node_id()
-            if args.json:
-                print(orjson.dumps({"node_id": node_id, "source": source.kind}).decode())
-            else:
-                print(f"{node_id}  (derived from {source.kind})")
-            return 0
-        config = load_config(args.config, **_overrides(args))
-        print(orjson.dumps(config.model_dump(mode="json"), option=orjson.OPT_INDENT_2).decode())
-        return 0
+        return commands[args.command](args)
     except ConfigError as exc:
         print(f"imu-node: {exc}", file=sys.stderr)
         return 2
     except NodeError as exc:
         print(f"imu-node: {exc}", file=sys.stderr)
         return 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from node.demo import run_demo  # noqa: PLC0415 (pulls in the simulator)
+
+    configure_logging("WARNING", json_lines=False)
+    return run_demo(
+        duration=args.duration,
+        sensors=args.sensors,
+        rate_hz=args.rate,
+        mode=args.mode,
+        broker=args.broker,
+        model=args.model,
+        hop=args.hop,
+        embedded=args.embedded,
+    )
+
+
+def _identity(args: argparse.Namespace) -> int:
+    source = hardware_identity()
+    node_id = default_node_id()
+    if args.json:
+        print(orjson.dumps({"node_id": node_id, "source": source.kind}).decode())
+    else:
+        print(f"{node_id}  (derived from {source.kind})")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    config = load_config(args.config, **_overrides(args))
+    if args.command == "doctor":
+        return _doctor(config, as_json=args.json)
+    print(orjson.dumps(config.model_dump(mode="json"), option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def _doctor(config: NodeConfig, *, as_json: bool) -> int:
+    from node.doctor import Level, format_report, run_checks  # noqa: PLC0415
+
+    configure_logging("ERROR", json_lines=False)
+    checks = run_checks(config)
+    if as_json:
+        rows = [{"check": c.name, "level": c.level, "found": c.found, "fix": c.fix} for c in checks]
+        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(format_report(checks))
+    return 1 if any(c.level is Level.FAIL for c in checks) else 0
 
 
 def _run(args: argparse.Namespace) -> int:

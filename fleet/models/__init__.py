@@ -1,0 +1,1 @@
+"""Model tooling beyond packaging: parity validation across backends, compilation."""

@@ -1,0 +1,259 @@
+"""`imu-node doctor`: what a Pi owner runs when something is off.
+
+Each check prints one line: ok, warn, fail or skip, what it found, and for anything not ok what to
+do. The usual culprit after an OS update is a HailoRT library that no longer matches the kernel
+driver; the doctor compares them first.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from node.config import NodeConfig
+from node.errors import NodeError
+from node.identity import hardware_identity
+from node.inference.hailo_backend import ACCEPTS, import_hailo
+from node.inference.pipeline import load_model
+from node.model.bundle import Bundle, read_bundle
+
+DRIVER_VERSION_FILE = Path("/sys/module/hailo_pci/version")
+DEVICE_NODE = Path("/dev/hailo0")
+HOT_C = 85.0
+"""Chip temperature that deserves a warning (Hailo-8 throttles near its junction limit)."""
+
+
+class Level(StrEnum):
+    """Outcome of one check."""
+
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "fail"
+    SKIP = "skip"
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One line of the report."""
+
+    name: str
+    level: Level
+    found: str
+    fix: str = ""
+
+
+@dataclass(slots=True)
+class _Context:
+    config: NodeConfig
+    hailo: Any = None
+    device_arch: str | None = None
+    bundle: Bundle | None = None
+
+
+def run_checks(config: NodeConfig) -> list[Check]:
+    """Every check, in the order a person would debug."""
+    context = _Context(config)
+    return [check for step in _STEPS for check in step(context)]
+
+
+def format_report(checks: list[Check]) -> str:
+    """Aligned lines, with the fix under anything not ok."""
+    lines = []
+    for check in checks:
+        lines.append(f"[{check.level.value:^4}] {check.name:<22} {check.found}")
+        if check.fix and check.level in (Level.WARN, Level.FAIL):
+            lines.append(f"{'':7}{'':22} -> {check.fix}")
+    failed = sum(c.level is Level.FAIL for c in checks)
+    warned = sum(c.level is Level.WARN for c in checks)
+    lines.append(f"\n{failed} failed, {warned} warnings, {len(checks)} checks")
+    return "\n".join(lines)
+
+
+def _software(ctx: _Context) -> Iterator[Check]:
+    versions = []
+    for package in ("imu-edge", "onnxruntime", "paho-mqtt", "numpy"):
+        try:
+            versions.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{package} ?")
+    yield Check("software", Level.OK, ", ".join(versions))
+    try:
+        source = hardware_identity()
+        level = Level.WARN if source.kind == "machine-id" else Level.OK
+        node_id = ctx.config.node_id or "(derived)"
+        yield Check("node id", level, f"{node_id}, hardware identity from {source.kind}",
+                    "cloned SD cards share /etc/machine-id: set node_id in the config")  # fmt: skip
+    except RuntimeError as exc:
+        yield Check("node id", Level.FAIL, str(exc), "set node_id in the config")
+
+
+def _hailort(ctx: _Context) -> Iterator[Check]:
+    wants_hailo = ctx.config.backend == "hailo"
+    try:
+        ctx.hailo = import_hailo()
+    except NodeError as exc:
+        level = Level.FAIL if wants_hailo else Level.SKIP
+        reason = str(exc.__cause__ or exc)
+        yield Check("HailoRT library", level, f"hailo_platform not importable: {reason}",
+                    "sudo apt install hailo-all; venv with --system-site-packages")  # fmt: skip
+        return
+    library = str(getattr(ctx.hailo, "__version__", "?"))
+    yield Check("HailoRT library", Level.OK, f"hailo_platform {library}")
+    driver = _read(DRIVER_VERSION_FILE)
+    if not driver:
+        yield Check("HailoRT driver", Level.WARN, f"no {DRIVER_VERSION_FILE} (driver not loaded?)",
+                    "sudo modprobe hailo_pci; check `dmesg | grep -i hailo`")  # fmt: skip
+    elif driver.split(".")[:2] != library.split(".")[:2]:
+        yield Check("HailoRT driver", Level.FAIL, f"driver {driver} vs library {library}",
+                    "library and driver must match: sudo apt install --reinstall hailo-all "
+                    "(or the pinned pair), then reboot")  # fmt: skip
+    else:
+        yield Check("HailoRT driver", Level.OK, f"hailo_pci {driver} matches the library")
+    if DEVICE_NODE.exists() and not os.access(DEVICE_NODE, os.R_OK | os.W_OK):
+        yield Check("device node", Level.FAIL, f"{DEVICE_NODE} is not read/writable by this user",
+                    "add a udev rule or group for /dev/hailo* (docs/hardware.md)")  # fmt: skip
+
+
+def _device(ctx: _Context) -> Iterator[Check]:
+    if ctx.hailo is None:
+        return
+    try:
+        found = [str(d) for d in ctx.hailo.Device.scan()]
+    except Exception as exc:
+        found, error = [], str(exc)
+    else:
+        error = ""
+    if not found:
+        yield Check("Hailo devices", Level.FAIL, f"none found {error}".strip(),
+                    "check the HAT, `lspci | grep Hailo`, `dmesg | grep -i hailo`")  # fmt: skip
+        return
+    yield Check("Hailo devices", Level.OK, ", ".join(found))
+    try:
+        with ctx.hailo.Device(found[0]) as device:
+            board = device.control.identify()
+            arch = str(getattr(board.device_architecture, "name", board.device_architecture))
+            ctx.device_arch = arch.upper()
+            yield Check("architecture", Level.OK,
+                        f"{ctx.device_arch}, firmware {board.firmware_version}, "
+                        f"serial {str(board.serial_number).strip() or 'n/a'}")  # fmt: skip
+            temp = float(device.control.get_chip_temperature().ts0_temperature)
+            level = Level.WARN if temp >= HOT_C else Level.OK
+            yield Check("chip temperature", level, f"{temp:.1f} C",
+                        "improve cooling (heatsink, fan, airflow)")  # fmt: skip
+    except Exception as exc:
+        yield Check("device control", Level.FAIL, str(exc),
+                    "another process may hold the device: `sudo lsof /dev/hailo0`")  # fmt: skip
+
+
+def _broker(ctx: _Context) -> Iterator[Check]:
+    address = ctx.config.broker_address
+    version = (
+        MQTTProtocolVersion.MQTTv5
+        if ctx.config.mqtt_protocol == "5"
+        else (MQTTProtocolVersion.MQTTv311)
+    )
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, "imu-node-doctor", protocol=version)
+    if ctx.config.username:
+        password = ctx.config.password.get_secret_value() if ctx.config.password else None
+        client.username_pw_set(ctx.config.username, password)
+    if address.tls:
+        client.tls_set(ca_certs=str(ctx.config.ca_file) if ctx.config.ca_file else None)
+    answered = threading.Event()
+    outcome: list[str] = []
+
+    def on_connect(client: mqtt.Client, userdata: Any, flags: Any, code: Any, props: Any) -> None:
+        outcome.append(str(code))
+        answered.set()
+
+    client.on_connect = on_connect
+    try:
+        client.connect(str(address.host), address.port, keepalive=10)
+        client.loop_start()
+        answered.wait(5)
+    except OSError as exc:
+        yield Check("broker", Level.FAIL, f"{address}: {exc}",
+                    "is the broker running and reachable? check host, port, firewall")  # fmt: skip
+        return
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    if not outcome:
+        yield Check("broker", Level.FAIL, f"{address}: no answer in 5 s",
+                    "wrong port or a TLS/plain mismatch (mqtt:// vs mqtts://)")  # fmt: skip
+    elif outcome[0] != "Success":
+        yield Check("broker", Level.FAIL, f"{address} refused: {outcome[0]}",
+                    "check username/password (IMU_NODE_PASSWORD) and the broker's ACL")  # fmt: skip
+    else:
+        yield Check("broker", Level.OK, f"{address} accepted MQTT {ctx.config.mqtt_protocol}")
+
+
+def _bundle(ctx: _Context) -> Iterator[Check]:
+    if ctx.config.model is None:
+        yield Check("model bundle", Level.SKIP, "no --model given")
+        return
+    try:
+        ctx.bundle = read_bundle(ctx.config.model)
+    except NodeError as exc:
+        yield Check("model bundle", Level.FAIL, str(exc), "rebuild or re-download the bundle")
+        return
+    manifest = ctx.bundle.manifest
+    files = ", ".join(sorted(manifest.files))
+    yield Check(
+        "model bundle", Level.OK, f"{manifest.name} {manifest.version} ({files}), hashes ok"
+    )
+    if manifest.signature is None:
+        yield Check("signature", Level.WARN, "unsigned",
+                    "sign bundles with the fleet key before rolling them out")  # fmt: skip
+    else:
+        yield Check("signature", Level.OK, f"ed25519 key {manifest.signature.key_id}")
+    if manifest.hef is not None and ctx.device_arch is not None:
+        fits = manifest.hef.hw_arch in ACCEPTS.get(ctx.device_arch, set())
+        yield Check("HEF fits device", Level.OK if fits else Level.FAIL,
+                    f"HEF for {manifest.hef.hw_arch} on {ctx.device_arch}",
+                    f"compile for this chip: --hw-arch {ctx.device_arch.lower()}")  # fmt: skip
+
+
+def _golden(ctx: _Context) -> Iterator[Check]:
+    if ctx.bundle is None:
+        return
+    backends = ["onnx"] if ctx.bundle.onnx is not None else []
+    if ctx.bundle.hef is not None and ctx.device_arch is not None:
+        backends.append("hailo")
+    for backend in backends:
+        try:
+            pipeline = load_model(ctx.bundle, backend, ctx.config.backend_options())
+        except NodeError as exc:
+            yield Check(f"golden check ({backend})", Level.FAIL, str(exc),
+                        "it does not reproduce its goldens: recompile or rebuild")  # fmt: skip
+            continue
+        report = pipeline.golden_check()
+        pipeline.close()
+        yield Check(f"golden check ({backend})", Level.OK,
+                    f"{report.count} windows, min cosine {report.min_cosine:.5f}, "
+                    f"max abs error {report.max_abs_error:.2g}")  # fmt: skip
+
+
+_STEPS: tuple[Callable[[_Context], Iterator[Check]], ...] = (
+    _software,
+    _hailort,
+    _device,
+    _broker,
+    _bundle,
+    _golden,
+)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
