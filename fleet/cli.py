@@ -12,6 +12,8 @@ from node.logs import configure_logging
 
 logger = logging.getLogger("fleet")
 
+Subparsers = argparse._SubParsersAction  # argparse exposes no public name for it
+
 EXAMPLES = """\
 examples:
   # package an exported TCN-VAE encoder with its training normalisation
@@ -34,6 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_bundle(sub)
+    _add_keys(sub)
+    _add_model(sub)
+    _add_simulate(sub)
+    return parser
+
+
+def _add_bundle(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    """`imu-fleet bundle create|sign|inspect|reference`."""
     bundle = sub.add_parser("bundle", help="create or inspect model bundles")
     bundle_sub = bundle.add_subparsers(dest="action", required=True, metavar="ACTION")
     create = bundle_sub.add_parser(
@@ -62,15 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
         "messages (default: the simulator's activities, 384 windows)",
     )
     create.add_argument("--description", default="", help="free text stored in the manifest")
+    create.add_argument("--sign-key", type=Path, help="fleet private key: sign the bundle")
     create.add_argument("--hef", type=Path, help="compiled Hailo HEF of the same model")
     create.add_argument(
         "--hef-arch", choices=["hailo8", "hailo8l"], default="hailo8",
         help="chip the HEF was compiled for (hailo8)",
     )  # fmt: skip
 
+    sign = bundle_sub.add_parser("sign", help="sign an existing bundle with the fleet key")
+    sign.add_argument("bundle", type=Path)
+    sign.add_argument("--key", type=Path, required=True, help="private key (fleet.key)")
+    sign.add_argument("--out", type=Path, help="signed copy (default: sign in place)")
+
     inspect = bundle_sub.add_parser("inspect", help="verify a bundle and print its manifest")
     inspect.add_argument("bundle", type=Path)
     inspect.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    inspect.add_argument("--trust-key", type=Path, help="also verify the signature with this key")
 
     reference = bundle_sub.add_parser("reference", help="write the built-in reference bundle")
     reference.add_argument("--out", type=Path, required=True)
@@ -80,6 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--dynamic-batch", action="store_true", help="export with a dynamic batch dimension"
     )
 
+
+def _add_keys(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    """`imu-fleet keys generate`."""
+    keys = sub.add_parser("keys", help="fleet signing keys")
+    keys_sub = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    generate = keys_sub.add_parser(
+        "generate", help="write an Ed25519 key pair: fleet.key (private, 0600) and fleet.pub"
+    )
+    generate.add_argument("--out", type=Path, required=True, help="folder for the two files")
+    generate.add_argument("--force", action="store_true", help="overwrite an existing pair")
+
+
+def _add_model(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    """`imu-fleet model validate`."""
     model = sub.add_parser("model", help="validate models across backends, compile HEFs")
     model_sub = model.add_subparsers(dest="action", required=True, metavar="ACTION")
     validate = model_sub.add_parser(
@@ -95,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration", type=Path, help="windows file (.npy/.npz/.jsonl); default: simulator"
     )
 
+
+def _add_simulate(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    """`imu-fleet simulate sensors`."""
     simulate = sub.add_parser("simulate", help="simulate sensors")
     sim_sub = simulate.add_subparsers(dest="what", required=True, metavar="WHAT")
     sensors = sim_sub.add_parser("sensors", help="publish simulated IMU sensors in real time")
@@ -111,7 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
     sensors.add_argument("--duration", type=float, default=None, help="seconds (default: forever)")
     sensors.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5")
     sensors.add_argument("--seed", type=int, default=0)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             return _bundle(args)
         if args.command == "model":
             return _model(args)
+        if args.command == "keys":
+            return _keys(args)
         return _simulate(args)
     except NodeError as exc:
         print(f"imu-fleet: {exc}", file=sys.stderr)
@@ -133,10 +169,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bundle(args: argparse.Namespace) -> int:
-    from fleet.bundles.builder import build_bundle  # noqa: PLC0415 (heavy: onnxruntime)
+    from fleet.bundles.builder import build_bundle, sign_bundle  # noqa: PLC0415 (onnxruntime)
     from fleet.bundles.inspect import describe_bundle  # noqa: PLC0415
     from fleet.bundles.reference import build_reference_bundle  # noqa: PLC0415
     from node.model.bundle import manifest_bytes, read_bundle  # noqa: PLC0415
+    from node.model.signing import load_public_key, verify_manifest  # noqa: PLC0415
     from schemas.manifest import HefInfo  # noqa: PLC0415
 
     if args.action == "create":
@@ -150,8 +187,13 @@ def _bundle(args: argparse.Namespace) -> int:
             description=args.description,
             hef=args.hef,
             hef_info=HefInfo(hw_arch=args.hef_arch) if args.hef else None,
+            sign_key=args.sign_key,
         )
         print(describe_bundle(bundle))
+        return 0
+    if args.action == "sign":
+        signed = sign_bundle(read_bundle(args.bundle), args.key, args.out or args.bundle)
+        print(describe_bundle(signed))
         return 0
     if args.action == "reference":
         path = build_reference_bundle(
@@ -160,7 +202,19 @@ def _bundle(args: argparse.Namespace) -> int:
         print(describe_bundle(read_bundle(path)))
         return 0
     bundle = read_bundle(args.bundle)
+    if args.trust_key:
+        verify_manifest(bundle.manifest, load_public_key(args.trust_key))
     print(manifest_bytes(bundle.manifest).decode() if args.json else describe_bundle(bundle))
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from node.model.signing import generate_keys  # noqa: PLC0415
+
+    pair = generate_keys(args.out, overwrite=args.force)
+    print(f"private key {pair.private} (keep it secret: sign with --sign-key)")
+    print(f"public key  {pair.public} (give it to nodes: --trust-key)")
+    print(f"key id      {pair.key_id}")
     return 0
 
 

@@ -30,6 +30,7 @@ from node.ingest.router import Ingest
 from node.ingest.windower import SampleWindower
 from node.metrics import NodeMetrics
 from node.model.bundle import read_bundle
+from node.model.signing import load_public_key, verify_manifest
 from node.mqtt.session import MqttSession, SessionSettings
 from node.reporting import ErrorReporter
 from node.results import ResultPublisher
@@ -121,8 +122,11 @@ class NodeApp:
         if config.model is None:
             msg = "no model: pass --model BUNDLE (build one with `imu-fleet bundle create`)"
             raise ConfigError(msg)
+        bundle = read_bundle(config.model)
+        if config.trust_key is not None:
+            verify_manifest(bundle.manifest, load_public_key(config.trust_key))
         pipeline, choice = open_pipeline(
-            read_bundle(config.model),
+            bundle,
             config.backend,
             config.backend_options(),
             fallback=config.fallback,

@@ -42,6 +42,7 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
         ("--node-id", "node_id", str),
         ("--group", "group", str),
         ("--model", "model", Path),
+        ("--trust-key", "trust_key", Path),
         ("--backend", "backend", str),
         ("--fallback", "fallback", str),
         ("--threads", "threads", int),

@@ -77,6 +77,9 @@ class NodeConfig(BaseSettings):
     node_id: str | None = Field(None, description="Defaults to a stable id derived from hardware")
     group: str = Field("default", description="Fleet group this node belongs to")
     model: Path | None = Field(None, description="Model bundle to serve")
+    trust_key: Path | None = Field(
+        None, description="Fleet public key (PEM): refuse bundles not signed with it"
+    )
     backend: Literal["auto", "hailo", "onnx"] = Field(
         "auto",
         description="hailo, onnx, or auto: Hailo when the bundle has a HEF and a device is found",

@@ -30,6 +30,7 @@ from node.inference.motif_head import squared_distances
 from node.inference.normalize import Normalizer
 from node.inference.onnx_backend import OnnxBackend
 from node.model.bundle import Bundle, file_entries, npy_bytes, write_bundle
+from node.model.signing import load_private_key, sign_manifest
 from schemas.errors import describe_validation_error
 from schemas.limits import CHANNEL_ORDER, CHANNELS, LATENT_DIM, MOTIF_COUNT, WINDOW_LENGTH
 from schemas.manifest import (
@@ -160,6 +161,13 @@ def fit_prototype_head(latents: FloatArray, labels: list[str] | None) -> Prototy
     return PrototypeHead(prototypes=centroids.tolist(), temperature=temperature, labels=names)
 
 
+def sign_bundle(bundle: Bundle, key: Path, out: Path) -> Bundle:
+    """A copy of `bundle` signed with the private key at `key`, written to `out`."""
+    manifest = sign_manifest(bundle.manifest, load_private_key(key))
+    write_bundle(out, manifest, bundle.files)
+    return Bundle(manifest=manifest, files=bundle.files, path=out)
+
+
 def with_hef(bundle: Bundle, hef: bytes, info: HefInfo, out: Path) -> Bundle:
     """A copy of `bundle` with `model.hef` (replacing any) and its `hef` section, written to out.
 
@@ -191,6 +199,7 @@ def build_bundle(
     description: str = "",
     hef: Path | None = None,
     hef_info: HefInfo | None = None,
+    sign_key: Path | None = None,
 ) -> Bundle:
     """Build, verify and write a bundle; returns it as a node would read it.
 
@@ -254,6 +263,8 @@ def build_bundle(
         golden=golden,
         hef=hef_info,
     )
+    if sign_key is not None:
+        manifest = sign_manifest(manifest, load_private_key(sign_key))
     write_bundle(out, manifest, files)
     logger.info("wrote %s (%s %s, %d calibration windows)", out, name, version, len(calib.windows))
     return Bundle(manifest=manifest, files=files, path=out)

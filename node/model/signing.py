@@ -1,0 +1,128 @@
+"""Ed25519 signatures over bundle manifests.
+
+The manifest lists the sha256 and size of every file in the bundle, so signing the manifest signs
+the whole bundle. What is signed is the canonical manifest: its JSON with `signature` set to null,
+keys sorted, no whitespace. Keys are PEM files (PKCS#8 private, SubjectPublicKeyInfo public);
+a key id is the first 16 hex digits of the sha256 of the raw 32-byte public key.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from node.errors import BundleError
+from schemas.manifest import Manifest, Signature
+
+PRIVATE_NAME = "fleet.key"
+PUBLIC_NAME = "fleet.pub"
+
+
+class SignatureError(BundleError):
+    """A bundle is unsigned where a signature is required, or its signature does not verify."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPair:
+    """Paths of a generated key pair and its id."""
+
+    private: Path
+    public: Path
+    key_id: str
+
+
+def canonical_manifest(manifest: Manifest) -> bytes:
+    """The bytes a signature covers."""
+    body = manifest.model_copy(update={"signature": None}).model_dump(mode="json")
+    return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    """First 16 hex digits of sha256 over the raw public key."""
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def generate_keys(directory: Path, *, overwrite: bool = False) -> KeyPair:
+    """Write a new key pair (private key readable by the owner only)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    private_path, public_path = directory / PRIVATE_NAME, directory / PUBLIC_NAME
+    if not overwrite and (private_path.exists() or public_path.exists()):
+        msg = f"{directory} already holds a key pair; refusing to overwrite it"
+        raise FileExistsError(msg)
+    private = Ed25519PrivateKey.generate()
+    pem = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    descriptor = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(pem)
+    public = private.public_key()
+    public_path.write_bytes(
+        public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return KeyPair(private_path, public_path, key_id(public))
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    """An Ed25519 private key from a PEM file."""
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        msg = f"cannot read the signing key {path}: {exc}"
+        raise SignatureError(msg) from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        msg = f"{path} is not an Ed25519 private key (make one with `imu-fleet keys generate`)"
+        raise SignatureError(msg)
+    return key
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    """An Ed25519 public key from a PEM file."""
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        msg = f"cannot read the trusted key {path}: {exc}"
+        raise SignatureError(msg) from exc
+    if not isinstance(key, Ed25519PublicKey):
+        msg = f"{path} is not an Ed25519 public key"
+        raise SignatureError(msg)
+    return key
+
+
+def sign_manifest(manifest: Manifest, private: Ed25519PrivateKey) -> Manifest:
+    """The manifest with its signature filled in."""
+    value = base64.b64encode(private.sign(canonical_manifest(manifest))).decode()
+    signature = Signature(key_id=key_id(private.public_key()), value=value)
+    return manifest.model_copy(update={"signature": signature})
+
+
+def verify_manifest(manifest: Manifest, trusted: Ed25519PublicKey) -> None:
+    """Raise SignatureError unless the manifest is signed by `trusted`."""
+    if manifest.signature is None:
+        msg = f"{manifest.name} {manifest.version} is unsigned and this node requires signatures"
+        raise SignatureError(msg)
+    expected = key_id(trusted)
+    if manifest.signature.key_id != expected:
+        msg = (
+            f"{manifest.name} {manifest.version} is signed by key {manifest.signature.key_id}, "
+            f"not by the trusted key {expected}"
+        )
+        raise SignatureError(msg)
+    try:
+        trusted.verify(base64.b64decode(manifest.signature.value), canonical_manifest(manifest))
+    except (InvalidSignature, ValueError) as exc:
+        msg = f"{manifest.name} {manifest.version}: bad signature (manifest altered after signing)"
+        raise SignatureError(msg) from exc
