@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from node.errors import NodeError
 from node.logs import configure_logging
@@ -23,6 +24,8 @@ examples:
   imu-fleet bundle reference --out tcn-reference-1.0.0.tar   # the built-in test model
   imu-fleet model validate tcn-vae-1.2.0.tar     # parity of every backend found here
   imu-fleet simulate sensors --broker mqtt://localhost:1883 --sensors 8 --rate 100
+  imu-fleet record --broker mqtt://localhost:1883 --topic 'imu/+/window' --out rec.jsonl.gz
+  imu-fleet replay rec.jsonl.gz --broker mqtt://localhost:1883 --rate 2
 """
 
 
@@ -40,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_keys(sub)
     _add_model(sub)
     _add_simulate(sub)
+    _add_recording(sub)
     return parser
 
 
@@ -148,22 +152,54 @@ def _add_simulate(sub: Subparsers[argparse.ArgumentParser]) -> None:
     sensors.add_argument("--seed", type=int, default=0)
 
 
+def _add_recording(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    """`imu-fleet record` and `imu-fleet replay`."""
+    record = sub.add_parser(
+        "record",
+        help="capture sensor traffic to a file (calibration set and replay input)",
+        description="Subscribes (QoS 1) and writes every message as a JSON line with its time "
+        "offset; binary frames are kept byte for byte. Use the file as --calibration for "
+        "bundle create / model compile, or feed it back with `imu-fleet replay`.",
+    )
+    record.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker URL")
+    record.add_argument(
+        "--topic", action="append", required=True,
+        help="topic filter, repeatable (e.g. 'imu/+/window')",
+    )  # fmt: skip
+    record.add_argument("--out", type=Path, required=True, help="file (.jsonl or .jsonl.gz)")
+    record.add_argument("--duration", type=float, help="seconds (default: until Ctrl-C)")
+    record.add_argument("--max-messages", type=int, help="stop after this many messages")
+    record.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5")
+
+    replay = sub.add_parser("replay", help="publish a recording again, at its pace or faster")
+    replay.add_argument("file", type=Path)
+    replay.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker URL")
+    replay.add_argument(
+        "--rate", type=float, default=1.0, help="speed factor: 2 = twice as fast, 0 = flat out"
+    )
+    replay.add_argument("--loop", action="store_true", help="start over at the end")
+    replay.add_argument(
+        "--rewrite", action="append", metavar="OLD=NEW",
+        help="replace a topic prefix, e.g. imu/s1=imu/replay-1 (repeatable)",
+    )  # fmt: skip
+    replay.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `imu-fleet`."""
     args = build_parser().parse_args(argv)
     configure_logging("INFO", json_lines=False)
+    commands = {
+        "bundle": _bundle,
+        "model": _model,
+        "keys": _keys,
+        "record": _recording,
+        "replay": _recording,
+        "simulate": _simulate,
+    }
     try:
-        if args.command == "bundle":
-            return _bundle(args)
-        if args.command == "model":
-            return _model(args)
-        if args.command == "keys":
-            return _keys(args)
-        return _simulate(args)
-    except NodeError as exc:
-        print(f"imu-fleet: {exc}", file=sys.stderr)
-        return 1
-    except (ValueError, ConnectionError, OSError) as exc:
+        return commands[args.command](args)
+    except (NodeError, ValueError, ConnectionError, OSError) as exc:
         print(f"imu-fleet: {exc}", file=sys.stderr)
         return 1
 
@@ -229,6 +265,37 @@ def _model(args: argparse.Namespace) -> int:
     print(format_table(rows, calib.source))
     ran = [row for row in rows if not row.status.startswith("skipped")]
     return 0 if ran and all(row.passed for row in ran) else 1
+
+
+def _recording(args: argparse.Namespace) -> int:
+    from fleet.recording import parse_rewrite, record, replay  # noqa: PLC0415
+
+    def progress(stats: Any) -> None:
+        print(f"\r{stats.summary()}", end="", file=sys.stderr, flush=True)
+
+    stats: Any
+    if args.command == "record":
+        stats = record(
+            args.broker,
+            args.topic,
+            args.out,
+            duration=args.duration,
+            max_messages=args.max_messages,
+            protocol=args.mqtt_protocol,
+            progress=progress,
+        )
+    else:
+        stats = replay(
+            args.file,
+            args.broker,
+            rate=args.rate,
+            loop=args.loop,
+            protocol=args.mqtt_protocol,
+            rewrite=dict(parse_rewrite(spec) for spec in args.rewrite or []),
+            progress=progress,
+        )
+    print(f"\r{stats.summary()}", file=sys.stderr)
+    return 0
 
 
 def _simulate(args: argparse.Namespace) -> int:

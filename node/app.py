@@ -47,6 +47,8 @@ from schemas.messages import (
 
 logger = logging.getLogger(__name__)
 
+NODE_SESSION_EXPIRY_S = 300
+"""The broker keeps a node's session, and the windows queued for it, through 5-minute outages."""
 FALLBACK_AFTER_FAILURES = 3
 """Consecutive failed batches before a node with `fallback = "onnx"` leaves its accelerator."""
 
@@ -89,6 +91,7 @@ class NodeApp:
                     self._status(NodeState.OFFLINE, pipeline, "connection lost (will)"),
                 ),
                 max_pending_publishes=config.max_pending_publishes,
+                session_expiry_s=NODE_SESSION_EXPIRY_S,
             ),
             on_connected=self._announce,
         )

@@ -1,12 +1,15 @@
 """Calibration sets: recorded windows from a file, or the simulator's activities by default.
 
 Accepted files: `.npy` holding (N, 100, 9); `.npz` with a `windows` (or `x`) array and optional
-`labels`; `.jsonl` with one window message per line (`{"x": [[...9]...100], ...}`), optionally
-wrapped as `{"payload": {...}}` the way recordings store them.
+`labels`; `.jsonl` (or `.ndjson`, either optionally `.gz`) with one window message per line
+(`{"x": [[...9]...100], ...}`), optionally wrapped as `{"payload": {...}}` (lines whose `topic`
+is not a `*/window` topic are ignored), or an `imu-fleet record` recording (see
+`fleet.recording`), whose window messages, JSON or binary, are the set.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,11 +17,21 @@ import numpy as np
 import orjson
 from numpy.typing import NDArray
 
+from fleet.recording import (
+    RecordingError,
+    is_recording_header,
+    is_window_topic,
+    open_recording,
+    recording_windows,
+)
 from node.errors import BundleError
 from schemas.codec import InputRejectedError, decode_window
 from schemas.limits import CHANNELS, MOTIF_COUNT, WINDOW_LENGTH
 
+logger = logging.getLogger(__name__)
+
 SIMULATED_PER_ACTIVITY = 64
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
 MIN_WINDOWS = MOTIF_COUNT
 """Fewest calibration windows accepted: one per motif prototype."""
 
@@ -48,12 +61,12 @@ def load_calibration(path: Path) -> CalibrationSet:
             windows, labels = np.load(path, allow_pickle=False), None
         elif suffix == ".npz":
             windows, labels = _from_npz(path)
-        elif suffix in {".jsonl", ".ndjson"}:
+        elif path.name.lower().endswith(JSONL_SUFFIXES):
             windows, labels = _from_jsonl(path), None
         else:
-            msg = f"calibration file {path} must be .npy, .npz or .jsonl"
+            msg = f"calibration file {path} must be .npy, .npz or .jsonl (or .jsonl.gz)"
             raise BundleError(msg)
-    except (OSError, ValueError) as exc:
+    except (OSError, EOFError, ValueError, RecordingError) as exc:
         msg = f"cannot read calibration file {path}: {exc}"
         raise BundleError(msg) from exc
     windows = np.asarray(windows, dtype=np.float32)
@@ -86,16 +99,33 @@ def _from_npz(path: Path) -> tuple[NDArray[np.float32], list[str] | None]:
 
 
 def _from_jsonl(path: Path) -> NDArray[np.float32]:
+    """Window messages, one per line, or the windows of a recording (header on the first line)."""
     rows = []
-    with path.open("rb") as lines:
+    ignored = 0
+    with open_recording(path) as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
                 record = orjson.loads(line)
+                if number == 1 and is_recording_header(record):
+                    return _from_recording(path)
+                if isinstance(record, dict) and not is_window_topic(
+                    str(record.get("topic", "window"))
+                ):
+                    ignored += 1
+                    continue
                 payload = record.get("payload", record) if isinstance(record, dict) else record
                 rows.append(decode_window(orjson.dumps(payload)).x)
             except (orjson.JSONDecodeError, InputRejectedError) as exc:
                 msg = f"{path}:{number}: not a window message: {exc}"
                 raise BundleError(msg) from exc
+    if ignored:
+        logger.info("%s: ignored %d line(s) on topics other than */window", path, ignored)
     return np.stack(rows) if rows else np.empty((0, WINDOW_LENGTH, CHANNELS), np.float32)
+
+
+def _from_recording(path: Path) -> NDArray[np.float32]:
+    """A recording's window messages (invalid ones are left out with a logged warning)."""
+    windows, _skipped = recording_windows(path)
+    return windows

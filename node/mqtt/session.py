@@ -31,8 +31,6 @@ from node.config import BrokerAddress
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[mqtt.MQTTMessage], None]
-SESSION_EXPIRY_S = 300
-"""MQTT 5: how long the broker keeps our session (and queued QoS 1 input) across a reconnect."""
 CONNACK_TIMEOUT_S = 10.0
 
 
@@ -54,6 +52,9 @@ class SessionSettings:
     will: tuple[str, bytes] | None = None
     """Retained QoS 1 last will: (topic, payload)."""
     max_pending_publishes: int = 10_000
+    session_expiry_s: int = 0
+    """MQTT 5: how long the broker keeps the session (and queued QoS 1 input) after a drop.
+    0 for tools; a node keeps 300 s so a short outage loses no window."""
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 30.0
 
@@ -227,9 +228,9 @@ class MqttSession:
         address = self.settings.address
         if first:
             properties = None
-            if self.protocol_is_v5:
+            if self.protocol_is_v5 and self.settings.session_expiry_s:
                 properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-                properties.SessionExpiryInterval = SESSION_EXPIRY_S
+                properties.SessionExpiryInterval = self.settings.session_expiry_s
             self._client.connect(
                 address.host, address.port, self.settings.keepalive_s, properties=properties
             )
