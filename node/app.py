@@ -29,7 +29,8 @@ from node.inference.worker import InferenceWorker, WorkItem
 from node.ingest.router import Ingest
 from node.ingest.windower import SampleWindower
 from node.metrics import NodeMetrics
-from node.model.bundle import read_bundle
+from node.model.bundle import Bundle, read_bundle
+from node.model.manager import ManagerSettings, ModelManager
 from node.model.signing import load_public_key, verify_manifest
 from node.mqtt.session import MqttSession, SessionSettings
 from node.reporting import ErrorReporter
@@ -39,8 +40,6 @@ from schemas import topics
 from schemas.codec import encode
 from schemas.messages import (
     ErrorKind,
-    ModelLifecycle,
-    NodeModelState,
     NodeState,
     NodeStatus,
 )
@@ -109,6 +108,20 @@ class NodeApp:
             batch_wait_s=config.batch_wait_ms / 1000,
         )
         self._results = ResultPublisher(self.node_id, self._publish_qos1, self.metrics)
+        self.manager = ModelManager(
+            ManagerSettings(
+                node_id=self.node_id,
+                group=config.group,
+                cache_dir=config.cache_dir,
+                max_bundle_bytes=config.max_bundle_bytes,
+                trusted_key=load_public_key(config.trust_key) if config.trust_key else None,
+            ),
+            session=self.session,
+            reporter=self.reporter,
+            loader=self._load,
+            swap=self.worker.swap,
+            active=pipeline,
+        )
         self.telemetry = TelemetryLoop(
             node_id=self.node_id,
             interval_s=config.telemetry_interval_s,
@@ -146,6 +159,8 @@ class NodeApp:
         self.session.route(topics.window(sensors), self.ingest.on_window, share=share)
         self.session.route(topics.samples(sensors), self.ingest.on_samples, share=share)
         self.session.route(topics.node_status(self.node_id), self._on_status)
+        if self.config.follow_desired:
+            self.manager.attach()
         self.worker.start()
         self.telemetry.start()
         self.session.start()
@@ -166,6 +181,7 @@ class NodeApp:
         if self._stopped.is_set():
             return True
         self._stopped.set()
+        self.manager.stop()
         timeout = self.config.drain_timeout_s
         sensors = self.config.sensors
         for topic_filter in (topics.window(sensors), topics.samples(sensors)):
@@ -223,14 +239,17 @@ class NodeApp:
         self.session.publish(
             topics.node_status(self.node_id), self._status(NodeState.ONLINE, pipeline), retain=True
         )
-        state = NodeModelState(
-            node_id=self.node_id,
-            ts=time.time(),
-            state=ModelLifecycle.ACTIVE,
-            active=pipeline.ref,
-            backend=pipeline.info.name,
+        self.manager.publish_state()
+
+    def _load(self, bundle: Bundle) -> ModelPipeline:
+        """Load a new model version on this node's backend (model manager thread)."""
+        pipeline, _ = open_pipeline(
+            bundle,
+            self.config.backend,
+            self.config.backend_options(),
+            fallback=self.config.fallback,
         )
-        self.session.publish(topics.node_model(self.node_id), encode(state), retain=True)
+        return pipeline
 
     def _results_ready(
         self, batch: list[WorkItem], result: BatchResult, pipeline: ModelPipeline

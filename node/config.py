@@ -7,6 +7,7 @@ configuration and `docs/configuration.md` documents each field.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -61,6 +62,11 @@ class BrokerAddress:
         return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
 
 
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "imu-edge" / "bundles"
+
+
 class NodeConfig(BaseSettings):
     """Everything a node can be told. Unknown keys are errors (typos must not pass silently)."""
 
@@ -79,6 +85,16 @@ class NodeConfig(BaseSettings):
     model: Path | None = Field(None, description="Model bundle to serve")
     trust_key: Path | None = Field(
         None, description="Fleet public key (PEM): refuse bundles not signed with it"
+    )
+    follow_desired: bool = Field(
+        True, description="Follow the fleet's desired-model topics and hot-swap models"
+    )
+    cache_dir: Path = Field(
+        default_factory=_default_cache_dir,
+        description="Where fetched, verified bundles are kept (rollbacks need no download)",
+    )
+    max_bundle_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024, description="Largest bundle this node accepts"
     )
     backend: Literal["auto", "hailo", "onnx"] = Field(
         "auto",
@@ -199,3 +215,27 @@ def load_config(config_file: Path | None = None, **overrides: Any) -> NodeConfig
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, "configuration")) from None
     return NodeConfig.model_validate(layered.model_dump())
+
+
+def settings_reference() -> str:
+    """The settings table of docs/configuration.md, generated from the model."""
+    rows = [
+        "| setting | environment | type | default | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for name, field in NodeConfig.model_fields.items():
+        default = "(per user cache)" if field.default_factory else field.default
+        shown = "" if default is None else f"`{default}`"
+        kind = (
+            str(field.annotation)
+            .replace("typing.", "")
+            .replace("<class '", "")
+            .replace("'>", "")
+            .replace("pathlib.", "")
+            .replace("pydantic.types.", "")
+            .replace("Literal", "one of ")
+            .replace(" | None", " (optional)")
+        )
+        env = f"{ENV_PREFIX}{name.upper()}"
+        rows.append(f"| `{name}` | `{env}` | {kind} | {shown} | {field.description or ''} |")
+    return "\n".join(rows) + "\n"

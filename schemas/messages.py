@@ -234,6 +234,8 @@ class ErrorKind(StrEnum):
     """A result could not be queued for publication."""
     DUPLICATE_NODE_ID = "duplicate_node_id"
     """Another live process uses this node id."""
+    MODEL = "model"
+    """A desired model was refused (hash, signature, version, expiry, size, shape, golden)."""
     BACKEND_FALLBACK = "backend_fallback"
     """The accelerator kept failing and the node moved to its fallback backend."""
 
@@ -278,6 +280,53 @@ class NodeModelState(_Outbound):
     last_error: str | None = None
 
 
+class DesiredModel(_Outbound):
+    """`fleet/models/desired`, `fleet/groups/{g}/desired`, `fleet/nodes/{id}/desired` (retained).
+
+    The most specific one wins (node, then group, then fleet). An empty retained message clears
+    an override. `rollback` lets a node go to an older version; the fleet signs it (Ed25519 over
+    the canonical message, `signature` null) so that only the fleet can order a downgrade.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str
+    version: str
+    bundle_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    bundle_size: Annotated[int, Field(ge=0)]
+    url: str | None = Field(
+        default=None, description="file:// or http(s):// source instead of the artifact topics"
+    )
+    rollback: bool = False
+    rollout_id: str | None = None
+    issued_at: Timestamp
+    signature: str | None = Field(default=None, description="Base64 Ed25519 signature")
+    key_id: str | None = None
+
+    @property
+    def ref(self) -> ModelRef:
+        """Name and version."""
+        return ModelRef(name=self.name, version=self.version)
+
+
+class ArtifactManifest(_Outbound):
+    """`fleet/artifacts/{name}/{version}/manifest` (retained): how to reassemble a bundle.
+
+    Chunks are retained raw bytes on `fleet/artifacts/{name}/{version}/chunks/{index}`.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str
+    version: str
+    bundle_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    bundle_size: Annotated[int, Field(ge=0)]
+    chunk_size: Annotated[int, Field(gt=0)]
+    chunks: list[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = Field(
+        description="sha256 of each chunk, in order"
+    )
+    url: str | None = None
+    published_at: Timestamp
+
+
 ALL_MESSAGES: tuple[type[BaseModel], ...] = (
     WindowMessage,
     SamplesMessage,
@@ -286,11 +335,15 @@ ALL_MESSAGES: tuple[type[BaseModel], ...] = (
     Telemetry,
     ErrorReport,
     NodeModelState,
+    DesiredModel,
+    ArtifactManifest,
 )
 """Every message model, in topic-tree order (for JSON Schema export)."""
 
 __all__ = [
     "ALL_MESSAGES",
+    "ArtifactManifest",
+    "DesiredModel",
     "ErrorKind",
     "ErrorReport",
     "Identifier",

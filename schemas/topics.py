@@ -81,6 +81,16 @@ def artifact(name: str, version: str, part: str) -> str:
     return f"fleet/artifacts/{name}/{version}/{part}"
 
 
+def artifact_manifest(name: str, version: str) -> str:
+    """Retained reassembly manifest of a published bundle."""
+    return artifact(name, version, "manifest")
+
+
+def artifact_chunk(name: str, version: str, index: int) -> str:
+    """Retained chunk `index` of a published bundle."""
+    return artifact(name, version, f"chunks/{index}")
+
+
 def rollout(rollout_id: str) -> str:
     """Retained record of one rollout."""
     return f"fleet/rollouts/{rollout_id}"
@@ -143,13 +153,15 @@ CATALOGUE: Final[tuple[TopicSpec, ...]] = (
               "The node's actual model state."),
     TopicSpec("fleet/nodes/{node_id}/errors", "node", 1, False, "ErrorReport",
               "One message per rejected input or failed step."),
-    TopicSpec("fleet/models/desired", "fleet", 1, True, "DesiredModel (planned)",
+    TopicSpec("fleet/models/desired", "fleet", 1, True, "DesiredModel",
               "Fleet-wide desired model."),
-    TopicSpec("fleet/groups/{group}/desired", "fleet", 1, True, "DesiredModel (planned)",
+    TopicSpec("fleet/groups/{group}/desired", "fleet", 1, True, "DesiredModel",
               "Group override of the desired model."),
-    TopicSpec("fleet/nodes/{node_id}/desired", "fleet", 1, True, "DesiredModel (planned)",
+    TopicSpec("fleet/nodes/{node_id}/desired", "fleet", 1, True, "DesiredModel",
               "Node override of the desired model (how waves are rolled)."),
-    TopicSpec("fleet/artifacts/{name}/{version}/...", "fleet", 1, True, "bytes",
+    TopicSpec("fleet/artifacts/{name}/{version}/manifest", "fleet", 1, True, "ArtifactManifest",
+              "How to reassemble a bundle: size, sha256, chunk hashes."),
+    TopicSpec("fleet/artifacts/{name}/{version}/chunks/{index}", "fleet", 1, True, "bytes",
               "The bundle in chunks, for nodes that only reach the broker."),
     TopicSpec("fleet/rollouts/{rollout_id}", "fleet", 1, True, "RolloutRecord (planned)",
               "Rollout record: plan, wave, per-node outcome, state."),

@@ -94,9 +94,13 @@ BUILDERS: dict[str, Callable[..., str]] = {
 def test_catalogue_covers_design_and_builders() -> None:
     patterns = [spec.pattern for spec in topics.CATALOGUE]
     assert len(patterns) == len(set(patterns))
-    assert set(BUILDERS) | {"fleet/models/desired", "fleet/artifacts/{name}/{version}/..."} == set(
-        patterns
-    )
+    artifacts = {
+        "fleet/artifacts/{name}/{version}/manifest",
+        "fleet/artifacts/{name}/{version}/chunks/{index}",
+    }
+    assert set(BUILDERS) | {"fleet/models/desired"} | artifacts == set(patterns)
+    assert topics.artifact_manifest("m", "1.0.0") == "fleet/artifacts/m/1.0.0/manifest"
+    assert topics.artifact_chunk("m", "1.0.0", 3) == "fleet/artifacts/m/1.0.0/chunks/3"
     for pattern, build in BUILDERS.items():
         assert build("ID") == pattern.split("{")[0] + "ID" + pattern.split("}")[1]
     retained = {spec.pattern for spec in topics.CATALOGUE if spec.retained}
@@ -106,7 +110,7 @@ def test_catalogue_covers_design_and_builders() -> None:
         "fleet/models/desired",
         "fleet/groups/{group}/desired",
         "fleet/nodes/{node_id}/desired",
-        "fleet/artifacts/{name}/{version}/...",
+        *artifacts,
         "fleet/rollouts/{rollout_id}",
     }
     for spec in topics.CATALOGUE:
@@ -635,7 +639,11 @@ def test_all_messages_lists_every_topic_payload() -> None:
         "Telemetry",
         "ErrorReport",
         "NodeModelState",
+        "DesiredModel",
+        "ArtifactManifest",
     }
+    # every payload model the catalogue names exists, except the ones still planned
+    assert payloads - names - {"bytes"} <= {"RolloutRecord (planned)"}
 
 
 def test_committed_schema_files_are_exactly_the_generated_set() -> None:

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from node.errors import BundleError
 from schemas.manifest import Manifest, Signature
+from schemas.messages import DesiredModel
 
 PRIVATE_NAME = "fleet.key"
 PUBLIC_NAME = "fleet.pub"
@@ -125,4 +126,27 @@ def verify_manifest(manifest: Manifest, trusted: Ed25519PublicKey) -> None:
         trusted.verify(base64.b64decode(manifest.signature.value), canonical_manifest(manifest))
     except (InvalidSignature, ValueError) as exc:
         msg = f"{manifest.name} {manifest.version}: bad signature (manifest altered after signing)"
+        raise SignatureError(msg) from exc
+
+
+def _canonical_desired(desired: DesiredModel) -> bytes:
+    body = desired.model_copy(update={"signature": None, "key_id": None}).model_dump(mode="json")
+    return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+
+
+def sign_desired(desired: DesiredModel, private: Ed25519PrivateKey) -> DesiredModel:
+    """The desired-state message signed by the fleet (required for rollbacks on strict nodes)."""
+    value = base64.b64encode(private.sign(_canonical_desired(desired))).decode()
+    return desired.model_copy(update={"signature": value, "key_id": key_id(private.public_key())})
+
+
+def verify_desired(desired: DesiredModel, trusted: Ed25519PublicKey) -> None:
+    """Raise SignatureError unless the desired state is signed by `trusted`."""
+    if desired.signature is None or desired.key_id != key_id(trusted):
+        msg = f"desired state for {desired.name} {desired.version} is not signed by the fleet key"
+        raise SignatureError(msg)
+    try:
+        trusted.verify(base64.b64decode(desired.signature), _canonical_desired(desired))
+    except (InvalidSignature, ValueError) as exc:
+        msg = f"desired state for {desired.name} {desired.version} has a bad signature"
         raise SignatureError(msg) from exc

@@ -1,0 +1,97 @@
+"""Publish a bundle as retained chunks under `fleet/artifacts/{name}/{version}/`.
+
+Brokers and managed services cap message sizes (often 128 KB to 1 MB, some 256 KB), so the
+bundle travels as retained chunks of `chunk_size` bytes plus a retained `ArtifactManifest` with
+the sha256 of every chunk and of the whole file. The manifest goes last: a node that sees it
+finds every chunk already retained. A node that reaches an HTTP server instead can take `url`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from node.config import BrokerAddress
+from node.errors import BundleError
+from node.model.bundle import parse_bundle, sha256_hex
+from node.mqtt.session import MqttSession, SessionSettings
+from schemas import topics
+from schemas.codec import encode
+from schemas.messages import ArtifactManifest
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SIZE = 64 * 1024
+
+
+def chunk_bundle(data: bytes, chunk_size: int) -> list[bytes]:
+    """Consecutive slices of `chunk_size` bytes (the last one shorter)."""
+    if chunk_size <= 0:
+        msg = "chunk size must be positive"
+        raise ValueError(msg)
+    return [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)] or [b""]
+
+
+def artifact_manifest(
+    data: bytes, name: str, version: str, chunk_size: int, url: str | None = None
+) -> ArtifactManifest:
+    """The reassembly manifest for a bundle's bytes."""
+    return ArtifactManifest(
+        name=name,
+        version=version,
+        bundle_sha256=sha256_hex(data),
+        bundle_size=len(data),
+        chunk_size=chunk_size,
+        chunks=[sha256_hex(chunk) for chunk in chunk_bundle(data, chunk_size)],
+        url=url,
+        published_at=time.time(),
+    )
+
+
+def publish_bundle(
+    path: Path,
+    broker: str,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    url: str | None = None,
+    protocol: str = "5",
+    progress: Callable[[int, int], None] | None = None,
+    timeout_s: float = 60.0,
+) -> ArtifactManifest:
+    """Verify the bundle, publish its chunks and manifest retained (QoS 1), wait for the acks."""
+    data = path.read_bytes()
+    bundle = parse_bundle(data, path=path)
+    name, version = bundle.manifest.name, bundle.manifest.version
+    manifest = artifact_manifest(data, name, version, chunk_size, url)
+    session = MqttSession(
+        SessionSettings(
+            address=BrokerAddress.parse(broker),
+            client_id=f"imu-fleet-publish-{time.monotonic_ns() % 10**8}",
+            protocol=protocol,
+        )
+    )
+    session.start()
+    try:
+        if not session.wait_connected(10):
+            msg = f"cannot connect to {broker}"
+            raise ConnectionError(msg)
+        chunks = chunk_bundle(data, chunk_size)
+        for index, chunk in enumerate(chunks):
+            if not session.publish(topics.artifact_chunk(name, version, index), chunk, retain=True):
+                msg = f"chunk {index} of {name} {version} could not be queued"
+                raise BundleError(msg)
+            if progress is not None:
+                progress(index + 1, len(chunks))
+        session.publish(topics.artifact_manifest(name, version), encode(manifest), retain=True)
+        if not session.wait_published(timeout_s):
+            msg = f"the broker did not acknowledge every chunk within {timeout_s:.0f} s"
+            raise BundleError(msg)
+    finally:
+        session.stop()
+    logger.info(
+        "published %s %s: %d bytes in %d chunks of %d", name, version, len(data),
+        len(manifest.chunks), chunk_size,
+    )  # fmt: skip
+    return manifest

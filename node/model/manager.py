@@ -1,0 +1,263 @@
+"""The node's model manager: follow the desired state, fetch, verify, load, warm, prove, swap.
+
+Desired state comes from three retained topics; the most specific set one wins (node, group,
+fleet), and an empty retained message clears an override. Handlers only record what arrived; a
+named thread does the work, so the network thread never blocks. Each step is reported on the
+retained `fleet/nodes/{id}/model`. Refusals (bad hash, bad or missing signature, an older
+version without a signed rollback, an expired manifest, over the size limit, wrong shapes, a
+golden mismatch) are reported there and on the errors topic, and the active model keeps serving.
+Desired state is declarative: the same target seen again (a retained replay on reconnect) is a
+no-op, and a target that failed is not retried until the desired state names something else.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import ValidationError
+
+from node.errors import NodeError
+from node.inference.pipeline import ModelPipeline
+from node.model.bundle import Bundle, read_bundle, sha256_hex
+from node.model.fetch import fetch_bundle
+from node.model.signing import verify_desired, verify_manifest
+from node.model.versions import is_older
+from node.mqtt.session import MqttSession
+from node.reporting import ErrorReporter
+from schemas import topics
+from schemas.codec import encode
+from schemas.messages import DesiredModel, ErrorKind, ModelLifecycle, ModelRef, NodeModelState
+
+logger = logging.getLogger(__name__)
+
+Loader = Callable[[Bundle], ModelPipeline]
+"""Open, warm up and golden-check a bundle on this node's backend (raises NodeError)."""
+Swap = Callable[[ModelPipeline], ModelPipeline]
+"""Serve a new model from the next batch on; returns the one it replaces."""
+
+_LEVELS = ("node", "group", "fleet")
+
+
+class RefusedError(NodeError):
+    """A desired model this node will not run; the reason says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class ManagerSettings:
+    """What the manager needs from the node's configuration."""
+
+    node_id: str
+    group: str
+    cache_dir: Path
+    max_bundle_bytes: int
+    trusted_key: Ed25519PublicKey | None = None
+    fetch_timeout_s: float = 120.0
+
+
+class ModelManager:
+    """Owns which model version serves, and reports it."""
+
+    def __init__(
+        self,
+        settings: ManagerSettings,
+        *,
+        session: MqttSession,
+        reporter: ErrorReporter,
+        loader: Loader,
+        swap: Swap,
+        active: ModelPipeline,
+    ) -> None:
+        self.settings = settings
+        self._session = session
+        self._reporter = reporter
+        self._loader = loader
+        self._swap = swap
+        self._active = active
+        self._previous: ModelPipeline | None = None
+        self._desired: dict[str, DesiredModel | None] = dict.fromkeys(_LEVELS)
+        self._last_target: tuple[str, str, str] | None = self._key_of(active)
+        self._state = self._report(ModelLifecycle.ACTIVE, publish=False)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="model-manager", daemon=True)
+
+    # -- wiring -----------------------------------------------------------------------------
+
+    def attach(self) -> None:
+        """Follow the three desired-state topics (routes survive reconnects) and start."""
+        s = self.settings
+        for level, topic in (
+            ("fleet", topics.FLEET_DESIRED),
+            ("group", topics.group_desired(s.group)),
+            ("node", topics.node_desired(s.node_id)),
+        ):
+            self._session.route(topic, self._handler(level, topic))
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the manager thread (an update in progress finishes first)."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(30)
+        if self._previous is not None:
+            self._previous.close()
+            self._previous = None
+
+    def publish_state(self) -> None:
+        """(Re)publish the retained model state, e.g. after a reconnect."""
+        self._session.publish(
+            topics.node_model(self.settings.node_id), encode(self._state), retain=True
+        )
+
+    @property
+    def state(self) -> NodeModelState:
+        """The last reported model state."""
+        return self._state
+
+    # -- desired state ----------------------------------------------------------------------
+
+    def _handler(self, level: str, topic: str) -> Callable[[mqtt.MQTTMessage], None]:
+        def on_desired(message: mqtt.MQTTMessage) -> None:
+            if not message.payload:
+                desired = None  # an empty retained message clears this level
+            else:
+                try:
+                    desired = DesiredModel.model_validate_json(message.payload)
+                except ValidationError as exc:
+                    reason = f"invalid desired state: {exc.errors()[0]['msg']}"
+                    self._reporter.report(ErrorKind.INVALID, reason, topic=topic)
+                    return
+            with self._lock:
+                self._desired[level] = desired
+            self._wake.set()
+
+        return on_desired
+
+    def effective(self) -> DesiredModel | None:
+        """The most specific desired state that is set."""
+        with self._lock:
+            return next((d for level in _LEVELS if (d := self._desired[level]) is not None), None)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            desired = self.effective()
+            if desired is None:
+                continue
+            key = (desired.name, desired.version, desired.bundle_sha256)
+            if key == self._last_target:
+                continue  # declarative: seen before (serving it, or it was refused)
+            self._last_target = key
+            self._update(desired)
+
+    # -- one update -------------------------------------------------------------------------
+
+    def _update(self, desired: DesiredModel) -> None:
+        target = desired.ref
+        started = time.monotonic()
+        try:
+            self._report(ModelLifecycle.DOWNLOADING, target=target)
+            path = fetch_bundle(
+                desired,
+                self._session,
+                self.settings.cache_dir,
+                max_bytes=self.settings.max_bundle_bytes,
+                timeout_s=self.settings.fetch_timeout_s,
+            )
+            self._report(ModelLifecycle.VERIFYING, target=target)
+            bundle = read_bundle(path, max_bytes=self.settings.max_bundle_bytes)
+            self._verify(desired, bundle)
+            self._report(ModelLifecycle.WARMING, target=target)
+            pipeline = self._loader(bundle)  # contract, warm-up and golden check
+        except NodeError as exc:
+            self._refuse(target, exc)
+            return
+        old = self._swap(pipeline)
+        if self._previous is not None:
+            self._previous.close()
+        self._previous, self._active = old, pipeline
+        self._report(ModelLifecycle.ACTIVE)
+        logger.info(
+            "now serving %s %s (was %s %s), update took %.2f s", target.name, target.version,
+            old.ref.name, old.ref.version, time.monotonic() - started,
+        )  # fmt: skip
+
+    def _verify(self, desired: DesiredModel, bundle: Bundle) -> None:
+        manifest = bundle.manifest
+        if (manifest.name, manifest.version) != (desired.name, desired.version):
+            msg = f"bundle is {manifest.name} {manifest.version}, not the desired one"
+            raise RefusedError(msg)
+        trusted = self.settings.trusted_key
+        if trusted is not None:
+            verify_manifest(manifest, trusted)
+        if manifest.expires_at is not None and _parse_time(manifest.expires_at) < time.time():
+            msg = f"{manifest.name} {manifest.version} expired at {manifest.expires_at}"
+            raise RefusedError(msg)
+        current = self._active.ref
+        if manifest.name == current.name and is_older(manifest.version, current.version):
+            if not desired.rollback:
+                msg = (
+                    f"{manifest.version} is older than the active {current.version}; a downgrade "
+                    "needs a rollback desired state signed by the fleet"
+                )
+                raise RefusedError(msg)
+            if trusted is not None:
+                verify_desired(desired, trusted)
+
+    def _refuse(self, target: ModelRef, exc: NodeError) -> None:
+        reason = str(exc)
+        logger.error("refused %s %s: %s", target.name, target.version, reason)
+        self._report(ModelLifecycle.FAILED, target=target, error=reason)
+        self._reporter.report(
+            ErrorKind.MODEL, f"{target.name} {target.version} refused: {reason}",
+            topic=topics.node_model(self.settings.node_id),
+        )  # fmt: skip
+
+    def _report(
+        self,
+        state: ModelLifecycle,
+        *,
+        target: ModelRef | None = None,
+        error: str | None = None,
+        publish: bool = True,
+    ) -> NodeModelState:
+        previous = self._previous.ref if self._previous is not None else None
+        self._state = NodeModelState(
+            node_id=self.settings.node_id,
+            ts=time.time(),
+            state=state,
+            active=self._active.ref,
+            previous=previous,
+            target=target,
+            backend=self._active.info.name,
+            last_error=error,
+        )
+        if publish:
+            self.publish_state()
+        return self._state
+
+    @staticmethod
+    def _key_of(pipeline: ModelPipeline) -> tuple[str, str, str] | None:
+        path = pipeline.bundle.path
+        if path is None:
+            return None
+        return (pipeline.ref.name, pipeline.ref.version, sha256_hex(path.read_bytes()))
+
+
+def _parse_time(value: str) -> float:
+    parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.timestamp()
