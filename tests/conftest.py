@@ -1,8 +1,15 @@
-"""Shared fixtures: a real mosquitto per test session, the reference bundle, nodes, MQTT probes."""
+"""Shared fixtures: a real mosquitto per test session, the reference bundle, nodes, MQTT probes.
+
+Node tests run once per backend (`backend` fixture): on ONNX Runtime, and "on Hailo" through the
+`hailo_platform` stand-in in tests/hailo_standin (put on sys.path here, and on PYTHONPATH for
+nodes started as subprocesses), with a bundle whose stand-in HEF runs the same ONNX twin.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 import threading
 import time
 import uuid
@@ -16,12 +23,25 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from fleet.bundles.builder import with_hef
+from fleet.bundles.calibration import simulated_calibration
 from fleet.bundles.reference import build_reference_bundle
 from node.app import NodeApp
 from node.config import BrokerAddress, load_config
+from node.inference.backend import BackendOptions
+from node.inference.pipeline import load_model
 from node.local_broker import LocalBroker
 from node.model.bundle import Bundle, read_bundle
 from schemas import topics
+from schemas.manifest import HefInfo
+
+STANDIN = Path(__file__).resolve().parent / "hailo_standin"
+sys.path.insert(0, str(STANDIN))
+
+from hailo_standin import faults  # noqa: E402 (needs the path above)
+from hailo_standin.fake_hef import make_hef, parse_hef  # noqa: E402
+
+BACKENDS = ("onnx", "hailo")
 
 
 def unique(prefix: str) -> str:
@@ -48,6 +68,54 @@ def reference_bundle_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def reference_bundle(reference_bundle_path: Path) -> Bundle:
     """The verified reference bundle."""
     return read_bundle(reference_bundle_path)
+
+
+@pytest.fixture(scope="session")
+def hailo_bundle_path(reference_bundle: Bundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference bundle plus a stand-in HEF (uint8 outputs scaled to the calibration range)."""
+    assert reference_bundle.onnx is not None
+    pipeline = load_model(reference_bundle, "onnx", BackendOptions())
+    latents = pipeline.run(simulated_calibration(16).windows).latent
+    pipeline.close()
+    spec = reference_bundle.manifest
+    hef = make_hef(
+        reference_bundle.onnx,
+        onnx_input=spec.input.name,
+        onnx_outputs={spec.outputs.latent.name: 64},
+        output_ranges={spec.outputs.latent.name: (float(latents.min()), float(latents.max()))},
+    )
+    out = tmp_path_factory.mktemp("bundles") / "tcn-reference-hailo-1.0.0.tar"
+    with_hef(reference_bundle, hef, HefInfo(hw_arch="hailo8l", compiler="stand-in"), out)
+    return out
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each node test runs on ONNX Runtime and on the Hailo stand-in."""
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def serving_bundle_path(backend: str, reference_bundle_path: Path, hailo_bundle_path: Path) -> Path:
+    """The bundle a node on `backend` serves."""
+    return hailo_bundle_path if backend == "hailo" else reference_bundle_path
+
+
+def latent_tolerance(backend: str, bundle_path: Path) -> float:
+    """How far a node's latent may be from ONNX Runtime's: 1e-4, or one uint8 step on Hailo."""
+    if backend != "hailo":
+        return 1e-4
+    hef = read_bundle(bundle_path).hef
+    assert hef is not None
+    return max(stream.qp_scale for stream in parse_hef(hef).outputs)
+
+
+def subprocess_env(backend: str) -> dict[str, str]:
+    """Environment for a node started as a subprocess on `backend`."""
+    env = dict(os.environ)
+    if backend == "hailo":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(STANDIN), env.get("PYTHONPATH")]))
+    return env
 
 
 @dataclass
@@ -146,7 +214,9 @@ NodeFactory = Callable[..., NodeApp]
 
 
 @pytest.fixture
-def start_node(broker: LocalBroker, reference_bundle_path: Path) -> Iterator[NodeFactory]:
+def start_node(
+    broker: LocalBroker, backend: str, serving_bundle_path: Path
+) -> Iterator[NodeFactory]:
     """Start nodes on the session broker; each is stopped at the end of the test.
 
     The factory returns once the node's birth message is on the broker, which the broker
@@ -156,7 +226,8 @@ def start_node(broker: LocalBroker, reference_bundle_path: Path) -> Iterator[Nod
 
     def start(**settings: Any) -> NodeApp:
         settings.setdefault("node_id", unique("node"))
-        settings.setdefault("model", reference_bundle_path)
+        settings.setdefault("model", serving_bundle_path)
+        settings.setdefault("backend", backend)
         settings.setdefault("broker", broker.url)
         settings.setdefault("telemetry_interval_s", 0.5)
         app = NodeApp.open(load_config(**settings))
@@ -174,3 +245,4 @@ def start_node(broker: LocalBroker, reference_bundle_path: Path) -> Iterator[Nod
     yield start
     for app in apps:
         app.stop("test finished")
+    faults.reset()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import NodeFactory, Probe, unique
+from conftest import NodeFactory, Probe, subprocess_env, unique
 from test_node_e2e import raw_window
 
 from node.local_broker import LocalBroker
@@ -21,12 +21,14 @@ from schemas.messages import NodeStatus
 
 
 def spawn_node(
-    broker: LocalBroker, bundle: Path, node_id: str, *extra: str
+    broker: LocalBroker, bundle: Path, node_id: str, *extra: str, backend: str = "onnx"
 ) -> subprocess.Popen[bytes]:
-    """`imu-node run` in its own process, logging JSON lines to a pipe."""
-    command = [sys.executable, "-m", "node.cli", "run", "--broker", broker.url,
-               "--node-id", node_id, "--model", str(bundle), *extra]  # fmt: skip
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    """`imu-node run` in its own process (Hailo stand-in on its path for the hailo backend)."""
+    command = [sys.executable, "-m", "node.cli", "run", "--broker", broker.url, "--node-id",
+               node_id, "--model", str(bundle), "--backend", backend, *extra]  # fmt: skip
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env(backend)
+    )
 
 
 def wait_online(probe: Probe, node_id: str) -> NodeStatus:
@@ -37,11 +39,11 @@ def wait_online(probe: Probe, node_id: str) -> NodeStatus:
 
 
 def test_sigterm_drains_publishes_stopped_and_exits_zero(
-    broker: LocalBroker, reference_bundle_path: Path, probe: Probe
+    broker: LocalBroker, serving_bundle_path: Path, backend: str, probe: Probe
 ) -> None:
     node_id, sensor = unique("proc"), unique("imu")
     probe.subscribe(topics.node_status(node_id), topics.motifs(sensor))
-    process = spawn_node(broker, reference_bundle_path, node_id)
+    process = spawn_node(broker, serving_bundle_path, node_id, backend=backend)
     try:
         wait_online(probe, node_id)
         sent = 200
@@ -68,11 +70,11 @@ def test_sigterm_drains_publishes_stopped_and_exits_zero(
 
 
 def test_crash_leaves_the_will_offline(
-    broker: LocalBroker, reference_bundle_path: Path, probe: Probe
+    broker: LocalBroker, serving_bundle_path: Path, backend: str, probe: Probe
 ) -> None:
     node_id = unique("crash")
     probe.subscribe(topics.node_status(node_id))
-    process = spawn_node(broker, reference_bundle_path, node_id)
+    process = spawn_node(broker, serving_bundle_path, node_id, backend=backend)
     try:
         online = wait_online(probe, node_id)
         os.kill(process.pid, signal.SIGKILL)

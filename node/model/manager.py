@@ -6,8 +6,9 @@ named thread does the work, so the network thread never blocks. Each step is rep
 retained `fleet/nodes/{id}/model`. Refusals (bad hash, bad or missing signature, an older
 version without a signed rollback, an expired manifest, over the size limit, wrong shapes, a
 golden mismatch) are reported there and on the errors topic, and the active model keeps serving.
-Desired state is declarative: the same target seen again (a retained replay on reconnect) is a
-no-op, and a target that failed is not retried until the desired state names something else.
+Desired state is declarative: a target already serving, or the very message already handled (a
+retained replay on reconnect), changes nothing; a refused target is retried only when the fleet
+issues a new desired-state message for it.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ class ModelManager:
         self._active = active
         self._previous: ModelPipeline | None = None
         self._desired: dict[str, DesiredModel | None] = dict.fromkeys(_LEVELS)
-        self._last_target: tuple[str, str, str] | None = self._key_of(active)
+        self._active_key: tuple[str, str, str] | None = self._key_of(active)
+        self._last_desired: DesiredModel | None = None
         self._state = self._report(ModelLifecycle.ACTIVE, publish=False)
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -157,14 +159,14 @@ class ModelManager:
             if desired is None:
                 continue
             key = (desired.name, desired.version, desired.bundle_sha256)
-            if key == self._last_target:
-                continue  # declarative: seen before (serving it, or it was refused)
-            self._last_target = key
-            self._update(desired)
+            if key == self._active_key or desired == self._last_desired:
+                continue  # declarative: already serving it, or this very message was handled
+            self._last_desired = desired
+            self._update(desired, key)
 
     # -- one update -------------------------------------------------------------------------
 
-    def _update(self, desired: DesiredModel) -> None:
+    def _update(self, desired: DesiredModel, key: tuple[str, str, str]) -> None:
         target = desired.ref
         started = time.monotonic()
         try:
@@ -187,7 +189,7 @@ class ModelManager:
         old = self._swap(pipeline)
         if self._previous is not None:
             self._previous.close()
-        self._previous, self._active = old, pipeline
+        self._previous, self._active, self._active_key = old, pipeline, key
         self._report(ModelLifecycle.ACTIVE)
         logger.info(
             "now serving %s %s (was %s %s), update took %.2f s", target.name, target.version,
