@@ -23,23 +23,19 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from fleet.bundles.builder import with_hef
-from fleet.bundles.calibration import simulated_calibration
 from fleet.bundles.reference import build_reference_bundle
 from node.app import NodeApp
 from node.config import BrokerAddress, load_config
-from node.inference.backend import BackendOptions
-from node.inference.pipeline import load_model
 from node.local_broker import LocalBroker
 from node.model.bundle import Bundle, read_bundle
 from schemas import topics
-from schemas.manifest import HefInfo
 
 STANDIN = Path(__file__).resolve().parent / "hailo_standin"
 sys.path.insert(0, str(STANDIN))
 
 from hailo_standin import faults  # noqa: E402 (needs the path above)
-from hailo_standin.fake_hef import make_hef, parse_hef  # noqa: E402
+from hailo_standin.bundles import hailo_bundle  # noqa: E402
+from hailo_standin.fake_hef import parse_hef  # noqa: E402
 
 BACKENDS = ("onnx", "hailo")
 
@@ -73,19 +69,8 @@ def reference_bundle(reference_bundle_path: Path) -> Bundle:
 @pytest.fixture(scope="session")
 def hailo_bundle_path(reference_bundle: Bundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The reference bundle plus a stand-in HEF (uint8 outputs scaled to the calibration range)."""
-    assert reference_bundle.onnx is not None
-    pipeline = load_model(reference_bundle, "onnx", BackendOptions())
-    latents = pipeline.run(simulated_calibration(16).windows).latent
-    pipeline.close()
-    spec = reference_bundle.manifest
-    hef = make_hef(
-        reference_bundle.onnx,
-        onnx_input=spec.input.name,
-        onnx_outputs={spec.outputs.latent.name: 64},
-        output_ranges={spec.outputs.latent.name: (float(latents.min()), float(latents.max()))},
-    )
     out = tmp_path_factory.mktemp("bundles") / "tcn-reference-hailo-1.0.0.tar"
-    with_hef(reference_bundle, hef, HefInfo(hw_arch="hailo8l", compiler="stand-in"), out)
+    hailo_bundle(reference_bundle, out)
     return out
 
 
