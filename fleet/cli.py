@@ -29,6 +29,9 @@ examples:
   imu-fleet model compile tcn-vae-1.2.0.tar --calibration rec.jsonl.gz --hw-arch hailo8 \
       --out tcn-vae-1.2.0-hailo8.tar             # on the x86-64 host with Hailo's DFC
   imu-fleet simulate sensors --broker mqtt://localhost:1883 --sensors 8 --rate 100
+  imu-fleet publish tcn-vae-1.2.0.tar --broker mqtt://broker:1883
+  imu-fleet rollout tcn-vae 1.2.0 --group line-3 --canary 1 --waves 10,50,100 --max-failures 1
+  imu-fleet nodes; imu-fleet status; imu-fleet pause|resume|abort|rollback ROLLOUT_ID
   imu-fleet record --broker mqtt://localhost:1883 --topic 'imu/+/window' --out rec.jsonl.gz
   imu-fleet replay rec.jsonl.gz --broker mqtt://localhost:1883 --rate 2
 """
@@ -49,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(sub)
     _add_simulate(sub)
     _add_recording(sub)
+    _add_rollouts(sub)
     return parser
 
 
@@ -206,6 +210,68 @@ def _add_recording(sub: Subparsers[argparse.ArgumentParser]) -> None:
     replay.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5")
 
 
+def _broker_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker URL")
+    parser.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5")
+
+
+def _add_rollouts(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    """`imu-fleet publish|rollout|status|nodes|pause|resume|abort|rollback`."""
+    publish = sub.add_parser(
+        "publish", help="put a bundle on the broker as retained chunks (fleet/artifacts/...)"
+    )
+    publish.add_argument("bundle", type=Path)
+    publish.add_argument(
+        "--chunk-size", type=int, default=64 * 1024,
+        help="bytes per retained chunk (65536); keep it under the broker's message size limit",
+    )  # fmt: skip
+    publish.add_argument("--url", help="file:// or http(s):// copy nodes may download instead")
+    _broker_options(publish)
+
+    rollout = sub.add_parser(
+        "rollout",
+        help="roll a published version out in waves, live; rolls back past the failure budget",
+        description="Moves nodes by setting their node-level desired state: a canary wave, then "
+        "waves reaching each cumulative percentage. A wave passes when every node reports the "
+        "new version active within --wave-timeout. More than --max-failures failed nodes stop "
+        "the rollout and restore each moved node's previous model. On success the group (or "
+        "fleet-wide) desired state names the new version. The record is retained on "
+        "fleet/rollouts/ID; `imu-fleet resume ID` continues one whose controller died.",
+    )
+    rollout.add_argument("name")
+    rollout.add_argument("version")
+    rollout.add_argument("--group", help="only nodes of this group (default: every node)")
+    rollout.add_argument("--canary", type=int, default=1, help="nodes in the first wave (1)")
+    rollout.add_argument(
+        "--waves", default="10,50,100", help="cumulative percentages of nodes per wave"
+    )
+    rollout.add_argument("--max-failures", type=int, default=0, help="failed nodes tolerated")
+    rollout.add_argument("--wave-timeout", type=float, default=120.0, help="seconds per wave")
+    rollout.add_argument(
+        "--sign-key", type=Path, help="fleet private key: sign desired states (rollbacks)"
+    )
+    _broker_options(rollout)
+
+    status = sub.add_parser("status", help="rollouts on the broker (one in detail with its id)")
+    status.add_argument("rollout", nargs="?")
+    _broker_options(status)
+
+    nodes = sub.add_parser("nodes", help="table: node, online, model, state, windows/s, p95")
+    nodes.add_argument("--wait", type=float, default=3.0, help="seconds to collect telemetry (3)")
+    _broker_options(nodes)
+
+    for command, text in (
+        ("pause", "pause a running rollout after the current step"),
+        ("resume", "resume a paused rollout, or take over one whose controller died"),
+        ("abort", "stop a rollout where it is (nodes keep what they run)"),
+        ("rollback", "restore every moved node's previous model"),
+    ):
+        control = sub.add_parser(command, help=text)
+        control.add_argument("rollout", help="rollout id (see `imu-fleet status`)")
+        control.add_argument("--sign-key", type=Path, help="fleet private key (rollbacks)")
+        _broker_options(control)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `imu-fleet`."""
     args = build_parser().parse_args(argv)
@@ -217,6 +283,14 @@ def main(argv: list[str] | None = None) -> int:
         "record": _recording,
         "replay": _recording,
         "simulate": _simulate,
+        "publish": _rollouts,
+        "rollout": _rollouts,
+        "status": _rollouts,
+        "nodes": _rollouts,
+        "pause": _rollouts,
+        "resume": _rollouts,
+        "abort": _rollouts,
+        "rollback": _rollouts,
     }
     try:
         return commands[args.command](args)
@@ -338,6 +412,18 @@ def _recording(args: argparse.Namespace) -> int:
         )
     print(f"\r{stats.summary()}", file=sys.stderr)
     return 0
+
+
+def _rollouts(args: argparse.Namespace) -> int:
+    from fleet.rollout import commands  # noqa: PLC0415
+
+    handlers = {
+        "publish": commands.cmd_publish,
+        "rollout": commands.cmd_rollout,
+        "status": commands.cmd_status,
+        "nodes": commands.cmd_nodes,
+    }
+    return handlers.get(args.command, commands.cmd_control)(args)
 
 
 def _simulate(args: argparse.Namespace) -> int:

@@ -276,6 +276,10 @@ class NodeModelState(_Outbound):
     active: ModelRef | None
     previous: ModelRef | None = None
     target: ModelRef | None = Field(default=None, description="Model being fetched or loaded")
+    active_sha256: str | None = Field(
+        default=None, description="sha256 of the active bundle file (what a rollback names)"
+    )
+    active_size: int | None = None
     backend: str | None = None
     last_error: str | None = None
 
@@ -327,6 +331,66 @@ class ArtifactManifest(_Outbound):
     published_at: Timestamp
 
 
+class RolloutState(StrEnum):
+    """Lifecycle of a rollout."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    ABORTED = "aborted"
+    ROLLED_BACK = "rolled_back"
+
+
+class NodeRolloutState(StrEnum):
+    """Where one node stands in a rollout."""
+
+    PENDING = "pending"
+    UPDATING = "updating"
+    ACTIVE = "active"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
+
+
+class NodeOutcome(_Outbound):
+    """One node's part in a rollout."""
+
+    wave: int
+    state: NodeRolloutState = NodeRolloutState.PENDING
+    error: str | None = None
+    previous: DesiredModel | None = Field(
+        default=None, description="What to restore on rollback (the node's model before)"
+    )
+
+
+class RolloutRecord(_Outbound):
+    """`fleet/rollouts/{rollout_id}` (retained): the plan, progress and outcome of one rollout.
+
+    A restarted controller resumes from it; `imu-fleet pause|resume|abort|rollback` set
+    `command`, which the running controller obeys.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    rollout_id: str
+    desired: DesiredModel
+    group: str | None = None
+    waves: list[list[str]] = Field(description="Node ids per wave; wave 0 is the canary")
+    max_failures: int
+    wave_timeout_s: float
+    state: RolloutState = RolloutState.RUNNING
+    wave: int = Field(default=0, description="Index of the wave in progress")
+    nodes: dict[str, NodeOutcome]
+    command: Literal["pause", "resume", "abort", "rollback"] | None = None
+    created_at: Timestamp
+    updated_at: Timestamp
+    reason: str | None = None
+
+    @property
+    def failures(self) -> int:
+        """Nodes that failed to take the new version."""
+        return sum(o.state is NodeRolloutState.FAILED for o in self.nodes.values())
+
+
 ALL_MESSAGES: tuple[type[BaseModel], ...] = (
     WindowMessage,
     SamplesMessage,
@@ -337,6 +401,7 @@ ALL_MESSAGES: tuple[type[BaseModel], ...] = (
     NodeModelState,
     DesiredModel,
     ArtifactManifest,
+    RolloutRecord,
 )
 """Every message model, in topic-tree order (for JSON Schema export)."""
 
@@ -354,6 +419,7 @@ __all__ = [
     "NodeModelState",
     "NodeState",
     "NodeStatus",
+    "RolloutRecord",
     "SamplesMessage",
     "Telemetry",
     "WindowMessage",

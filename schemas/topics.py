@@ -29,6 +29,10 @@ WINDOW_FILTER: Final = "imu/+/window"
 SAMPLES_FILTER: Final = "imu/+/samples"
 MOTIFS_FILTER: Final = "imu/+/motifs"
 FLEET_DESIRED: Final = "fleet/models/desired"
+NODES_STATUS_FILTER: Final = "fleet/nodes/+/status"
+NODES_MODEL_FILTER: Final = "fleet/nodes/+/model"
+NODES_TELEMETRY_FILTER: Final = "fleet/nodes/+/telemetry"
+ROLLOUTS_FILTER: Final = "fleet/rollouts/+"
 
 
 def window(sensor_id: str) -> str:
@@ -126,6 +130,12 @@ def parse_sensor_topic(topic: str) -> SensorTopic | None:
     return SensorTopic(sensor_id=parts[1], kind=kind)
 
 
+def node_of(topic: str) -> str | None:
+    """The node id in `fleet/nodes/{node_id}/...`, or None for other topics."""
+    parts = topic.split("/")
+    return parts[2] if len(parts) >= 4 and parts[:2] == ["fleet", "nodes"] else None
+
+
 @dataclass(frozen=True, slots=True)
 class TopicSpec:
     """One row of the topic catalogue."""
@@ -163,6 +173,6 @@ CATALOGUE: Final[tuple[TopicSpec, ...]] = (
               "How to reassemble a bundle: size, sha256, chunk hashes."),
     TopicSpec("fleet/artifacts/{name}/{version}/chunks/{index}", "fleet", 1, True, "bytes",
               "The bundle in chunks, for nodes that only reach the broker."),
-    TopicSpec("fleet/rollouts/{rollout_id}", "fleet", 1, True, "RolloutRecord (planned)",
+    TopicSpec("fleet/rollouts/{rollout_id}", "fleet", 1, True, "RolloutRecord",
               "Rollout record: plan, wave, per-node outcome, state."),
 )  # fmt: skip

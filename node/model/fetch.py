@@ -30,9 +30,20 @@ class FetchError(BundleError):
     """The bundle could not be fetched, or what arrived does not match what was asked for."""
 
 
-def cache_path(cache_dir: Path, desired: DesiredModel) -> Path:
+def cache_path(cache_dir: Path, name: str, version: str, sha256: str) -> Path:
     """Where a verified bundle lives in the node's cache."""
-    return cache_dir / f"{desired.name}-{desired.version}-{desired.bundle_sha256[:12]}.tar"
+    return cache_dir / f"{name}-{version}-{sha256[:12]}.tar"
+
+
+def add_to_cache(cache_dir: Path, name: str, version: str, data: bytes) -> Path:
+    """Keep a verified bundle's bytes in the cache (atomic); returns its path."""
+    target = cache_path(cache_dir, name, version, sha256_hex(data))
+    if not target.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        partial.write_bytes(data)
+        partial.replace(target)
+    return target
 
 
 def fetch_bundle(
@@ -50,7 +61,7 @@ def fetch_bundle(
             f"{max_bytes}-byte limit (max_bundle_bytes)"
         )
         raise FetchError(msg)
-    target = cache_path(cache_dir, desired)
+    target = cache_path(cache_dir, desired.name, desired.version, desired.bundle_sha256)
     if target.exists() and sha256_hex(target.read_bytes()) == desired.bundle_sha256:
         return target
     if desired.url:
@@ -58,11 +69,7 @@ def fetch_bundle(
     else:
         data = _ArtifactCollector(session, desired, max_bytes).collect(timeout_s)
     _check(data, desired)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
-    partial.write_bytes(data)
-    partial.replace(target)
-    return target
+    return add_to_cache(cache_dir, desired.name, desired.version, data)
 
 
 def _check(data: bytes, desired: DesiredModel) -> None:

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from node.errors import NodeError
 from node.inference.pipeline import ModelPipeline
 from node.model.bundle import Bundle, read_bundle, sha256_hex
-from node.model.fetch import fetch_bundle
+from node.model.fetch import add_to_cache, fetch_bundle
 from node.model.signing import verify_desired, verify_manifest
 from node.model.versions import is_older
 from node.mqtt.session import MqttSession
@@ -84,7 +84,7 @@ class ModelManager:
         self._active = active
         self._previous: ModelPipeline | None = None
         self._desired: dict[str, DesiredModel | None] = dict.fromkeys(_LEVELS)
-        self._active_key: tuple[str, str, str] | None = self._key_of(active)
+        self._active_key, self._active_size = self._remember(active)
         self._last_desired: DesiredModel | None = None
         self._state = self._report(ModelLifecycle.ACTIVE, publish=False)
         self._wake = threading.Event()
@@ -190,6 +190,7 @@ class ModelManager:
         if self._previous is not None:
             self._previous.close()
         self._previous, self._active, self._active_key = old, pipeline, key
+        self._active_size = desired.bundle_size
         self._report(ModelLifecycle.ACTIVE)
         logger.info(
             "now serving %s %s (was %s %s), update took %.2f s", target.name, target.version,
@@ -245,17 +246,26 @@ class ModelManager:
             target=target,
             backend=self._active.info.name,
             last_error=error,
+            active_sha256=self._active_key[2] if self._active_key else None,
+            active_size=self._active_size,
         )
         if publish:
             self.publish_state()
         return self._state
 
-    @staticmethod
-    def _key_of(pipeline: ModelPipeline) -> tuple[str, str, str] | None:
+    def _remember(self, pipeline: ModelPipeline) -> tuple[tuple[str, str, str] | None, int | None]:
+        """Identity of the model the node started with; cached so a rollback to it is local."""
         path = pipeline.bundle.path
         if path is None:
-            return None
-        return (pipeline.ref.name, pipeline.ref.version, sha256_hex(path.read_bytes()))
+            return None, None
+        data = path.read_bytes()
+        try:
+            add_to_cache(self.settings.cache_dir, pipeline.ref.name, pipeline.ref.version, data)
+        except OSError as exc:
+            logger.warning(
+                "cannot cache the initial bundle in %s: %s", self.settings.cache_dir, exc
+            )
+        return (pipeline.ref.name, pipeline.ref.version, sha256_hex(data)), len(data)
 
 
 def _parse_time(value: str) -> float:

@@ -14,7 +14,9 @@ from node.model.bundle import Bundle
 from schemas.manifest import HefInfo
 
 
-def hailo_bundle(bundle: Bundle, out: Path, *, hw_arch: Literal["hailo8", "hailo8l"] = "hailo8l") -> Bundle:
+def hailo_bundle(
+    bundle: Bundle, out: Path, *, hw_arch: Literal["hailo8", "hailo8l"] = "hailo8l"
+) -> Bundle:
     """`bundle` plus a stand-in HEF whose uint8 outputs span the calibration latents' range."""
     assert bundle.onnx is not None
     pipeline = load_model(bundle, "onnx", BackendOptions())

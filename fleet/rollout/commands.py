@@ -1,0 +1,172 @@
+"""Operator commands: `imu-fleet publish|rollout|status|nodes|pause|resume|abort|rollback`.
+
+Each opens one MQTT session, lets the retained fleet state arrive, acts, and prints for people.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from fleet.distribution import publish_bundle
+from fleet.rollout.controller import Controller, RolloutError, is_stale, send_command
+from fleet.rollout.view import NodeView
+from node.config import BrokerAddress
+from node.mqtt.session import MqttSession, SessionSettings
+from schemas.messages import RolloutRecord, RolloutState
+
+SETTLE_S = 1.5
+"""Time for retained node, artifact and rollout messages to arrive after subscribing."""
+
+
+@contextmanager
+def controller_session(args: argparse.Namespace, *, progress: bool = False) -> Iterator[Controller]:
+    """A connected controller with the retained fleet state loaded."""
+    session = MqttSession(
+        SessionSettings(
+            address=BrokerAddress.parse(args.broker),
+            client_id=f"imu-fleet-{time.monotonic_ns() % 10**9}",
+            protocol=args.mqtt_protocol,
+        )
+    )
+    sign_key = getattr(args, "sign_key", None)
+    controller = Controller(session, sign_key=sign_key, progress=_print_event if progress else None)
+    session.start()
+    try:
+        if not session.wait_connected(10):
+            msg = f"cannot connect to {args.broker}"
+            raise ConnectionError(msg)
+        time.sleep(SETTLE_S)
+        yield controller
+    finally:
+        session.wait_published(10)
+        session.stop()
+
+
+def _print_event(record: RolloutRecord, event: str) -> None:
+    counts: dict[str, int] = {}
+    for outcome in record.nodes.values():
+        counts[outcome.state] = counts.get(outcome.state, 0) + 1
+    summary = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+    stamp = time.strftime("%H:%M:%S")
+    print(f"{stamp} {record.rollout_id} [{record.state}] {event}  ({summary})", flush=True)
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    """`imu-fleet publish BUNDLE`."""
+
+    def progress(done: int, total: int) -> None:
+        print(f"\rchunks {done}/{total}", end="", file=sys.stderr, flush=True)
+
+    manifest = publish_bundle(
+        args.bundle, args.broker, chunk_size=args.chunk_size, url=args.url,
+        protocol=args.mqtt_protocol, progress=progress,
+    )  # fmt: skip
+    print(
+        f"\npublished {manifest.name} {manifest.version}: {manifest.bundle_size} bytes in "
+        f"{len(manifest.chunks)} retained chunks, sha256 {manifest.bundle_sha256[:16]}..."
+    )
+    return 0
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    """`imu-fleet rollout NAME VERSION`: plan and drive a rollout, live."""
+    with controller_session(args, progress=True) as controller:
+        record = controller.start(
+            args.name,
+            args.version,
+            group=args.group,
+            canary=args.canary,
+            waves=[int(p) for p in args.waves.split(",")],
+            max_failures=args.max_failures,
+            wave_timeout_s=args.wave_timeout,
+        )
+        final = controller.run(record)
+    return 0 if final.state is RolloutState.SUCCEEDED else 1
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    """`imu-fleet pause|resume|abort|rollback ROLLOUT`."""
+    with controller_session(args, progress=True) as controller:
+        record = controller.record(args.rollout)
+        if record is None:
+            msg = f"no rollout {args.rollout!r} on the broker (see `imu-fleet status`)"
+            raise RolloutError(msg)
+        active = record.state in (RolloutState.RUNNING, RolloutState.PAUSED)
+        if not active and args.command != "rollback":
+            print(f"{record.rollout_id} is {record.state}: nothing to {args.command}")
+            return 1
+        if active and not is_stale(record):  # a controller is running it: ask
+            send_command(controller.session, record, args.command)
+            print(f"{record.rollout_id}: asked the running controller to {args.command}")
+            return 0
+        final = controller.take_over(record, args.command)  # nobody else will: act here
+        print(f"{final.rollout_id}: {final.state}")
+        return 0 if final.state is not RolloutState.FAILED else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """`imu-fleet status [ROLLOUT]`."""
+    with controller_session(args) as controller:
+        records = controller.records()
+        if args.rollout:
+            records = [r for r in records if r.rollout_id == args.rollout]
+            if not records:
+                print(f"no rollout {args.rollout!r}", file=sys.stderr)
+                return 1
+        if not records:
+            print("no rollouts on the broker")
+        for record in records:
+            print(format_record(record, detailed=bool(args.rollout)))
+    return 0
+
+
+def format_record(record: RolloutRecord, *, detailed: bool) -> str:
+    """A rollout as text: one line, or a line per node."""
+    age = time.time() - record.updated_at
+    lines = [
+        f"{record.rollout_id}  {record.state:<11} {record.desired.name} {record.desired.version}  "
+        f"wave {min(record.wave + 1, len(record.waves))}/{len(record.waves)}  "
+        f"failures {record.failures}/{record.max_failures}  updated {age:.0f} s ago"
+        + (f"  ({record.reason})" if record.reason else "")
+    ]
+    if detailed:
+        lines.extend(
+            f"  {node:<24} wave {o.wave + 1:<3} {o.state:<12} {o.error or ''}"
+            for node, o in sorted(record.nodes.items(), key=lambda kv: (kv[1].wave, kv[0]))
+        )
+    return "\n".join(lines)
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    """`imu-fleet nodes`: one line per node."""
+    with controller_session(args) as controller:
+        time.sleep(args.wait)  # telemetry is periodic, not retained
+        nodes = controller.view.nodes()
+    print(format_nodes(nodes))
+    return 0
+
+
+def format_nodes(nodes: list[NodeView]) -> str:
+    """The nodes table."""
+    lines = [
+        f"{'node':<24} {'online':<7} {'group':<12} {'model':<28} {'state':<11} "
+        f"{'backend':<8} {'win/s':>7} {'p95 ms':>7}"
+    ]
+    for view in nodes:
+        model = view.model
+        active = f"{model.active.name} {model.active.version}" if model and model.active else "-"
+        telemetry = view.telemetry
+        rate = f"{telemetry.windows_per_s:.1f}" if telemetry else "-"
+        p95 = telemetry.latency_ms.p95 if telemetry and telemetry.latency_ms.p95 else None
+        lines.append(
+            f"{view.node_id:<24} {'yes' if view.online else 'no':<7} {view.group or '-':<12} "
+            f"{active:<28} {model.state if model else '-':<11} "
+            f"{(model.backend or '-') if model else '-':<8} {rate:>7} "
+            f"{f'{p95:.1f}' if p95 is not None else '-':>7}"
+        )
+    lines.append(f"{len(nodes)} nodes, {sum(v.online for v in nodes)} online")
+    return "\n".join(lines)

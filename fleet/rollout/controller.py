@@ -1,0 +1,353 @@
+"""The rollout controller: canary, growing waves, a failure budget, rollback, resumable.
+
+State lives only in retained topics: the plan and every node's outcome in the rollout record
+(`fleet/rollouts/{id}`), the nodes' own reports, and the desired-state topics. A wave moves its
+nodes by setting their node-level desired state; it passes when each reports the new version
+active (and stays online) within the wave timeout. More failures than allowed stop the rollout
+and restore every moved node's previous model with a signed rollback desired state. On success
+the group (or fleet-wide) desired state names the new version and the node overrides are
+cleared. A controller that dies mid-rollout is replaced by `imu-fleet resume ID`, which picks
+the record up where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from pydantic import ValidationError
+
+from fleet.desired import desired_topic
+from fleet.rollout.view import FleetView, NodeView
+from node.errors import NodeError
+from node.model.signing import load_private_key, sign_desired
+from node.mqtt.session import MqttSession
+from schemas import topics
+from schemas.codec import encode
+from schemas.messages import (
+    ArtifactManifest,
+    DesiredModel,
+    ModelLifecycle,
+    NodeOutcome,
+    NodeRolloutState,
+    RolloutRecord,
+    RolloutState,
+)
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[RolloutRecord, str], None]
+HEARTBEAT_S = 5.0
+"""A running controller republishes its record at least this often."""
+STALE_S = 3 * HEARTBEAT_S
+"""A running record not updated for this long has lost its controller."""
+_MOVED = (NodeRolloutState.UPDATING, NodeRolloutState.ACTIVE, NodeRolloutState.FAILED)
+
+
+class RolloutError(NodeError):
+    """A rollout cannot start or continue; the message says why."""
+
+
+def plan_waves(node_ids: list[str], canary: int, percents: list[int]) -> list[list[str]]:
+    """Canary wave first, then waves reaching each cumulative percentage of all nodes."""
+    nodes = sorted(node_ids)
+    total = len(nodes)
+    waves = [nodes[: min(canary, total)]] if canary > 0 else []
+    done = len(waves[0]) if waves else 0
+    for percent in sorted(set(percents)):
+        upto = min(total, max(done, math.ceil(percent / 100 * total)))
+        if upto > done:
+            waves.append(nodes[done:upto])
+            done = upto
+    if done < total:
+        waves.append(nodes[done:])
+    return waves
+
+
+class Controller:
+    """Runs rollouts over one MQTT session."""
+
+    def __init__(
+        self,
+        session: MqttSession,
+        *,
+        sign_key: Path | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.session = session
+        self.view = FleetView(session)
+        self._sign_key = load_private_key(sign_key) if sign_key else None
+        self._progress = progress
+        self._records: dict[str, RolloutRecord] = {}
+        self._artifacts: dict[tuple[str, str], ArtifactManifest] = {}
+        self._applied: dict[str, str | None] = {}
+        self._lock = threading.Lock()
+        session.route(topics.ROLLOUTS_FILTER, self._on_record)
+        session.route(topics.artifact("+", "+", "manifest"), self._on_artifact)
+
+    # -- what the broker knows --------------------------------------------------------------
+
+    def _on_record(self, message: mqtt.MQTTMessage) -> None:
+        if not message.payload:
+            return
+        try:
+            record = RolloutRecord.model_validate_json(message.payload)
+        except ValidationError:
+            return
+        with self._lock:
+            self._records[record.rollout_id] = record
+
+    def _on_artifact(self, message: mqtt.MQTTMessage) -> None:
+        try:
+            manifest = ArtifactManifest.model_validate_json(message.payload)
+        except ValidationError:
+            return
+        with self._lock:
+            self._artifacts[(manifest.name, manifest.version)] = manifest
+
+    def records(self) -> list[RolloutRecord]:
+        """Every rollout record on the broker, newest first."""
+        with self._lock:
+            return sorted(self._records.values(), key=lambda r: r.created_at, reverse=True)
+
+    def record(self, rollout_id: str) -> RolloutRecord | None:
+        """One rollout record."""
+        with self._lock:
+            return self._records.get(rollout_id)
+
+    # -- starting ---------------------------------------------------------------------------
+
+    def start(
+        self,
+        name: str,
+        version: str,
+        *,
+        group: str | None = None,
+        canary: int = 1,
+        waves: list[int] | None = None,
+        max_failures: int = 0,
+        wave_timeout_s: float = 120.0,
+    ) -> RolloutRecord:
+        """Plan a rollout of a published version over the online nodes (of a group)."""
+        with self._lock:
+            artifact = self._artifacts.get((name, version))
+        if artifact is None:
+            msg = f"{name} {version} is not published: run `imu-fleet publish BUNDLE` first"
+            raise RolloutError(msg)
+        targets = [
+            n.node_id for n in self.view.nodes() if n.online and (group is None or n.group == group)
+        ]
+        if not targets:
+            where = f"group {group}" if group else "the fleet"
+            msg = f"no online node in {where} (see `imu-fleet nodes`)"
+            raise RolloutError(msg)
+        now = time.time()
+        rollout_id = f"{name}-{version}-{time.strftime('%Y%m%d%H%M%S', time.gmtime(now))}"
+        desired = self._sign(
+            DesiredModel(
+                name=name,
+                version=version,
+                bundle_sha256=artifact.bundle_sha256,
+                bundle_size=artifact.bundle_size,
+                url=artifact.url,
+                rollout_id=rollout_id,
+                issued_at=now,
+            )
+        )
+        plan = plan_waves(targets, canary, waves or [10, 50, 100])
+        record = RolloutRecord(
+            rollout_id=rollout_id,
+            desired=desired,
+            group=group,
+            waves=plan,
+            max_failures=max_failures,
+            wave_timeout_s=wave_timeout_s,
+            nodes={n: NodeOutcome(wave=i) for i, wave in enumerate(plan) for n in wave},
+            created_at=now,
+            updated_at=now,
+        )
+        self._save(record, f"planned {len(targets)} nodes in {len(plan)} waves")
+        return record
+
+    # -- running ----------------------------------------------------------------------------
+
+    def run(self, record: RolloutRecord) -> RolloutRecord:
+        """Drive a rollout to its end; returns the final record."""
+        while record.state in (RolloutState.RUNNING, RolloutState.PAUSED):
+            record = self._obey(record)
+            if record.state is not RolloutState.RUNNING:
+                continue
+            if record.wave >= len(record.waves):
+                record = self._finish(record)
+                break
+            record = self._run_wave(record)
+        return record
+
+    def take_over(self, record: RolloutRecord, command: str) -> RolloutRecord:
+        """Act on a rollout whose controller is gone: resume, pause, abort or roll back here."""
+        if command == "resume":
+            return self.run(record.model_copy(update={"state": RolloutState.RUNNING}))
+        if command == "rollback":
+            return self._roll_back(record, "rollback requested", RolloutState.ROLLED_BACK)
+        state = RolloutState.PAUSED if command == "pause" else RolloutState.ABORTED
+        return self._save(record.model_copy(update={"state": state}), command)
+
+    def _run_wave(self, record: RolloutRecord) -> RolloutRecord:
+        index = record.wave
+        wave = record.waves[index]
+        for node_id in wave:
+            if record.nodes[node_id].state is NodeRolloutState.PENDING:
+                record = self._move(record, node_id)
+        record = self._save(record, f"wave {index + 1}/{len(record.waves)}: {len(wave)} nodes")
+        deadline = time.monotonic() + record.wave_timeout_s
+        last_save = time.monotonic()
+        while True:
+            record = self._obey(record)
+            if record.state is not RolloutState.RUNNING:
+                return record
+            record, changed = self._collect(record, wave, expired=time.monotonic() > deadline)
+            if record.failures > record.max_failures:
+                reason = f"{record.failures} nodes failed (budget {record.max_failures})"
+                return self._roll_back(record, reason, RolloutState.FAILED)
+            pending = [n for n in wave if record.nodes[n].state is NodeRolloutState.UPDATING]
+            if not pending:
+                record = record.model_copy(update={"wave": index + 1})
+                return self._save(record, f"wave {index + 1} passed")
+            if changed or time.monotonic() - last_save > HEARTBEAT_S:
+                record = self._save(record, f"wave {index + 1}: {len(pending)} nodes pending")
+                last_save = time.monotonic()
+            self.view.wait_changed(0.5)
+
+    def _collect(
+        self, record: RolloutRecord, wave: list[str], *, expired: bool
+    ) -> tuple[RolloutRecord, bool]:
+        nodes = dict(record.nodes)
+        changed = False
+        target = record.desired.version
+        for node_id in wave:
+            outcome = nodes[node_id]
+            if outcome.state is not NodeRolloutState.UPDATING:
+                continue
+            view = self.view.get(node_id)
+            state, error = _progress_of(view, target)
+            if state is NodeRolloutState.UPDATING and expired:
+                state, error = NodeRolloutState.FAILED, "no active report within the wave timeout"
+            if state is not NodeRolloutState.UPDATING:
+                nodes[node_id] = outcome.model_copy(update={"state": state, "error": error})
+                changed = True
+        return record.model_copy(update={"nodes": nodes}), changed
+
+    def _move(self, record: RolloutRecord, node_id: str) -> RolloutRecord:
+        previous = self._previous_of(self.view.get(node_id), record.rollout_id)
+        self.session.publish(desired_topic("node", node_id), encode(record.desired), retain=True)
+        outcome = record.nodes[node_id].model_copy(
+            update={"state": NodeRolloutState.UPDATING, "previous": previous}
+        )
+        return record.model_copy(update={"nodes": {**record.nodes, node_id: outcome}})
+
+    def _previous_of(self, view: NodeView | None, rollout_id: str) -> DesiredModel | None:
+        state = view.model if view else None
+        if state is None or state.active is None or state.active_sha256 is None:
+            return None
+        return self._sign(
+            DesiredModel(
+                name=state.active.name,
+                version=state.active.version,
+                bundle_sha256=state.active_sha256,
+                bundle_size=state.active_size or 0,
+                rollback=True,
+                rollout_id=rollout_id,
+                issued_at=time.time(),
+            )
+        )
+
+    def _finish(self, record: RolloutRecord) -> RolloutRecord:
+        level, target = ("group", record.group) if record.group else ("fleet", "")
+        self.session.publish(
+            desired_topic(level, target or ""), encode(record.desired), retain=True
+        )
+        for node_id in record.nodes:
+            self.session.publish(desired_topic("node", node_id), b"", retain=True)
+        record = record.model_copy(update={"state": RolloutState.SUCCEEDED})
+        return self._save(record, f"succeeded: {level} desired is now {record.desired.version}")
+
+    def _roll_back(self, record: RolloutRecord, reason: str, state: RolloutState) -> RolloutRecord:
+        nodes = dict(record.nodes)
+        for node_id, outcome in record.nodes.items():
+            if outcome.state not in _MOVED:
+                continue
+            if outcome.previous is not None:
+                fresh = outcome.previous.model_copy(update={"issued_at": time.time()})
+                payload = encode(self._sign(fresh))
+            else:
+                payload = b""  # nothing known to restore: drop the override
+            self.session.publish(desired_topic("node", node_id), payload, retain=True)
+            nodes[node_id] = outcome.model_copy(update={"state": NodeRolloutState.ROLLED_BACK})
+        update = {"nodes": nodes, "state": state, "reason": f"{reason}; moved nodes rolled back"}
+        return self._save(record.model_copy(update=update), f"stopped: {reason}; rolled back")
+
+    def _obey(self, record: RolloutRecord) -> RolloutRecord:
+        """Apply a command an operator set on the retained record."""
+        latest = self.record(record.rollout_id)
+        command = latest.command if latest else None
+        if command is None or command == self._applied.get(record.rollout_id):
+            return record
+        self._applied[record.rollout_id] = command
+        record = record.model_copy(update={"command": command})
+        if command == "pause":
+            return self._save(record.model_copy(update={"state": RolloutState.PAUSED}), "paused")
+        if command == "resume":
+            return self._save(record.model_copy(update={"state": RolloutState.RUNNING}), "resumed")
+        if command == "abort":
+            return self._save(record.model_copy(update={"state": RolloutState.ABORTED}), "aborted")
+        return self._roll_back(record, "rollback requested", RolloutState.ROLLED_BACK)
+
+    # -- publishing -------------------------------------------------------------------------
+
+    def _save(self, record: RolloutRecord, event: str) -> RolloutRecord:
+        record = record.model_copy(update={"updated_at": time.time()})
+        with self._lock:
+            current = self._records.get(record.rollout_id)
+            if current is not None and current.command is not None:
+                # never overwrite a command an operator set since we last read the record
+                record = record.model_copy(update={"command": current.command})
+            self._records[record.rollout_id] = record
+        self.session.publish(topics.rollout(record.rollout_id), encode(record), retain=True)
+        logger.info("%s: %s", record.rollout_id, event)
+        if self._progress is not None:
+            self._progress(record, event)
+        if record.state is RolloutState.PAUSED:
+            time.sleep(0.5)  # paused: poll for the next command without spinning
+        return record
+
+    def _sign(self, desired: DesiredModel) -> DesiredModel:
+        return sign_desired(desired, self._sign_key) if self._sign_key else desired
+
+
+def _progress_of(view: NodeView | None, version: str) -> tuple[NodeRolloutState, str | None]:
+    """Where a node stands on the way to `version`, from its own reports."""
+    state = view.model if view else None
+    if state is None:
+        return NodeRolloutState.UPDATING, None
+    if state.state is ModelLifecycle.ACTIVE and state.active and state.active.version == version:
+        online = view is not None and view.online
+        return (NodeRolloutState.ACTIVE, None) if online else (NodeRolloutState.UPDATING, None)
+    if state.state is ModelLifecycle.FAILED and state.target and state.target.version == version:
+        return NodeRolloutState.FAILED, state.last_error
+    return NodeRolloutState.UPDATING, None
+
+
+def send_command(session: MqttSession, record: RolloutRecord, command: str) -> None:
+    """Ask the running controller to pause, resume, abort or roll back (retained record)."""
+    updated = record.model_copy(update={"command": command, "updated_at": record.updated_at})
+    session.publish(topics.rollout(record.rollout_id), encode(updated), retain=True)
+
+
+def is_stale(record: RolloutRecord, now: float | None = None) -> bool:
+    """True when a running record's controller stopped heart-beating."""
+    return (now or time.time()) - record.updated_at > STALE_S

@@ -1,0 +1,87 @@
+"""What the fleet looks like from the broker: every node's status, model state and telemetry.
+
+All three node topics are retained or periodic, so a controller that starts (or restarts) learns
+the whole fleet from the broker alone; no database.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from pydantic import BaseModel, ValidationError
+
+from node.mqtt.session import Handler, MqttSession
+from schemas import topics
+from schemas.messages import NodeModelState, NodeState, NodeStatus, Telemetry
+
+
+@dataclass
+class NodeView:
+    """The latest of each message one node published."""
+
+    node_id: str
+    status: NodeStatus | None = None
+    model: NodeModelState | None = None
+    telemetry: Telemetry | None = None
+    seen: float = 0.0
+
+    @property
+    def online(self) -> bool:
+        """True while the node's retained status says online."""
+        return self.status is not None and self.status.state is NodeState.ONLINE
+
+    @property
+    def group(self) -> str | None:
+        """The group from the node's birth message."""
+        return self.status.group if self.status else None
+
+
+class FleetView:
+    """Subscribes to every node's status, model and telemetry and keeps the latest."""
+
+    def __init__(self, session: MqttSession) -> None:
+        self._session = session
+        self._nodes: dict[str, NodeView] = {}
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        for topic_filter, model, field in (
+            (topics.NODES_STATUS_FILTER, NodeStatus, "status"),
+            (topics.NODES_MODEL_FILTER, NodeModelState, "model"),
+            (topics.NODES_TELEMETRY_FILTER, Telemetry, "telemetry"),
+        ):
+            session.route(topic_filter, self._handler(model, field))
+
+    def _handler(self, model: type[BaseModel], field: str) -> Handler:
+        def on_message(message: mqtt.MQTTMessage) -> None:
+            node_id = topics.node_of(message.topic)
+            if node_id is None or not message.payload:
+                return
+            try:
+                value = model.model_validate_json(message.payload)
+            except ValidationError:
+                return  # not ours to judge: a node of another version, or garbage
+            with self._changed:
+                view = self._nodes.setdefault(node_id, NodeView(node_id))
+                setattr(view, field, value)
+                view.seen = time.time()
+                self._changed.notify_all()
+
+        return on_message
+
+    def nodes(self) -> list[NodeView]:
+        """Every node seen, sorted by id."""
+        with self._lock:
+            return [self._nodes[k] for k in sorted(self._nodes)]
+
+    def get(self, node_id: str) -> NodeView | None:
+        """One node's view."""
+        with self._lock:
+            return self._nodes.get(node_id)
+
+    def wait_changed(self, timeout: float) -> None:
+        """Block until any node message arrives (or timeout)."""
+        with self._changed:
+            self._changed.wait(timeout)

@@ -1,0 +1,186 @@
+"""Rollouts over real nodes: waves, failure budget, rollback, resuming after the controller dies."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import NodeFactory, Probe, unique
+
+from fleet.bundles.reference import build_reference_bundle
+from fleet.distribution import publish_bundle
+from fleet.rollout.controller import Controller, plan_waves
+from node.app import NodeApp
+from node.config import BrokerAddress
+from node.local_broker import LocalBroker
+from node.model.bundle import file_entries, read_bundle, write_bundle
+from node.mqtt.session import MqttSession, SessionSettings
+from schemas import topics
+from schemas.messages import DesiredModel, NodeRolloutState, RolloutState
+
+ONNX_ONLY = pytest.mark.parametrize("backend", ["onnx"], indirect=True)
+
+
+def test_plan_waves() -> None:
+    nodes = [f"n{i:02d}" for i in range(20)]
+    waves = plan_waves(nodes, 1, [10, 50, 100])
+    assert waves[0] == ["n00"]
+    assert [len(w) for w in waves] == [1, 1, 8, 10]
+    assert sorted(n for w in waves for n in w) == nodes
+    assert plan_waves(nodes[:3], 5, [50]) == [nodes[:3]]
+    assert plan_waves(nodes[:4], 0, [50]) == [nodes[:2], nodes[2:4]]
+
+
+@pytest.fixture(scope="module")
+def published(broker: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """1.1.0 (good) and 1.3.0 (its ONNX does not reproduce its goldens), both published."""
+    folder = tmp_path_factory.mktemp("published")
+    good = build_reference_bundle(folder / "good.tar", version="1.1.0", seed=8)
+    other = read_bundle(build_reference_bundle(folder / "other.tar", version="1.3.0", seed=9))
+    base = read_bundle(build_reference_bundle(folder / "base.tar", version="1.3.0", seed=8))
+    files = {**base.files, "model.onnx": other.files["model.onnx"]}
+    bad = folder / "bad.tar"
+    write_bundle(bad, base.manifest.model_copy(update={"files": file_entries(files)}), files)
+    for path in (good, bad):
+        publish_bundle(path, broker.url)
+    return {"good": good, "bad": bad}
+
+
+@pytest.fixture
+def controller(broker: LocalBroker) -> Iterator[Controller]:
+    session = MqttSession(
+        SessionSettings(address=BrokerAddress.parse(broker.url), client_id=unique("ctl"))
+    )
+    ctl = Controller(session)
+    session.start()
+    assert session.wait_connected(10)
+    yield ctl
+    session.wait_published(5)
+    session.stop()
+
+
+def fleet(start_node: NodeFactory, tmp_path: Path, count: int, **settings: object) -> list[NodeApp]:
+    group = unique("grp")
+    return [
+        start_node(group=group, cache_dir=tmp_path / f"cache{i}", **settings) for i in range(count)
+    ]
+
+
+def wait_known(controller: Controller, nodes: list[NodeApp], timeout: float = 10) -> None:
+    """Until the controller has seen every node's birth and model state."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        views = [controller.view.get(n.node_id) for n in nodes]
+        if all(v is not None and v.online and v.model is not None for v in views):
+            return
+        time.sleep(0.05)
+    pytest.fail("the controller never saw every node")
+
+
+def active_versions(nodes: list[NodeApp]) -> list[str]:
+    return [n.worker.pipeline.ref.version for n in nodes]
+
+
+@ONNX_ONLY
+def test_rollout_moves_every_wave_then_sets_the_group(
+    start_node: NodeFactory, controller: Controller, published: dict[str, Path], probe: Probe,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    nodes = fleet(start_node, tmp_path, 4)
+    group = nodes[0].config.group
+    wait_known(controller, nodes)
+    time.sleep(0.3)  # the retained artifact manifests
+    record = controller.start("tcn-reference", "1.1.0", group=group, canary=1, waves=[50, 100],
+                              wave_timeout_s=30)  # fmt: skip
+    assert [len(w) for w in record.waves] == [1, 1, 2]
+    final = controller.run(record)
+    assert final.state is RolloutState.SUCCEEDED
+    assert {o.state for o in final.nodes.values()} == {NodeRolloutState.ACTIVE}
+    assert active_versions(nodes) == ["1.1.0"] * 4
+    probe.subscribe(topics.group_desired(group), topics.rollout(final.rollout_id))
+    desired = DesiredModel.model_validate_json(
+        probe.wait_for(topics.group_desired(group))[0].payload
+    )
+    assert desired.version == "1.1.0"
+    kept = probe.wait_for(topics.rollout(final.rollout_id))[0]
+    assert kept.retain
+    assert kept.json()["state"] == "succeeded"
+    probe.publish(topics.group_desired(group), b"", retain=True)
+
+
+@ONNX_ONLY
+def test_failing_canary_stops_the_rollout_and_the_fleet_stays(
+    start_node: NodeFactory, controller: Controller, published: dict[str, Path], tmp_path: Path
+) -> None:
+    nodes = fleet(start_node, tmp_path, 3)
+    wait_known(controller, nodes)
+    time.sleep(0.3)
+    record = controller.start("tcn-reference", "1.3.0", group=nodes[0].config.group, canary=1,
+                              wave_timeout_s=30)  # fmt: skip
+    final = controller.run(record)
+    assert final.state is RolloutState.FAILED
+    assert "golden" in (final.nodes[record.waves[0][0]].error or "") or final.reason
+    moved = [n for n, o in final.nodes.items() if o.state is NodeRolloutState.ROLLED_BACK]
+    assert moved == record.waves[0]  # only the canary was ever moved
+    assert active_versions(nodes) == ["1.0.0"] * 3
+
+
+@ONNX_ONLY
+def test_a_failure_after_the_canary_rolls_moved_nodes_back(
+    start_node: NodeFactory, controller: Controller, published: dict[str, Path], tmp_path: Path
+) -> None:
+    group = unique("grp")
+    healthy = start_node(group=group, node_id=unique("a"), cache_dir=tmp_path / "a")
+    refusing = start_node(group=group, node_id=unique("z"), cache_dir=tmp_path / "z",
+                          max_bundle_bytes=2048)  # fmt: skip
+    wait_known(controller, [healthy, refusing])
+    time.sleep(0.3)
+    record = controller.start("tcn-reference", "1.1.0", group=group, canary=1, waves=[100],
+                              wave_timeout_s=30)  # fmt: skip
+    assert record.waves == [[healthy.node_id], [refusing.node_id]]
+    final = controller.run(record)
+    assert final.state is RolloutState.FAILED
+    deadline = time.monotonic() + 20
+    while healthy.worker.pipeline.ref.version != "1.0.0" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert active_versions([healthy, refusing]) == ["1.0.0", "1.0.0"]  # back where it was
+
+
+@ONNX_ONLY
+def test_a_restarted_controller_resumes_from_the_retained_record(
+    broker: LocalBroker, start_node: NodeFactory, published: dict[str, Path], tmp_path: Path
+) -> None:
+    nodes = fleet(start_node, tmp_path, 3)
+    first_session = MqttSession(
+        SessionSettings(address=BrokerAddress.parse(broker.url), client_id=unique("ctl-a"))
+    )
+    first = Controller(first_session)
+    first_session.start()
+    assert first_session.wait_connected(10)
+    wait_known(first, nodes)
+    time.sleep(0.3)
+    record = first.start("tcn-reference", "1.1.0", group=nodes[0].config.group, canary=1,
+                         waves=[100], wave_timeout_s=30)  # fmt: skip
+    record = first._run_wave(record)  # the canary wave, then the controller "dies"
+    assert record.wave == 1
+    first_session.wait_published(5)
+    first_session.stop()
+
+    second_session = MqttSession(
+        SessionSettings(address=BrokerAddress.parse(broker.url), client_id=unique("ctl-b"))
+    )
+    second = Controller(second_session)
+    second_session.start()
+    assert second_session.wait_connected(10)
+    deadline = time.monotonic() + 10
+    while second.record(record.rollout_id) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    kept = second.record(record.rollout_id)
+    assert kept is not None
+    assert kept.wave == 1
+    final = second.take_over(kept, "resume")
+    second_session.stop()
+    assert final.state is RolloutState.SUCCEEDED
+    assert active_versions(nodes) == ["1.1.0"] * 3
