@@ -339,7 +339,7 @@ def test_record_refuses_bad_arguments(tmp_path: Path) -> None:
 
 
 def test_writer_counts_what_it_cannot_queue() -> None:
-    from fleet.recording import _Line, _Writer
+    from fleet.recording.writer import _Line, _Writer
 
     class Stuck:
         def __init__(self) -> None:

@@ -1,0 +1,38 @@
+"""The MQTT session a recorder or a replay uses: protocol check, client, connection."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Final
+
+from node.config import BrokerAddress
+from node.mqtt.session import MqttSession, SessionSettings
+
+CONNECT_TIMEOUT_S: Final = 10.0
+PROTOCOLS: Final = ("5", "3.1.1")
+
+
+def check_protocol(protocol: str) -> None:
+    """Raise ValueError for an MQTT protocol version the tools do not speak."""
+    if protocol not in PROTOCOLS:
+        msg = f"MQTT protocol {protocol!r} is not supported; use one of {', '.join(PROTOCOLS)}"
+        raise ValueError(msg)
+
+
+def new_session(broker: str, role: str, protocol: str) -> MqttSession:
+    """An unstarted session to `broker` with a fresh client id `imu-<role>-<8 hex digits>`."""
+    address = BrokerAddress.parse(broker)
+    client_id = f"imu-{role}-{uuid.uuid4().hex[:8]}"
+    return MqttSession(SessionSettings(address=address, client_id=client_id, protocol=protocol))
+
+
+def connect(session: MqttSession) -> None:
+    """Start the session and wait for the broker; ConnectionError when it does not answer."""
+    session.start()
+    if not session.wait_connected(CONNECT_TIMEOUT_S):
+        session.stop()
+        msg = (
+            f"cannot connect to {session.settings.address} within {CONNECT_TIMEOUT_S:.0f} s "
+            f"({session.counters.last_error or 'no answer'})"
+        )
+        raise ConnectionError(msg)
