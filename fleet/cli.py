@@ -158,8 +158,8 @@ def _add_model(sub: Subparsers[argparse.ArgumentParser]) -> None:
 
 
 def _add_simulate(sub: Subparsers[argparse.ArgumentParser]) -> None:
-    """`imu-fleet simulate sensors`."""
-    simulate = sub.add_parser("simulate", help="simulate sensors")
+    """`imu-fleet simulate sensors|nodes`."""
+    simulate = sub.add_parser("simulate", help="simulate sensors or fleet nodes")
     sim_sub = simulate.add_subparsers(dest="what", required=True, metavar="WHAT")
     sensors = sim_sub.add_parser("sensors", help="publish simulated IMU sensors in real time")
     sensors.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker URL")
@@ -175,6 +175,22 @@ def _add_simulate(sub: Subparsers[argparse.ArgumentParser]) -> None:
     sensors.add_argument("--duration", type=float, default=None, help="seconds (default: forever)")
     sensors.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5")
     sensors.add_argument("--seed", type=int, default=0)
+
+    nodes = sim_sub.add_parser(
+        "nodes",
+        help="run N lightweight nodes (real MQTT clients, the real model manager) for rollouts",
+        description="Each simulated node connects on its own, publishes birth/will, telemetry "
+        "and model state, and follows desired state with the same model manager code as a "
+        "real node (fetch, verify, load, golden check, swap); inference is shared per version.",
+    )
+    nodes.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker URL")
+    nodes.add_argument("--count", type=int, required=True, help="how many nodes")
+    nodes.add_argument("--bundle", type=Path, required=True, help="the model they start on")
+    nodes.add_argument("--prefix", default="sim", help="node ids are PREFIX-0000, ... (sim)")
+    nodes.add_argument("--groups", type=int, default=1, help="spread over PREFIX-g0.. (1)")
+    nodes.add_argument("--duration", type=float, default=None, help="seconds (default: forever)")
+    nodes.add_argument("--trust-key", type=Path, help="fleet public key the nodes require")
+    nodes.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5")
 
 
 def _add_recording(sub: Subparsers[argparse.ArgumentParser]) -> None:
@@ -428,6 +444,18 @@ def _rollouts(args: argparse.Namespace) -> int:
 
 def _simulate(args: argparse.Namespace) -> int:
     from fleet.simulate.sensors import SensorSimulator  # noqa: PLC0415
+
+    if args.what == "nodes":
+        from fleet.simulate.nodes import simulate_nodes  # noqa: PLC0415
+
+        def connected(done: int, total: int) -> None:
+            print(f"\rconnected {done}/{total}", end="", file=sys.stderr, flush=True)
+
+        return simulate_nodes(
+            args.broker, args.bundle, args.count, prefix=args.prefix, groups=args.groups,
+            trust_key=args.trust_key, protocol=args.mqtt_protocol, duration=args.duration,
+            progress=connected,
+        )  # fmt: skip
 
     simulator = SensorSimulator(
         args.broker,

@@ -297,3 +297,14 @@ def test_node_override_wins_over_group(
     set_desired(probe, app, desired_for(versions["1.2.0"]))
     wait_state(probe, app, "active", "1.2.0")
     probe.publish(desired_topic("group", group), b"", retain=True)
+
+
+def test_a_damaged_cached_bundle_is_replaced(tmp_path: Path, versions: dict[str, Path]) -> None:
+    from node.model.bundle import sha256_hex
+    from node.model.fetch import add_to_cache, cache_path
+
+    data = versions["1.1.0"].read_bytes()
+    target = cache_path(tmp_path, "tcn-reference", "1.1.0", sha256_hex(data))
+    target.write_bytes(b"damaged on disk")
+    assert add_to_cache(tmp_path, "tcn-reference", "1.1.0", data) == target
+    assert target.read_bytes() == data

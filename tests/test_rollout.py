@@ -184,3 +184,32 @@ def test_a_restarted_controller_resumes_from_the_retained_record(
     second_session.stop()
     assert final.state is RolloutState.SUCCEEDED
     assert active_versions(nodes) == ["1.1.0"] * 3
+
+
+def test_rollout_over_a_hundred_simulated_nodes_completes(
+    broker: LocalBroker, controller: Controller, published: dict[str, Path],
+    reference_bundle_path: Path, tmp_path: Path,
+) -> None:  # fmt: skip
+    from fleet.simulate.nodes import SimulatedFleet
+
+    prefix = unique("sim")
+    fleet_ = SimulatedFleet(broker.url, reference_bundle_path, count=100, prefix=prefix,
+                            cache_dir=tmp_path / "cache", telemetry_interval_s=2.0)  # fmt: skip
+    try:
+        fleet_.start()
+        group = f"{prefix}-g0"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            seen = [controller.view.get(n) for n in fleet_.node_ids]
+            if all(v is not None and v.online and v.model is not None for v in seen):
+                break
+            time.sleep(0.1)
+        time.sleep(0.3)
+        record = controller.start("tcn-reference", "1.1.0", group=group, canary=1,
+                                  waves=[10, 50, 100], wave_timeout_s=60)  # fmt: skip
+        assert [len(w) for w in record.waves] == [1, 9, 40, 50]
+        final = controller.run(record)
+        assert final.state is RolloutState.SUCCEEDED
+        assert fleet_.versions() == {"1.1.0": 100}
+    finally:
+        fleet_.stop()

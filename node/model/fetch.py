@@ -9,6 +9,7 @@ rollback to a previous version needs no download.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import urllib.parse
 import urllib.request
@@ -37,12 +38,14 @@ def cache_path(cache_dir: Path, name: str, version: str, sha256: str) -> Path:
 
 def add_to_cache(cache_dir: Path, name: str, version: str, data: bytes) -> Path:
     """Keep a verified bundle's bytes in the cache (atomic); returns its path."""
-    target = cache_path(cache_dir, name, version, sha256_hex(data))
-    if not target.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".partial")
-        partial.write_bytes(data)
-        partial.replace(target)
+    digest = sha256_hex(data)
+    target = cache_path(cache_dir, name, version, digest)
+    if target.exists() and sha256_hex(target.read_bytes()) == digest:
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)  # absent, or damaged on disk: (re)write it
+    partial = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.partial")
+    partial.write_bytes(data)
+    partial.replace(target)
     return target
 
 

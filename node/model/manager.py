@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -43,6 +44,22 @@ Loader = Callable[[Bundle], ModelPipeline]
 """Open, warm up and golden-check a bundle on this node's backend (raises NodeError)."""
 Swap = Callable[[ModelPipeline], ModelPipeline]
 """Serve a new model from the next batch on; returns the one it replaces."""
+
+
+class Fetch(Protocol):
+    """A verified local copy of a desired bundle: `fetch_bundle`, or a wrapper around it."""
+
+    def __call__(
+        self,
+        desired: DesiredModel,
+        session: MqttSession,
+        cache_dir: Path,
+        *,
+        max_bytes: int,
+        timeout_s: float = ...,
+    ) -> Path:
+        """Fetch (or find in the cache), check size and sha256, return the cached path."""
+
 
 _LEVELS = ("node", "group", "fleet")
 
@@ -75,12 +92,14 @@ class ModelManager:
         loader: Loader,
         swap: Swap,
         active: ModelPipeline,
+        fetch: Fetch = fetch_bundle,
     ) -> None:
         self.settings = settings
         self._session = session
         self._reporter = reporter
         self._loader = loader
         self._swap = swap
+        self._fetch = fetch  # simulated fleets share one cache and fetch once per version
         self._active = active
         self._previous: ModelPipeline | None = None
         self._desired: dict[str, DesiredModel | None] = dict.fromkeys(_LEVELS)
@@ -171,7 +190,7 @@ class ModelManager:
         started = time.monotonic()
         try:
             self._report(ModelLifecycle.DOWNLOADING, target=target)
-            path = fetch_bundle(
+            path = self._fetch(
                 desired,
                 self._session,
                 self.settings.cache_dir,

@@ -1,0 +1,593 @@
+"""Simulated inference nodes: N real MQTT clients in one process, running the node's ModelManager.
+
+For tests and rollout measurements (`imu-fleet simulate nodes`). Each node has its own MQTT
+connection, a retained `online` birth with its group, an `offline` will, telemetry, a retained
+`stopped` status on a clean stop, and the real `ModelManager`, so every refusal (hash, signature,
+version, expiry, size, shape, golden) is the node's own code. Shared, to fit 1,000 nodes:
+
+* one cache folder, fetched into in single flight (each node still checks the file's sha256);
+* one golden-checked ONNX Runtime session per bundle sha256 (refusals remembered likewise); each
+  node gets its own `ModelPipeline` on it; the swap only replaces the node's reference;
+* one network thread. paho's `loop()` uses select(), which fails on descriptors above 1023, so a
+  process cannot run more than ~330 `MqttSession` threads; one epoll loop drives them all here.
+
+Sensors are not simulated: per telemetry interval a node runs one golden window through its
+pipeline, so `windows_per_s` and latency count that tiny load (`backend_reason` says so); RSS is
+the whole simulator process's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import resource
+import selectors
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import psutil
+
+from node.app import software_version
+from node.config import BrokerAddress
+from node.errors import NodeError
+from node.inference.backend import (
+    BackendInfo,
+    BackendOptions,
+    FloatArray,
+    InferenceBackend,
+    InferenceOutput,
+)
+from node.inference.pipeline import ModelPipeline, load_model
+from node.metrics import NodeMetrics
+from node.model.bundle import DEFAULT_MAX_BUNDLE_BYTES as MAX_BUNDLE_BYTES
+from node.model.bundle import Bundle, read_bundle, sha256_hex
+from node.model.fetch import cache_path, fetch_bundle
+from node.model.manager import ManagerSettings, ModelManager
+from node.model.signing import load_public_key, verify_manifest
+from node.mqtt.session import MqttSession, SessionSettings
+from node.reporting import ErrorReporter
+from node.telemetry import latency_summary
+from schemas import topics
+from schemas.codec import encode
+from schemas.messages import DesiredModel, ErrorKind, NodeState, NodeStatus, Telemetry
+
+logger = logging.getLogger(__name__)
+
+SIMULATED = "simulated node: no sensor input, one golden window per telemetry interval"
+"""`backend_reason` in every simulated node's status and telemetry."""
+CONNECT_BATCH = 50
+"""Nodes started at once before waiting for their CONNACKs."""
+TICK_S = 1.0
+"""How often the network loop runs keepalive checks and due reconnects."""
+
+
+class _NetLoop:
+    """One thread driving every node's paho client through epoll (paho's external-loop API)."""
+
+    def __init__(self, address: BrokerAddress) -> None:
+        self._address = address
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._lock = threading.Lock()
+        self._calls: list[Callable[[], None]] = []
+        self._writers: set[_SimSession] = set()
+        self._sessions: set[_SimSession] = set()  # loop thread only
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="sim-nodes-net", daemon=True)
+        self._thread.start()
+
+    def call(self, function: Callable[[], None]) -> None:
+        """Run `function` on the loop thread."""
+        with self._lock:
+            self._calls.append(function)
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"w")
+
+    def want_write(self, session: _SimSession) -> None:
+        """paho queued a packet for `session` (called on any thread)."""
+        if threading.current_thread() is self._thread:
+            self._writers.add(session)
+        else:
+            self.call(partial(self._settle, session, write=True))
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread; sockets still open are closed (the broker sends their wills)."""
+        self.call(self._halt)
+        self._thread.join(timeout)
+        for session in self._sessions:
+            if (sock := session.client.socket()) is not None:
+                sock.close()
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _halt(self) -> None:
+        self._running = False
+
+    def _run(self) -> None:
+        next_tick = time.monotonic() + TICK_S
+        while self._running:
+            with self._lock:
+                calls, self._calls = self._calls, []
+            writers, self._writers = self._writers, set()
+            for call in calls:
+                self._guarded(call)
+            for session in writers:
+                self._guarded(partial(self._settle, session, write=True))
+            if not self._running:
+                return
+            busy = self._calls or self._writers
+            timeout = 0.0 if busy else max(0.0, next_tick - time.monotonic())
+            for key, mask in self._selector.select(timeout):
+                if key.data is None:
+                    with contextlib.suppress(BlockingIOError):
+                        self._wake_r.recv(4096)
+                else:
+                    self._guarded(partial(self._io, key.data, mask))
+            if time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + TICK_S
+                for session in list(self._sessions):
+                    self._guarded(partial(self._tick, session))
+
+    @staticmethod
+    def _guarded(step: Callable[[], None]) -> None:
+        try:
+            step()
+        except Exception:
+            logger.exception("simulated node network step failed")
+
+    def _io(self, session: _SimSession, mask: int) -> None:
+        client = session.client
+        if mask & selectors.EVENT_READ:
+            client.loop_read()
+            while (sock := client.socket()) is not None and getattr(sock, "pending", int)():
+                client.loop_read()  # TLS: decrypted bytes are invisible to epoll
+        if mask & selectors.EVENT_WRITE and client.socket() is not None:
+            client.loop_write()
+        self._settle(session)
+
+    def _tick(self, session: _SimSession) -> None:
+        if session.registered is not None:
+            session.client.loop_misc()  # keepalive pings, dead-connection detection
+            self._settle(session)
+        elif session.retry_at is not None and time.monotonic() >= session.retry_at:
+            self.connect(session)
+
+    def connect(self, session: _SimSession) -> None:
+        """(Re)connect (loop thread); a failure schedules a retry with backoff."""
+        session.retry_at = None
+        self._sessions.add(session)
+        address = self._address
+        if session.stopping:
+            return
+        try:
+            session.client.connect(address.host, address.port, session.settings.keepalive_s)
+        except OSError as exc:
+            session.counters.last_error = str(exc)
+            logger.warning("%s cannot connect to %s: %s", session.node_id, address, exc)
+            session.schedule_retry()
+            return
+        self._settle(session)
+
+    def disconnect(self, session: _SimSession) -> None:
+        """Send DISCONNECT (the broker drops the will); `session.closed` is set when done."""
+        session.stopping, session.retry_at = True, None
+        if session.client.socket() is None:
+            self._sessions.discard(session)
+            session.closed.set()
+        else:
+            session.client.disconnect()
+            self._settle(session)
+
+    def _settle(self, session: _SimSession, *, write: bool = False) -> None:
+        """Make the selector follow the client's socket and whether it has bytes to write."""
+        if write and session.registered is not None and session.client.want_write():
+            session.client.loop_write()  # the socket is nearly always writable: try at once
+        sock = session.client.socket()
+        if session.registered is not None and sock is not session.registered:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._selector.unregister(session.registered)
+            session.registered = None
+            if session.stopping:
+                self._sessions.discard(session)
+                session.closed.set()
+            else:
+                session.schedule_retry()
+        if sock is None:
+            return
+        events = selectors.EVENT_READ
+        if session.client.want_write():
+            events |= selectors.EVENT_WRITE
+        if session.registered is None:
+            self._selector.register(sock, events, session)
+            session.registered, session.events = sock, events
+        elif events != session.events:
+            self._selector.modify(sock, events, session)
+            session.events = events
+
+
+class _SimSession(MqttSession):
+    """A `MqttSession` whose I/O runs on the shared `_NetLoop` instead of its own thread."""
+
+    def __init__(
+        self, settings: SessionSettings, net: _NetLoop, node_id: str, hook: Callable[[], None]
+    ) -> None:
+        super().__init__(settings, hook)
+        self.node_id, self.client, self._net = node_id, self._client, net
+        self.registered: Any = None
+        self.events = 0
+        self.retry_at: float | None = None
+        self.stopping = False
+        self.closed = threading.Event()
+        self._backoff, self._connects_seen = settings.backoff_initial_s, 0
+        self._client.on_socket_register_write = self._register_write
+
+    def _register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._net.want_write(self)
+
+    def start(self) -> None:
+        """Connect through the shared loop; returns at once (see `wait_connected`)."""
+        self._net.call(partial(self._net.connect, self))
+
+    def request_stop(self) -> None:
+        """Disconnect cleanly without waiting (see `closed`)."""
+        self._stop.set()
+        self._net.call(partial(self._net.disconnect, self))
+
+    def stop(self, *, timeout: float = 5.0) -> None:
+        """Disconnect cleanly and wait until the socket is closed."""
+        self.request_stop()
+        self.closed.wait(timeout)
+
+    def schedule_retry(self) -> None:
+        """Reconnect later: exponential backoff with jitter, reset by a success (loop thread)."""
+        initial = self.settings.backoff_initial_s
+        if self.counters.connects != self._connects_seen:
+            self._connects_seen, self._backoff = self.counters.connects, initial
+        self.retry_at = time.monotonic() + self._backoff + random.uniform(0, initial)
+        self._backoff = min(self._backoff * 2, self.settings.backoff_max_s)
+        self._connected.clear()
+
+
+class _Borrowed(InferenceBackend):
+    """A node's handle on a shared backend: closing it leaves the shared session open."""
+
+    def __init__(self, shared: InferenceBackend) -> None:
+        self._shared = shared
+
+    def infer(self, windows: FloatArray) -> InferenceOutput:
+        """Run on the shared session."""
+        return self._shared.infer(windows)
+
+    def describe(self) -> BackendInfo:
+        """The shared backend's description."""
+        return self._shared.describe()
+
+    def close(self) -> None:
+        """Nothing to release: the fleet closes the shared backend when it stops."""
+
+
+@dataclass
+class _Flight:
+    """One fetch under way, and its refusal if it failed."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    error: NodeError | None = None
+
+
+class _SharedModels:
+    """Each bundle fetched in single flight, and opened and golden-checked once per sha256."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+        self._loaded: dict[str, ModelPipeline | NodeError] = {}
+        self._flights: dict[str, _Flight] = {}
+
+    def load(self, bundle: Bundle) -> ModelPipeline:
+        """The manager's loader: this node's pipeline on the shared model, or the same refusal."""
+        key = sha256_hex(bundle.path.read_bytes()) if bundle.path else str(id(bundle))
+        with self._lock:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            if (entry := self._loaded.get(key)) is None:
+                try:
+                    entry = load_model(bundle, "onnx", BackendOptions())
+                except NodeError as exc:
+                    entry = exc
+                self._loaded[key] = entry
+        if isinstance(entry, NodeError):
+            raise type(entry)(*entry.args)
+        return ModelPipeline(entry.bundle, _Borrowed(entry.backend))
+
+    def fetch(
+        self,
+        desired: DesiredModel,
+        session: MqttSession,
+        cache_dir: Path,
+        *,
+        max_bytes: int,
+        timeout_s: float = 120.0,
+    ) -> Path:
+        """`fetch_bundle` in single flight: one node fetches, nodes asking meanwhile wait.
+
+        After a success they find the file in the cache (and check its sha256); after a
+        refusal they raise the same one, as each would have found it.
+        """
+        target = cache_path(cache_dir, desired.name, desired.version, desired.bundle_sha256)
+        key = f"{target} {desired.bundle_size} {desired.url}"
+        with self._lock:
+            leader = (flight := self._flights.get(key)) is None
+            flight = flight or self._flights.setdefault(key, _Flight())
+        if not leader:
+            flight.done.wait()
+            if flight.error is not None:
+                raise type(flight.error)(*flight.error.args)
+        try:
+            return fetch_bundle(
+                desired, session, cache_dir, max_bytes=max_bytes, timeout_s=timeout_s
+            )
+        except NodeError as exc:
+            flight.error = exc
+            raise
+        finally:
+            if leader:
+                with self._lock:
+                    del self._flights[key]
+                flight.done.set()
+
+    def close(self) -> None:
+        """Close every shared backend."""
+        with self._lock:
+            for entry in self._loaded.values():
+                if isinstance(entry, ModelPipeline):
+                    entry.close()
+            self._loaded.clear()
+
+
+class _SimNode:
+    """One simulated node: its session, its model manager and the pipeline it serves."""
+
+    def __init__(self, node_id: str, group: str, fleet: SimulatedFleet, net: _NetLoop) -> None:
+        self.node_id, self.group = node_id, group
+        self.pipeline = fleet.models.load(fleet.initial)
+        self.instance = uuid.uuid4().hex[:12]
+        self.metrics = NodeMetrics()
+        will = (topics.node_status(node_id), self.status(NodeState.OFFLINE, "connection lost"))
+        settings = SessionSettings(
+            fleet.address, f"{node_id}-{self.instance[:6]}", fleet.protocol, will=will
+        )
+        self.session = _SimSession(settings, net, node_id, self._announce)
+        self.reporter = ErrorReporter(node_id, self._publish_qos1, self.metrics)
+        self.manager = ModelManager(
+            ManagerSettings(node_id, group, fleet.cache_dir, MAX_BUNDLE_BYTES, fleet.trusted),
+            session=self.session, reporter=self.reporter, loader=fleet.models.load,
+            swap=self._swap, active=self.pipeline, fetch=fleet.models.fetch,
+        )  # fmt: skip
+
+    def status(self, state: NodeState, reason: str | None = None) -> bytes:
+        """A NodeStatus payload for this node."""
+        return encode(
+            NodeStatus(
+                state=state, node_id=self.node_id, instance=self.instance, ts=time.time(),
+                software_version=software_version(), backend=self.pipeline.info.name,
+                backend_reason=SIMULATED, model=self.pipeline.ref, group=self.group,
+                host=socket.gethostname(), reason=reason,
+            )
+        )  # fmt: skip
+
+    def _announce(self) -> None:
+        """On every connection: retained birth and model state (network thread)."""
+        topic = topics.node_status(self.node_id)
+        self.session.publish(topic, self.status(NodeState.ONLINE), retain=True)
+        self.manager.publish_state()
+
+    def _publish_qos1(self, topic: str, payload: bytes) -> bool:
+        return self.session.publish(topic, payload, qos=1)
+
+    def _swap(self, pipeline: ModelPipeline) -> ModelPipeline:
+        old, self.pipeline = self.pipeline, pipeline
+        return old
+
+    def telemetry(self, window: FloatArray, rss_mb: float, peak_mb: float) -> Telemetry:
+        """Run one golden window through the served pipeline; report the interval."""
+        pipeline, started = self.pipeline, time.perf_counter()
+        try:
+            pipeline.run(window)
+        except NodeError as exc:
+            self.reporter.report(ErrorKind.INFERENCE, f"golden window failed: {exc}")
+        else:
+            self.metrics.window_accepted()
+            self.metrics.batch_done(1, [(time.perf_counter() - started) * 1000], 0)
+        interval = self.metrics.take_interval()
+        windows_in, done, published, dropped, errors = self.metrics.totals()
+        return Telemetry(
+            node_id=self.node_id, ts=time.time(), interval_s=round(interval.seconds, 3),
+            uptime_s=round(time.monotonic() - self.metrics.started, 3),
+            backend=pipeline.info.name, backend_reason=SIMULATED, model=pipeline.ref,
+            windows_in=windows_in, windows_done=done, results_published=published,
+            windows_per_s=round(interval.windows_done / max(interval.seconds, 1e-9), 3),
+            latency_ms=latency_summary(interval.latencies_ms),
+            batch_mean=1.0 if interval.windows_done else None, queue_depth=0, queue_capacity=0,
+            dropped=dropped, errors=errors, cpu_percent=None, rss_mb=rss_mb, peak_rss_mb=peak_mb,
+            temperature_c=None,
+        )  # fmt: skip
+
+
+class SimulatedFleet:
+    """`count` nodes `{prefix}-0000`, ... spread over groups `{prefix}-g0`, ... round robin.
+
+    Call `stop()` after `start()`, also when `start()` raised.
+    """
+
+    def __init__(
+        self,
+        broker: str,
+        bundle: Path,
+        *,
+        count: int,
+        prefix: str = "sim",
+        groups: int = 1,
+        cache_dir: Path | None = None,
+        telemetry_interval_s: float = 5.0,
+        protocol: str = "5",
+        trust_key: Path | None = None,
+    ) -> None:
+        if count < 1 or groups < 1 or telemetry_interval_s <= 0:
+            msg = "need count >= 1, groups >= 1 and telemetry_interval_s > 0"
+            raise ValueError(msg)
+        self.broker, self.address, self.protocol = broker, BrokerAddress.parse(broker), protocol
+        self.node_ids = [f"{prefix}-{i:04d}" for i in range(count)]
+        self.groups = [f"{prefix}-g{k}" for k in range(groups)]
+        self.trusted = load_public_key(trust_key) if trust_key else None
+        self.initial = read_bundle(bundle)
+        if self.trusted is not None:
+            verify_manifest(self.initial.manifest, self.trusted)
+        self._temp: tempfile.TemporaryDirectory[str] | None = None
+        if cache_dir is None:
+            self._temp = tempfile.TemporaryDirectory(prefix="imu-sim-cache-")
+        self.cache_dir = cache_dir or Path(self._temp.name)  # type: ignore[union-attr]
+        self.models = _SharedModels()
+        self._interval = telemetry_interval_s
+        self._window: FloatArray = self.initial.golden()[0][:1]
+        self._nodes: list[_SimNode] = []
+        self._net: _NetLoop | None = None
+        self._stopped = threading.Event()
+        self._telemetry = threading.Thread(target=self._telemetry_loop, daemon=True)
+
+    def start(
+        self, progress: Callable[[int, int], None] | None = None, timeout_s: float = 120.0
+    ) -> None:
+        """Start and connect every node, in batches; returns once all are connected."""
+        count = len(self.node_ids)
+        _raise_open_files(count + 256)
+        started = time.monotonic()
+        net = self._net = _NetLoop(self.address)
+        for first in range(0, count, CONNECT_BATCH):
+            ids = self.node_ids[first : first + CONNECT_BATCH]
+            batch = [_SimNode(n, self.groups[i % len(self.groups)], self, net)
+                     for i, n in enumerate(ids, first)]  # fmt: skip
+            self._nodes.extend(batch)
+            for node in batch:
+                node.manager.attach()
+                node.session.start()
+            for node in batch:
+                left = max(0.0, started + timeout_s - time.monotonic())
+                if not node.session.wait_connected(left):
+                    done = sum(n.session.is_connected for n in self._nodes)
+                    msg = f"{done}/{count} nodes connected to {self.broker} after {timeout_s:g} s"
+                    raise TimeoutError(msg)
+            if progress is not None:
+                progress(len(self._nodes), count)
+        self._telemetry.start()
+        logger.info("%d simulated nodes connected in %.2f s", count, time.monotonic() - started)
+
+    def versions(self) -> dict[str, int]:
+        """Active model version -> how many nodes serve it."""
+        return dict(Counter(node.pipeline.ref.version for node in self._nodes))
+
+    def run_for(self, seconds: float | None) -> None:
+        """Serve for `seconds` (None: until `stop()`), logging version counts as they change."""
+        end = None if seconds is None else time.monotonic() + seconds
+        last: dict[str, int] = {}
+        while not self._stopped.is_set():
+            if (current := self.versions()) != last:
+                logger.info("active versions: %s", current)
+                last = current
+            left = 1.0 if end is None else min(1.0, end - time.monotonic())
+            if left <= 0 or self._stopped.wait(left):
+                return
+
+    def stop(self, reason: str = "stopped") -> None:
+        """Retained `stopped` status from every node, then clean disconnects (idempotent)."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self._telemetry.is_alive():
+            self._telemetry.join(5)
+        for node in self._nodes:
+            node.manager.stop()
+            if node.session.is_connected:
+                payload = node.status(NodeState.STOPPED, reason)
+                node.session.publish(topics.node_status(node.node_id), payload, retain=True)
+        deadline = time.monotonic() + 10.0
+        for node in self._nodes:
+            node.session.wait_published(max(0.0, deadline - time.monotonic()))
+            node.session.request_stop()
+        for node in self._nodes:
+            node.session.closed.wait(max(0.0, deadline - time.monotonic()))
+        if self._net is not None:
+            self._net.close()
+        self.models.close()
+        if self._temp is not None:
+            self._temp.cleanup()
+        logger.info("%d simulated nodes stopped (%s)", len(self._nodes), reason)
+
+    def _telemetry_loop(self) -> None:
+        """One telemetry message per node per interval, spread evenly over the interval."""
+        gap, process = self._interval / len(self._nodes), psutil.Process()
+        for node in self._nodes:
+            node.metrics.take_interval()  # the first message covers a whole interval
+        if self._stopped.wait(self._interval - gap):
+            return
+        while True:
+            for node in self._nodes:
+                if self._stopped.wait(gap):
+                    return
+                rss_mb = round(process.memory_info().rss / 2**20, 1)
+                peak_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+                payload = encode(node.telemetry(self._window, rss_mb, peak_mb))
+                node.session.publish(topics.node_telemetry(node.node_id), payload, qos=0)
+
+
+def _raise_open_files(needed: int) -> None:
+    """Raise the soft RLIMIT_NOFILE towards `needed` (a socket per node plus headroom)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    logger.info("raised the open-file limit from %d to %d (hard limit %d)", soft, target, hard)
+
+
+def simulate_nodes(
+    broker: str,
+    bundle: Path,
+    count: int,
+    *,
+    prefix: str = "sim",
+    groups: int = 1,
+    cache_dir: Path | None = None,
+    telemetry_interval_s: float = 5.0,
+    protocol: str = "5",
+    trust_key: Path | None = None,
+    duration: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """`imu-fleet simulate nodes`: run `count` nodes for `duration` s (None: until Ctrl-C)."""
+    fleet = SimulatedFleet(
+        broker, bundle, count=count, prefix=prefix, groups=groups, cache_dir=cache_dir,
+        telemetry_interval_s=telemetry_interval_s, protocol=protocol, trust_key=trust_key,
+    )  # fmt: skip
+    try:
+        fleet.start(progress)
+        fleet.run_for(duration)
+    except KeyboardInterrupt:
+        logger.info("interrupted")
+    finally:
+        fleet.stop()
+    return 0
