@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from conftest import Probe, Received, unique
 
-import fleet.simulate.nodes as sim
+import fleet.simulate.shared_models as sim
 from fleet.bundles.reference import build_reference_bundle
 from fleet.desired import desired_for, desired_topic
 from fleet.distribution import publish_bundle

@@ -18,11 +18,8 @@ the whole simulator process's.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import random
 import resource
-import selectors
 import socket
 import tempfile
 import threading
@@ -30,37 +27,30 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Any
 
-import paho.mqtt.client as mqtt
 import psutil
 
+from fleet.simulate.netloop import LoopSession, NetLoop
+from fleet.simulate.shared_models import SharedModels
 from node.app import software_version
 from node.config import BrokerAddress
 from node.errors import NodeError
 from node.inference.backend import (
-    BackendInfo,
-    BackendOptions,
     FloatArray,
-    InferenceBackend,
-    InferenceOutput,
 )
-from node.inference.pipeline import ModelPipeline, load_model
+from node.inference.pipeline import ModelPipeline
 from node.metrics import NodeMetrics
 from node.model.bundle import DEFAULT_MAX_BUNDLE_BYTES as MAX_BUNDLE_BYTES
-from node.model.bundle import Bundle, read_bundle, sha256_hex
-from node.model.fetch import cache_path, fetch_bundle
+from node.model.bundle import read_bundle
 from node.model.manager import ManagerSettings, ModelManager
 from node.model.signing import load_public_key, verify_manifest
-from node.mqtt.session import MqttSession, SessionSettings
+from node.mqtt.session import SessionSettings
 from node.reporting import ErrorReporter
 from node.telemetry import latency_summary
 from schemas import topics
 from schemas.codec import encode
-from schemas.messages import DesiredModel, ErrorKind, NodeState, NodeStatus, Telemetry
+from schemas.messages import ErrorKind, NodeState, NodeStatus, Telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -68,301 +58,12 @@ SIMULATED = "simulated node: no sensor input, one golden window per telemetry in
 """`backend_reason` in every simulated node's status and telemetry."""
 CONNECT_BATCH = 50
 """Nodes started at once before waiting for their CONNACKs."""
-TICK_S = 1.0
-"""How often the network loop runs keepalive checks and due reconnects."""
-
-
-class _NetLoop:
-    """One thread driving every node's paho client through epoll (paho's external-loop API)."""
-
-    def __init__(self, address: BrokerAddress) -> None:
-        self._address = address
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._lock = threading.Lock()
-        self._calls: list[Callable[[], None]] = []
-        self._writers: set[_SimSession] = set()
-        self._sessions: set[_SimSession] = set()  # loop thread only
-        self._running = True
-        self._thread = threading.Thread(target=self._run, name="sim-nodes-net", daemon=True)
-        self._thread.start()
-
-    def call(self, function: Callable[[], None]) -> None:
-        """Run `function` on the loop thread."""
-        with self._lock:
-            self._calls.append(function)
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"w")
-
-    def want_write(self, session: _SimSession) -> None:
-        """paho queued a packet for `session` (called on any thread)."""
-        if threading.current_thread() is self._thread:
-            self._writers.add(session)
-        else:
-            self.call(partial(self._settle, session, write=True))
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop the thread; sockets still open are closed (the broker sends their wills)."""
-        self.call(self._halt)
-        self._thread.join(timeout)
-        for session in self._sessions:
-            if (sock := session.client.socket()) is not None:
-                sock.close()
-        self._selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
-
-    def _halt(self) -> None:
-        self._running = False
-
-    def _run(self) -> None:
-        next_tick = time.monotonic() + TICK_S
-        while self._running:
-            with self._lock:
-                calls, self._calls = self._calls, []
-            writers, self._writers = self._writers, set()
-            for call in calls:
-                self._guarded(call)
-            for session in writers:
-                self._guarded(partial(self._settle, session, write=True))
-            if not self._running:
-                return
-            busy = self._calls or self._writers
-            timeout = 0.0 if busy else max(0.0, next_tick - time.monotonic())
-            for key, mask in self._selector.select(timeout):
-                if key.data is None:
-                    with contextlib.suppress(BlockingIOError):
-                        self._wake_r.recv(4096)
-                else:
-                    self._guarded(partial(self._io, key.data, mask))
-            if time.monotonic() >= next_tick:
-                next_tick = time.monotonic() + TICK_S
-                for session in list(self._sessions):
-                    self._guarded(partial(self._tick, session))
-
-    @staticmethod
-    def _guarded(step: Callable[[], None]) -> None:
-        try:
-            step()
-        except Exception:
-            logger.exception("simulated node network step failed")
-
-    def _io(self, session: _SimSession, mask: int) -> None:
-        client = session.client
-        if mask & selectors.EVENT_READ:
-            client.loop_read()
-            while (sock := client.socket()) is not None and getattr(sock, "pending", int)():
-                client.loop_read()  # TLS: decrypted bytes are invisible to epoll
-        if mask & selectors.EVENT_WRITE and client.socket() is not None:
-            client.loop_write()
-        self._settle(session)
-
-    def _tick(self, session: _SimSession) -> None:
-        if session.registered is not None:
-            session.client.loop_misc()  # keepalive pings, dead-connection detection
-            self._settle(session)
-        elif session.retry_at is not None and time.monotonic() >= session.retry_at:
-            self.connect(session)
-
-    def connect(self, session: _SimSession) -> None:
-        """(Re)connect (loop thread); a failure schedules a retry with backoff."""
-        session.retry_at = None
-        self._sessions.add(session)
-        address = self._address
-        if session.stopping:
-            return
-        try:
-            session.client.connect(address.host, address.port, session.settings.keepalive_s)
-        except OSError as exc:
-            session.counters.last_error = str(exc)
-            logger.warning("%s cannot connect to %s: %s", session.node_id, address, exc)
-            session.schedule_retry()
-            return
-        self._settle(session)
-
-    def disconnect(self, session: _SimSession) -> None:
-        """Send DISCONNECT (the broker drops the will); `session.closed` is set when done."""
-        session.stopping, session.retry_at = True, None
-        if session.client.socket() is None:
-            self._sessions.discard(session)
-            session.closed.set()
-        else:
-            session.client.disconnect()
-            self._settle(session)
-
-    def _settle(self, session: _SimSession, *, write: bool = False) -> None:
-        """Make the selector follow the client's socket and whether it has bytes to write."""
-        if write and session.registered is not None and session.client.want_write():
-            session.client.loop_write()  # the socket is nearly always writable: try at once
-        sock = session.client.socket()
-        if session.registered is not None and sock is not session.registered:
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                self._selector.unregister(session.registered)
-            session.registered = None
-            if session.stopping:
-                self._sessions.discard(session)
-                session.closed.set()
-            else:
-                session.schedule_retry()
-        if sock is None:
-            return
-        events = selectors.EVENT_READ
-        if session.client.want_write():
-            events |= selectors.EVENT_WRITE
-        if session.registered is None:
-            self._selector.register(sock, events, session)
-            session.registered, session.events = sock, events
-        elif events != session.events:
-            self._selector.modify(sock, events, session)
-            session.events = events
-
-
-class _SimSession(MqttSession):
-    """A `MqttSession` whose I/O runs on the shared `_NetLoop` instead of its own thread."""
-
-    def __init__(
-        self, settings: SessionSettings, net: _NetLoop, node_id: str, hook: Callable[[], None]
-    ) -> None:
-        super().__init__(settings, hook)
-        self.node_id, self.client, self._net = node_id, self._client, net
-        self.registered: Any = None
-        self.events = 0
-        self.retry_at: float | None = None
-        self.stopping = False
-        self.closed = threading.Event()
-        self._backoff, self._connects_seen = settings.backoff_initial_s, 0
-        self._client.on_socket_register_write = self._register_write
-
-    def _register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._net.want_write(self)
-
-    def start(self) -> None:
-        """Connect through the shared loop; returns at once (see `wait_connected`)."""
-        self._net.call(partial(self._net.connect, self))
-
-    def request_stop(self) -> None:
-        """Disconnect cleanly without waiting (see `closed`)."""
-        self._stop.set()
-        self._net.call(partial(self._net.disconnect, self))
-
-    def stop(self, *, timeout: float = 5.0) -> None:
-        """Disconnect cleanly and wait until the socket is closed."""
-        self.request_stop()
-        self.closed.wait(timeout)
-
-    def schedule_retry(self) -> None:
-        """Reconnect later: exponential backoff with jitter, reset by a success (loop thread)."""
-        initial = self.settings.backoff_initial_s
-        if self.counters.connects != self._connects_seen:
-            self._connects_seen, self._backoff = self.counters.connects, initial
-        self.retry_at = time.monotonic() + self._backoff + random.uniform(0, initial)
-        self._backoff = min(self._backoff * 2, self.settings.backoff_max_s)
-        self._connected.clear()
-
-
-class _Borrowed(InferenceBackend):
-    """A node's handle on a shared backend: closing it leaves the shared session open."""
-
-    def __init__(self, shared: InferenceBackend) -> None:
-        self._shared = shared
-
-    def infer(self, windows: FloatArray) -> InferenceOutput:
-        """Run on the shared session."""
-        return self._shared.infer(windows)
-
-    def describe(self) -> BackendInfo:
-        """The shared backend's description."""
-        return self._shared.describe()
-
-    def close(self) -> None:
-        """Nothing to release: the fleet closes the shared backend when it stops."""
-
-
-@dataclass
-class _Flight:
-    """One fetch under way, and its refusal if it failed."""
-
-    done: threading.Event = field(default_factory=threading.Event)
-    error: NodeError | None = None
-
-
-class _SharedModels:
-    """Each bundle fetched in single flight, and opened and golden-checked once per sha256."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}
-        self._loaded: dict[str, ModelPipeline | NodeError] = {}
-        self._flights: dict[str, _Flight] = {}
-
-    def load(self, bundle: Bundle) -> ModelPipeline:
-        """The manager's loader: this node's pipeline on the shared model, or the same refusal."""
-        key = sha256_hex(bundle.path.read_bytes()) if bundle.path else str(id(bundle))
-        with self._lock:
-            lock = self._locks.setdefault(key, threading.Lock())
-        with lock:
-            if (entry := self._loaded.get(key)) is None:
-                try:
-                    entry = load_model(bundle, "onnx", BackendOptions())
-                except NodeError as exc:
-                    entry = exc
-                self._loaded[key] = entry
-        if isinstance(entry, NodeError):
-            raise type(entry)(*entry.args)
-        return ModelPipeline(entry.bundle, _Borrowed(entry.backend))
-
-    def fetch(
-        self,
-        desired: DesiredModel,
-        session: MqttSession,
-        cache_dir: Path,
-        *,
-        max_bytes: int,
-        timeout_s: float = 120.0,
-    ) -> Path:
-        """`fetch_bundle` in single flight: one node fetches, nodes asking meanwhile wait.
-
-        After a success they find the file in the cache (and check its sha256); after a
-        refusal they raise the same one, as each would have found it.
-        """
-        target = cache_path(cache_dir, desired.name, desired.version, desired.bundle_sha256)
-        key = f"{target} {desired.bundle_size} {desired.url}"
-        with self._lock:
-            leader = (flight := self._flights.get(key)) is None
-            flight = flight or self._flights.setdefault(key, _Flight())
-        if not leader:
-            flight.done.wait()
-            if flight.error is not None:
-                raise type(flight.error)(*flight.error.args)
-        try:
-            return fetch_bundle(
-                desired, session, cache_dir, max_bytes=max_bytes, timeout_s=timeout_s
-            )
-        except NodeError as exc:
-            flight.error = exc
-            raise
-        finally:
-            if leader:
-                with self._lock:
-                    del self._flights[key]
-                flight.done.set()
-
-    def close(self) -> None:
-        """Close every shared backend."""
-        with self._lock:
-            for entry in self._loaded.values():
-                if isinstance(entry, ModelPipeline):
-                    entry.close()
-            self._loaded.clear()
 
 
 class _SimNode:
     """One simulated node: its session, its model manager and the pipeline it serves."""
 
-    def __init__(self, node_id: str, group: str, fleet: SimulatedFleet, net: _NetLoop) -> None:
+    def __init__(self, node_id: str, group: str, fleet: SimulatedFleet, net: NetLoop) -> None:
         self.node_id, self.group = node_id, group
         self.pipeline = fleet.models.load(fleet.initial)
         self.instance = uuid.uuid4().hex[:12]
@@ -371,7 +72,7 @@ class _SimNode:
         settings = SessionSettings(
             fleet.address, f"{node_id}-{self.instance[:6]}", fleet.protocol, will=will
         )
-        self.session = _SimSession(settings, net, node_id, self._announce)
+        self.session = LoopSession(settings, net, node_id, self._announce)
         self.reporter = ErrorReporter(node_id, self._publish_qos1, self.metrics)
         self.manager = ModelManager(
             ManagerSettings(node_id, group, fleet.cache_dir, MAX_BUNDLE_BYTES, fleet.trusted),
@@ -461,11 +162,11 @@ class SimulatedFleet:
         if cache_dir is None:
             self._temp = tempfile.TemporaryDirectory(prefix="imu-sim-cache-")
         self.cache_dir = cache_dir or Path(self._temp.name)  # type: ignore[union-attr]
-        self.models = _SharedModels()
+        self.models = SharedModels()
         self._interval = telemetry_interval_s
         self._window: FloatArray = self.initial.golden()[0][:1]
         self._nodes: list[_SimNode] = []
-        self._net: _NetLoop | None = None
+        self._net: NetLoop | None = None
         self._stopped = threading.Event()
         self._telemetry = threading.Thread(target=self._telemetry_loop, daemon=True)
 
@@ -476,7 +177,7 @@ class SimulatedFleet:
         count = len(self.node_ids)
         _raise_open_files(count + 256)
         started = time.monotonic()
-        net = self._net = _NetLoop(self.address)
+        net = self._net = NetLoop(self.address)
         for first in range(0, count, CONNECT_BATCH):
             ids = self.node_ids[first : first + CONNECT_BATCH]
             batch = [_SimNode(n, self.groups[i % len(self.groups)], self, net)
