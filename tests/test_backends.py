@@ -223,3 +223,32 @@ def test_doctor_reports_the_device_and_the_golden_check_on_hailo(
     for expected in ("hailo_platform 4.23", "architecture", "chip temperature",
                      "HEF fits device", "golden check (hailo)", "golden check (onnx)"):  # fmt: skip
         assert expected in out
+
+
+@ONCE
+def test_hot_swap_on_hailo_holds_both_models_on_one_chip(
+    broker: LocalBroker, start_node: NodeFactory, hailo_bundle_path: Path, probe: Probe,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    from hailo_standin.bundles import hailo_bundle
+
+    from fleet.bundles.reference import build_reference_bundle
+    from fleet.desired import desired_for, desired_topic
+    from node.model.bundle import read_bundle
+    from schemas.codec import encode
+
+    newer = read_bundle(build_reference_bundle(tmp_path / "v110.tar", version="1.1.0", seed=8))
+    target = hailo_bundle(newer, tmp_path / "v110-hailo.tar")
+    assert target.path is not None
+    app = start_node(backend="hailo", model=hailo_bundle_path, cache_dir=tmp_path / "cache")
+    sensor = unique("imu")
+    probe.subscribe(topics.motifs(sensor), topics.node_model(app.node_id))
+    desired = desired_for(target.path, url=target.path.as_uri())
+    probe.publish(desired_topic("node", app.node_id), encode(desired), retain=True)
+    probe.wait_for(topics.node_model(app.node_id), timeout=30,
+                   where=lambda m: m.json()["state"] == "active"
+                   and m.json()["active"]["version"] == "1.1.0")  # fmt: skip
+    probe.publish(topics.window(sensor), window(1))
+    result = probe.wait_for(topics.motifs(sensor))[0].json()
+    assert result["model"]["version"] == "1.1.0"
+    assert app.worker.pipeline.info.name == "hailo"

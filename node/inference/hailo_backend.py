@@ -39,6 +39,8 @@ INSTALL_HINT = (
     "install HailoRT 4.x on the Pi (`sudo apt install hailo-all`, then reboot) and create the "
     "venv with --system-site-packages so `import hailo_platform` works (docs/hardware.md)"
 )
+VDEVICE_GROUP = "imu-node"
+"""group_id of every VDevice this process opens (so a swap can hold two models on one chip)."""
 # Architectures a device accepts (hailo-notes.md section 3: a Hailo-8 also runs 8L HEFs).
 ACCEPTS = {"HAILO8": {"hailo8", "hailo8l"}, "HAILO8L": {"hailo8l"}, "HAILO8_A0": {"hailo8"}}
 
@@ -111,6 +113,9 @@ class HailoBackend(InferenceBackend):
     def _open_vdevice(self) -> Any:
         params = self._hailo.VDevice.create_params()
         params.scheduling_algorithm = self._hailo.HailoSchedulingAlgorithm.ROUND_ROBIN
+        # A hot swap opens the new model while the old one still serves: both VDevices must
+        # share the chip, which HailoRT allows within one process for one non-UNIQUE group.
+        params.group_id = VDEVICE_GROUP
         try:
             return self._hailo.VDevice(params)
         except Exception as exc:
