@@ -282,6 +282,7 @@ class NodeApp:
             return
         old = self.worker.swap(replacement)
         old.close()
+        self.manager.adopt(replacement)
         self._failures = 0
         self.backend_reason = f"fallback from {old.info.name}: {exc}"
         self.reporter.report(

@@ -182,6 +182,7 @@ def test_persistent_failures_fall_back_to_onnx_when_configured(
     status = probe.wait_for(topics.node_status(app.node_id),
                             where=lambda m: m.json()["backend"] == "onnx")[0].json()  # fmt: skip
     assert status["backend_reason"].startswith("fallback from hailo")
+    assert app.manager.state.backend == "onnx"
 
 
 @ONCE

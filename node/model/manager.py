@@ -139,6 +139,11 @@ class ModelManager:
             topics.node_model(self.settings.node_id), encode(self._state), retain=True
         )
 
+    def adopt(self, pipeline: ModelPipeline) -> None:
+        """The node replaced the serving pipeline itself (same model, e.g. a backend fallback)."""
+        self._active = pipeline
+        self._report(ModelLifecycle.ACTIVE)
+
     @property
     def state(self) -> NodeModelState:
         """The last reported model state."""
