@@ -11,7 +11,6 @@ and the fleet's final versions.
 from __future__ import annotations
 
 import argparse
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -19,18 +18,11 @@ from pathlib import Path
 from fleet.bundles.reference import build_reference_bundle
 from fleet.distribution import publish_bundle
 from fleet.rollout.controller import Controller
-from fleet.simulate.nodes import SimulatedFleet
+from fleet.simulate.nodes import SimulatedFleet, raise_open_files
 from node.config import BrokerAddress
 from node.local_broker import LocalBroker
 from node.mqtt.session import MqttSession, SessionSettings
 from schemas.messages import RolloutRecord
-
-
-def raise_file_limit(wanted: int) -> None:
-    """Lift the soft open-files limit (inherited by mosquitto) toward `wanted`."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = min(hard, max(soft, wanted)) if hard != resource.RLIM_INFINITY else max(soft, wanted)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def one_run(count: int, waves: list[int], folder: Path) -> dict[str, object]:
@@ -92,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--waves", default="10,50,100")
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.counts.split(",")]
-    raise_file_limit(max(counts) * 2 + 256)
+    raise_open_files(max(counts) * 2 + 256)  # before mosquitto starts: it inherits the limit
     with tempfile.TemporaryDirectory() as tmp:
         for count in counts:
             result = one_run(count, [int(w) for w in args.waves.split(",")], Path(tmp))

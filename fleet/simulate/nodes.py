@@ -175,7 +175,7 @@ class SimulatedFleet:
     ) -> None:
         """Start and connect every node, in batches; returns once all are connected."""
         count = len(self.node_ids)
-        _raise_open_files(count + 256)
+        raise_open_files(count + 256)
         started = time.monotonic()
         net = self._net = NetLoop(self.address)
         for first in range(0, count, CONNECT_BATCH):
@@ -255,7 +255,7 @@ class SimulatedFleet:
                 node.session.publish(topics.node_telemetry(node.node_id), payload, qos=0)
 
 
-def _raise_open_files(needed: int) -> None:
+def raise_open_files(needed: int) -> None:
     """Raise the soft RLIMIT_NOFILE towards `needed` (a socket per node plus headroom)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= needed:
