@@ -213,3 +213,35 @@ def test_rollout_over_a_hundred_simulated_nodes_completes(
         assert fleet_.versions() == {"1.1.0": 100}
     finally:
         fleet_.stop()
+
+
+@ONNX_ONLY
+def test_pause_holds_the_rollout_and_resume_finishes_it(
+    start_node: NodeFactory, controller: Controller, published: dict[str, Path], tmp_path: Path
+) -> None:
+    import threading
+
+    from fleet.rollout.controller import send_command
+
+    nodes = fleet(start_node, tmp_path, 2)
+    wait_known(controller, nodes)
+    time.sleep(0.3)
+    record = controller.start("tcn-reference", "1.1.0", group=nodes[0].config.group, canary=1,
+                              waves=[100], wave_timeout_s=30)  # fmt: skip
+    send_command(controller.session, record, "pause")
+    time.sleep(0.3)
+    outcome: list[object] = []
+    runner = threading.Thread(target=lambda: outcome.append(controller.run(record)))
+    runner.start()
+    time.sleep(1.0)
+    assert runner.is_alive()
+    paused = controller.record(record.rollout_id)
+    assert paused is not None
+    assert paused.state is RolloutState.PAUSED
+    assert active_versions(nodes) == ["1.0.0", "1.0.0"]  # nothing moved while paused
+    send_command(controller.session, paused, "resume")
+    runner.join(30)
+    assert not runner.is_alive()
+    final = outcome[0]
+    assert final.state is RolloutState.SUCCEEDED  # type: ignore[attr-defined]
+    assert active_versions(nodes) == ["1.1.0", "1.1.0"]

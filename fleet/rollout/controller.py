@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[RolloutRecord, str], None]
 HEARTBEAT_S = 5.0
 """A running controller republishes its record at least this often."""
+PAUSE_POLL_S = 0.2
+"""How often a paused controller looks for the operator's next command."""
 STALE_S = 3 * HEARTBEAT_S
 """A running record not updated for this long has lost its controller."""
 _MOVED = (NodeRolloutState.UPDATING, NodeRolloutState.ACTIVE, NodeRolloutState.FAILED)
@@ -86,6 +88,7 @@ class Controller:
         self._records: dict[str, RolloutRecord] = {}
         self._artifacts: dict[tuple[str, str], ArtifactManifest] = {}
         self._applied: dict[str, str | None] = {}
+        self._last_saved = 0.0
         self._lock = threading.Lock()
         session.route(topics.ROLLOUTS_FILTER, self._on_record)
         session.route(topics.artifact("+", "+", "manifest"), self._on_artifact)
@@ -180,6 +183,11 @@ class Controller:
         """Drive a rollout to its end; returns the final record."""
         while record.state in (RolloutState.RUNNING, RolloutState.PAUSED):
             record = self._obey(record)
+            if record.state is RolloutState.PAUSED:  # wait for resume/abort, still heart-beating
+                if time.monotonic() - self._last_saved > HEARTBEAT_S:
+                    record = self._save(record, "paused")
+                time.sleep(PAUSE_POLL_S)
+                continue
             if record.state is not RolloutState.RUNNING:
                 continue
             if record.wave >= len(record.waves):
@@ -321,8 +329,7 @@ class Controller:
         logger.info("%s: %s", record.rollout_id, event)
         if self._progress is not None:
             self._progress(record, event)
-        if record.state is RolloutState.PAUSED:
-            time.sleep(0.5)  # paused: poll for the next command without spinning
+        self._last_saved = time.monotonic()
         return record
 
     def _sign(self, desired: DesiredModel) -> DesiredModel:
