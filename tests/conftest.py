@@ -204,8 +204,9 @@ def start_node(
 ) -> Iterator[NodeFactory]:
     """Start nodes on the session broker; each is stopped at the end of the test.
 
-    The factory returns once the node's birth message is on the broker, which the broker
-    orders after the node's subscriptions: windows published from then on are served.
+    The factory returns once the node's birth message and model state are on the broker, which
+    the broker orders after the node's subscriptions: windows published from then on are served,
+    and a later subscriber gets both as retained messages.
     """
     apps: list[NodeApp] = []
 
@@ -217,13 +218,16 @@ def start_node(
         settings.setdefault("telemetry_interval_s", 0.5)
         app = NodeApp.open(load_config(**settings))
         config = app.config
-        watcher = Probe(config.broker).subscribe(topics.node_status(app.node_id))
+        watcher = Probe(config.broker).subscribe(
+            topics.node_status(app.node_id), topics.node_model(app.node_id)
+        )
         app.start()
         apps.append(app)
         watcher.wait_for(
             topics.node_status(app.node_id),
             where=lambda m: m.json()["instance"] == app.instance and m.json()["state"] == "online",
         )
+        watcher.wait_for(topics.node_model(app.node_id))
         watcher.close()
         return app
 
