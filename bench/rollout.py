@@ -19,9 +19,7 @@ from fleet.bundles.reference import build_reference_bundle
 from fleet.distribution import publish_bundle
 from fleet.rollout.controller import Controller
 from fleet.simulate.nodes import SimulatedFleet, raise_open_files
-from node.config import BrokerAddress
 from node.local_broker import LocalBroker
-from node.mqtt.session import MqttSession, SessionSettings
 from schemas.messages import RolloutRecord
 
 
@@ -35,17 +33,12 @@ def one_run(count: int, waves: list[int], folder: Path) -> dict[str, object]:
         started = time.monotonic()
         fleet.start(timeout_s=300)
         connected = time.monotonic() - started
-        session = MqttSession(
-            SessionSettings(address=BrokerAddress.parse(broker.url), client_id="bench-ctl")
-        )
         events: list[tuple[float, str]] = []
 
         def progress(record: RolloutRecord, event: str) -> None:
             events.append((time.monotonic(), event))
 
-        controller = Controller(session, progress=progress)
-        session.start()
-        session.wait_connected(10)
+        controller = Controller.connect(broker.url, client_id="bench-ctl", progress=progress)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             views = [controller.view.get(n) for n in fleet.node_ids]
@@ -60,7 +53,7 @@ def one_run(count: int, waves: list[int], folder: Path) -> dict[str, object]:
         total = time.monotonic() - began
         wave_times = [round(t - began, 2) for t, e in events if e.endswith("passed")]
         versions = fleet.versions()
-        session.stop()
+        controller.close()
         fleet.stop()
     return {
         "nodes": count,

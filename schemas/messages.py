@@ -381,6 +381,10 @@ class RolloutRecord(_Outbound):
     wave: int = Field(default=0, description="Index of the wave in progress")
     nodes: dict[str, NodeOutcome]
     command: Literal["pause", "resume", "abort", "rollback"] | None = None
+    controller: str | None = Field(
+        default=None,
+        description="Id of the controller driving it; alive while fleet/controllers/{id} is set",
+    )
     created_at: Timestamp
     updated_at: Timestamp
     reason: str | None = None
@@ -389,6 +393,20 @@ class RolloutRecord(_Outbound):
     def failures(self) -> int:
         """Nodes that failed to take the new version."""
         return sum(o.state is NodeRolloutState.FAILED for o in self.nodes.values())
+
+
+class ControllerPresence(_Outbound):
+    """`fleet/controllers/{controller_id}` (retained) while a rollout controller runs.
+
+    The controller's will is an empty retained message on the same topic, so the broker clears
+    the presence the moment the controller dies; `imu-fleet resume` then takes over at once.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    controller_id: str
+    host: str
+    pid: int
+    started_at: Timestamp
 
 
 ALL_MESSAGES: tuple[type[BaseModel], ...] = (
@@ -402,12 +420,14 @@ ALL_MESSAGES: tuple[type[BaseModel], ...] = (
     DesiredModel,
     ArtifactManifest,
     RolloutRecord,
+    ControllerPresence,
 )
 """Every message model, in topic-tree order (for JSON Schema export)."""
 
 __all__ = [
     "ALL_MESSAGES",
     "ArtifactManifest",
+    "ControllerPresence",
     "DesiredModel",
     "ErrorKind",
     "ErrorReport",

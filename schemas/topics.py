@@ -33,6 +33,7 @@ NODES_STATUS_FILTER: Final = "fleet/nodes/+/status"
 NODES_MODEL_FILTER: Final = "fleet/nodes/+/model"
 NODES_TELEMETRY_FILTER: Final = "fleet/nodes/+/telemetry"
 ROLLOUTS_FILTER: Final = "fleet/rollouts/+"
+CONTROLLERS_FILTER: Final = "fleet/controllers/+"
 
 
 def window(sensor_id: str) -> str:
@@ -98,6 +99,11 @@ def artifact_chunk(name: str, version: str, index: int) -> str:
 def rollout(rollout_id: str) -> str:
     """Retained record of one rollout."""
     return f"fleet/rollouts/{rollout_id}"
+
+
+def controller(controller_id: str) -> str:
+    """Retained presence of a running rollout controller (cleared by its will)."""
+    return f"fleet/controllers/{controller_id}"
 
 
 def shared(filter_: str, group: str | None) -> str:
@@ -175,4 +181,7 @@ CATALOGUE: Final[tuple[TopicSpec, ...]] = (
               "The bundle in chunks, for nodes that only reach the broker."),
     TopicSpec("fleet/rollouts/{rollout_id}", "fleet", 1, True, "RolloutRecord",
               "Rollout record: plan, wave, per-node outcome, state."),
+    TopicSpec("fleet/controllers/{controller_id}", "controller + will", 1, True,
+              "ControllerPresence",
+              "Retained while a controller runs; its empty will clears it when it dies."),
 )  # fmt: skip

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,12 +16,20 @@ from fleet.bundles.reference import build_reference_bundle
 from fleet.distribution import publish_bundle
 from fleet.rollout.controller import Controller, plan_waves
 from node.app import NodeApp
-from node.config import BrokerAddress
 from node.local_broker import LocalBroker
 from node.model.bundle import file_entries, read_bundle, write_bundle
-from node.mqtt.session import MqttSession, SessionSettings
 from schemas import topics
-from schemas.messages import DesiredModel, NodeRolloutState, RolloutState
+from schemas.codec import encode
+from schemas.messages import (
+    DesiredModel,
+    ModelLifecycle,
+    ModelRef,
+    NodeModelState,
+    NodeRolloutState,
+    NodeState,
+    NodeStatus,
+    RolloutState,
+)
 
 ONNX_ONLY = pytest.mark.parametrize("backend", ["onnx"], indirect=True)
 
@@ -50,15 +61,9 @@ def published(broker: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture
 def controller(broker: LocalBroker) -> Iterator[Controller]:
-    session = MqttSession(
-        SessionSettings(address=BrokerAddress.parse(broker.url), client_id=unique("ctl"))
-    )
-    ctl = Controller(session)
-    session.start()
-    assert session.wait_connected(10)
+    ctl = Controller.connect(broker.url, client_id=unique("ctl"))
     yield ctl
-    session.wait_published(5)
-    session.stop()
+    ctl.close()
 
 
 def fleet(start_node: NodeFactory, tmp_path: Path, count: int, **settings: object) -> list[NodeApp]:
@@ -153,37 +158,94 @@ def test_a_restarted_controller_resumes_from_the_retained_record(
     broker: LocalBroker, start_node: NodeFactory, published: dict[str, Path], tmp_path: Path
 ) -> None:
     nodes = fleet(start_node, tmp_path, 3)
-    first_session = MqttSession(
-        SessionSettings(address=BrokerAddress.parse(broker.url), client_id=unique("ctl-a"))
-    )
-    first = Controller(first_session)
-    first_session.start()
-    assert first_session.wait_connected(10)
+    first = Controller.connect(broker.url, client_id=unique("ctl-a"))
     wait_known(first, nodes)
     time.sleep(0.3)
     record = first.start("tcn-reference", "1.1.0", group=nodes[0].config.group, canary=1,
                          waves=[100], wave_timeout_s=30)  # fmt: skip
     record = first._run_wave(record)  # the canary wave, then the controller "dies"
     assert record.wave == 1
-    first_session.wait_published(5)
-    first_session.stop()
+    first.session.wait_published(5)
+    first.session.stop()  # gone without withdrawing its presence, as if hung
 
-    second_session = MqttSession(
-        SessionSettings(address=BrokerAddress.parse(broker.url), client_id=unique("ctl-b"))
-    )
-    second = Controller(second_session)
-    second_session.start()
-    assert second_session.wait_connected(10)
+    second = Controller.connect(broker.url, client_id=unique("ctl-b"))
     deadline = time.monotonic() + 10
     while second.record(record.rollout_id) is None and time.monotonic() < deadline:
         time.sleep(0.05)
     kept = second.record(record.rollout_id)
     assert kept is not None
     assert kept.wave == 1
+    assert kept.controller == first.controller_id
     final = second.take_over(kept, "resume")
-    second_session.stop()
+    second.close()
     assert final.state is RolloutState.SUCCEEDED
     assert active_versions(nodes) == ["1.1.0"] * 3
+
+
+def fleet_cli(broker: LocalBroker, *args: str) -> list[str]:
+    return [sys.executable, "-m", "fleet.cli", *args, "--broker", broker.url]
+
+
+def report_node(probe: Probe, node_id: str, group: str, version: str) -> None:
+    """Retained birth and active model of a node that exists only as these two messages."""
+    status = NodeStatus(state=NodeState.ONLINE, node_id=node_id, instance="stand-in",
+                        ts=time.time(), group=group)  # fmt: skip
+    model = NodeModelState(node_id=node_id, ts=time.time(), state=ModelLifecycle.ACTIVE,
+                           active=ModelRef(name="tcn-reference", version=version))  # fmt: skip
+    probe.publish(topics.node_status(node_id), encode(status), retain=True)
+    probe.publish(topics.node_model(node_id), encode(model), retain=True)
+
+
+@ONNX_ONLY
+def test_a_killed_controller_process_is_taken_over_at_once_by_resume(
+    broker: LocalBroker, start_node: NodeFactory, published: dict[str, Path], tmp_path: Path
+) -> None:
+    nodes = fleet(start_node, tmp_path, 2)
+    group = nodes[0].config.group
+    probe = Probe(broker.url).subscribe(topics.ROLLOUTS_FILTER, topics.CONTROLLERS_FILTER)
+    laggard = unique("zz-laggard")  # sorts last: the last wave waits for it until we say so
+    report_node(probe, laggard, group, "1.0.0")
+    rollout = subprocess.Popen(
+        fleet_cli(broker, "rollout", "tcn-reference", "1.1.0", "--group", group, "--canary", "1",
+                  "--waves", "100", "--wave-timeout", "60"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        ours = probe.wait_for(topics.ROLLOUTS_FILTER, where=lambda m: m.json()["group"] == group)
+        rollout_id = ours[0].json()["rollout_id"]
+        # a live controller is asked, not replaced
+        asked = subprocess.run(fleet_cli(broker, "pause", rollout_id), capture_output=True,
+                               timeout=30, check=False)  # fmt: skip
+        assert asked.returncode == 0, asked.stderr.decode()
+        assert b"asked the running controller to pause" in asked.stdout
+        paused = probe.wait_for(
+            topics.rollout(rollout_id), where=lambda m: m.json()["state"] == "paused"
+        )[0].json()
+        controller_id = paused["controller"]
+        probe.wait_for(topics.controller(controller_id), where=lambda m: bool(m.payload))
+        rollout.send_signal(signal.SIGKILL)
+        rollout.wait(10)
+    finally:
+        if rollout.poll() is None:
+            rollout.kill()
+    # the broker fires the will at once: the presence is cleared, no heartbeat timeout needed
+    probe.wait_for(topics.controller(controller_id), where=lambda m: not m.payload)
+
+    report_node(probe, laggard, group, "1.1.0")
+    resumed = subprocess.run(fleet_cli(broker, "resume", rollout_id), capture_output=True,
+                             timeout=60, check=False)  # fmt: skip
+    out = resumed.stdout.decode()
+    assert resumed.returncode == 0, resumed.stderr.decode() + out
+    assert f"taken over from {controller_id} to resume" in out
+    assert f"{rollout_id}: succeeded" in out
+    assert active_versions(nodes) == ["1.1.0"] * 2
+    final = probe.wait_for(
+        topics.rollout(rollout_id), where=lambda m: m.json()["state"] == "succeeded"
+    )[0].json()
+    assert final["controller"] not in (None, controller_id)
+    for topic in (topics.node_status(laggard), topics.node_model(laggard)):
+        probe.publish(topic, b"", retain=True)
+    probe.close()
 
 
 def test_rollout_over_a_hundred_simulated_nodes_completes(

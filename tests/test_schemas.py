@@ -88,6 +88,7 @@ BUILDERS: dict[str, Callable[..., str]] = {
     "fleet/nodes/{node_id}/desired": topics.node_desired,
     "fleet/groups/{group}/desired": topics.group_desired,
     "fleet/rollouts/{rollout_id}": topics.rollout,
+    "fleet/controllers/{controller_id}": topics.controller,
 }
 
 
@@ -112,6 +113,7 @@ def test_catalogue_covers_design_and_builders() -> None:
         "fleet/nodes/{node_id}/desired",
         *artifacts,
         "fleet/rollouts/{rollout_id}",
+        "fleet/controllers/{controller_id}",
     }
     for spec in topics.CATALOGUE:
         assert spec.qos in (0, 1, 2)
@@ -642,6 +644,7 @@ def test_all_messages_lists_every_topic_payload() -> None:
         "DesiredModel",
         "ArtifactManifest",
         "RolloutRecord",
+        "ControllerPresence",
     }
     assert payloads - names == {"bytes"}
 

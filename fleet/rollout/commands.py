@@ -12,10 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from fleet.distribution import publish_bundle
-from fleet.rollout.controller import Controller, RolloutError, is_stale, send_command
+from fleet.rollout.controller import Controller, RolloutError, send_command
 from fleet.rollout.view import NodeView
-from node.config import BrokerAddress
-from node.mqtt.session import MqttSession, SessionSettings
 from schemas.messages import RolloutRecord, RolloutState
 
 SETTLE_S = 1.5
@@ -25,25 +23,17 @@ SETTLE_S = 1.5
 @contextmanager
 def controller_session(args: argparse.Namespace, *, progress: bool = False) -> Iterator[Controller]:
     """A connected controller with the retained fleet state loaded."""
-    session = MqttSession(
-        SessionSettings(
-            address=BrokerAddress.parse(args.broker),
-            client_id=f"imu-fleet-{time.monotonic_ns() % 10**9}",
-            protocol=args.mqtt_protocol,
-        )
+    controller = Controller.connect(
+        args.broker,
+        protocol=args.mqtt_protocol,
+        sign_key=getattr(args, "sign_key", None),
+        progress=_print_event if progress else None,
     )
-    sign_key = getattr(args, "sign_key", None)
-    controller = Controller(session, sign_key=sign_key, progress=_print_event if progress else None)
-    session.start()
     try:
-        if not session.wait_connected(10):
-            msg = f"cannot connect to {args.broker}"
-            raise ConnectionError(msg)
         time.sleep(SETTLE_S)
         yield controller
     finally:
-        session.wait_published(10)
-        session.stop()
+        controller.close()
 
 
 def _print_event(record: RolloutRecord, event: str) -> None:
@@ -99,11 +89,11 @@ def cmd_control(args: argparse.Namespace) -> int:
         if not active and args.command != "rollback":
             print(f"{record.rollout_id} is {record.state}: nothing to {args.command}")
             return 1
-        if active and not is_stale(record):  # a controller is running it: ask
+        if active and controller.is_driven(record):  # a live controller is running it: ask
             send_command(controller.session, record, args.command)
             print(f"{record.rollout_id}: asked the running controller to {args.command}")
             return 0
-        final = controller.take_over(record, args.command)  # nobody else will: act here
+        final = controller.take_over(record, args.command)  # its controller is gone: act here
         print(f"{final.rollout_id}: {final.state}")
         return 0 if final.state is not RolloutState.FAILED else 1
 

@@ -8,12 +8,17 @@ and restore every moved node's previous model with a signed rollback desired sta
 the group (or fleet-wide) desired state names the new version and the node overrides are
 cleared. A controller that dies mid-rollout is replaced by `imu-fleet resume ID`, which picks
 the record up where it stopped.
+
+A record names its controller; one whose controller has no presence (`presence.py`) or that
+stopped heart-beating can be taken over, and a controller that finds its rollout taken over by
+another stops driving it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +28,7 @@ import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
 from fleet.desired import desired_topic
+from fleet.rollout.presence import Presence, presence_session
 from fleet.rollout.view import FleetView, NodeView
 from node.errors import NodeError
 from node.model.signing import load_private_key, sign_desired
@@ -72,7 +78,10 @@ def plan_waves(node_ids: list[str], canary: int, percents: list[int]) -> list[li
 
 
 class Controller:
-    """Runs rollouts over one MQTT session."""
+    """Runs rollouts over one MQTT session.
+
+    Make one with `Controller.connect` (which sets the presence will) and `close` it when done.
+    """
 
     def __init__(
         self,
@@ -82,6 +91,8 @@ class Controller:
         progress: Progress | None = None,
     ) -> None:
         self.session = session
+        self.presence = Presence(session)
+        self.controller_id = self.presence.controller_id
         self.view = FleetView(session)
         self._sign_key = load_private_key(sign_key) if sign_key else None
         self._progress = progress
@@ -92,6 +103,33 @@ class Controller:
         self._lock = threading.Lock()
         session.route(topics.ROLLOUTS_FILTER, self._on_record)
         session.route(topics.artifact("+", "+", "manifest"), self._on_artifact)
+
+    @classmethod
+    def connect(
+        cls,
+        broker: str,
+        *,
+        protocol: str = "5",
+        client_id: str | None = None,
+        sign_key: Path | None = None,
+        progress: Progress | None = None,
+        timeout_s: float = 10.0,
+    ) -> Controller:
+        """A controller on its own connected session, announcing itself with a presence will."""
+        session = presence_session(broker, protocol=protocol, client_id=client_id)
+        controller = cls(session, sign_key=sign_key, progress=progress)
+        session.start()
+        if not session.wait_connected(timeout_s):
+            session.stop()
+            msg = f"cannot connect to {broker} within {timeout_s:g} s"
+            raise ConnectionError(msg)
+        return controller
+
+    def close(self) -> None:
+        """Withdraw the presence, deliver what is queued and disconnect."""
+        self.presence.withdraw()
+        self.session.wait_published(10)
+        self.session.stop()
 
     # -- what the broker knows --------------------------------------------------------------
 
@@ -112,6 +150,14 @@ class Controller:
             return
         with self._lock:
             self._artifacts[(manifest.name, manifest.version)] = manifest
+
+    def is_driven(self, record: RolloutRecord) -> bool:
+        """True while a live controller drives `record` (else anyone may take it over)."""
+        if is_stale(record):
+            return False
+        if record.controller is None:  # written by a controller without presence
+            return True
+        return self.presence.is_live(record.controller)
 
     def records(self) -> list[RolloutRecord]:
         """Every rollout record on the broker, newest first."""
@@ -150,7 +196,8 @@ class Controller:
             msg = f"no online node in {where} (see `imu-fleet nodes`)"
             raise RolloutError(msg)
         now = time.time()
-        rollout_id = f"{name}-{version}-{time.strftime('%Y%m%d%H%M%S', time.gmtime(now))}"
+        stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
+        rollout_id = f"{name}-{version}-{stamp}-{secrets.token_hex(2)}"  # unique within a second
         desired = self._sign(
             DesiredModel(
                 name=name,
@@ -198,6 +245,12 @@ class Controller:
 
     def take_over(self, record: RolloutRecord, command: str) -> RolloutRecord:
         """Act on a rollout whose controller is gone: resume, pause, abort or roll back here."""
+        self._applied[record.rollout_id] = command  # the old controller's last command is spent
+        record = record.model_copy(update={"command": command})
+        with self._lock:
+            self._records[record.rollout_id] = record
+        gone = record.controller or "a controller without presence"
+        record = self._save(record, f"taken over from {gone} to {command}")
         if command == "resume":
             return self.run(record.model_copy(update={"state": RolloutState.RUNNING}))
         if command == "rollback":
@@ -302,6 +355,9 @@ class Controller:
     def _obey(self, record: RolloutRecord) -> RolloutRecord:
         """Apply a command an operator set on the retained record."""
         latest = self.record(record.rollout_id)
+        if latest is not None and latest.controller not in (None, self.controller_id):
+            msg = f"{record.rollout_id} was taken over by {latest.controller}; stopping here"
+            raise RolloutError(msg)
         command = latest.command if latest else None
         if command is None or command == self._applied.get(record.rollout_id):
             return record
@@ -318,7 +374,8 @@ class Controller:
     # -- publishing -------------------------------------------------------------------------
 
     def _save(self, record: RolloutRecord, event: str) -> RolloutRecord:
-        record = record.model_copy(update={"updated_at": time.time()})
+        owner = self.controller_id if self.presence.announces else None
+        record = record.model_copy(update={"updated_at": time.time(), "controller": owner})
         with self._lock:
             current = self._records.get(record.rollout_id)
             if current is not None and current.command is not None:

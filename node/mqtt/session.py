@@ -86,7 +86,7 @@ class MqttSession:
     ) -> None:
         self.settings = settings
         self.counters = SessionCounters()
-        self._on_connected = on_connected
+        self._connect_hooks: list[Callable[[], None]] = [on_connected] if on_connected else []
         self._routes: list[_Route] = []
         self._stop = threading.Event()
         self._connected = threading.Event()
@@ -112,6 +112,10 @@ class MqttSession:
     def wait_connected(self, timeout: float) -> bool:
         """Block until connected (or timeout); True when connected."""
         return self._connected.wait(timeout)
+
+    def on_connected(self, hook: Callable[[], None]) -> None:
+        """Also call `hook` on the network thread after every connection (after resubscribing)."""
+        self._connect_hooks.append(hook)
 
     def route(
         self, topic_filter: str, handler: Handler, *, qos: int = 1, share: str | None = None
@@ -317,9 +321,9 @@ class MqttSession:
             client.subscribe(route.subscription, qos=route.qos)
         self._connected.set()
         logger.info("connected to %s as %s", self.settings.address, self.settings.client_id)
-        if self._on_connected is not None:
+        for hook in self._connect_hooks:
             try:
-                self._on_connected()
+                hook()
             except Exception:
                 logger.exception("on_connected hook failed")
 
