@@ -1,8 +1,8 @@
 """A broker on loopback for the demo, tests and benchmarks.
 
-Prefers a real mosquitto (`set_tcp_nodelay true`, no persistence) on a free port. Where mosquitto
-is not installed, it runs amqtt (pure Python, MQTT 3.1.1 only) in a background thread; clients
-must then speak MQTT 3.1.1, which `LocalBroker.protocol` tells them.
+Prefers a real mosquitto (`set_tcp_nodelay true`, persistence only when given a state folder) on
+a free port. Where mosquitto is not installed, it runs amqtt (pure Python, MQTT 3.1.1 only) in a
+background thread; clients must then speak MQTT 3.1.1, which `LocalBroker.protocol` tells them.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -27,7 +29,8 @@ BrokerKind = Literal["auto", "mosquitto", "amqtt"]
 MOSQUITTO_CONF = """\
 listener {port} 127.0.0.1
 allow_anonymous true
-persistence false
+user {user}
+{persistence}
 set_tcp_nodelay true
 max_inflight_messages 1000
 max_queued_messages 100000
@@ -59,13 +62,24 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
 class LocalBroker:
     """Start with `start()` (or `with LocalBroker() as broker:`), connect to `broker.url`."""
 
-    def __init__(self, kind: BrokerKind = "auto", port: int | None = None) -> None:
+    def __init__(
+        self, kind: BrokerKind = "auto", port: int | None = None, state_dir: Path | None = None
+    ) -> None:
+        """A broker of `kind` on `port` (a free one by default).
+
+        `state_dir` (mosquitto only) keeps sessions, queued and retained messages across a stop
+        and a start, as a production broker with persistence does.
+        """
         if kind == "auto":
             kind = "mosquitto" if shutil.which("mosquitto") else "amqtt"
         if kind == "mosquitto" and not shutil.which("mosquitto"):
             msg = "mosquitto is not installed (apt-get install mosquitto), use kind='amqtt'"
             raise RuntimeError(msg)
+        if state_dir is not None and kind != "mosquitto":
+            msg = "a persistent LocalBroker needs mosquitto"
+            raise RuntimeError(msg)
         self.kind: Literal["mosquitto", "amqtt"] = kind
+        self.state_dir = state_dir
         self.port = port or free_port()
         self._process: subprocess.Popen[bytes] | None = None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
@@ -129,7 +143,13 @@ class LocalBroker:
     def _start_mosquitto(self) -> None:
         self._workdir = tempfile.TemporaryDirectory(prefix="imu-broker-")
         conf = Path(self._workdir.name) / "mosquitto.conf"
-        conf.write_text(MOSQUITTO_CONF.format(port=self.port))
+        persistence = "persistence false"
+        if self.state_dir is not None:
+            persistence = f"persistence true\npersistence_location {self.state_dir.resolve()}/"
+        # run as whoever started it (as root, mosquitto would switch to a `mosquitto` user that
+        # cannot write a state folder under a private temporary directory)
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        conf.write_text(MOSQUITTO_CONF.format(port=self.port, user=user, persistence=persistence))
         log = (Path(self._workdir.name) / "mosquitto.log").open("wb")
         self._process = subprocess.Popen(
             ["mosquitto", "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT

@@ -22,6 +22,8 @@ import orjson
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from fleet.bundles.reference import build_reference_bundle
 from node.app import NodeApp
@@ -119,7 +121,9 @@ class Received:
 class Probe:
     """An MQTT 5 test client that records everything on its subscriptions."""
 
-    def __init__(self, url: str, protocol: str = "5") -> None:
+    def __init__(self, url: str, protocol: str = "5", *, session_expiry_s: int = 0) -> None:
+        """Connect; with `session_expiry_s` (MQTT 5) the broker keeps the session and queues
+        messages for it while the probe is away, and paho resumes it on reconnect."""
         self.messages: list[Received] = []
         self._cv = threading.Condition()
         self._subscribed = threading.Event()
@@ -128,7 +132,15 @@ class Probe:
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, unique("probe"), protocol=version)
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *args: self._subscribed.set()
-        self.client.connect(address.host, address.port)
+        self.client.reconnect_delay_set(0.1, 1)
+        properties = None
+        if session_expiry_s:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = session_expiry_s
+        clean_start = False if session_expiry_s else mqtt.MQTT_CLEAN_START_FIRST_ONLY
+        self.client.connect(
+            address.host, address.port, clean_start=clean_start, properties=properties
+        )
         self.client.loop_start()
 
     def subscribe(self, *filters: str) -> Probe:

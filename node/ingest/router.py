@@ -3,6 +3,10 @@
 Runs on the MQTT network thread, so it only decodes, validates, windows and enqueues (about 0.1 ms
 per JSON window). Every rejection goes to the errors topic with its reason and the node keeps
 serving; a full queue drops the newest window and says so.
+
+After a reconnect the broker re-sends, with the DUP flag, QoS 1 messages whose acknowledgement it
+never got. A redelivered window (or sample run) whose seq this node has already taken is skipped
+and counted as `dropped["redelivered"]`, so a broker restart runs no window twice.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from schemas.messages import ErrorKind
 from schemas.topics import is_valid_id, parse_sensor_topic
 
 logger = logging.getLogger(__name__)
+
+REDELIVERED = "redelivered"
+"""Drop reason for a re-sent message this node already took."""
 
 
 class Ingest:
@@ -67,6 +74,10 @@ class Ingest:
             self._reject(exc, message.topic, sensor_id)
             return
         if window.seq is not None:
+            last = self._last_window_seq.get(sensor_id)
+            if message.dup and last is not None and window.seq <= last:
+                self._metrics.window_dropped(REDELIVERED)
+                return
             self._check_window_seq(sensor_id, window.seq, message.topic)
         self._enqueue(WorkItem(sensor_id, window.seq, window.t0, None, window.x, received))
 
@@ -80,6 +91,9 @@ class Ingest:
             run = decode_samples(bytes(message.payload))
         except InputRejectedError as exc:
             self._reject(exc, message.topic, sensor_id)
+            return
+        if message.dup and self._windower.has_taken(sensor_id, run.seq, len(run.samples)):
+            self._metrics.window_dropped(REDELIVERED)
             return
         windows, event = self._windower.add(sensor_id, run.samples, run.seq, run.t0, run.rate_hz)
         if event is not None:

@@ -98,6 +98,12 @@ class SampleWindower:
             stream.start += self.hop
         return windows, event
 
+    def has_taken(self, sensor_id: str, seq: int, count: int) -> bool:
+        """True when samples seq .. seq+count-1 end at or before what this sensor's stream took
+        (for telling a broker's re-sent run from new samples)."""
+        stream = self._streams.get(sensor_id)
+        return stream is not None and seq + count <= stream.end
+
     def forget(self, sensor_id: str) -> None:
         """Drop a sensor's buffered samples."""
         self._streams.pop(sensor_id, None)

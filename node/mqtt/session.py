@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -53,8 +53,9 @@ class SessionSettings:
     """Retained QoS 1 last will: (topic, payload)."""
     max_pending_publishes: int = 10_000
     session_expiry_s: int = 0
-    """MQTT 5: how long the broker keeps the session (and queued QoS 1 input) after a drop.
-    0 for tools; a node keeps 300 s so a short outage loses no window."""
+    """MQTT 5: how long the broker keeps the session (and queued QoS 1 input) after a drop,
+    also across a restart of a broker with persistence. 0 for tools; a node keeps 300 s so a
+    short outage loses no window. The client id must then be unique to this process."""
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 30.0
 
@@ -232,11 +233,20 @@ class MqttSession:
         address = self.settings.address
         if first:
             properties = None
+            clean_start: bool | Literal[3] = mqtt.MQTT_CLEAN_START_FIRST_ONLY
             if self.protocol_is_v5 and self.settings.session_expiry_s:
                 properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                 properties.SessionExpiryInterval = self.settings.session_expiry_s
+                # Client ids are unique per process, so there is no old session to resume; but
+                # mosquitto (2.0) only saves a session begun with clean start 0 across its own
+                # restart, and with it the QoS 1 messages queued for us.
+                clean_start = False
             self._client.connect(
-                address.host, address.port, self.settings.keepalive_s, properties=properties
+                address.host,
+                address.port,
+                self.settings.keepalive_s,
+                clean_start=clean_start,
+                properties=properties,
             )
         else:
             self._client.reconnect()
