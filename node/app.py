@@ -21,7 +21,7 @@ from importlib.metadata import PackageNotFoundError, version
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
-from node.config import NodeConfig
+from node.config import NodeConfig, default_spool_dir
 from node.errors import ConfigError, NodeError
 from node.identity import default_node_id
 from node.inference.pipeline import BatchResult, ModelPipeline, load_model, open_pipeline
@@ -32,7 +32,9 @@ from node.metrics import NodeMetrics
 from node.model.bundle import Bundle, read_bundle
 from node.model.manager import ManagerSettings, ModelManager
 from node.model.signing import load_public_key, verify_manifest
+from node.mqtt.outbox import Outbox
 from node.mqtt.session import MqttSession, SessionSettings
+from node.mqtt.spool import Spool
 from node.reporting import ErrorReporter
 from node.results import ResultPublisher
 from node.telemetry import TelemetryLoop
@@ -94,6 +96,7 @@ class NodeApp:
             ),
             on_connected=self._announce,
         )
+        self.outbox = Outbox(self.session, self._open_spool())
         self.queue: queue.Queue[WorkItem] = queue.Queue(maxsize=config.queue_size)
         self.reporter = ErrorReporter(
             self.node_id, self._publish_qos1, self.metrics, per_second=config.error_reports_per_s
@@ -130,6 +133,7 @@ class NodeApp:
             model=lambda: self.worker.pipeline,
             backend_reason=lambda: self.backend_reason,
             publish=lambda topic, payload: self.session.publish(topic, payload, qos=0),
+            spool=self.outbox.stats,
         )
 
     @classmethod
@@ -163,6 +167,7 @@ class NodeApp:
             self.manager.attach()
         self.worker.start()
         self.telemetry.start()
+        self.outbox.start()
         self.session.start()
         pipeline = self.worker.pipeline
         logger.info(
@@ -202,6 +207,7 @@ class NodeApp:
             retain=True,
         )
         self.session.wait_published(min(timeout, 5.0))
+        self.outbox.stop()
         self.session.stop()
         self.worker.pipeline.close()
         logger.info("node %s stopped (%s)", self.node_id, reason)
@@ -210,7 +216,13 @@ class NodeApp:
     # -- publishing -------------------------------------------------------------------------
 
     def _publish_qos1(self, topic: str, payload: bytes) -> bool:
-        return self.session.publish(topic, payload, qos=1)
+        return self.outbox.publish(topic, payload)
+
+    def _open_spool(self) -> Spool | None:
+        if self.config.spool_max_mb == 0:
+            return None
+        folder = self.config.spool_dir or default_spool_dir(self.node_id)
+        return Spool(folder, self.config.spool_max_mb * 2**20)
 
     def _status(
         self, state: NodeState, pipeline: ModelPipeline, reason: str | None = None

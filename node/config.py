@@ -67,6 +67,12 @@ def _default_cache_dir() -> Path:
     return Path(base) / "imu-edge" / "bundles"
 
 
+def default_spool_dir(node_id: str) -> Path:
+    """`$XDG_STATE_HOME/imu-edge/spool/{node_id}` (state, not cache: it holds undelivered data)."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "imu-edge" / "spool" / node_id
+
+
 class NodeConfig(BaseSettings):
     """Everything a node can be told. Unknown keys are errors (typos must not pass silently)."""
 
@@ -129,7 +135,17 @@ class NodeConfig(BaseSettings):
     )
     telemetry_interval_s: float = Field(10.0, gt=0, le=3600, description="Telemetry period")
     max_pending_publishes: int = Field(
-        10_000, ge=10, description="Results held while the broker is unreachable"
+        10_000,
+        ge=10,
+        description="Messages paho holds in memory until the broker acknowledges them",
+    )
+    spool_dir: Path | None = Field(
+        None,
+        description="Where results wait on disk while the broker is away "
+        "(default: $XDG_STATE_HOME/imu-edge/spool/NODE_ID)",
+    )
+    spool_max_mb: int = Field(
+        256, ge=0, description="Disk the spool may use; results past it are dropped and counted"
     )
     error_reports_per_s: float = Field(
         5.0, gt=0, description="Errors-topic rate per sensor and kind; the rest are counted"

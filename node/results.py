@@ -51,6 +51,6 @@ class ResultPublisher:
             latencies.append(latency_ms)
             if self._publish(topics.motifs(item.sensor_id), payload):
                 published += 1
-            else:  # paho's offline queue is full: the broker has been away too long
-                self._metrics.window_dropped("result_queue_full")
+            else:  # memory queue or disk spool full: the broker has been away too long
+                self._metrics.window_dropped("outbox_full")
         self._metrics.batch_done(len(batch), latencies, published)

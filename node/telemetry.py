@@ -15,6 +15,7 @@ import psutil
 
 from node.inference.pipeline import ModelPipeline
 from node.metrics import NodeMetrics
+from node.mqtt.spool import SpoolStats
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import LatencySummary, Telemetry
@@ -62,6 +63,7 @@ class TelemetryLoop:
         model: Callable[[], ModelPipeline],
         backend_reason: Callable[[], str],
         publish: Callable[[str, bytes], bool],
+        spool: Callable[[], SpoolStats | None] = lambda: None,
     ) -> None:
         self._node_id = node_id
         self._interval = interval_s
@@ -70,6 +72,7 @@ class TelemetryLoop:
         self._model = model
         self._backend_reason = backend_reason
         self._publish = publish
+        self._spool = spool
         self._process = psutil.Process()
         self._process.cpu_percent(None)  # first call primes the measurement
         self._stop = threading.Event()
@@ -91,6 +94,7 @@ class TelemetryLoop:
         model = self._model()
         rss = self._process.memory_info().rss
         peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        spool = self._spool()
         return Telemetry(
             node_id=self._node_id,
             ts=time.time(),
@@ -117,6 +121,8 @@ class TelemetryLoop:
             peak_rss_mb=round(peak_kb / 1024, 1),
             temperature_c=board_temperature(),
             accelerator_temperature_c=model.backend.temperature(),
+            spooled=spool.messages if spool else None,
+            spool_mb=round(spool.bytes / 2**20, 2) if spool else None,
         )
 
     def _run(self) -> None:

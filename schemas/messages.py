@@ -207,6 +207,10 @@ class Telemetry(_Outbound):
     accelerator_temperature_c: float | None = Field(
         default=None, description="Accelerator chip temperature (Hailo ts0 sensor)"
     )
+    spooled: int | None = Field(
+        default=None, description="Results waiting in the disk spool for the broker (null: off)"
+    )
+    spool_mb: float | None = Field(default=None, description="Disk the spool uses now")
 
 
 class ErrorKind(StrEnum):

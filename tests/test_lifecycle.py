@@ -15,7 +15,10 @@ import pytest
 from conftest import NodeFactory, Probe, subprocess_env, unique
 from test_node_e2e import raw_window
 
+from node.app import NodeApp
+from node.inference.worker import WorkItem
 from node.local_broker import LocalBroker
+from node.mqtt.spool import SpoolStats
 from schemas import topics
 from schemas.messages import ErrorKind, NodeStatus
 
@@ -169,6 +172,93 @@ def test_no_window_or_result_is_lost_across_a_broker_restart(
         assert served == sent  # re-sent windows are skipped, none is run twice
         assert set(dropped) <= {"redelivered"}
         assert ErrorKind.SEQUENCE_RESET not in errors
+        dashboard.close()
+    finally:
+        own.stop()
+
+
+def wait_disconnected(app: NodeApp) -> None:
+    deadline = time.monotonic() + 10
+    while app.session.is_connected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not app.session.is_connected
+
+
+def serve_offline(app: NodeApp, sensor: str, count: int) -> None:
+    """Windows the node took before the link dropped: results are made while it is down."""
+    for seq in range(count):
+        app.queue.put(WorkItem(sensor, seq, None, None, raw_window(seq), time.perf_counter_ns()))
+    deadline = time.monotonic() + 20
+    while app.outbox.spooled < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert app.outbox.spooled == count
+
+
+def wait_seqs(probe: Probe, sensor: str, count: int) -> set[int]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        seqs = {m.json()["seq"] for m in probe.on(topics.motifs(sensor))}
+        if len(seqs) >= count:
+            break
+        time.sleep(0.1)
+    return seqs
+
+
+def test_results_made_while_the_broker_is_away_wait_on_disk_then_arrive(
+    start_node: NodeFactory, tmp_path: Path
+) -> None:
+    state = tmp_path / "broker-state"
+    state.mkdir()
+    own = LocalBroker("mosquitto", state_dir=state).start()
+    try:
+        app = start_node(broker=own.url, spool_dir=tmp_path / "spool")
+        sensor = unique("imu")
+        dashboard = Probe(own.url, session_expiry_s=300).subscribe(topics.motifs(sensor))
+        own.stop()
+        wait_disconnected(app)
+        serve_offline(app, sensor, 60)
+        held = app.outbox.stats()
+        assert held is not None
+        assert held == SpoolStats(messages=60, bytes=held.bytes, segments=1)
+        assert app.session.pending_publishes() == 0  # on disk, not in paho's memory
+
+        own = LocalBroker("mosquitto", port=own.port, state_dir=state).start()
+        assert wait_seqs(dashboard, sensor, 60) == set(range(60))
+        deadline = time.monotonic() + 10
+        while app.outbox.replayed < 60 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert app.outbox.replayed == 60
+        assert list((tmp_path / "spool").glob("*.spool")) == []
+        assert app.telemetry.build().spooled == 0
+        dashboard.close()
+    finally:
+        own.stop()
+
+
+def test_a_node_restarted_during_an_outage_delivers_what_the_old_one_spooled(
+    start_node: NodeFactory, tmp_path: Path
+) -> None:
+    state = tmp_path / "broker-state"
+    state.mkdir()
+    own = LocalBroker("mosquitto", state_dir=state).start()
+    node_id, spool = unique("node"), tmp_path / "spool"
+    try:
+        first = start_node(broker=own.url, node_id=node_id, spool_dir=spool, drain_timeout_s=1)
+        sensor = unique("imu")
+        dashboard = Probe(own.url, session_expiry_s=300).subscribe(topics.motifs(sensor))
+        own.stop()
+        wait_disconnected(first)
+        serve_offline(first, sensor, 30)
+        first.stop("restarted while the broker is away")
+
+        own = LocalBroker("mosquitto", port=own.port, state_dir=state).start()
+        second = start_node(broker=own.url, node_id=node_id, spool_dir=spool)
+        assert wait_seqs(dashboard, sensor, 30) == set(range(30))
+        assert {m.json()["node_id"] for m in dashboard.on(topics.motifs(sensor))} == {node_id}
+        deadline = time.monotonic() + 10
+        while second.outbox.replayed < 30 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert second.outbox.replayed == 30
         dashboard.close()
     finally:
         own.stop()

@@ -319,12 +319,14 @@ def test_overload_drops_are_counted_and_reported_never_silent(
     probe.wait_for(topics.motifs(sensor), done)
 
 
-def test_two_nodes_with_one_id_are_reported(start_node: NodeFactory, probe: Probe) -> None:
+def test_two_nodes_with_one_id_are_reported(
+    start_node: NodeFactory, probe: Probe, tmp_path: Path
+) -> None:
     faults.set_faults(devices=2)  # on Hailo, two nodes in one process need two chips
     node_id = unique("twin")
     probe.subscribe(topics.node_errors(node_id))
     first = start_node(node_id=node_id)
-    second = start_node(node_id=node_id)
+    second = start_node(node_id=node_id, spool_dir=tmp_path / "other-machine")
     reports = probe.wait_for(
         topics.node_errors(node_id), 2, where=lambda m: m.json()["kind"] == "duplicate_node_id"
     )

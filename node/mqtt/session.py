@@ -168,6 +168,21 @@ class MqttSession:
         content_type: str | None = None,
     ) -> bool:
         """Queue a message; False when it was dropped (queue full, or QoS 0 while offline)."""
+        info = self.publish_message(
+            topic, payload, qos=qos, retain=retain, content_type=content_type
+        )
+        return info is not None
+
+    def publish_message(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        content_type: str | None = None,
+    ) -> mqtt.MQTTMessageInfo | None:
+        """Like `publish`, returning paho's handle (`is_published()`), or None when dropped."""
         properties = None
         if content_type and self.protocol_is_v5:
             properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -181,7 +196,8 @@ class MqttSession:
         if not queued:
             self.counters.publish_dropped += 1
             self._settle(1)
-        return queued
+            return None
+        return info
 
     def pending_publishes(self) -> int:
         """Messages handed to paho and not yet acknowledged (QoS 1) or written (QoS 0)."""

@@ -1,0 +1,128 @@
+"""QoS 1 messages that must not be lost: to the broker while connected, to disk while not.
+
+While the session is connected a message goes straight to paho (which keeps it until its
+PUBACK and re-sends it after a reconnect). While it is not, the message goes to the disk spool
+instead of paho's memory, so an outage longer than memory allows, or a node restart during one,
+loses nothing. After every connection a replay thread publishes the spool oldest first, a
+bounded number in flight at a time, and deletes each segment once all of it is acknowledged.
+Replayed messages can arrive after newer ones: consumers order by `seq`/`ts`, as always.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from node.mqtt.session import MqttSession
+from node.mqtt.spool import Spool, SpoolStats
+
+logger = logging.getLogger(__name__)
+
+REPLAY_IN_FLIGHT = 200
+"""Replayed messages handed to paho and not yet acknowledged, at most."""
+REPLAY_ACK_TIMEOUT_S = 30.0
+
+
+class Outbox:
+    """Publishes QoS 1 messages through a session, spooling them while it is offline."""
+
+    def __init__(self, session: MqttSession, spool: Spool | None) -> None:
+        self.session = session
+        self.spool = spool
+        self.spooled = 0
+        """Messages written to the spool since start."""
+        self.replayed = 0
+        """Spooled messages published and acknowledged since start."""
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        session.on_connected(self._wake.set)
+
+    def publish(self, topic: str, payload: bytes) -> bool:
+        """Queue one QoS 1 message; False when neither paho nor the spool could take it."""
+        if self.spool is None or self.session.is_connected:
+            return self.session.publish(topic, payload, qos=1)
+        if self.spool.append(topic, payload):
+            self.spooled += 1
+            return True
+        return False
+
+    def stats(self) -> SpoolStats | None:
+        """What the spool holds (None without a spool)."""
+        return self.spool.stats() if self.spool is not None else None
+
+    def start(self) -> None:
+        """Start the replay thread (a spool left by an earlier run is replayed too)."""
+        if self.spool is None:
+            return
+        self._thread = threading.Thread(target=self._run, name="spool-replay", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop replaying and close the spool (what is left stays for the next run)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        if self.spool is not None:
+            self.spool.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            if self.spool is None or not self.session.is_connected:
+                continue
+            if self.spool.stats().messages == 0:
+                continue
+            try:
+                self._replay(self.spool)
+            except OSError:
+                logger.exception("spool replay failed; retrying after the next connection")
+
+    def _replay(self, spool: Spool) -> None:
+        for segment in spool.seal():
+            count = self._replay_segment(spool, segment)
+            if count is None:
+                return  # disconnected, stopping, or paho full: the segment stays for next time
+            spool.discard(segment)
+            self.replayed += count
+            logger.info("replayed %d spooled messages from %s", count, segment.name)
+
+    def _replay_segment(self, spool: Spool, segment: Path) -> int | None:
+        """Publish one segment; its message count once all are acknowledged, else None."""
+        unacked: list[mqtt.MQTTMessageInfo] = []
+        count = 0
+        for topic, payload in spool.read(segment):
+            if not self._wait(lambda: _in_flight(unacked) < REPLAY_IN_FLIGHT):
+                return None
+            info = self.session.publish_message(topic, payload, qos=1)
+            if info is None:
+                return None
+            unacked.append(info)
+            count += 1
+        if not self._wait(lambda: _in_flight(unacked) == 0, REPLAY_ACK_TIMEOUT_S):
+            return None  # what was acknowledged will come again: at least once
+        return count
+
+    def _wait(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Until `done()` while connected and running; False when that ended first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done():
+            if self._stop.is_set() or not self.session.is_connected:
+                return False
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+
+def _in_flight(unacked: list[mqtt.MQTTMessageInfo]) -> int:
+    """Drop acknowledged messages from `unacked`; how many are left."""
+    unacked[:] = [info for info in unacked if not info.is_published()]
+    return len(unacked)
