@@ -21,7 +21,9 @@ from importlib.metadata import PackageNotFoundError, version
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
-from node.config import NodeConfig, default_spool_dir
+from node.api.prometheus import NodeSources
+from node.api.server import NodeHttp
+from node.config import NodeConfig, default_spool_dir, parse_listen
 from node.errors import ConfigError, NodeError
 from node.identity import default_node_id
 from node.inference.pipeline import BatchResult, ModelPipeline, load_model, open_pipeline
@@ -135,6 +137,7 @@ class NodeApp:
             publish=lambda topic, payload: self.session.publish(topic, payload, qos=0),
             spool=self.outbox.stats,
         )
+        self.http = self._open_http() if config.http_listen else None
 
     @classmethod
     def open(cls, config: NodeConfig) -> NodeApp:
@@ -169,6 +172,8 @@ class NodeApp:
         self.telemetry.start()
         self.outbox.start()
         self.session.start()
+        if self.http is not None:
+            self.http.start()
         pipeline = self.worker.pipeline
         logger.info(
             "node %s starting: broker %s, model %s %s on %s, hop %d, queue %d",
@@ -186,6 +191,8 @@ class NodeApp:
         if self._stopped.is_set():
             return True
         self._stopped.set()
+        if self.http is not None:
+            self.http.stop()
         self.manager.stop()
         timeout = self.config.drain_timeout_s
         sensors = self.config.sensors
@@ -217,6 +224,35 @@ class NodeApp:
 
     def _publish_qos1(self, topic: str, payload: bytes) -> bool:
         return self.outbox.publish(topic, payload)
+
+    def _open_http(self) -> NodeHttp:
+        assert self.config.http_listen is not None
+        sources = NodeSources(
+            node_id=self.node_id,
+            group=self.config.group,
+            software_version=software_version(),
+            metrics=self.metrics,
+            session=self.session,
+            outbox=self.outbox,
+            queue_depth=self.queue.qsize,
+            queue_capacity=self.queue.maxsize,
+            pipeline=lambda: self.worker.pipeline,
+        )
+        return NodeHttp(
+            parse_listen(self.config.http_listen),
+            sources,
+            self.queue,
+            ready=self.readiness,
+            infer_timeout_s=self.config.http_infer_timeout_s,
+        )
+
+    def readiness(self) -> dict[str, bool]:
+        """What `/readyz` checks: broker link, serving, room in the queue."""
+        return {
+            "broker_connected": self.session.is_connected,
+            "serving": self.worker.is_alive() and not self._stopped.is_set(),
+            "queue_has_room": self.queue.qsize() < self.queue.maxsize,
+        }
 
     def _open_spool(self) -> Spool | None:
         if self.config.spool_max_mb == 0:
@@ -272,6 +308,10 @@ class NodeApp:
     def _inference_failed(self, batch: list[WorkItem], exc: Exception) -> None:
         self._failures += 1
         for item in batch:
+            if item.reply is not None:  # POST /infer: the caller gets the error
+                self.metrics.window_dropped("inference_failed")
+                item.reply.set_exception(exc)
+                continue
             self.metrics.window_dropped("inference_failed")
             self.reporter.report(
                 ErrorKind.INFERENCE,

@@ -56,6 +56,7 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
         ("--sensors", "sensors", str),
         ("--username", "username", str),
         ("--log-level", "log_level", str),
+        ("--http", "http_listen", str),
     ):
         info = fields[name]
         default = info.default

@@ -67,6 +67,15 @@ def _default_cache_dir() -> Path:
     return Path(base) / "imu-edge" / "bundles"
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """`HOST:PORT` (or `[V6]:PORT`; `:PORT` for every interface) to a bind address."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        msg = f"{value!r} is not HOST:PORT (e.g. 0.0.0.0:9108, or 127.0.0.1:0 for any free port)"
+        raise ValueError(msg)
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 (':PORT' asks for all)
+
+
 def default_spool_dir(node_id: str) -> Path:
     """`$XDG_STATE_HOME/imu-edge/spool/{node_id}` (state, not cache: it holds undelivered data)."""
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
@@ -139,6 +148,14 @@ class NodeConfig(BaseSettings):
         ge=10,
         description="Messages paho holds in memory until the broker acknowledges them",
     )
+    http_listen: str | None = Field(
+        None,
+        description="HOST:PORT for /healthz, /readyz, /metrics and POST /infer "
+        "(e.g. 0.0.0.0:9108); off when unset",
+    )
+    http_infer_timeout_s: float = Field(
+        5.0, gt=0, description="POST /infer: longest wait for a result before 504"
+    )
     spool_dir: Path | None = Field(
         None,
         description="Where results wait on disk while the broker is away "
@@ -170,6 +187,13 @@ class NodeConfig(BaseSettings):
         if value is not None and not is_valid_id(value):
             msg = f"{value!r} is not a valid id (letters, digits, '_', '.', ':', '-'; max 64)"
             raise ValueError(msg)
+        return value
+
+    @field_validator("http_listen")
+    @classmethod
+    def _http_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_listen(value)
         return value
 
     @field_validator("sensors")

@@ -11,6 +11,18 @@ import numpy as np
 
 LATENCY_SAMPLES = 8192
 """Latencies kept per telemetry interval (the most recent ones when the rate is higher)."""
+LATENCY_BUCKETS_MS: tuple[float, ...] = (0.5, 1, 2, 3, 5, 10, 20, 50, 100, 250, 500, 1000)
+"""Upper bounds of the cumulative latency histogram (Prometheus `le`), in milliseconds."""
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyHistogram:
+    """Window latencies since start: counts per bucket (cumulative), sum and count."""
+
+    bounds_ms: tuple[float, ...]
+    cumulative: tuple[int, ...]
+    """Windows at or under each bound; the last entry is every window (`+Inf`)."""
+    sum_ms: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +50,8 @@ class NodeMetrics:
         self._batches: list[int] = []
         self._interval_start = self.started
         self._interval_done = 0
+        self._bucket_counts = np.zeros(len(LATENCY_BUCKETS_MS) + 1, dtype=np.int64)
+        self._latency_sum_ms = 0.0
 
     def window_accepted(self) -> None:
         """A window entered the inference queue."""
@@ -62,6 +76,9 @@ class NodeMetrics:
             self._interval_done += size
             self._latencies.extend(latencies_ms)
             self._batches.append(size)
+            buckets = np.searchsorted(LATENCY_BUCKETS_MS, latencies_ms, side="left")
+            np.add.at(self._bucket_counts, buckets, 1)
+            self._latency_sum_ms += float(sum(latencies_ms))
 
     def take_interval(self) -> IntervalStats:
         """Stats since the previous call, and start a new interval."""
@@ -78,6 +95,14 @@ class NodeMetrics:
             self._interval_start = now
             self._interval_done = 0
         return stats
+
+    def latency_histogram(self) -> LatencyHistogram:
+        """Every window's latency since start, bucketed."""
+        with self._lock:
+            cumulative = np.cumsum(self._bucket_counts)
+            return LatencyHistogram(
+                LATENCY_BUCKETS_MS, tuple(int(c) for c in cumulative), self._latency_sum_ms
+            )
 
     def totals(self) -> tuple[int, int, int, dict[str, int], dict[str, int]]:
         """(windows_in, windows_done, results_published, dropped, errors) since start."""

@@ -1,4 +1,7 @@
-"""Result messages: one JSON line per window on `imu/{sensor_id}/motifs`, QoS 1."""
+"""Result messages: one JSON line per window on `imu/{sensor_id}/motifs`, QoS 1.
+
+A window that came from `POST /infer` gets the same result as its HTTP reply instead.
+"""
 
 from __future__ import annotations
 
@@ -32,24 +35,25 @@ class ResultPublisher:
         published = 0
         for i, item in enumerate(batch):
             latency_ms = (time.perf_counter_ns() - item.received_ns) / 1e6
-            payload = encode_dict(
-                {
-                    "schema_version": SCHEMA_VERSION,
-                    "sensor_id": item.sensor_id,
-                    "node_id": self._node_id,
-                    "seq": item.seq,
-                    "t0": item.t0,
-                    "t1": item.t1,
-                    "model": ref,
-                    "latent": result.latent[i],
-                    "motif_scores": result.scores[i],
-                    "top_motif": int(top[i]),
-                    "latency_ms": round(latency_ms, 3),
-                    "ts": time.time(),
-                }
-            )
+            message = {
+                "schema_version": SCHEMA_VERSION,
+                "sensor_id": item.sensor_id,
+                "node_id": self._node_id,
+                "seq": item.seq,
+                "t0": item.t0,
+                "t1": item.t1,
+                "model": ref,
+                "latent": result.latent[i],
+                "motif_scores": result.scores[i],
+                "top_motif": int(top[i]),
+                "latency_ms": round(latency_ms, 3),
+                "ts": time.time(),
+            }
             latencies.append(latency_ms)
-            if self._publish(topics.motifs(item.sensor_id), payload):
+            if item.reply is not None:
+                item.reply.set_result(message)
+                continue
+            if self._publish(topics.motifs(item.sensor_id), encode_dict(message)):
                 published += 1
             else:  # memory queue or disk spool full: the broker has been away too long
                 self._metrics.window_dropped("outbox_full")

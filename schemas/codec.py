@@ -101,6 +101,13 @@ def decode_binary_window(payload: bytes) -> DecodedWindow:
     return DecodedWindow(x=x, seq=None, t0=None)
 
 
+def decode_any_window(payload: bytes, content_type: str | None) -> DecodedWindow:
+    """Decode a window in either form (JSON or binary frame), as `is_binary_window` tells."""
+    if is_binary_window(payload, content_type):
+        return decode_binary_window(payload)
+    return decode_window(payload)
+
+
 def decode_window(payload: bytes) -> DecodedWindow:
     """Decode and validate a JSON window message; raises InputRejectedError with the reason."""
     if len(payload) > MAX_WINDOW_BYTES:

@@ -232,6 +232,8 @@ class ErrorKind(StrEnum):
     """A sensor's sequence went backwards (restart or duplicate); its buffer was reset."""
     QUEUE_FULL = "queue_full"
     """The node was over capacity and dropped a window."""
+    SHUTTING_DOWN = "shutting_down"
+    """A window arrived after the node stopped taking input for a clean stop."""
     INFERENCE = "inference"
     """The backend failed on a batch."""
     PUBLISH = "publish"

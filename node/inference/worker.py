@@ -14,7 +14,9 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -36,6 +38,8 @@ class WorkItem:
     x: FloatArray
     received_ns: int
     """`time.perf_counter_ns()` when the message arrived."""
+    reply: Future[dict[str, Any]] | None = None
+    """Set for a window from `POST /infer`: the result goes here instead of to MQTT."""
 
 
 _STOP = WorkItem("", None, None, None, np.empty((0, 0), np.float32), 0)
@@ -72,6 +76,10 @@ class InferenceWorker:
     def pipeline(self) -> ModelPipeline:
         """The model currently serving."""
         return self._pipeline
+
+    def is_alive(self) -> bool:
+        """True while the worker thread runs."""
+        return self._thread.is_alive()
 
     def start(self) -> None:
         """Start the worker thread."""

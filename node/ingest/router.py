@@ -21,13 +21,7 @@ from node.inference.worker import WorkItem
 from node.ingest.windower import Discontinuity, SampleWindower
 from node.metrics import NodeMetrics
 from node.reporting import ErrorReporter
-from schemas.codec import (
-    InputRejectedError,
-    decode_binary_window,
-    decode_samples,
-    decode_window,
-    is_binary_window,
-)
+from schemas.codec import InputRejectedError, decode_any_window, decode_samples
 from schemas.messages import ErrorKind
 from schemas.topics import is_valid_id, parse_sensor_topic
 
@@ -66,10 +60,7 @@ class Ingest:
             return
         payload = bytes(message.payload)
         try:
-            if is_binary_window(payload, _content_type(message)):
-                window = decode_binary_window(payload)
-            else:
-                window = decode_window(payload)
+            window = decode_any_window(payload, _content_type(message))
         except InputRejectedError as exc:
             self._reject(exc, message.topic, sensor_id)
             return
@@ -156,7 +147,7 @@ class Ingest:
         if self._closed:
             self._metrics.window_dropped("shutting_down")
             self._reporter.report(
-                ErrorKind.QUEUE_FULL,
+                ErrorKind.SHUTTING_DOWN,
                 "node is shutting down: window arrived after unsubscribe and was not served",
                 sensor_id=item.sensor_id,
                 seq=item.seq,

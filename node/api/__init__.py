@@ -1,0 +1,1 @@
+"""The node's HTTP endpoints: health, readiness, Prometheus metrics and EdgeInfer's /infer."""

@@ -1,0 +1,205 @@
+"""The node's HTTP side: `/healthz`, `/readyz`, `/metrics` and `POST /infer`.
+
+`POST /infer` is EdgeInfer-compatible: it takes a window as `{"x": [[9 floats] x 100]}` (or a
+3600-byte float32 frame with `Content-Type: application/octet-stream`) and answers with the same
+JSON as an MQTT result, whose `latent` and `motif_scores` are what EdgeInfer clients read. The
+window goes through the node's own queue, worker and model, so it is batched with MQTT traffic
+and served by whichever model version is active. A full queue answers 503 with `Retry-After`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from node.api.prometheus import CONTENT_TYPE, NodeSources, metrics_registry, render
+from node.inference.worker import WorkItem
+from schemas.codec import InputRejectedError, decode_any_window, encode_dict
+from schemas.limits import MAX_WINDOW_BYTES
+
+logger = logging.getLogger(__name__)
+
+HTTP_SENSOR_ID = "http"
+"""The `sensor_id` of results answered over HTTP."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One HTTP answer."""
+
+    status: HTTPStatus
+    body: bytes
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def json_reply(status: HTTPStatus, payload: dict[str, Any], **headers: str) -> Reply:
+    """A JSON answer."""
+    return Reply(status, encode_dict(payload) + b"\n", headers=tuple(headers.items()))
+
+
+class NodeHttp:
+    """Answers the node's HTTP endpoints on a background thread."""
+
+    def __init__(
+        self,
+        listen: tuple[str, int],
+        sources: NodeSources,
+        work: queue.Queue[WorkItem],
+        *,
+        ready: Callable[[], dict[str, bool]],
+        infer_timeout_s: float,
+    ) -> None:
+        self.sources = sources
+        self._work = work
+        self._ready = ready
+        self._timeout = infer_timeout_s
+        self._registry = metrics_registry(sources)
+        server = _Server6 if ":" in listen[0] else _Server
+        self._server = server(listen, _handler_for(self))
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="http", kwargs={"poll_interval": 0.2}
+        )
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where it listens (the real port when 0 was asked for)."""
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        """Serve until `stop`."""
+        self._thread.start()
+        logger.info("http on %s:%d (/healthz /readyz /metrics POST /infer)", *self.address)
+
+    def stop(self) -> None:
+        """Stop answering and close the socket."""
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._thread.join(5)
+        self._server.server_close()
+
+    # -- endpoints ---------------------------------------------------------------------------
+
+    def healthz(self) -> Reply:
+        """Liveness: the process answers, and what it serves."""
+        pipeline = self.sources.pipeline()
+        return json_reply(
+            HTTPStatus.OK,
+            {
+                "status": "ok",
+                "node_id": self.sources.node_id,
+                "backend": pipeline.info.name,
+                "model": {"name": pipeline.ref.name, "version": pipeline.ref.version},
+            },
+        )
+
+    def readyz(self) -> Reply:
+        """Readiness: connected, serving, room in the queue; 503 names what is not."""
+        checks = self._ready()
+        status = HTTPStatus.OK if all(checks.values()) else HTTPStatus.SERVICE_UNAVAILABLE
+        return json_reply(status, {"ready": status is HTTPStatus.OK, "checks": checks})
+
+    def metrics(self) -> Reply:
+        """Prometheus text exposition."""
+        return Reply(HTTPStatus.OK, render(self._registry), CONTENT_TYPE)
+
+    def infer(self, body: bytes, content_type: str | None) -> Reply:
+        """Run one window through the node's queue and model."""
+        try:
+            window = decode_any_window(body, content_type)
+        except InputRejectedError as exc:
+            return json_reply(HTTPStatus.BAD_REQUEST, {"error": exc.kind, "reason": exc.reason})
+        reply: Future[dict[str, Any]] = Future()
+        item = WorkItem(HTTP_SENSOR_ID, window.seq, window.t0, None, window.x,
+                        time.perf_counter_ns(), reply)  # fmt: skip
+        try:
+            self._work.put_nowait(item)
+        except queue.Full:
+            self.sources.metrics.window_dropped("queue_full")
+            reason = f"node over capacity (queue of {self._work.maxsize} full); retry shortly"
+            return json_reply(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "busy", "reason": reason},
+                              **{"Retry-After": "1"})  # fmt: skip
+        self.sources.metrics.window_accepted()
+        try:
+            result = reply.result(self._timeout)
+        except FutureTimeout:
+            reason = f"no result within {self._timeout:g} s (node stopping or overloaded)"
+            return json_reply(HTTPStatus.GATEWAY_TIMEOUT, {"error": "timeout", "reason": reason})
+        except Exception as exc:  # the backend's failure, passed on by the worker
+            return json_reply(
+                HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "inference", "reason": str(exc)}
+            )
+        return json_reply(HTTPStatus.OK, result)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+def _handler_for(api: NodeHttp) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "imu-node"
+
+        def do_GET(self) -> None:
+            routes = {"/healthz": api.healthz, "/readyz": api.readyz, "/metrics": api.metrics}
+            route = routes.get(self.path.split("?", 1)[0])
+            if route is None:
+                self._send(_not_found(self.path))
+                return
+            self._send(route())
+
+        def do_POST(self) -> None:
+            if self.path.split("?", 1)[0] != "/infer":
+                self._send(_not_found(self.path))
+                return
+            length = self.headers.get("Content-Length")
+            if length is None or not length.isdigit():
+                reason = "send the window with a Content-Length"
+                self._send(
+                    json_reply(HTTPStatus.LENGTH_REQUIRED, {"error": "length", "reason": reason})
+                )
+                return
+            if int(length) > MAX_WINDOW_BYTES:
+                self.close_connection = True  # the body is not read
+                reason = f"body of {length} bytes; a window is at most {MAX_WINDOW_BYTES}"
+                self._send(json_reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                      {"error": "oversized", "reason": reason}))  # fmt: skip
+                return
+            body = self.rfile.read(int(length))
+            media_type = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip()
+            self._send(api.infer(body, media_type or None))
+
+        def _send(self, reply: Reply) -> None:
+            self.send_response(reply.status)
+            self.send_header("Content-Type", reply.content_type)
+            self.send_header("Content-Length", str(len(reply.body)))
+            for name, value in reply.headers:
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(reply.body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            logger.debug("http %s %s", self.client_address[0], format % args)
+
+    return Handler
+
+
+def _not_found(path: str) -> Reply:
+    reason = f"no {path}; try /healthz, /readyz, /metrics or POST /infer"
+    return json_reply(HTTPStatus.NOT_FOUND, {"error": "not_found", "reason": reason})
