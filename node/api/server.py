@@ -155,6 +155,7 @@ def _handler_for(api: NodeHttp) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "imu-node"
+        disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms stall
 
         def do_GET(self) -> None:
             routes = {"/healthz": api.healthz, "/readyz": api.readyz, "/metrics": api.metrics}
