@@ -26,7 +26,7 @@ from fleet.compile import (
     CompileValidationError,
     compile_bundle,
 )
-from fleet.compile.hailo_dfc import end_node_names, model_script, net_name_for, to_nhwc
+from fleet.compile.dfc_api import end_node_names, model_script, net_name_for, to_nhwc
 from node.errors import BundleError
 from node.inference.backend import BackendOptions
 from node.inference.normalize import Normalizer

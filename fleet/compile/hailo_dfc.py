@@ -26,30 +26,39 @@ A failed check raises `CompileValidationError` before anything is written.
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.metadata
 import logging
-import re
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Final, Literal, get_args
 
 import numpy as np
-import onnx
 
 from fleet.bundles.builder import with_hef
 from fleet.bundles.calibration import CalibrationSet
-from node.errors import BundleError
+from fleet.compile.dfc_api import (
+    CompileError,
+    CompileValidationError,
+    dfc_errors,
+    dfc_version,
+    emulate,
+    end_node_names,
+    import_dfc,
+    model_script,
+    net_name_for,
+    to_nhwc,
+    translate,
+)
+from fleet.models.validate import Agreement, agreement
 from node.inference.backend import BackendOptions, FloatArray
 from node.inference.normalize import Normalizer
 from node.inference.onnx_backend import OnnxBackend
 from node.inference.pipeline import cosine_similarity
 from node.model.bundle import Bundle
-from schemas.limits import CHANNELS, LATENT_DIM, WINDOW_LENGTH
+from schemas.limits import CHANNELS, WINDOW_LENGTH
 from schemas.manifest import HefInfo
 
 logger = logging.getLogger(__name__)
@@ -64,26 +73,6 @@ MIN_COSINE_NATIVE: Final = 0.99
 """Mean cosine the translated model (SDK_NATIVE) must reach against ONNX Runtime."""
 RECOMMENDED_CALIBRATION: Final = 1024
 """Hailo recommends at least this many calibration samples (model zoo OPTIMIZATION.rst)."""
-CALIBRATION_BATCH: Final = 8
-INSTALL_HINT: Final = (
-    "install the Hailo Dataflow Compiler (hailo_sdk_client, DFC 3.x for Hailo-8/8L; 3.33 pairs "
-    "with HailoRT 4.23) from the Hailo Developer Zone; it needs an x86-64 Ubuntu 22.04/24.04 "
-    "machine with Python 3.10-3.12 (an NVIDIA GPU is recommended) and does not run on the Pi"
-)
-DFC_DISTRIBUTION: Final = "hailo_dataflow_compiler"
-"""The DFC wheel's distribution name, used for the version when the module has none."""
-
-
-class CompileError(BundleError):
-    """Compiling a bundle for Hailo failed; the message says at which step and why."""
-
-
-class CompilerUnavailableError(CompileError):
-    """The Hailo Dataflow Compiler (`hailo_sdk_client`) is not installed here."""
-
-
-class CompileValidationError(CompileError):
-    """The translated or quantised model does not reproduce the ONNX model closely enough."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,149 +97,6 @@ class CompileReport:
     out: Path
     durations: dict[str, float] = field(default_factory=dict)
     """Seconds per step, by the names in `STEPS`."""
-
-
-def import_dfc() -> ModuleType:
-    """`hailo_sdk_client`, or CompilerUnavailableError saying what to install."""
-    try:
-        dfc = importlib.import_module("hailo_sdk_client")
-    except ImportError as exc:
-        msg = f"compiling for Hailo needs the hailo_sdk_client package ({exc}); {INSTALL_HINT}"
-        raise CompilerUnavailableError(msg) from exc
-    if not hasattr(dfc, "ClientRunner") or not hasattr(dfc, "InferenceContext"):
-        msg = (
-            f"hailo_sdk_client ({getattr(dfc, '__file__', None) or 'no file'}) has no "
-            f"ClientRunner/InferenceContext (not the Dataflow Compiler?); {INSTALL_HINT}"
-        )
-        raise CompilerUnavailableError(msg)
-    return dfc
-
-
-def dfc_version(dfc: ModuleType) -> str:
-    """The DFC's version string.
-
-    ⚠ Where the DFC keeps its version is unverified: try the module's `__version__`, then the
-    installed distribution's metadata, else "unknown".
-    """
-    version = getattr(dfc, "__version__", None)
-    if isinstance(version, str) and version:
-        return version
-    try:
-        return importlib.metadata.version(DFC_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def net_name_for(bundle_name: str) -> str:
-    """The DFC network name for a bundle: letters, digits and '_' (HEF streams are `<net>/...`)."""
-    name = re.sub(r"[^a-z0-9_]", "_", bundle_name.lower())
-    return name if re.match(r"^[a-z_]", name) else f"net_{name}"
-
-
-def model_script(calibration_size: int, optimization_level: int | None) -> str:
-    """The model script (.alls) for our models.
-
-    No `normalization(...)` line: nodes normalise each window before the model, so the HEF must
-    take normalised input just as the ONNX does.
-    """
-    lines = [
-        "model_optimization_config(calibration, "
-        f"batch_size={min(CALIBRATION_BATCH, calibration_size)}, "
-        f"calibset_size={calibration_size})"
-    ]
-    if optimization_level is not None:
-        lines.append(f"model_optimization_flavor(optimization_level={optimization_level})")
-    return "\n".join(lines) + "\n"
-
-
-def to_nhwc(windows: FloatArray) -> FloatArray:
-    """(N, 100, 9) windows as the DFC's NHWC input (N, 1, 100, 9): H=1, W=time, C=channels."""
-    return np.ascontiguousarray(windows.reshape(len(windows), 1, WINDOW_LENGTH, CHANNELS))
-
-
-def end_node_names(onnx_bytes: bytes, output_names: Sequence[str]) -> list[str]:
-    """The ONNX nodes that produce the given output tensors.
-
-    ⚠ Hailo's examples pass node names as `end_node_names` (e.g. `/model.22/cv2.0/cv2.0.2/Conv`)
-    and the graph input's tensor name as `start_node_names`; whether the parser also accepts an
-    output *tensor* name is unverified. So the producing node's name is passed, and the tensor
-    name only for a node without a name.
-    """
-    graph = onnx.load_from_string(onnx_bytes).graph
-    producers = {out: node.name for node in graph.node for out in node.output}
-    names = []
-    for tensor in output_names:
-        if tensor not in producers:
-            msg = f"the model has no node producing output {tensor!r}"
-            raise CompileError(msg)
-        names.append(producers[tensor] or tensor)
-    return names
-
-
-def translate(
-    runner: Any, onnx_path: Path, net_name: str, input_name: str, end_nodes: list[str]
-) -> None:
-    """Parse the ONNX into the runner.
-
-    ⚠ The keyword names (`start_node_names`, `end_node_names`, `net_input_shapes`) come from
-    third-party and model-zoo code, not from Hailo's guide (hailo-notes.md section 8, item 1).
-    `net_input_shapes` is given in the ONNX input's own layout, as Hailo's examples do
-    (`{'images': [1, 3, 640, 640]}` for an NCHW model); ours is NTC [1, 100, 9], which the DFC
-    should map to its NHWC input (1, 1, 100, 9), i.e. H=1, W=100, C=9. The path is passed as a
-    str because some Hailo entry points refuse pathlib.Path.
-    """
-    runner.translate_onnx_model(
-        str(onnx_path),
-        net_name,
-        start_node_names=[input_name],
-        end_node_names=end_nodes,
-        net_input_shapes={input_name: [1, WINDOW_LENGTH, CHANNELS]},
-    )
-
-
-def latent_rows(result: Any, count: int) -> FloatArray:
-    """The (count, 64) latent from whatever `runner.infer` returned.
-
-    ⚠ The emulator's return type is unverified: one array for one output, a list (or dict) for
-    several, each shaped NHWC (N, 1, 1, C) or NC (N, C). The latent is the output with 64 values
-    per window, found by size like the runtime backend does; its order among outputs is not
-    relied on.
-    """
-    if isinstance(result, Mapping):
-        arrays = list(result.values())
-    elif isinstance(result, list | tuple):
-        arrays = list(result)
-    else:
-        arrays = [result]
-    found = [
-        np.asarray(a, dtype=np.float32).reshape(count, -1)
-        for a in arrays
-        if np.asarray(a).size == count * LATENT_DIM
-    ]
-    if len(found) != 1:
-        shapes = [np.asarray(a).shape for a in arrays]
-        msg = f"the emulator returned {shapes}; expected exactly one with {LATENT_DIM} per window"
-        raise CompileError(msg)
-    return found[0]
-
-
-def emulate(runner: Any, context: Any, data: FloatArray) -> FloatArray:
-    """Latents (N, 64) of NHWC `data` on the DFC's emulator in `context`."""
-    with runner.infer_context(context) as ctx:
-        result = runner.infer(ctx, data)
-    return latent_rows(result, len(data))
-
-
-@contextlib.contextmanager
-def _dfc_errors(what: str) -> Iterator[None]:
-    """Turn the DFC's own exceptions (classes unverified) into CompileError."""
-    try:
-        yield
-    except CompileError:
-        raise
-    except Exception as exc:
-        msg = f"the Dataflow Compiler failed to {what}: {type(exc).__name__}: {exc}"
-        raise CompileError(msg) from exc
 
 
 class _Steps:
@@ -302,21 +148,6 @@ def _check_inputs(
     return bundle.onnx
 
 
-def _summary(a: FloatArray, b: FloatArray) -> tuple[float, float, float]:
-    """Mean and min row-wise cosine, and max abs error, of a against b."""
-    cosine = cosine_similarity(a, b)
-    return float(cosine.mean()), float(cosine.min()), float(np.max(np.abs(a - b)))
-
-
-@dataclass(frozen=True, slots=True)
-class _Parity:
-    """How close one set of latents came to another."""
-
-    cosine_mean: float
-    cosine_min: float
-    max_abs_error: float
-
-
 def _onnx_latents(bundle: Bundle, onnx_bytes: bytes, windows: FloatArray) -> FloatArray:
     """ONNX Runtime's latents for normalised windows: the reference the emulator must match."""
     backend = OnnxBackend(onnx_bytes, bundle.manifest.outputs, BackendOptions(threads=2))
@@ -337,20 +168,20 @@ def _translate_step(
     if manifest.outputs.motif_logits is not None:
         output_names.append(manifest.outputs.motif_logits.name)
     ends = end_node_names(onnx_bytes, output_names)
-    with _dfc_errors("start"):
+    with dfc_errors("start"):
         runner = dfc.ClientRunner(hw_arch=hw_arch)
-    with _dfc_errors("translate the ONNX model"):
+    with dfc_errors("translate the ONNX model"):
         translate(runner, onnx_path, net_name_for(manifest.name), manifest.input.name, ends)
     return runner
 
 
 def _check_native(
     runner: Any, dfc: ModuleType, data: FloatArray, reference: FloatArray
-) -> tuple[FloatArray, _Parity]:
+) -> tuple[FloatArray, Agreement]:
     """Full-precision emulator latents, checked against ONNX Runtime's (translation check)."""
-    with _dfc_errors("run the full-precision emulator"):
+    with dfc_errors("run the full-precision emulator"):
         native = emulate(runner, dfc.InferenceContext.SDK_NATIVE, data)
-    parity = _Parity(*_summary(native, reference))
+    parity = agreement(native, reference)
     logger.info(
         "native vs ONNX Runtime: cosine mean %.5f min %.5f, max abs error %.3g",
         parity.cosine_mean,
@@ -372,14 +203,14 @@ def _check_native(
 
 def _check_quantized(
     runner: Any, dfc: ModuleType, data: FloatArray, native: FloatArray, bundle: Bundle
-) -> tuple[_Parity, float]:
+) -> tuple[Agreement, float]:
     """Quantised vs full-precision emulator on `data`, and min cosine on the golden windows."""
     golden_raw, golden_latents = bundle.golden()
     golden = to_nhwc(Normalizer(bundle.manifest.normalization).apply(golden_raw))
-    with _dfc_errors("run the quantized emulator"):
+    with dfc_errors("run the quantized emulator"):
         quantized = emulate(runner, dfc.InferenceContext.SDK_QUANTIZED, data)
         quantized_golden = emulate(runner, dfc.InferenceContext.SDK_QUANTIZED, golden)
-    parity = _Parity(*_summary(quantized, native))
+    parity = agreement(quantized, native)
     golden_min = float(cosine_similarity(quantized_golden, golden_latents).min())
     logger.info(
         "quantized vs native: cosine mean %.5f min %.5f, max abs error %.3g; golden min "
@@ -447,20 +278,20 @@ def compile_bundle(
             reference = _onnx_latents(bundle, onnx_bytes, windows)
             native, translation = _check_native(runner, dfc, data, reference)
         with steps.step("optimize"):
-            with _dfc_errors("load the model script"):
+            with dfc_errors("load the model script"):
                 runner.load_model_script(model_script(len(data), optimization_level))
-            with _dfc_errors("optimize (quantize) the model"):
+            with dfc_errors("optimize (quantize) the model"):
                 runner.optimize(data)
         with steps.step("check_quantized"):
             parity, golden_min = _check_quantized(runner, dfc, data, native, bundle)
-        with steps.step("compile"), _dfc_errors("compile the model to a HEF"):
+        with steps.step("compile"), dfc_errors("compile the model to a HEF"):
             hef = runner.compile()
         if not isinstance(hef, bytes | bytearray) or not hef:
             msg = f"the Dataflow Compiler returned {type(hef).__name__}, not HEF bytes"
             raise CompileError(msg)
         with steps.step("write"):
             if har_out is not None:
-                with _dfc_errors("save the HAR"):
+                with dfc_errors("save the HAR"):
                     runner.save_har(str(har_out))
             info = HefInfo(
                 hw_arch=hw_arch,

@@ -51,12 +51,32 @@ import onnx
 import onnxruntime as ort
 import orjson
 from hailo_standin.fake_hef import make_hef
-from numpy.typing import NDArray
 from onnx import numpy_helper
+
+from hailo_sdk_client._errors import (
+    BackendAllocatorException,
+    BadInputsShape,
+    HardwareUnavailableError,
+    InvalidStateError,
+    MisspellNodeError,
+    ModelScriptParsingError,
+    SDKStandinError,
+    UnsupportedModelError,
+    UnsupportedShapeError,
+)
+from hailo_sdk_client._support import (
+    ENV,
+    FloatArray,
+    calibset_size,
+    fake_quantize,
+    fault_on,
+    faults,
+    onnx_session,
+    run_windows,
+)
 
 __version__ = "3.33.0"
 
-ENV = "HAILO_SDK_STANDIN"
 SUPPORTED_ARCHS = ("hailo8", "hailo8l", "hailo8r")
 """What DFC 3.x compiles for (Hailo-10/15 need DFC 5.x)."""
 HAR_FORMAT = "hailo_sdk_client stand-in HAR v1"
@@ -79,43 +99,6 @@ MODEL_SCRIPT_COMMANDS = frozenset(
 )
 _SCRIPT_LINE = re.compile(r"^(?:[A-Za-z_]\w*\s*=\s*)?(?P<command>[A-Za-z_]\w*)\s*\((?P<args>.*)\)$")
 _NET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-FloatArray = NDArray[np.float32]
-
-
-class SDKStandinError(Exception):
-    """Base of the stand-in's errors (stand-in-only name; the real hierarchy is unknown)."""
-
-
-class UnsupportedModelError(SDKStandinError):
-    """The ONNX model cannot be translated (unreadable, or a graph the stand-in cannot cut)."""
-
-
-class MisspellNodeError(SDKStandinError):
-    """A start/end node name is not in the ONNX graph."""
-
-
-class UnsupportedShapeError(SDKStandinError):
-    """`net_input_shapes` does not fit the model's input."""
-
-
-class BadInputsShape(SDKStandinError):  # noqa: N818 (the DFC's name)
-    """Calibration or inference data is not float32 NHWC of the network's input shape."""
-
-
-class InvalidStateError(SDKStandinError):
-    """A runner method was called before the step it depends on (translate, optimize)."""
-
-
-class ModelScriptParsingError(SDKStandinError):
-    """A model script (.alls) line is not a known command call."""
-
-
-class BackendAllocatorException(SDKStandinError):  # noqa: N818 (the DFC's name)
-    """Compilation failed (the stand-in raises it only under `compile_error=1`)."""
-
-
-class HardwareUnavailableError(SDKStandinError):
-    """SDK_HAILO_HW needs a Hailo device, which the stand-in never has."""
 
 
 class InferenceContext(enum.Enum):
@@ -129,33 +112,6 @@ class InferenceContext(enum.Enum):
     """The quantised model on the bit-exact emulator."""
     SDK_HAILO_HW = "sdk_hailo_hw"
     """The compiled model on a Hailo device."""
-
-
-def faults() -> dict[str, str]:
-    """The fault switches currently set in `HAILO_SDK_STANDIN`."""
-    switches: dict[str, str] = {}
-    for item in os.environ.get(ENV, "").split(","):
-        key, _, value = item.strip().partition("=")
-        if key:
-            switches[key.strip()] = value.strip() or "1"
-    return switches
-
-
-def _fault(name: str) -> bool:
-    return faults().get(name, "0") not in {"0", "", "false", "no"}
-
-
-def quantization(low: float, high: float) -> tuple[float, float]:
-    """uint8 scale and zero point for an output range, exactly as `fake_hef.make_hef` sets them."""
-    scale = (high - low) / 255.0 if high > low else 1.0
-    return scale, float(round(-low / scale))
-
-
-def fake_quantize(values: FloatArray, low: float, high: float) -> FloatArray:
-    """Quantise to uint8 and back: q = clip(round(x/scale + zp), 0, 255); (q - zp) * scale."""
-    scale, zp = quantization(low, high)
-    q = np.clip(np.round(values / scale + zp), 0, 255)
-    return ((q - zp) * scale).astype(np.float32)
 
 
 @dataclass
@@ -278,8 +234,8 @@ class ClientRunner:
         ]
         shape = self._input_shape(onnx_input, declared, net_input_shapes)
         onnx_bytes = proto.SerializeToString()
-        session = _session(onnx_bytes)
-        probe = _run(session, onnx_input, np.zeros((1, 100, 9), np.float32), out_tensors)
+        session = onnx_session(onnx_bytes)
+        probe = run_windows(session, onnx_input, np.zeros((1, 100, 9), np.float32), out_tensors)
         self._network = _Network(
             net_name=net_name,
             onnx=onnx_bytes,
@@ -363,7 +319,7 @@ class ClientRunner:
         del data_type, work_dir
         network = self._require_network("optimize")
         frames = self._frames(calib_data, "calibration data")
-        size = _calibset_size(self._script)
+        size = calibset_size(self._script)
         if size is not None:
             frames = frames[:size]
         outputs = self._emulate(network, frames)
@@ -417,7 +373,7 @@ class ClientRunner:
         outputs = self._emulate(network, frames)
         if context.context is InferenceContext.SDK_QUANTIZED:
             assert self._ranges is not None
-            if _fault("broken_quantization"):
+            if fault_on("broken_quantization"):
                 rng = np.random.default_rng(0)
                 outputs = {
                     name: fake_quantize(
@@ -442,7 +398,7 @@ class ClientRunner:
         if self._ranges is None:
             msg = "compile() needs a quantised model: call optimize() first"
             raise InvalidStateError(msg)
-        if _fault("compile_error"):
+        if fault_on("compile_error"):
             msg = "Compilation failed: No successful assignment for: conv1 (stand-in fault)"
             raise BackendAllocatorException(msg)
         self._compiled = True
@@ -493,7 +449,7 @@ class ClientRunner:
             raise UnsupportedModelError(msg) from exc
         self._hw_arch = str(state["hw_arch"])
         self._network = network
-        self._session = _session(onnx_bytes)
+        self._session = onnx_session(onnx_bytes)
         self._script = [str(line) for line in state["model_script"]]
         ranges = state["ranges"]
         self._ranges = (
@@ -549,39 +505,13 @@ class ClientRunner:
         """Float outputs per ONNX output name, (N, size) each."""
         assert self._session is not None
         windows = frames.reshape(len(frames), 100, 9)
-        if _fault("broken_translation"):
+        if fault_on("broken_translation"):
             windows = np.ascontiguousarray(windows[..., ::-1])
-        return _run(self._session, network.onnx_input, windows, list(network.outputs))
-
-
-def _session(onnx_bytes: bytes) -> ort.InferenceSession:
-    return ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-
-
-def _run(
-    session: ort.InferenceSession, onnx_input: str, windows: FloatArray, outputs: list[str]
-) -> dict[str, FloatArray]:
-    """Run (N, 100, 9) windows one by one (our exports have a fixed batch of 1)."""
-    rows: dict[str, list[FloatArray]] = {name: [] for name in outputs}
-    for window in windows:
-        results = session.run(outputs, {onnx_input: window[None].astype(np.float32)})
-        for name, value in zip(outputs, results, strict=True):
-            rows[name].append(np.asarray(value, dtype=np.float32).reshape(-1))
-    return {name: np.stack(values) for name, values in rows.items()}
-
-
-def _calibset_size(script: list[str]) -> int | None:
-    """`calibset_size=N` from a `model_optimization_config(calibration, ...)` line, if any."""
-    size = None
-    for line in script:
-        if "model_optimization_config" in line and "calibration" in line:
-            match = re.search(r"calibset_size\s*=\s*(\d+)", line)
-            if match:
-                size = int(match[1])
-    return size
+        return run_windows(self._session, network.onnx_input, windows, list(network.outputs))
 
 
 __all__ = [
+    "ENV",
     "BackendAllocatorException",
     "BadInputsShape",
     "ClientRunner",
