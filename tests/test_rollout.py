@@ -230,6 +230,11 @@ def test_a_killed_controller_process_is_taken_over_at_once_by_resume(
             rollout.kill()
     # the broker fires the will at once: the presence is cleared, no heartbeat timeout needed
     probe.wait_for(topics.controller(controller_id), where=lambda m: not m.payload)
+    status = subprocess.run(fleet_cli(broker, "status", rollout_id), capture_output=True,
+                            timeout=30, check=False)  # fmt: skip
+    assert status.returncode == 0, status.stderr.decode()
+    assert f"[no live controller: imu-fleet resume {rollout_id}]" in status.stdout.decode()
+    assert "paused" in status.stdout.decode()
 
     report_node(probe, laggard, group, "1.1.0")
     resumed = subprocess.run(fleet_cli(broker, "resume", rollout_id), capture_output=True,

@@ -110,12 +110,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         if not records:
             print("no rollouts on the broker")
         for record in records:
-            print(format_record(record, detailed=bool(args.rollout)))
+            active = record.state in (RolloutState.RUNNING, RolloutState.PAUSED)
+            driven = controller.is_driven(record) if active else None
+            print(format_record(record, detailed=bool(args.rollout), driven=driven))
     return 0
 
 
-def format_record(record: RolloutRecord, *, detailed: bool) -> str:
-    """A rollout as text: one line, or a line per node."""
+def format_record(record: RolloutRecord, *, detailed: bool, driven: bool | None = None) -> str:
+    """A rollout as text: one line, or a line per node.
+
+    `driven` (for running or paused rollouts) says whether a live controller drives it; when
+    not, the line tells the operator how to take it over.
+    """
     age = time.time() - record.updated_at
     lines = [
         f"{record.rollout_id}  {record.state:<11} {record.desired.name} {record.desired.version}  "
@@ -123,6 +129,8 @@ def format_record(record: RolloutRecord, *, detailed: bool) -> str:
         f"failures {record.failures}/{record.max_failures}  updated {age:.0f} s ago"
         + (f"  ({record.reason})" if record.reason else "")
     ]
+    if driven is False:
+        lines[0] += f"  [no live controller: imu-fleet resume {record.rollout_id}]"
     if detailed:
         lines.extend(
             f"  {node:<24} wave {o.wave + 1:<3} {o.state:<12} {o.error or ''}"
