@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,9 +20,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from node.config import NodeConfig
+from node.config import NodeConfig, default_spool_dir
 from node.errors import NodeError
-from node.identity import hardware_identity
+from node.identity import default_node_id, hardware_identity
 from node.inference.hailo_backend import ACCEPTS, import_hailo
 from node.inference.pipeline import load_model
 from node.model.bundle import Bundle, read_bundle
@@ -242,11 +243,37 @@ def _golden(ctx: _Context) -> Iterator[Check]:
                     f"max abs error {report.max_abs_error:.2g}")  # fmt: skip
 
 
+def _spool(ctx: _Context) -> Iterator[Check]:
+    config = ctx.config
+    if config.spool_max_mb == 0:
+        yield Check("result spool", Level.SKIP, "off (spool_max_mb = 0)")
+        return
+    try:
+        folder = config.spool_dir or default_spool_dir(config.node_id or default_node_id())
+    except RuntimeError as exc:
+        yield Check("result spool", Level.FAIL, str(exc), "set node_id or spool_dir")
+        return
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
+    if not os.access(existing, os.W_OK):
+        yield Check("result spool", Level.FAIL, f"{existing} is not writable by this user",
+                    f"create {folder} for the node's user, or set spool_dir")  # fmt: skip
+        return
+    waiting = sum(p.stat().st_size for p in folder.glob("*.spool")) if folder.exists() else 0
+    free_mb = shutil.disk_usage(existing).free / 2**20
+    found = f"{folder}, {waiting / 2**20:.1f} MB waiting, {free_mb:,.0f} MB free"
+    if free_mb < config.spool_max_mb:
+        yield Check("result spool", Level.WARN, found,
+                    f"spool_max_mb is {config.spool_max_mb}: free disk or lower it")  # fmt: skip
+        return
+    yield Check("result spool", Level.OK, found)
+
+
 _STEPS: tuple[Callable[[_Context], Iterator[Check]], ...] = (
     _software,
     _hailort,
     _device,
     _broker,
+    _spool,
     _bundle,
     _golden,
 )

@@ -222,7 +222,8 @@ def test_doctor_reports_the_device_and_the_golden_check_on_hailo(
     out = completed.stdout.decode()
     assert completed.returncode == 0, out
     for expected in ("hailo_platform 4.23", "architecture", "chip temperature",
-                     "HEF fits device", "golden check (hailo)", "golden check (onnx)"):  # fmt: skip
+                     "HEF fits device", "golden check (hailo)", "golden check (onnx)",
+                     "result spool"):  # fmt: skip
         assert expected in out
 
 
