@@ -137,7 +137,12 @@ class NodeApp:
             publish=lambda topic, payload: self.session.publish(topic, payload, qos=0),
             spool=self.outbox.stats,
         )
-        self.http = self._open_http() if config.http_listen else None
+        try:
+            self.http = self._open_http() if config.http_listen else None
+        except OSError as exc:
+            self.outbox.stop()  # releases the spool for the next attempt
+            msg = f"cannot serve HTTP on {config.http_listen}: {exc}; choose another http_listen"
+            raise ConfigError(msg) from exc
 
     @classmethod
     def open(cls, config: NodeConfig) -> NodeApp:
@@ -154,7 +159,11 @@ class NodeApp:
             config.backend_options(),
             fallback=config.fallback,
         )
-        return cls(config, pipeline, choice.reason)
+        try:
+            return cls(config, pipeline, choice.reason)
+        except BaseException:
+            pipeline.close()  # release the device (or the session) this attempt opened
+            raise
 
     # -- lifecycle --------------------------------------------------------------------------
 

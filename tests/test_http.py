@@ -17,6 +17,7 @@ from test_node_e2e import onnx_reference, raw_window
 
 from node.app import NodeApp
 from node.config import load_config, parse_listen
+from node.errors import ConfigError
 from node.local_broker import LocalBroker
 from node.model.bundle import Bundle
 from schemas import topics
@@ -200,6 +201,24 @@ def test_a_full_queue_answers_503_and_a_stuck_one_504(
     assert app.metrics.totals()[3] == {"queue_full": 1}
     app.http.stop()
     app.outbox.stop()
+    app.worker.pipeline.close()
+
+
+def test_a_taken_port_is_a_clear_error_and_frees_the_spool(
+    served: NodeApp, serving_bundle_path: Path, backend: str
+) -> None:
+    assert served.http is not None
+    host, port = served.http.address
+    settings = {"node_id": unique("late"), "model": serving_bundle_path, "backend": backend,
+                "http_listen": f"{host}:{port}"}  # fmt: skip
+    with pytest.raises(ConfigError, match=f"cannot serve HTTP on {host}:{port}"):
+        NodeApp.open(load_config(**settings))
+    settings["http_listen"] = f"{host}:0"
+    again = NodeApp.open(load_config(**settings))  # the spool and the device were released
+    again.outbox.stop()
+    assert again.http is not None
+    again.http.stop()
+    again.worker.pipeline.close()
 
 
 def test_listen_addresses() -> None:
