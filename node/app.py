@@ -98,7 +98,6 @@ class NodeApp:
             ),
             on_connected=self._announce,
         )
-        self.outbox = Outbox(self.session, self._open_spool())
         self.queue: queue.Queue[WorkItem] = queue.Queue(maxsize=config.queue_size)
         self.reporter = ErrorReporter(
             self.node_id, self._publish_qos1, self.metrics, per_second=config.error_reports_per_s
@@ -135,8 +134,9 @@ class NodeApp:
             model=lambda: self.worker.pipeline,
             backend_reason=lambda: self.backend_reason,
             publish=lambda topic, payload: self.session.publish(topic, payload, qos=0),
-            spool=self.outbox.stats,
+            spool=lambda: self.outbox.stats(),  # noqa: PLW0108 (outbox is made below)
         )
+        self.outbox = Outbox(self.session, self._open_spool())  # opened last: it takes a lock
         try:
             self.http = self._open_http() if config.http_listen else None
         except OSError as exc:

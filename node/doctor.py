@@ -26,6 +26,7 @@ from node.identity import default_node_id, hardware_identity
 from node.inference.hailo_backend import ACCEPTS, import_hailo
 from node.inference.pipeline import load_model
 from node.model.bundle import Bundle, read_bundle
+from node.mqtt.spool import spooled_bytes
 
 DRIVER_VERSION_FILE = Path("/sys/module/hailo_pci/version")
 DEVICE_NODE = Path("/dev/hailo0")
@@ -258,7 +259,7 @@ def _spool(ctx: _Context) -> Iterator[Check]:
         yield Check("result spool", Level.FAIL, f"{existing} is not writable by this user",
                     f"create {folder} for the node's user, or set spool_dir")  # fmt: skip
         return
-    waiting = sum(p.stat().st_size for p in folder.glob("*.spool")) if folder.exists() else 0
+    waiting = spooled_bytes(folder)
     free_mb = shutil.disk_usage(existing).free / 2**20
     found = f"{folder}, {waiting / 2**20:.1f} MB waiting, {free_mb:,.0f} MB free"
     if free_mb < config.spool_max_mb:

@@ -34,6 +34,7 @@ user {user}
 set_tcp_nodelay true
 max_inflight_messages 1000
 max_queued_messages 100000
+sys_interval 1
 log_dest stderr
 log_type error
 log_type warning

@@ -45,6 +45,8 @@ class NodeMetrics:
         self.windows_done = 0
         self.results_published = 0
         self.dropped: Counter[str] = Counter()
+        self.redelivered = 0
+        """Re-sent (DUP) windows or sample runs skipped: already served, not lost."""
         self.errors: Counter[str] = Counter()
         self._latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self._batches: list[int] = []
@@ -62,6 +64,11 @@ class NodeMetrics:
         """A window was dropped (counted by reason)."""
         with self._lock:
             self.dropped[reason] += 1
+
+    def window_redelivered(self) -> None:
+        """The broker re-sent a window (or run) this node already took; it was skipped."""
+        with self._lock:
+            self.redelivered += 1
 
     def error(self, kind: str) -> None:
         """An error of `kind` was reported."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +34,7 @@ class ResultPublisher:
         ref = {"name": model.ref.name, "version": model.ref.version}
         top = np.argmax(result.scores, axis=1)
         latencies: list[float] = []
+        replies: list[tuple[Future[dict[str, Any]], dict[str, Any]]] = []
         published = 0
         for i, item in enumerate(batch):
             latency_ms = (time.perf_counter_ns() - item.received_ns) / 1e6
@@ -51,10 +54,12 @@ class ResultPublisher:
             }
             latencies.append(latency_ms)
             if item.reply is not None:
-                item.reply.set_result(message)
+                replies.append((item.reply, message))
                 continue
             if self._publish(topics.motifs(item.sensor_id), encode_dict(message)):
                 published += 1
             else:  # memory queue or disk spool full: the broker has been away too long
                 self._metrics.window_dropped("outbox_full")
         self._metrics.batch_done(len(batch), latencies, published)
+        for reply, message in replies:  # after counting: a caller may scrape /metrics next
+            reply.set_result(message)

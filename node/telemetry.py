@@ -115,6 +115,7 @@ class TelemetryLoop:
             queue_depth=self._queue.qsize(),
             queue_capacity=self._queue.maxsize,
             dropped=dropped,
+            redelivered=self._metrics.redelivered,
             errors=errors,
             cpu_percent=self._process.cpu_percent(None),
             rss_mb=round(rss / 2**20, 1),

@@ -199,6 +199,9 @@ class Telemetry(_Outbound):
     queue_depth: int
     queue_capacity: int
     dropped: dict[str, int] = Field(description="Windows dropped since start, by reason")
+    redelivered: int = Field(
+        default=0, description="Windows the broker re-sent after a reconnect, already served"
+    )
     errors: dict[str, int] = Field(description="Errors reported since start, by kind")
     cpu_percent: float | None
     rss_mb: float

@@ -131,6 +131,15 @@ class Received:
         return orjson.loads(self.payload)
 
 
+def wait_until(done: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll `done` every 50 ms; fails the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout} s for {what}")
+        time.sleep(0.05)
+
+
 class Probe:
     """An MQTT 5 test client that records everything on its subscriptions."""
 

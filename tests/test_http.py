@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import http.client
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 import pytest
-from conftest import NodeFactory, Probe, latent_tolerance, unique
+from conftest import NodeFactory, Probe, latent_tolerance, unique, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from test_node_e2e import onnx_reference, raw_window
 
@@ -102,8 +101,9 @@ def test_bad_windows_get_400_with_the_reason(served: NodeApp, body: bytes, kind:
 
 
 def test_an_oversized_body_is_refused_unread(served: NodeApp) -> None:
-    status, _, answer = call(served, "POST", "/infer", b" " * (MAX_WINDOW_BYTES + 1))
+    status, headers, answer = call(served, "POST", "/infer", b" " * (MAX_WINDOW_BYTES + 1))
     assert status == 413
+    assert headers["Connection"] == "close"  # the unread body must not be taken for a request
     assert json.loads(answer)["error"] == "oversized"
 
 
@@ -142,9 +142,7 @@ def test_readiness_fails_while_the_broker_is_away(start_node: NodeFactory) -> No
     own = LocalBroker("mosquitto").start()
     app = start_node(broker=own.url, http_listen="127.0.0.1:0")
     own.stop()
-    deadline = time.monotonic() + 10
-    while app.session.is_connected and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: not app.session.is_connected, what="the node to see the broker gone")
     status, _, body = call(app, "GET", "/readyz")
     assert status == 503
     assert json.loads(body)["checks"]["broker_connected"] is False
@@ -156,7 +154,9 @@ def test_metrics_count_what_the_node_did(served: NodeApp, probe: Probe, backend:
     probe.subscribe(topics.motifs(sensor))
     probe.publish(topics.window(sensor), orjson.dumps({"x": raw_window(16).tolist()}))
     probe.wait_for(topics.motifs(sensor))
+    probe.subscribe(topics.node_errors(served.node_id))
     probe.publish(topics.window(sensor), b"{broken")
+    probe.wait_for(topics.node_errors(served.node_id))  # counted before it is reported
     infer(served, raw_window(17))
     status, headers, body = call(served, "GET", "/metrics")
     assert status == 200
@@ -190,18 +190,38 @@ def test_a_full_queue_answers_503_and_a_stuck_one_504(
                          http_infer_timeout_s=0.3, spool_max_mb=0)  # fmt: skip
     app = NodeApp.open(config)
     assert app.http is not None
-    body = orjson.dumps({"x": raw_window(18).tolist()})
-    stuck = app.http.infer(body, None)
-    assert stuck.status == 504
-    assert json.loads(stuck.body)["error"] == "timeout"
-    assert app.queue.full()
-    busy = app.http.infer(body, None)
-    assert busy.status == 503
-    assert ("Retry-After", "1") in busy.headers
-    assert app.metrics.totals()[3] == {"queue_full": 1}
-    app.http.stop()
-    app.outbox.stop()
-    app.worker.pipeline.close()
+    try:
+        body = orjson.dumps({"x": raw_window(18).tolist()})
+        stuck = app.http.infer(body, None)
+        assert stuck.status == 504
+        assert json.loads(stuck.body)["error"] == "timeout"
+        assert app.queue.full()
+        busy = app.http.infer(body, None)
+        assert busy.status == 503
+        assert ("Retry-After", "1") in busy.headers
+        assert app.metrics.totals()[3] == {"queue_full": 1}
+    finally:
+        app.http.stop()
+        app.outbox.stop()
+        app.worker.pipeline.close()
+
+
+def test_a_stopping_node_refuses_work_on_open_connections(start_node: NodeFactory) -> None:
+    app = start_node(http_listen="127.0.0.1:0")
+    assert app.http is not None
+    connection = http.client.HTTPConnection(*app.http.address, timeout=10)
+    body = orjson.dumps({"x": raw_window(19).tolist()})
+    connection.request("POST", "/infer", body=body)
+    first = connection.getresponse()
+    first.read()
+    assert first.status == 200
+    app.stop("test finished")  # the keep-alive connection is still open
+    connection.request("POST", "/infer", body=body)
+    second = connection.getresponse()
+    assert second.status == 503
+    assert json.loads(second.read())["error"] == "stopping"
+    assert second.getheader("Connection") == "close"
+    connection.close()
 
 
 def test_a_taken_port_is_a_clear_error_and_frees_the_spool(
@@ -215,10 +235,13 @@ def test_a_taken_port_is_a_clear_error_and_frees_the_spool(
         NodeApp.open(load_config(**settings))
     settings["http_listen"] = f"{host}:0"
     again = NodeApp.open(load_config(**settings))  # the spool and the device were released
-    again.outbox.stop()
-    assert again.http is not None
-    again.http.stop()
-    again.worker.pipeline.close()
+    try:
+        assert again.http is not None
+    finally:
+        again.outbox.stop()
+        if again.http is not None:
+            again.http.stop()
+        again.worker.pipeline.close()
 
 
 def test_listen_addresses() -> None:

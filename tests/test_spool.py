@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import resource
+import signal
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,21 @@ def test_a_closed_spool_takes_nothing(tmp_path: Path) -> None:
     spool.close()
     assert not spool.append("t", b"late")
     assert list(tmp_path.glob("*.spool")) == []
+
+
+def test_a_failed_write_refuses_that_message_and_loses_no_other(tmp_path: Path) -> None:
+    """A real EFBIG from the kernel (a file-size limit) stands in for a full disk."""
+    spool = Spool(tmp_path, 10**6)
+    assert spool.append("t", b"a" * 1000)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2500, hard))
+    try:
+        taken = [spool.append("t", bytes([98 + i]) * 1000) for i in range(3)]
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert taken == [True, False, True]  # the second would pass 2,500 bytes: refused
+    assert spool.stats().messages == 3
+    assert [p[:1] for _, p in replay(spool)] == [b"a", b"b", b"d"]
+    spool.close()

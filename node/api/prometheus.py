@@ -74,6 +74,11 @@ class NodeCollector(Collector):
         yield CounterMetricFamily(
             "imu_node_results_published", "Results queued for the broker", value=published
         )
+        yield CounterMetricFamily(
+            "imu_node_windows_redelivered",
+            "Windows the broker re-sent after a reconnect, already served (skipped)",
+            value=s.metrics.redelivered,
+        )
         by_reason = CounterMetricFamily(
             "imu_node_windows_dropped", "Windows not served, by reason", labels=["reason"]
         )

@@ -64,6 +64,8 @@ class NodeHttp:
         self._work = work
         self._ready = ready
         self._timeout = infer_timeout_s
+        self.closing = False
+        """Set by `stop`: open keep-alive connections get 503 and are closed."""
         self._registry = metrics_registry(sources)
         server = _Server6 if ":" in listen[0] else _Server
         self._server = server(listen, _handler_for(self))
@@ -84,6 +86,7 @@ class NodeHttp:
 
     def stop(self) -> None:
         """Stop answering and close the socket."""
+        self.closing = True
         if self._thread.is_alive():
             self._server.shutdown()
             self._thread.join(5)
@@ -116,6 +119,9 @@ class NodeHttp:
 
     def infer(self, body: bytes, content_type: str | None) -> Reply:
         """Run one window through the node's queue and model."""
+        if self.closing:
+            answer = {"error": "stopping", "reason": "node is stopping; send to another node"}
+            return json_reply(HTTPStatus.SERVICE_UNAVAILABLE, answer)
         try:
             window = decode_any_window(body, content_type)
         except InputRejectedError as exc:
@@ -156,6 +162,7 @@ def _handler_for(api: NodeHttp) -> type[BaseHTTPRequestHandler]:
         protocol_version = "HTTP/1.1"
         server_version = "imu-node"
         disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms stall
+        timeout = 30  # seconds a kept-alive or half-sent request may hold its thread
 
         def do_GET(self) -> None:
             routes = {"/healthz": api.healthz, "/readyz": api.readyz, "/metrics": api.metrics}
@@ -188,6 +195,8 @@ def _handler_for(api: NodeHttp) -> type[BaseHTTPRequestHandler]:
 
         def _send(self, reply: Reply) -> None:
             self.send_response(reply.status)
+            if api.closing or self.close_connection:
+                self.send_header("Connection", "close")  # and the handler closes it
             self.send_header("Content-Type", reply.content_type)
             self.send_header("Content-Length", str(len(reply.body)))
             for name, value in reply.headers:

@@ -145,4 +145,7 @@ class InferenceWorker:
             logger.exception("unexpected failure on a batch of %d", len(batch))
             self._on_failure(batch, exc)
             return
-        self._on_results(batch, result, pipeline)
+        try:
+            self._on_results(batch, result, pipeline)
+        except Exception:  # the worker must outlive a bug or a full disk downstream
+            logger.exception("publishing the results of a batch of %d failed", len(batch))

@@ -6,7 +6,8 @@ serving; a full queue drops the newest window and says so.
 
 After a reconnect the broker re-sends, with the DUP flag, QoS 1 messages whose acknowledgement it
 never got. A redelivered window (or sample run) whose seq this node has already taken is skipped
-and counted as `dropped["redelivered"]`, so a broker restart runs no window twice.
+and counted (telemetry `redelivered`), so a broker restart runs no window twice. Binary frames
+carry no seq and cannot be told apart: a re-sent one is served again.
 """
 
 from __future__ import annotations
@@ -26,9 +27,6 @@ from schemas.messages import ErrorKind
 from schemas.topics import is_valid_id, parse_sensor_topic
 
 logger = logging.getLogger(__name__)
-
-REDELIVERED = "redelivered"
-"""Drop reason for a re-sent message this node already took."""
 
 
 class Ingest:
@@ -67,7 +65,7 @@ class Ingest:
         if window.seq is not None:
             last = self._last_window_seq.get(sensor_id)
             if message.dup and last is not None and window.seq <= last:
-                self._metrics.window_dropped(REDELIVERED)
+                self._metrics.window_redelivered()
                 return
             self._check_window_seq(sensor_id, window.seq, message.topic)
         self._enqueue(WorkItem(sensor_id, window.seq, window.t0, None, window.x, received))
@@ -84,7 +82,7 @@ class Ingest:
             self._reject(exc, message.topic, sensor_id)
             return
         if message.dup and self._windower.has_taken(sensor_id, run.seq, len(run.samples)):
-            self._metrics.window_dropped(REDELIVERED)
+            self._metrics.window_redelivered()
             return
         windows, event = self._windower.add(sensor_id, run.samples, run.seq, run.t0, run.rate_hz)
         if event is not None:

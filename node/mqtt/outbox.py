@@ -45,8 +45,10 @@ class Outbox:
 
     def publish(self, topic: str, payload: bytes) -> bool:
         """Queue one QoS 1 message; False when neither paho nor the spool could take it."""
-        if self.spool is None or self.session.is_connected:
+        if self.spool is None:
             return self.session.publish(topic, payload, qos=1)
+        if self.session.is_connected and self.session.publish(topic, payload, qos=1):
+            return True  # else offline, or paho's memory queue is full (a link dying unnoticed)
         if self.spool.append(topic, payload):
             self.spooled += 1
             return True
@@ -82,7 +84,7 @@ class Outbox:
                 continue
             try:
                 self._replay(self.spool)
-            except OSError:
+            except Exception:  # never let the thread die: the spool would only grow
                 logger.exception("spool replay failed; retrying after the next connection")
 
     def _replay(self, spool: Spool) -> None:
@@ -102,8 +104,8 @@ class Outbox:
             if not self._wait(lambda: _in_flight(unacked) < REPLAY_IN_FLIGHT):
                 return None
             info = self.session.publish_message(topic, payload, qos=1)
-            if info is None:
-                return None
+            if info is None or info.rc != mqtt.MQTT_ERR_SUCCESS:
+                return None  # refused, or the link just dropped: the segment stays
             unacked.append(info)
             count += 1
         if not self._wait(lambda: _in_flight(unacked) == 0, REPLAY_ACK_TIMEOUT_S):

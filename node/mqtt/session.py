@@ -210,12 +210,20 @@ class MqttSession:
             return self._pending_cv.wait_for(lambda: self._pending <= 0, timeout)
 
     def stop(self, *, timeout: float = 5.0) -> None:
-        """Disconnect cleanly (the broker discards the will) and join the network thread."""
+        """Disconnect cleanly (the broker discards the will) and join the network thread.
+
+        A session kept for reconnects (`session_expiry_s`) ends here too: a clean stop leaves
+        no subscribed session behind that would queue messages nobody takes.
+        """
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        properties = None
+        if self.protocol_is_v5 and self.settings.session_expiry_s:
+            properties = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = 0
         try:
-            self._client.disconnect()
+            self._client.disconnect(properties=properties)
         except (OSError, ValueError):  # socket already gone
             logger.debug("disconnect on a closed socket")
         self._connected.clear()

@@ -67,6 +67,7 @@ class Spool:
         self._current: BinaryIO | None = None
         self._current_path: Path | None = None
         self._closed = False
+        self._failing = False
         if self._sizes:
             stats = self.stats()
             logger.info("spool %s holds %d messages from before", folder, stats.messages)
@@ -79,14 +80,26 @@ class Spool:
         with self._lock:
             if self._closed or self._total_bytes() + size > self.max_bytes:
                 return False
-            if self._current is None or self._current_path is None:
-                self._current_path = self.folder / f"{self._next:012d}{SEGMENT_SUFFIX}"
-                self._next += 1
-                self._current = self._current_path.open("ab")
-                self._sizes[self._current_path] = (0, 0)
-            self._current.write(record + encoded + payload)
-            self._current.flush()
-            used, count = self._sizes[self._current_path]
+            used = 0
+            try:
+                if self._current is None or self._current_path is None:
+                    path = self.folder / f"{self._next:012d}{SEGMENT_SUFFIX}"
+                    self._current = path.open("ab")
+                    self._current_path = path
+                    self._next += 1
+                    self._sizes[path] = (0, 0)
+                used, count = self._sizes[self._current_path]
+                self._current.write(record + encoded + payload)
+                self._current.flush()
+            except OSError as exc:  # e.g. a full disk: cut the partial record, start afresh
+                if not self._failing:
+                    logger.error("spool %s cannot write (%s): refusing messages", self.folder, exc)
+                self._failing = True
+                self._abandon_partial(used)
+                return False
+            if self._failing:
+                logger.warning("spool %s is writable again", self.folder)
+                self._failing = False
             self._sizes[self._current_path] = (used + size, count + 1)
             if used + size >= self.segment_bytes:
                 self._close_current()
@@ -124,6 +137,19 @@ class Spool:
             self._closed = True
         self._lock_file.close()
 
+    def _abandon_partial(self, good_bytes: int) -> None:
+        """Truncate the current segment to its last whole record and close it."""
+        current, path = self._current, self._current_path
+        self._current = None
+        self._current_path = None
+        if current is None or path is None:
+            return
+        try:
+            current.truncate(good_bytes)
+            current.close()
+        except OSError:
+            logger.exception("spool %s: cannot repair %s", self.folder, path.name)
+
     def _total_bytes(self) -> int:
         return sum(used for used, _ in self._sizes.values())
 
@@ -134,6 +160,13 @@ class Spool:
             self._current.close()
         self._current = None
         self._current_path = None
+
+
+def spooled_bytes(folder: Path) -> int:
+    """Bytes of spooled messages in `folder` (without opening, or locking, the spool)."""
+    if not folder.exists():
+        return 0
+    return sum(p.stat().st_size for p in folder.glob(f"*{SEGMENT_SUFFIX}"))
 
 
 def _records(path: Path) -> Iterator[tuple[str, bytes]]:
