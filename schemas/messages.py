@@ -394,6 +394,11 @@ class RolloutRecord(_Outbound):
         default=None,
         description="Id of the controller driving it; alive while fleet/controllers/{id} is set",
     )
+    epoch: int = Field(
+        default=0,
+        ge=0,
+        description="Raised by each take-over; of two controllers, the higher (epoch, id) drives",
+    )
     created_at: Timestamp
     updated_at: Timestamp
     reason: str | None = None

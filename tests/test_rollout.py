@@ -5,16 +5,17 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import NodeFactory, Probe, unique
+from conftest import NodeFactory, Probe, unique, wait_until
 
 from fleet.bundles.reference import build_reference_bundle
 from fleet.distribution import publish_bundle
-from fleet.rollout.controller import Controller, plan_waves
+from fleet.rollout.controller import Controller, RolloutError, plan_waves
 from node.app import NodeApp
 from node.local_broker import LocalBroker
 from node.model.bundle import file_entries, read_bundle, write_bundle
@@ -176,7 +177,11 @@ def test_a_restarted_controller_resumes_from_the_retained_record(
     assert kept is not None
     assert kept.wave == 1
     assert kept.controller == first.controller_id
+    # its presence is still retained (no will on a clean disconnect): for `imu-fleet resume`
+    # it looks alive until the record goes stale; here the test takes over directly
+    assert second.is_driven(kept)
     final = second.take_over(kept, "resume")
+    second.session.publish(topics.controller(first.controller_id), b"", retain=True)
     second.close()
     assert final.state is RolloutState.SUCCEEDED
     assert active_versions(nodes) == ["1.1.0"] * 3
@@ -211,7 +216,9 @@ def test_a_killed_controller_process_is_taken_over_at_once_by_resume(
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
-        ours = probe.wait_for(topics.ROLLOUTS_FILTER, where=lambda m: m.json()["group"] == group)
+        ours = probe.wait_for(  # a cold CLI start: imports, connect, 1.5 s for retained state
+            topics.ROLLOUTS_FILTER, timeout=30, where=lambda m: m.json()["group"] == group
+        )
         rollout_id = ours[0].json()["rollout_id"]
         # a live controller is asked, not replaced
         asked = subprocess.run(fleet_cli(broker, "pause", rollout_id), capture_output=True,
@@ -251,6 +258,55 @@ def test_a_killed_controller_process_is_taken_over_at_once_by_resume(
     for topic in (topics.node_status(laggard), topics.node_model(laggard)):
         probe.publish(topic, b"", retain=True)
     probe.close()
+
+
+def test_a_controller_whose_rollout_was_taken_over_stops_and_keeps_its_hands_off(
+    broker: LocalBroker, published: dict[str, Path]
+) -> None:
+    group = unique("grp")
+    probe = Probe(broker.url)
+    laggards = [unique("zz-laggard") for _ in range(2)]
+    for node_id in laggards:  # online, never take the new version: wave 1 waits
+        report_node(probe, node_id, group, "1.0.0")
+    first = Controller.connect(broker.url)
+    second = Controller.connect(broker.url)
+    try:
+        wait_until(lambda: all(first.view.get(n) is not None for n in laggards))
+        wait_until(lambda: first.artifact("tcn-reference", "1.1.0") is not None)
+        record = first.start("tcn-reference", "1.1.0", group=group, canary=1, waves=[100],
+                             wave_timeout_s=60)  # fmt: skip
+        outcome: list[BaseException] = []
+
+        def drive() -> None:
+            try:
+                first.run(record)
+            except RolloutError as exc:
+                outcome.append(exc)
+
+        runner = threading.Thread(target=drive)
+        runner.start()
+        wait_until(lambda: second.record(record.rollout_id) is not None)
+        kept = second.record(record.rollout_id)
+        assert kept is not None
+        assert kept.controller == first.controller_id
+        taken = second.take_over(kept, "pause")  # as if the first had vanished
+        assert (taken.epoch, taken.controller) == (1, second.controller_id)
+        runner.join(10)
+        assert not runner.is_alive()
+        assert len(outcome) == 1
+        assert f"taken over by {second.controller_id}" in str(outcome[0])
+        time.sleep(0.5)
+        final = second.record(record.rollout_id)
+        assert final is not None
+        assert (final.controller, final.epoch, final.state) == (
+            second.controller_id, 1, RolloutState.PAUSED)  # fmt: skip
+    finally:
+        first.close()
+        second.close()
+        for node_id in laggards:
+            for topic in (topics.node_status(node_id), topics.node_model(node_id)):
+                probe.publish(topic, b"", retain=True)
+        probe.close()
 
 
 def test_rollout_over_a_hundred_simulated_nodes_completes(

@@ -19,16 +19,13 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
-from pydantic import ValidationError
-
 from fleet.desired import desired_topic
 from fleet.rollout.presence import Presence, presence_session
+from fleet.rollout.records import RolloutBook, superseded
 from fleet.rollout.view import FleetView, NodeView
 from node.errors import NodeError
 from node.model.signing import load_private_key, sign_desired
@@ -96,13 +93,9 @@ class Controller:
         self.view = FleetView(session)
         self._sign_key = load_private_key(sign_key) if sign_key else None
         self._progress = progress
-        self._records: dict[str, RolloutRecord] = {}
-        self._artifacts: dict[tuple[str, str], ArtifactManifest] = {}
+        self.book = RolloutBook(session)
         self._applied: dict[str, str | None] = {}
         self._last_saved = 0.0
-        self._lock = threading.Lock()
-        session.route(topics.ROLLOUTS_FILTER, self._on_record)
-        session.route(topics.artifact("+", "+", "manifest"), self._on_artifact)
 
     @classmethod
     def connect(
@@ -133,24 +126,6 @@ class Controller:
 
     # -- what the broker knows --------------------------------------------------------------
 
-    def _on_record(self, message: mqtt.MQTTMessage) -> None:
-        if not message.payload:
-            return
-        try:
-            record = RolloutRecord.model_validate_json(message.payload)
-        except ValidationError:
-            return
-        with self._lock:
-            self._records[record.rollout_id] = record
-
-    def _on_artifact(self, message: mqtt.MQTTMessage) -> None:
-        try:
-            manifest = ArtifactManifest.model_validate_json(message.payload)
-        except ValidationError:
-            return
-        with self._lock:
-            self._artifacts[(manifest.name, manifest.version)] = manifest
-
     def is_driven(self, record: RolloutRecord) -> bool:
         """True while a live controller drives `record` (else anyone may take it over)."""
         if is_stale(record):
@@ -159,15 +134,17 @@ class Controller:
             return True
         return self.presence.is_live(record.controller)
 
+    def artifact(self, name: str, version: str) -> ArtifactManifest | None:
+        """The published manifest of a version, once its retained message has arrived."""
+        return self.book.artifact(name, version)
+
     def records(self) -> list[RolloutRecord]:
         """Every rollout record on the broker, newest first."""
-        with self._lock:
-            return sorted(self._records.values(), key=lambda r: r.created_at, reverse=True)
+        return self.book.all()
 
     def record(self, rollout_id: str) -> RolloutRecord | None:
         """One rollout record."""
-        with self._lock:
-            return self._records.get(rollout_id)
+        return self.book.get(rollout_id)
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -183,8 +160,7 @@ class Controller:
         wave_timeout_s: float = 120.0,
     ) -> RolloutRecord:
         """Plan a rollout of a published version over the online nodes (of a group)."""
-        with self._lock:
-            artifact = self._artifacts.get((name, version))
+        artifact = self.book.artifact(name, version)
         if artifact is None:
             msg = f"{name} {version} is not published: run `imu-fleet publish BUNDLE` first"
             raise RolloutError(msg)
@@ -221,8 +197,7 @@ class Controller:
             created_at=now,
             updated_at=now,
         )
-        self._save(record, f"planned {len(targets)} nodes in {len(plan)} waves")
-        return record
+        return self._save(record, f"planned {len(targets)} nodes in {len(plan)} waves")
 
     # -- running ----------------------------------------------------------------------------
 
@@ -246,10 +221,11 @@ class Controller:
     def take_over(self, record: RolloutRecord, command: str) -> RolloutRecord:
         """Act on a rollout whose controller is gone: resume, pause, abort or roll back here."""
         self._applied[record.rollout_id] = command  # the old controller's last command is spent
-        record = record.model_copy(update={"command": command})
-        with self._lock:
-            self._records[record.rollout_id] = record
         gone = record.controller or "a controller without presence"
+        owner = self.controller_id if self.presence.announces else None
+        update = {"command": command, "epoch": record.epoch + 1, "controller": owner}
+        record = record.model_copy(update=update)
+        self.book.put(record)
         record = self._save(record, f"taken over from {gone} to {command}")
         if command == "resume":
             return self.run(record.model_copy(update={"state": RolloutState.RUNNING}))
@@ -355,9 +331,8 @@ class Controller:
     def _obey(self, record: RolloutRecord) -> RolloutRecord:
         """Apply a command an operator set on the retained record."""
         latest = self.record(record.rollout_id)
-        if latest is not None and latest.controller not in (None, self.controller_id):
-            msg = f"{record.rollout_id} was taken over by {latest.controller}; stopping here"
-            raise RolloutError(msg)
+        if latest is not None and superseded(latest, record, self.controller_id):
+            self._hand_over(latest)
         command = latest.command if latest else None
         if command is None or command == self._applied.get(record.rollout_id):
             return record
@@ -376,18 +351,22 @@ class Controller:
     def _save(self, record: RolloutRecord, event: str) -> RolloutRecord:
         owner = self.controller_id if self.presence.announces else None
         record = record.model_copy(update={"updated_at": time.time(), "controller": owner})
-        with self._lock:
-            current = self._records.get(record.rollout_id)
-            if current is not None and current.command is not None:
-                # never overwrite a command an operator set since we last read the record
-                record = record.model_copy(update={"command": current.command})
-            self._records[record.rollout_id] = record
+        record, newer = self.book.save(record, self.controller_id)
+        if newer is not None:
+            self._hand_over(newer)
         self.session.publish(topics.rollout(record.rollout_id), encode(record), retain=True)
         logger.info("%s: %s", record.rollout_id, event)
         if self._progress is not None:
             self._progress(record, event)
         self._last_saved = time.monotonic()
         return record
+
+    def _hand_over(self, latest: RolloutRecord) -> None:
+        """Stop driving: republish the newer record (a late write of ours must not stay the
+        retained state) and raise."""
+        self.session.publish(topics.rollout(latest.rollout_id), encode(latest), retain=True)
+        msg = f"{latest.rollout_id} was taken over by {latest.controller}; stopping here"
+        raise RolloutError(msg)
 
     def _sign(self, desired: DesiredModel) -> DesiredModel:
         return sign_desired(desired, self._sign_key) if self._sign_key else desired

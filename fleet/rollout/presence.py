@@ -9,6 +9,7 @@ socket), after 1.5 keepalives for a host that vanished. A clean exit withdraws i
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import threading
 import time
@@ -31,7 +32,7 @@ def presence_session(
     broker: str, *, protocol: str = "5", client_id: str | None = None
 ) -> MqttSession:
     """A (not yet started) session for a controller, with its presence will set."""
-    client_id = client_id or f"imu-fleet-{os.getpid()}-{time.monotonic_ns() % 10**6}"
+    client_id = client_id or f"imu-fleet-{secrets.token_hex(4)}"
     settings = SessionSettings(
         address=BrokerAddress.parse(broker),
         client_id=client_id,
@@ -52,6 +53,7 @@ class Presence:
         self._live: set[str] = set()
         self._lock = threading.Lock()
         session.route(topics.CONTROLLERS_FILTER, self._on_message)
+        session.on_connected(self._forget)  # retained presences arrive again after resubscribing
         if self.announces:
             session.on_connected(self._announce)
 
@@ -73,6 +75,10 @@ class Presence:
             started_at=time.time(),
         )
         self.session.publish(topics.controller(self.controller_id), encode(presence), retain=True)
+
+    def _forget(self) -> None:
+        with self._lock:
+            self._live.clear()
 
     def _on_message(self, message: mqtt.MQTTMessage) -> None:
         controller_id = message.topic.rsplit("/", 1)[-1]

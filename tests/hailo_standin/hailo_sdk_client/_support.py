@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import onnxruntime as ort
+from hailo_standin.fake_hef import uint8_quantization
 from numpy.typing import NDArray
 
 ENV = "HAILO_SDK_STANDIN"
@@ -27,15 +28,9 @@ def fault_on(name: str) -> bool:
     return faults().get(name, "0") not in {"0", "", "false", "no"}
 
 
-def quantization(low: float, high: float) -> tuple[float, float]:
-    """uint8 scale and zero point for an output range, exactly as `fake_hef.make_hef` sets them."""
-    scale = (high - low) / 255.0 if high > low else 1.0
-    return scale, float(round(-low / scale))
-
-
 def fake_quantize(values: FloatArray, low: float, high: float) -> FloatArray:
     """Quantise to uint8 and back: q = clip(round(x/scale + zp), 0, 255); (q - zp) * scale."""
-    scale, zp = quantization(low, high)
+    scale, zp = uint8_quantization(low, high)
     q = np.clip(np.round(values / scale + zp), 0, 255)
     return ((q - zp) * scale).astype(np.float32)
 

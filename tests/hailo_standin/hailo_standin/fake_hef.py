@@ -48,6 +48,12 @@ class FakeHef:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def uint8_quantization(low: float, high: float) -> tuple[float, int]:
+    """uint8 scale and zero point covering [low, high], as the compiler's optimiser sets them."""
+    scale = (high - low) / 255.0 if high > low else 1.0
+    return scale, round(-low / scale)
+
+
 def make_hef(
     onnx: bytes,
     *,
@@ -67,15 +73,14 @@ def make_hef(
     ranges = output_ranges or {}
     outputs = []
     for index, (onnx_name, size) in enumerate(onnx_outputs.items(), start=1):
-        low, high = ranges.get(onnx_name, (-16.0, 16.0))
-        scale = (high - low) / 255.0 if high > low else 1.0
+        scale, zero_point = uint8_quantization(*ranges.get(onnx_name, (-16.0, 16.0)))
         outputs.append(
             StreamSpec(
                 name=f"{network_group}/fc{index}",
                 shape=[size],
                 order="NC",
                 qp_scale=scale,
-                qp_zp=round(-low / scale),
+                qp_zp=zero_point,
                 onnx_name=onnx_name,
             )
         )

@@ -1,0 +1,97 @@
+"""The controller's mirror of retained rollout records and published artifact manifests.
+
+Two controllers may write one record (a take-over while the old one was only cut off): of two
+writes, the one with the higher `(epoch, controller)` wins, here and in `Controller`. A late
+write of a superseded controller, its own echo included, never replaces a newer one.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import paho.mqtt.client as mqtt
+from pydantic import ValidationError
+
+from node.mqtt.session import MqttSession
+from schemas import topics
+from schemas.messages import ArtifactManifest, RolloutRecord
+
+
+def ownership(record: RolloutRecord) -> tuple[int, str]:
+    """Which of two writers of one rollout record wins: the higher epoch, then controller id."""
+    return record.epoch, record.controller or ""
+
+
+def superseded(latest: RolloutRecord, ours: RolloutRecord, controller_id: str) -> bool:
+    """True when `latest` shows another controller took over the rollout we wrote as `ours`."""
+    if latest.controller in (None, controller_id):
+        return False
+    return ownership(latest) > (ours.epoch, controller_id)
+
+
+class RolloutBook:
+    """Rollout records and artifact manifests as the broker retains them (thread-safe)."""
+
+    def __init__(self, session: MqttSession) -> None:
+        self._records: dict[str, RolloutRecord] = {}
+        self._artifacts: dict[tuple[str, str], ArtifactManifest] = {}
+        self._lock = threading.Lock()
+        session.route(topics.ROLLOUTS_FILTER, self._on_record)
+        session.route(topics.artifact("+", "+", "manifest"), self._on_artifact)
+
+    def get(self, rollout_id: str) -> RolloutRecord | None:
+        """One record."""
+        with self._lock:
+            return self._records.get(rollout_id)
+
+    def all(self) -> list[RolloutRecord]:
+        """Every record, newest first."""
+        with self._lock:
+            return sorted(self._records.values(), key=lambda r: r.created_at, reverse=True)
+
+    def artifact(self, name: str, version: str) -> ArtifactManifest | None:
+        """The published manifest of a version, once its retained message has arrived."""
+        with self._lock:
+            return self._artifacts.get((name, version))
+
+    def put(self, record: RolloutRecord) -> None:
+        """Take `record` as the current state of its rollout."""
+        with self._lock:
+            self._records[record.rollout_id] = record
+
+    def save(
+        self, record: RolloutRecord, controller_id: str
+    ) -> tuple[RolloutRecord, RolloutRecord | None]:
+        """Store our next write of a record, keeping any command an operator set since.
+
+        Returns (what to publish, None), or (record, the newer record) when another controller
+        has taken the rollout over; nothing is stored then.
+        """
+        with self._lock:
+            current = self._records.get(record.rollout_id)
+            if current is not None and superseded(current, record, controller_id):
+                return record, current
+            if current is not None and current.command is not None:
+                record = record.model_copy(update={"command": current.command})
+            self._records[record.rollout_id] = record
+            return record, None
+
+    def _on_record(self, message: mqtt.MQTTMessage) -> None:
+        if not message.payload:
+            return
+        try:
+            record = RolloutRecord.model_validate_json(message.payload)
+        except ValidationError:
+            return
+        with self._lock:
+            known = self._records.get(record.rollout_id)
+            if known is None or ownership(record) >= ownership(known):
+                self._records[record.rollout_id] = record
+
+    def _on_artifact(self, message: mqtt.MQTTMessage) -> None:
+        try:
+            manifest = ArtifactManifest.model_validate_json(message.payload)
+        except ValidationError:
+            return
+        with self._lock:
+            self._artifacts[(manifest.name, manifest.version)] = manifest
