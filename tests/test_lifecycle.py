@@ -98,6 +98,13 @@ def test_missing_model_fails_with_a_clear_message(broker: LocalBroker, tmp_path:
     assert b"cannot read bundle" in stderr
 
 
+def persistent_broker(tmp_path: Path, port: int | None = None) -> LocalBroker:
+    """A mosquitto keeping its state in `tmp_path`: start it again on `port` to restart it."""
+    state = tmp_path / "broker-state"
+    state.mkdir(exist_ok=True)
+    return LocalBroker("mosquitto", port=port, state_dir=state).start()
+
+
 def test_node_reconnects_and_resubscribes_after_a_broker_restart(
     start_node: NodeFactory, reference_bundle_path: Path
 ) -> None:
@@ -141,9 +148,7 @@ def test_no_window_or_result_is_lost_across_a_broker_restart(
 ) -> None:
     """A broker with persistence restarts mid-stream: the node's queued input, its unacknowledged
     results and a persistent dashboard's queue all survive, so every window gets its result."""
-    state = tmp_path / "broker-state"
-    state.mkdir()
-    own = LocalBroker("mosquitto", state_dir=state).start()
+    own = persistent_broker(tmp_path)
     try:
         app = start_node(broker=own.url)
         sensor = unique("imu")
@@ -157,7 +162,7 @@ def test_no_window_or_result_is_lost_across_a_broker_restart(
         sender.close()  # every window is on the broker (the empty one only orders the acks)
         served_before = len(dashboard.on(topics.motifs(sensor)))
         own.stop()  # mid-stream: windows queued for the node, results on their way back
-        own = LocalBroker("mosquitto", port=own.port, state_dir=state).start()
+        own = persistent_broker(tmp_path, own.port)
 
         # none lost; a result whose PUBACK the stop swallowed comes twice (QoS 1 is at least once)
         deadline = time.monotonic() + 60
@@ -231,9 +236,7 @@ def wait_seqs(probe: Probe, sensor: str, count: int) -> set[int]:
 def test_results_made_while_the_broker_is_away_wait_on_disk_then_arrive(
     start_node: NodeFactory, tmp_path: Path
 ) -> None:
-    state = tmp_path / "broker-state"
-    state.mkdir()
-    own = LocalBroker("mosquitto", state_dir=state).start()
+    own = persistent_broker(tmp_path)
     try:
         app = start_node(broker=own.url, spool_dir=tmp_path / "spool")
         sensor = unique("imu")
@@ -246,7 +249,7 @@ def test_results_made_while_the_broker_is_away_wait_on_disk_then_arrive(
         assert held == SpoolStats(messages=60, bytes=held.bytes, segments=1)
         assert app.session.pending_publishes() == 0  # on disk, not in paho's memory
 
-        own = LocalBroker("mosquitto", port=own.port, state_dir=state).start()
+        own = persistent_broker(tmp_path, own.port)
         assert wait_seqs(dashboard, sensor, 60) == set(range(60))
         wait_until(lambda: app.outbox.replayed == 60, what="the spool to be replayed")
         assert list((tmp_path / "spool").glob("*.spool")) == []
@@ -260,9 +263,7 @@ def test_results_made_while_the_broker_is_away_wait_on_disk_then_arrive(
 def test_a_node_restarted_during_an_outage_delivers_what_the_old_one_spooled(
     start_node: NodeFactory, tmp_path: Path
 ) -> None:
-    state = tmp_path / "broker-state"
-    state.mkdir()
-    own = LocalBroker("mosquitto", state_dir=state).start()
+    own = persistent_broker(tmp_path)
     node_id, spool = unique("node"), tmp_path / "spool"
     try:
         first = start_node(broker=own.url, node_id=node_id, spool_dir=spool, drain_timeout_s=1)
@@ -273,7 +274,7 @@ def test_a_node_restarted_during_an_outage_delivers_what_the_old_one_spooled(
         serve_offline(first, sensor, 30)
         first.stop("restarted while the broker is away")
 
-        own = LocalBroker("mosquitto", port=own.port, state_dir=state).start()
+        own = persistent_broker(tmp_path, own.port)
         second = start_node(broker=own.url, node_id=node_id, spool_dir=spool)
         assert wait_seqs(dashboard, sensor, 30) == set(range(30))
         assert {m.json()["node_id"] for m in dashboard.on(topics.motifs(sensor))} == {node_id}
