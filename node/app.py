@@ -17,12 +17,11 @@ import threading
 import time
 import uuid
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
-from node.api.prometheus import NodeSources
-from node.api.server import NodeHttp
 from node.config import NodeConfig, default_spool_dir, parse_listen
 from node.errors import ConfigError, NodeError
 from node.identity import default_node_id
@@ -47,6 +46,9 @@ from schemas.messages import (
     NodeState,
     NodeStatus,
 )
+
+if TYPE_CHECKING:
+    from node.api.server import NodeHttp
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +237,10 @@ class NodeApp:
         return self.outbox.publish(topic, payload)
 
     def _open_http(self) -> NodeHttp:
+        # imported only when asked for: prometheus-client and http.server cost memory on a Pi
+        from node.api.prometheus import NodeSources  # noqa: PLC0415
+        from node.api.server import NodeHttp  # noqa: PLC0415
+
         assert self.config.http_listen is not None
         sources = NodeSources(
             node_id=self.node_id,
