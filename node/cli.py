@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     demo.add_argument("--model", type=Path, default=None, help="bundle (default: reference model)")
     demo.add_argument("--hop", type=int, default=50, help="samples between windows (50)")
+    demo.add_argument(
+        "--http", default=None, metavar="HOST:PORT",
+        help="also serve /healthz, /readyz, /metrics, POST /infer (e.g. 127.0.0.1:9108)",
+    )  # fmt: skip
 
     ident = sub.add_parser("id", help="print this machine's default node id and its source")
     ident.add_argument("--json", action="store_true", help="machine-readable output")
@@ -156,6 +160,7 @@ def _demo(args: argparse.Namespace) -> int:
         model=args.model,
         hop=args.hop,
         embedded=args.embedded,
+        http=args.http,
     )
 
 

@@ -106,6 +106,7 @@ def run_demo(
     model: Path | None,
     hop: int,
     embedded: BrokerKind = "auto",
+    http: str | None = None,
 ) -> int:
     """Run the demo; returns the exit code."""
     local = None if broker else LocalBroker(embedded).start()
@@ -121,6 +122,7 @@ def run_demo(
         hop=hop,
         telemetry_interval_s=5.0,
         log_level="WARNING",
+        http_listen=http,
     )
     head = bundle.manifest.motif_head
     labels = head.labels if isinstance(head, PrototypeHead) else None
@@ -134,7 +136,8 @@ def run_demo(
     print(
         f"broker {url} ({local.kind if local else 'external'}), model {bundle.ref.name} "
         f"{bundle.ref.version}, {sensors} sensors at {rate_hz:g} Hz sending {mode}\n"
-        f"watch raw traffic: mosquitto_sub -h 127.0.0.1 -p {port} -v -t 'imu/#'",
+        f"watch raw traffic: mosquitto_sub -h 127.0.0.1 -p {port} -v -t 'imu/#'"
+        + (f"\nnode over HTTP: curl http://{http}/metrics" if http else ""),
         flush=True,
     )
     start = time.monotonic()

@@ -8,16 +8,18 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import orjson
 import pytest
 from conftest import NodeFactory, Probe, subprocess_env, unique, wait_until
+from prometheus_client.parser import text_string_to_metric_families
 from test_node_e2e import raw_window
 
 from node.app import NodeApp
 from node.inference.worker import WorkItem
-from node.local_broker import LocalBroker
+from node.local_broker import LocalBroker, free_port
 from node.mqtt.spool import SpoolStats
 from schemas import topics
 from schemas.messages import ErrorKind, NodeStatus
@@ -299,3 +301,33 @@ def test_demo_runs_and_shows_live_results(embedded: str, tmp_path: Path) -> None
     assert "sim-000" in out
     assert "sim-001" in out
     assert (tmp_path / "imu-edge" / "tcn-reference-1.0.0.tar").exists()
+
+
+def test_demo_serves_http_when_asked(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "demo", "--duration", "8", "--sensors", "1",
+         "--http", f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+
+    def inferred() -> float:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as answer:
+                text = answer.read().decode()
+        except OSError:
+            return 0.0
+        return next(
+            (s.value for f in text_string_to_metric_families(text) for s in f.samples
+             if s.name == "imu_node_windows_inferred_total"), 0.0,
+        )  # fmt: skip
+
+    try:
+        wait_until(lambda: inferred() > 0, 30, "the demo node to serve windows over HTTP")
+        out, err = demo.communicate(timeout=60)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert demo.returncode == 0, err.decode()
+    assert f"curl http://127.0.0.1:{port}/metrics" in out.decode()
