@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -98,7 +99,7 @@ class Outbox:
 
     def _replay_segment(self, spool: Spool, segment: Path) -> int | None:
         """Publish one segment; its message count once all are acknowledged, else None."""
-        unacked: list[mqtt.MQTTMessageInfo] = []
+        unacked: deque[mqtt.MQTTMessageInfo] = deque()
         count = 0
         for topic, payload in spool.read(segment):
             if not self._wait(lambda: _in_flight(unacked) < REPLAY_IN_FLIGHT):
@@ -120,11 +121,16 @@ class Outbox:
                 return False
             if deadline is not None and time.monotonic() > deadline:
                 return False
-            time.sleep(0.005)
+            self.session.wait_settled(0.05)  # woken by the next acknowledgement
         return True
 
 
-def _in_flight(unacked: list[mqtt.MQTTMessageInfo]) -> int:
-    """Drop acknowledged messages from `unacked`; how many are left."""
-    unacked[:] = [info for info in unacked if not info.is_published()]
+def _in_flight(unacked: deque[mqtt.MQTTMessageInfo]) -> int:
+    """Drop acknowledged messages from the front of `unacked`; how many are left.
+
+    QoS 1 acknowledgements come in publish order (MQTT 5 section 4.6), so the oldest
+    unacknowledged message bounds the rest; a stray later one is caught by the final wait.
+    """
+    while unacked and unacked[0].is_published():
+        unacked.popleft()
     return len(unacked)

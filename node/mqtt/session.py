@@ -209,6 +209,11 @@ class MqttSession:
         with self._pending_cv:
             return self._pending_cv.wait_for(lambda: self._pending <= 0, timeout)
 
+    def wait_settled(self, timeout: float) -> None:
+        """Block until some publish is acknowledged (or dropped), at most `timeout` seconds."""
+        with self._pending_cv:
+            self._pending_cv.wait(timeout)
+
     def stop(self, *, timeout: float = 5.0) -> None:
         """Disconnect cleanly (the broker discards the will) and join the network thread.
 
@@ -387,8 +392,7 @@ class MqttSession:
     def _settle(self, count: int) -> None:
         with self._pending_cv:
             self._pending -= count
-            if self._pending <= 0:
-                self._pending_cv.notify_all()
+            self._pending_cv.notify_all()  # wait_published and wait_settled re-check
 
     def _isolated(self, handler: Handler) -> Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]:
         def call(client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
