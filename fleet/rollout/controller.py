@@ -126,6 +126,11 @@ class Controller:
 
     # -- what the broker knows --------------------------------------------------------------
 
+    @property
+    def _owner(self) -> str | None:
+        """What this controller writes as a record's `controller` (None without presence)."""
+        return self.controller_id if self.presence.announces else None
+
     def is_driven(self, record: RolloutRecord) -> bool:
         """True while a live controller drives `record` (else anyone may take it over)."""
         if is_stale(record):
@@ -222,8 +227,7 @@ class Controller:
         """Act on a rollout whose controller is gone: resume, pause, abort or roll back here."""
         self._applied[record.rollout_id] = command  # the old controller's last command is spent
         gone = record.controller or "a controller without presence"
-        owner = self.controller_id if self.presence.announces else None
-        update = {"command": command, "epoch": record.epoch + 1, "controller": owner}
+        update = {"command": command, "epoch": record.epoch + 1, "controller": self._owner}
         record = record.model_copy(update=update)
         self.book.put(record)
         record = self._save(record, f"taken over from {gone} to {command}")
@@ -349,8 +353,7 @@ class Controller:
     # -- publishing -------------------------------------------------------------------------
 
     def _save(self, record: RolloutRecord, event: str) -> RolloutRecord:
-        owner = self.controller_id if self.presence.announces else None
-        record = record.model_copy(update={"updated_at": time.time(), "controller": owner})
+        record = record.model_copy(update={"updated_at": time.time(), "controller": self._owner})
         record, newer = self.book.save(record, self.controller_id)
         if newer is not None:
             self._hand_over(newer)
