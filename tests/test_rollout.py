@@ -16,6 +16,7 @@ from conftest import NodeFactory, Probe, unique, wait_until
 from fleet.bundles.reference import build_reference_bundle
 from fleet.distribution import publish_bundle
 from fleet.rollout.controller import Controller, RolloutError, plan_waves
+from fleet.rollout.records import newer, superseded
 from node.app import NodeApp
 from node.local_broker import LocalBroker
 from node.model.bundle import file_entries, read_bundle, write_bundle
@@ -26,9 +27,11 @@ from schemas.messages import (
     ModelLifecycle,
     ModelRef,
     NodeModelState,
+    NodeOutcome,
     NodeRolloutState,
     NodeState,
     NodeStatus,
+    RolloutRecord,
     RolloutState,
 )
 
@@ -43,6 +46,28 @@ def test_plan_waves() -> None:
     assert sorted(n for w in waves for n in w) == nodes
     assert plan_waves(nodes[:3], 5, [50]) == [nodes[:3]]
     assert plan_waves(nodes[:4], 0, [50]) == [nodes[:2], nodes[2:4]]
+
+
+def a_record(epoch: int, controller: str | None, updated_at: float) -> RolloutRecord:
+    desired = DesiredModel(name="m", version="1.0.0", bundle_sha256="0" * 64, bundle_size=1,
+                           issued_at=1.0)  # fmt: skip
+    return RolloutRecord(rollout_id="r", desired=desired, waves=[["n"]], max_failures=0,
+                         wave_timeout_s=1, nodes={"n": NodeOutcome(wave=0)}, created_at=1.0,
+                         updated_at=updated_at, epoch=epoch, controller=controller)  # fmt: skip
+
+
+def test_which_write_of_a_record_wins() -> None:
+    a0, a1 = a_record(0, "ctl-a", 10.0), a_record(0, "ctl-a", 11.0)
+    b1 = a_record(1, "ctl-b", 5.0)  # a take-over wins even with an older clock
+    assert newer(a1, a0)
+    assert not newer(a0, a1)  # an echo of an earlier write
+    assert newer(a0, a0)  # the same write again (a retained replay)
+    assert newer(b1, a1)
+    assert not newer(a1, b1)  # the old controller's late write
+    assert superseded(b1, a1, "ctl-a")
+    assert not superseded(a1, b1, "ctl-b")
+    tie = a_record(1, "ctl-z", 1.0), a_record(1, "ctl-b", 2.0)
+    assert superseded(*tie, "ctl-b")  # same epoch: the controller id decides
 
 
 @pytest.fixture(scope="module")

@@ -224,19 +224,25 @@ class Controller:
         return record
 
     def take_over(self, record: RolloutRecord, command: str) -> RolloutRecord:
-        """Act on a rollout whose controller is gone: resume, pause, abort or roll back here."""
+        """Act on a rollout whose controller is gone: resume, pause, abort or roll back here.
+
+        The take-over and the command go out as one write: a write of the old controller that
+        lands late can then only be replaced by this one, never by an earlier state of ours.
+        """
         self._applied[record.rollout_id] = command  # the old controller's last command is spent
         gone = record.controller or "a controller without presence"
         update = {"command": command, "epoch": record.epoch + 1, "controller": self._owner}
         record = record.model_copy(update=update)
         self.book.put(record)
-        record = self._save(record, f"taken over from {gone} to {command}")
-        if command == "resume":
-            return self.run(record.model_copy(update={"state": RolloutState.RUNNING}))
         if command == "rollback":
-            return self._roll_back(record, "rollback requested", RolloutState.ROLLED_BACK)
-        state = RolloutState.PAUSED if command == "pause" else RolloutState.ABORTED
-        return self._save(record.model_copy(update={"state": state}), command)
+            return self._roll_back(record, f"rollback requested (taken over from {gone})",
+                                   RolloutState.ROLLED_BACK)  # fmt: skip
+        state = {"resume": RolloutState.RUNNING, "pause": RolloutState.PAUSED}.get(
+            command, RolloutState.ABORTED
+        )
+        saved = self._save(record.model_copy(update={"state": state}),
+                           f"taken over from {gone} to {command}")  # fmt: skip
+        return self.run(saved) if state is RolloutState.RUNNING else saved
 
     def _run_wave(self, record: RolloutRecord) -> RolloutRecord:
         index = record.wave
@@ -389,8 +395,12 @@ def _progress_of(view: NodeView | None, version: str) -> tuple[NodeRolloutState,
 
 
 def send_command(session: MqttSession, record: RolloutRecord, command: str) -> None:
-    """Ask the running controller to pause, resume, abort or roll back (retained record)."""
-    updated = record.model_copy(update={"command": command, "updated_at": record.updated_at})
+    """Ask the running controller to pause, resume, abort or roll back (retained record).
+
+    Stamped now, so that the controller takes it even if it wrote the record again after
+    `record` was read (it keeps only the command from it; its own state wins).
+    """
+    updated = record.model_copy(update={"command": command, "updated_at": time.time()})
     session.publish(topics.rollout(record.rollout_id), encode(updated), retain=True)
 
 

@@ -1,8 +1,9 @@
 """The controller's mirror of retained rollout records and published artifact manifests.
 
 Two controllers may write one record (a take-over while the old one was only cut off): of two
-writes, the one with the higher `(epoch, controller)` wins, here and in `Controller`. A late
-write of a superseded controller, its own echo included, never replaces a newer one.
+writes, the one with the higher `(epoch, controller)` wins, here and in `Controller`; of one
+writer's writes, the later. A late write of a superseded controller, or an echo of an earlier
+write, never replaces a newer one.
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ from schemas.messages import ArtifactManifest, RolloutRecord
 def ownership(record: RolloutRecord) -> tuple[int, str]:
     """Which of two writers of one rollout record wins: the higher epoch, then controller id."""
     return record.epoch, record.controller or ""
+
+
+def newer(record: RolloutRecord, known: RolloutRecord) -> bool:
+    """True when `record` may replace `known`: a winning writer, or the same writer's later
+    (or same-moment, as an operator's command) write."""
+    if ownership(record) != ownership(known):
+        return ownership(record) > ownership(known)
+    return record.updated_at >= known.updated_at
 
 
 def superseded(latest: RolloutRecord, ours: RolloutRecord, controller_id: str) -> bool:
@@ -85,7 +94,7 @@ class RolloutBook:
             return
         with self._lock:
             known = self._records.get(record.rollout_id)
-            if known is None or ownership(record) >= ownership(known):
+            if known is None or newer(record, known):
                 self._records[record.rollout_id] = record
 
     def _on_artifact(self, message: mqtt.MQTTMessage) -> None:
