@@ -267,17 +267,20 @@ def test_missing_output_buffer_fails_the_submit(vdevice: VDevice, hef: bytes) ->
 # -- async queue -------------------------------------------------------------------------------
 
 
-def test_queue_size_ready_and_queue_full(vdevice: VDevice, hef: bytes, windows: np.ndarray) -> None:
-    faults.set_faults(latency_ms=300)  # keep the first job on the device
+@pytest.mark.parametrize("size", [1, 2, 4, 8, 16])
+def test_queue_size_ready_and_queue_full(
+    vdevice: VDevice, hef: bytes, windows: np.ndarray, size: int
+) -> None:
+    faults.set_faults(latency_ms=300, async_queue_size=size)  # keep the first job on the device
     with float_model(vdevice, hef).configure() as configured:
-        size = configured.get_async_queue_size()
-        assert size == 8
+        assert configured.get_async_queue_size() == size
         with pytest.raises(HailoRTTimeout):
             configured.wait_for_async_ready(timeout_ms=50, frames_count=size + 1)
-        out = np.zeros((8, 64), np.float32)
-        configured.wait_for_async_ready(frames_count=8)
+        out = np.zeros((size, 64), np.float32)
+        configured.wait_for_async_ready(frames_count=size)
         first = Completions()
-        configured.run_async(bindings_for(configured, windows, out), first)
+        frames = np.resize(windows, (size, *windows.shape[1:]))
+        configured.run_async(bindings_for(configured, frames, out), first)
         with pytest.raises(HailoRTTimeout):
             configured.wait_for_async_ready(timeout_ms=50)
         more = bindings_for(configured, windows[:1], np.zeros((1, 64), np.float32))
@@ -289,13 +292,27 @@ def test_queue_size_ready_and_queue_full(vdevice: VDevice, hef: bytes, windows: 
             configured.run_async(more)
 
 
+def test_queue_size_is_derived_from_the_hef_as_hailort_does(vdevice: VDevice, hef: bytes) -> None:
+    """clamp(32 MiB / frame bytes, 2 * batch, max(2 * batch, 32)): a tiny model gets 32."""
+    model = float_model(vdevice, hef)
+    with model.configure() as configured:
+        assert configured.get_async_queue_size() == 32
+    model.set_batch_size(20)
+    with model.configure() as configured:
+        assert configured.get_async_queue_size() == 40
+
+
 def test_batch_size_must_fit_the_queue(vdevice: VDevice, hef: bytes) -> None:
+    faults.set_faults(async_queue_size=8)
     model = float_model(vdevice, hef)
     model.set_batch_size(16)
     with pytest.raises(HailoRTInvalidOperationException):
         model.configure()
     model.set_batch_size(8)
     model.configure().shutdown()
+    model.set_batch_size(64)
+    with pytest.raises(HailoRTInvalidArgumentException):
+        model.configure()
 
 
 # -- faults --------------------------------------------------------------------------------------
@@ -352,9 +369,29 @@ def test_busy_fault_refuses_vdevices() -> None:
 def test_no_device() -> None:
     faults.set_faults(no_device=True)
     assert Device.scan() == []
-    for open_it in (Device, VDevice):
-        with pytest.raises(HailoRTException, match="HailoRT device not found in the system"):
-            open_it()
+    with pytest.raises(HailoRTException, match="HailoRT device not found in the system"):
+        Device()
+    with pytest.raises(HailoRTException, match=r"74 \(HAILO_OUT_OF_PHYSICAL_DEVICES\)"):
+        VDevice()  # real 4.23 fails its device count check, exactly as for a busy chip
+
+
+def test_unwrapped_calls_leak_the_raw_cpp_exception() -> None:
+    from hailo_platform.pyhailort import _pyhailort
+
+    with pytest.raises(_pyhailort.HailoRTStatusException) as raised:
+        Device("0000:09:00.0")
+    assert raised.value.args[0] == "61"
+    assert not isinstance(raised.value, HailoRTException)  # 4.x: unrelated to the Python class
+
+
+def test_a_mismatched_compiled_half_fails_the_import() -> None:
+    env = {**os.environ, "PYTHONPATH": str(STANDIN), faults.ENV_VAR: "pyhailort_version=4.20.0"}
+    completed = subprocess.run(
+        [sys.executable, "-c", "import hailo_platform"],
+        capture_output=True, env=env, timeout=60, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 1
+    assert b"ImportError: _pyhailort version (4.20.0) does not match" in completed.stderr
 
 
 def test_arch_is_checked_at_configure(onnx: bytes) -> None:

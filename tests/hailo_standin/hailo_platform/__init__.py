@@ -6,6 +6,7 @@ class is imported from `hailo_platform.pyhailort.pyhailort`. Underneath, the HEF
 in onnxruntime; faults come from `hailo_standin.faults` (or the HAILO_STANDIN variable).
 """
 
+from hailo_platform.pyhailort import _pyhailort
 from hailo_platform.pyhailort.pyhailort import (
     HEF,
     AsyncInferJob,
@@ -25,6 +26,13 @@ from hailo_platform.pyhailort.pyhailort import (
 )
 
 __version__ = "4.23.0"
+
+if __version__ != _pyhailort.__version__:  # as the real package checks its compiled half
+    msg = (
+        f"_pyhailort version ({_pyhailort.__version__}) does not match pyhailort version "
+        f"({__version__})"
+    )
+    raise ImportError(msg)
 
 __all__ = [
     "HEF",

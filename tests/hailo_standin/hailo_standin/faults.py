@@ -21,7 +21,19 @@ make it fail like one (hailo-notes.md sections 1, 3 and 7):
 - `latency_ms`: simulated device time per `run_async` job.
 - `fail_configure` (count): the next N `InferModel.configure()` calls raise
   `HailoRTDriverOperationFailedException`, like a failed driver ioctl.
-- `async_queue_size`: what `get_async_queue_size()` reports (default 8 frames).
+- `hang_after_frames` (-1: off): the chip hangs mid-stream once it has returned this many more
+  frames: every job processed after that is never returned (as `timeouts`, but for all jobs of
+  every configured model on the chip) until what `hang_until` names happens:
+  `reconfigure` (the next `InferModel.configure()` on the chip), `reset` (the chip is released
+  by its last VDevice, which resets it; the default) or `never` (only a reboot would help).
+  One hang per setting: once cleared, the chip serves on.
+- `async_queue_size`: what `get_async_queue_size()` reports. 0 (the default) derives it from the
+  HEF the way HailoRT's `infer_queue_size` does (the smallest stream queue; see
+  `hailo_platform.pyhailort._engine.derived_queue_size`), which is not what the node's
+  configuration assumes; tests sweep 1, 2, 4, 8 and 16.
+- `pyhailort_version`: what the compiled `_pyhailort` reports (default: the package's own);
+  another value makes `import hailo_platform` fail as a mismatched install does. Read once,
+  at import: set it through the variable for a subprocess.
 - `devices`: how many chips `Device.scan()` finds (default 1). Each VDevice without a shared
   group holds one, so tests that run several nodes in one process can give each its own chip.
 
@@ -45,6 +57,7 @@ from typing import Any
 
 ENV_VAR = "HAILO_STANDIN"
 ARCHES = ("hailo8", "hailo8l")
+HANG_UNTIL = ("reconfigure", "reset", "never")
 COUNTERS = ("timeouts", "fail_configure")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -61,12 +74,18 @@ class Faults:
     temperature_c: float = 45.0
     latency_ms: float = 0.0
     fail_configure: int = 0
-    async_queue_size: int = 8
+    hang_after_frames: int = -1
+    hang_until: str = "reset"
+    async_queue_size: int = 0
     devices: int = 1
+    pyhailort_version: str = ""
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHES:
             msg = f"arch must be one of {ARCHES}, got {self.arch!r}"
+            raise ValueError(msg)
+        if self.hang_until not in HANG_UNTIL:
+            msg = f"hang_until must be one of {HANG_UNTIL}, got {self.hang_until!r}"
             raise ValueError(msg)
         for name in (*COUNTERS, "async_queue_size"):
             if getattr(self, name) < 0:
@@ -82,6 +101,8 @@ _lock = threading.RLock()
 _overrides: dict[str, Any] = {}
 _used: dict[str, tuple[int, int]] = {}
 """Per counter: (the configured value the budget belongs to, how many were used)."""
+_hang: dict[str, Any] = {}
+"""The mid-stream hang: the setting it belongs to, frames returned since, and its state."""
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -145,6 +166,46 @@ def consume(name: str) -> bool:
         return True
 
 
+def _hang_state() -> dict[str, Any]:
+    """The hang's state for the setting in force (a new setting starts afresh); under _lock."""
+    configured = _configured()
+    setting = (configured.hang_after_frames, configured.hang_until)
+    if _hang.get("setting") != setting:
+        _hang.clear()
+        _hang.update(setting=setting, frames=0, state="armed" if setting[0] >= 0 else "off")
+    return _hang
+
+
+def frames_returned(count: int) -> None:
+    """The chip returned `count` frames; arms the hang once `hang_after_frames` is reached."""
+    with _lock:
+        state = _hang_state()
+        if state["state"] != "armed":
+            return
+        state["frames"] += count
+        if state["frames"] >= state["setting"][0]:
+            state["state"] = "hung"
+
+
+def chip_hung() -> bool:
+    """True while the chip is hung mid-stream (jobs are never returned)."""
+    with _lock:
+        state = _hang_state()
+        if state["state"] == "armed" and state["setting"][0] == 0:
+            state["state"] = "hung"
+        return bool(state["state"] == "hung")
+
+
+def chip_event(event: str) -> None:
+    """`reconfigure` or `reset` happened on the chip: clears a hang waiting for it."""
+    with _lock:
+        state = _hang_state()
+        until = state["setting"][1]
+        clears = until == event or (until, event) == ("reconfigure", "reset")
+        if state["state"] == "hung" and clears:
+            state["state"] = "cleared"
+
+
 def set_faults(**kw: Any) -> None:
     """Override faults from Python (on top of `HAILO_STANDIN`); counts start afresh."""
     with _lock:
@@ -153,6 +214,8 @@ def set_faults(**kw: Any) -> None:
         _overrides.update(values)
         for name in values:
             _used.pop(name, None)
+        if {"hang_after_frames", "hang_until"} & set(values):
+            _hang.clear()
 
 
 def reset() -> None:
@@ -160,6 +223,7 @@ def reset() -> None:
     with _lock:
         _overrides.clear()
         _used.clear()
+        _hang.clear()
 
 
 @contextmanager
@@ -176,3 +240,4 @@ def injected(**kw: Any) -> Iterator[Faults]:
             _overrides.update(saved_overrides)
             _used.clear()
             _used.update(saved_used)
+            _hang.clear()

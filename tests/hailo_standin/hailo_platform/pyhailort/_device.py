@@ -8,7 +8,9 @@ Mirrors HailoRT 4.23 (hailo-notes.md sections 1 and 3):
   "UNIQUE" is its own group; the same non-UNIQUE group shares the chip), or any while the
   `busy` fault says another process holds the chip, fails with HAILO_OUT_OF_PHYSICAL_DEVICES
   (74) as a plain HailoRTException (`faults.devices` > 1 puts more chips in the machine);
-- no device: `HailoRTException('HailoRT device not found in the system')`;
+- no device: `Device()` raises `HailoRTException('HailoRT device not found in the system')`,
+  `VDevice()` fails like a busy chip, with 74 (its device count check; vdevice.cpp), and
+  `Device(unknown_id)` leaks a raw `_pyhailort.HailoRTStatusException` (not wrapped in 4.23);
 - `create_infer_model` takes a str path or bytes only and must run in the creating process;
 - a bare `Device` (control: identify, temperature) does not mark the chip as used.
 """
@@ -32,11 +34,13 @@ from hailo_platform.pyhailort._common import (
     HailoSchedulingAlgorithm,
     HefSourceTypeError,
     UseAfterRelease,
+    log,
     status_error,
 )
 from hailo_platform.pyhailort._engine import DeviceContext
 from hailo_platform.pyhailort._hef import load_hef_bytes, parse_hef_bytes
 from hailo_platform.pyhailort._infer_model import InferModel
+from hailo_platform.pyhailort._pyhailort import raw_status
 
 DEVICE_ID = "0000:01:00.0"
 """The PCIe BDF of the stand-in's first chip (`faults.devices` adds 0000:02:00.0, ...)."""
@@ -133,8 +137,9 @@ class Device:
             raise HailoRTException(NOT_FOUND_TEXT)
         if device_id is None:
             device_id = found[0]
-        if device_id not in found:
-            raise status_error(61, f"device {device_id!r} not found; scanned {found}")
+        if device_id not in found:  # `_pyhailort.Device.create` is not wrapped: it leaks raw
+            log.error("device %r not found; scanned %s [HAILO_NOT_FOUND]", device_id, found)
+            raise raw_status(61)
         self._device_id = device_id
         self._released = False
         self.control = Control(self)
@@ -204,8 +209,12 @@ class VDevice:
             )
             raise NotImplementedError(msg)
         found = _scan()
-        if not found:
-            raise HailoRTException(NOT_FOUND_TEXT)
+        if not found:  # real 4.23 gets here through its device count check (vdevice.cpp)
+            raise status_error(
+                74,
+                "Failed to create vdevice. there are not enough free devices. "
+                "requested: 1, found: 0",
+            )
         for device_id in wanted:
             if device_id not in found:
                 raise status_error(2, f"device {device_id!r} not found; scanned {found}")
@@ -260,6 +269,9 @@ class VDevice:
             pipeline.shutdown()
         with _registry_lock:
             _holders.pop(owner.token, None)
+            held = any(set(ids) & set(owner.device_ids) for _, ids in _holders.values())
+        if not held:  # the chip's last owner left: the driver resets it
+            faults.chip_event("reset")
 
     def _live(self) -> _Owner:
         if self._owner is None:
@@ -286,7 +298,7 @@ class VDevice:
         hef = parse_hef_bytes(data)
         if name and name != hef.network_group:
             raise status_error(7, "Passing network name is not supported yet!")
-        return InferModel(hef_source, hef, owner.context, faults.current().async_queue_size)
+        return InferModel(hef_source, hef, owner.context)
 
     def configure(self, hef: Any, configure_params_by_name: Any = None) -> Any:
         """The old vstream API: not implemented by the stand-in."""

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
+from hailo_standin import faults
 from hailo_standin.fake_hef import FakeHef, StreamSpec
 
 from hailo_platform.pyhailort._common import (
@@ -279,7 +280,7 @@ class Pipeline:
     def _process(self, job: Job) -> HailoRTException | None:
         if self._abort.is_set():
             return self._aborted()
-        if job.hang:  # a frame the device never returns (faults.timeouts)
+        if job.hang or faults.chip_hung():  # frames the device never returns
             if self._abort.wait(PIPELINE_TIMEOUT_S):
                 return self._aborted()
             return status_error(4, f"{self.name}: frame not returned by the device")
@@ -292,6 +293,7 @@ class Pipeline:
             except Exception as exc:
                 log.exception("inference on the stand-in device failed")
                 return status_error(8, f"inference failed: {exc}")
+        faults.frames_returned(len(job.frames))
         return None
 
     def _infer(self, job: Job) -> None:
@@ -341,3 +343,26 @@ def _bytes(array: npt.NDArray[Any] | None) -> npt.NDArray[np.uint8]:
     """The raw bytes of a C-contiguous buffer, as libhailort sees its memory."""
     assert array is not None
     return array.reshape(-1).view(np.uint8)
+
+
+QUEUE_BYTES = 32 * 2**20
+"""HailoRT sizes each stream's queue to hold about 32 MiB of transfers (ResourcesManager::
+calc_default_queue_size, v4.23.0)."""
+MAX_ACTIVE_TRANSFERS_SCALE = 32
+"""The queue's ceiling for small frames: 32 in a plain libhailort build, 8 in one built for
+hailort_service (HAILO_BUILD_SERVICE): `faults.async_queue_size=8` models the latter."""
+MAX_BATCH = 63
+"""A batch must fit the driver's 128-descriptor ring twice over (configure: INVALID_ARGUMENT)."""
+
+
+def derived_queue_size(hef: FakeHef, batch_size: int) -> int:
+    """What `get_async_queue_size()` reports for this HEF on one chip (CoreOp::infer_queue_size):
+    the smallest stream queue, each clamp(32 MiB / frame bytes, 2 * batch, max(2 * batch, 32)),
+    counted in frames. A tiny model gets 32; only frames of megabytes make it small."""
+    batch = max(1, batch_size)
+    sizes = []
+    for spec in (*hef.inputs, *hef.outputs):
+        frame_bytes = max(1, math.prod(spec.shape))  # the device's own uint8 frames
+        floor, ceiling = 2 * batch, max(2 * batch, MAX_ACTIVE_TRANSFERS_SCALE)
+        sizes.append(min(max(QUEUE_BYTES // frame_bytes, floor), ceiling))
+    return min(sizes)

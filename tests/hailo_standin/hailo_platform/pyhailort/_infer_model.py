@@ -37,7 +37,15 @@ from hailo_platform.pyhailort._common import (
     log,
     status_error,
 )
-from hailo_platform.pyhailort._engine import DeviceContext, Edge, Job, Pipeline, Twin
+from hailo_platform.pyhailort._engine import (
+    MAX_BATCH,
+    DeviceContext,
+    Edge,
+    Job,
+    Pipeline,
+    Twin,
+    derived_queue_size,
+)
 from hailo_platform.pyhailort._hef import HEF, stream_order, stream_quant
 
 ACCEPTS = {"hailo8": {"hailo8", "hailo8r", "hailo8l"}, "hailo8l": {"hailo8l"}}
@@ -106,13 +114,10 @@ class InferModel:
                 raise status_error(6, f"NMS config was changed for non-NMS edge {self.name}")
             return Edge(self._spec, kind)
 
-    def __init__(
-        self, hef_source: str | bytes, hef: FakeHef, device: DeviceContext, queue_size: int
-    ) -> None:
+    def __init__(self, hef_source: str | bytes, hef: FakeHef, device: DeviceContext) -> None:
         self._hef_source = hef_source
         self._fake = hef
         self._device = device
-        self._queue_size = queue_size
         self._hef: HEF | None = None
         self._twin: Twin | None = None
         self._batch_size = 0
@@ -177,11 +182,17 @@ class InferModel:
             log.warning("HEF was compiled for Hailo8L; running on Hailo8 gives lower performance")
         if faults.consume("fail_configure"):
             raise status_error(36, "configure: driver ioctl failed (faults.fail_configure)")
-        if self._batch_size > self._queue_size:
+        faults.chip_event("reconfigure")
+        if self._batch_size > MAX_BATCH:
+            raise status_error(2, f"batch size {self._batch_size} is larger than {MAX_BATCH}")
+        # the queue is the HEF's (CoreOp::infer_queue_size), unless a test forces another
+        forced = faults.current().async_queue_size
+        queue_size = forced or derived_queue_size(self._fake, self._batch_size)
+        if self._batch_size > queue_size:
             raise status_error(
                 6,
                 f"Trying to configure a model with a batch={self._batch_size} bigger than "
-                f"internal_queue_size={self._queue_size}, which is not supported.",
+                f"internal_queue_size={queue_size}, which is not supported.",
             )
         edges = (
             {name: s._edge() for name, s in self._inputs.items()},
@@ -194,7 +205,7 @@ class InferModel:
             self._twin,
             edges,
             quantized=self._fake.quantized,
-            queue_size=self._queue_size,
+            queue_size=queue_size,
             device=self._device,
             latency_ms=lambda: faults.current().latency_ms,
         )
