@@ -4,10 +4,20 @@ Everything about the compiled model is read from the HEF at load time: stream na
 `<network>/<layer>`, never the ONNX names), per-frame shapes (no batch axis), orders and formats.
 Inputs and outputs are switched to FLOAT32 before `configure()` (HailoRT then quantises and
 dequantises on the host). A batch becomes a list of single-frame bindings submitted with
-`run_async`, at most `max_jobs` jobs in flight, each after `wait_for_async_ready`. Any HailoRT
-error inside `run_async` shuts the configured pipeline down (hailo-notes.md section 1), so a failed
-batch is retried once on a freshly configured pipeline before it is reported. `close()` shuts the
-pipeline down and releases the VDevice explicitly; nothing relies on `__del__`.
+`run_async`, each after `wait_for_async_ready`.
+
+How many frames go in one job and how many jobs are in flight is asked of the device, never
+assumed: after `configure()` the backend reads `get_async_queue_size()` (the smallest queue of the
+model's streams, which depends on the model and the board) and derives an `AsyncPlan` whose
+frames per job times jobs in flight fit that queue; the configured values are upper bounds.
+`wait_for_async_ready` for more frames than the queue holds can never succeed in HailoRT.
+
+Any HailoRT error inside `run_async` shuts the configured pipeline down (hailo-notes.md section 1),
+so a failed batch is retried once on a freshly configured pipeline before it is reported; what
+is left after that (a device that stays hung) is the node's recovery's job (node/inference/
+recovery.py), which rebuilds the backend or falls back. `abort()` shuts the pipeline down from
+another thread so that a call stuck on the device returns. `close()` shuts the pipeline down and
+releases the VDevice explicitly; nothing relies on `__del__`.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import re
 import threading
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -41,6 +52,9 @@ INSTALL_HINT = (
 )
 VDEVICE_GROUP = "imu-node"
 """group_id of every VDevice this process opens (so a swap can hold two models on one chip)."""
+TIMEOUT = 4
+OUT_OF_PHYSICAL_DEVICES = 74
+_STATUS = re.compile(r"failed with error: (\d+)")
 # Architectures a device accepts (hailo-notes.md section 3: a Hailo-8 also runs 8L HEFs).
 ACCEPTS = {"HAILO8": {"hailo8", "hailo8l"}, "HAILO8L": {"hailo8l"}, "HAILO8_A0": {"hailo8"}}
 
@@ -49,7 +63,7 @@ def import_hailo() -> ModuleType:
     """`hailo_platform`, or BackendUnavailableError saying how to get it."""
     try:
         return importlib.import_module("hailo_platform")
-    except ImportError as exc:  # includes its own version-mismatch ImportError
+    except Exception as exc:  # ImportError (also its version check) or MissingPyHRTLib
         msg = f"the Hailo backend needs the hailo_platform package ({exc}); {INSTALL_HINT}"
         raise BackendUnavailableError(msg) from exc
 
@@ -61,6 +75,27 @@ def find_devices() -> list[str]:
         return [str(d) for d in hailo.Device.scan()]
     except Exception:
         return []
+
+
+@dataclass(frozen=True, slots=True)
+class AsyncPlan:
+    """How batches are cut into async jobs on one configured model."""
+
+    queue_size: int
+    """Frames the device's async queue holds (`get_async_queue_size()`)."""
+    frames_per_job: int
+    max_jobs: int
+    """Jobs in flight at once; frames_per_job * max_jobs <= queue_size."""
+
+    @classmethod
+    def fit(cls, queue_size: int, frames_per_job: int, max_jobs: int) -> AsyncPlan:
+        """The largest plan within the configured bounds that the device's queue holds."""
+        if queue_size < 1:
+            msg = f"the device reports an async queue of {queue_size} frames; nothing can run"
+            raise BackendError(msg)
+        frames = max(1, min(frames_per_job, queue_size))
+        jobs = max(1, min(max_jobs, queue_size // frames))
+        return cls(queue_size, frames, jobs)
 
 
 @dataclass(slots=True)
@@ -84,6 +119,7 @@ class HailoBackend(InferenceBackend):
         self._hef_arch = bundle.manifest.hef.hw_arch
         self._lock = threading.Lock()
         self._closed = False
+        self._aborted = False
         self._vdevice = self._open_vdevice()
         try:
             self._device = self._identify()
@@ -92,20 +128,27 @@ class HailoBackend(InferenceBackend):
             self._input, self._frame_shape = self._read_input()
             self._latent, self._logits = self._read_outputs()
             self._set_formats()
-            if options.batch_size:
-                self._model.set_batch_size(options.batch_size)
-            self._configured = self._call(self._model.configure)
+            self._batch_size = options.batch_size
+            self._configured = self._configure()
+            self._plan = self._read_plan()
         except BaseException:
             self._release_vdevice()
             raise
         logger.info(
-            "Hailo %s (fw %s, serial %s) runs %s; input %s %s",
+            "Hailo %s (fw %s, serial %s) runs %s; input %s %s; async queue %d frames: "
+            "%d frames per job, %d jobs in flight (configured bounds %d and %d), batch %s",
             self._device.get("architecture"),
             self._device.get("firmware"),
             self._device.get("serial"),
             self._hef_arch,
             self._input,
             self._frame_shape,
+            self._plan.queue_size,
+            self._plan.frames_per_job,
+            self._plan.max_jobs,
+            options.frames_per_job,
+            options.max_jobs,
+            self._batch_size or "HailoRT's choice",
         )
 
     # -- load -------------------------------------------------------------------------------
@@ -120,7 +163,14 @@ class HailoBackend(InferenceBackend):
             return self._hailo.VDevice(params)
         except Exception as exc:
             text = str(exc)
-            if "74" in text or "OUT_OF_PHYSICAL_DEVICES" in text:
+            status = hailo_status(exc)
+            if status == OUT_OF_PHYSICAL_DEVICES and not find_devices():
+                # HailoRT says 74 for "no device" too (its device count check): ask the bus
+                msg = (
+                    f"no Hailo device found ({text}); check `hailortcli scan`, `lspci | grep "
+                    "Hailo` and docs/hardware.md"
+                )
+            elif status == OUT_OF_PHYSICAL_DEVICES:
                 msg = (
                     "the Hailo device is busy: another process holds it (HAILO_OUT_OF_PHYSICAL_"
                     "DEVICES); stop it (`sudo lsof /dev/hailo0`) or run hailort_service"
@@ -144,7 +194,7 @@ class HailoBackend(InferenceBackend):
         return {
             "architecture": str(arch).upper(),
             "firmware": str(board.firmware_version),
-            "serial": str(board.serial_number).strip() or "n/a",
+            "serial": str(board.serial_number).strip().strip("\x00").strip() or "n/a",
             "board": str(getattr(board, "board_name", "")).strip(),
             "hailort": str(getattr(self._hailo, "__version__", "?")),
         }
@@ -179,6 +229,37 @@ class HailoBackend(InferenceBackend):
             raise ModelContractError(msg)
         return by_size[LATENT_DIM], by_size.get(MOTIF_COUNT)
 
+    def _configure(self) -> Any:
+        """Configure with the configured device batch, or HailoRT's choice if the device refuses it.
+
+        HailoRT refuses a batch above 63 or above the async queue (which it sizes to at least two
+        batches, so the second should not happen); a refused batch falls back to HailoRT's own
+        choice, loudly, rather than leaving the node without a model. No probing configure: each
+        configure adds a core-op the VDevice keeps until it is released (hailo-notes.md 7)."""
+        wanted = self._options.batch_size
+        if wanted:
+            self._model.set_batch_size(wanted)
+            try:
+                return self._call(self._model.configure)
+            except BackendError as exc:
+                logger.warning(
+                    "the device refused hailo_batch_size %d (%s); letting HailoRT choose",
+                    wanted,
+                    exc,
+                )
+                self._model.set_batch_size(0)
+                self._batch_size = 0
+        return self._call(self._model.configure)
+
+    def _read_plan(self) -> AsyncPlan:
+        queue = int(self._call(self._configured.get_async_queue_size))
+        return AsyncPlan.fit(queue, self._options.frames_per_job, self._options.max_jobs)
+
+    @property
+    def plan(self) -> AsyncPlan:
+        """The async plan in force (asked of the device at the last configure)."""
+        return self._plan
+
     def _set_formats(self) -> None:
         float32 = self._hailo.FormatType.FLOAT32
         self._model.input(self._input).set_format_type(float32)
@@ -193,9 +274,12 @@ class HailoBackend(InferenceBackend):
             if self._closed:
                 msg = "backend is closed"
                 raise BackendError(msg)
+            self._aborted = False
             try:
                 return self._run(windows)
             except BackendError as first:
+                if self._aborted:  # the watchdog gave up on this call: no retry behind its back
+                    raise
                 logger.warning("Hailo batch failed (%s); reconfiguring and retrying once", first)
                 self._reconfigure()
                 return self._run(windows)
@@ -206,7 +290,8 @@ class HailoBackend(InferenceBackend):
         if self._logits is not None:
             outputs.append((self._logits, np.empty((len(windows), *self._logits[1]), np.float32)))
         timeout = self._options.timeout_ms
-        step = max(1, self._options.frames_per_job)
+        plan = self._plan
+        step = plan.frames_per_job
         jobs: list[tuple[Any, _Job]] = []
         try:
             for start in range(0, len(frames), step):
@@ -217,7 +302,7 @@ class HailoBackend(InferenceBackend):
                     )
                     binding.input(self._input).set_buffer(frames[i])
                     bindings.append(binding)
-                if len(jobs) >= self._options.max_jobs:  # bound the jobs in flight
+                if len(jobs) >= plan.max_jobs:  # frames in flight never exceed the queue
                     self._wait(*jobs.pop(0), timeout)
                 self._configured.wait_for_async_ready(
                     timeout_ms=timeout, frames_count=len(bindings)
@@ -245,11 +330,25 @@ class HailoBackend(InferenceBackend):
             raise _backend_error(state.error)
 
     def _reconfigure(self) -> None:
+        if self._aborted:
+            msg = "the inference call was aborted"
+            raise BackendError(msg)
         try:
             self._configured.shutdown()
         except Exception:
             logger.debug("shutdown of a failed pipeline raised", exc_info=True)
-        self._configured = self._call(self._model.configure)
+        self._configured = self._configure()
+        self._plan = self._read_plan()
+
+    def abort(self) -> None:
+        """Shut the pipeline down from another thread: a call stuck on the device returns with
+        an error (its in-flight jobs are aborted); the next batch reconfigures. Never blocks on
+        the inference lock."""
+        self._aborted = True
+        try:
+            self._configured.shutdown()
+        except Exception:
+            logger.debug("shutdown of a stuck pipeline raised", exc_info=True)
 
     # -- reporting and teardown -------------------------------------------------------------
 
@@ -272,7 +371,10 @@ class HailoBackend(InferenceBackend):
                 "hef_arch": self._hef_arch,
                 "input": self._input,
                 "input_shape": "x".join(map(str, self._frame_shape)),
-                "max_jobs": self._options.max_jobs,
+                "async_queue_size": self._plan.queue_size,
+                "frames_per_job": self._plan.frames_per_job,
+                "max_jobs": self._plan.max_jobs,
+                "batch_size": self._batch_size,
             },
         )
 
@@ -311,15 +413,29 @@ def _completed(state: _Job, completion_info: Any = None) -> None:
         state.done.set()
 
 
+def hailo_status(exc: BaseException) -> int | None:
+    """The HailoRT status code of an exception, Python-level or raw C++, when it carries one.
+
+    Python classes say "libhailort failed with error: N (NAME)"; the raw
+    `_pyhailort.HailoRTStatusException` that unwrapped calls leak has just "N" as `args[0]`."""
+    if type(exc).__name__ == "HailoRTStatusException" and exc.args:
+        text = str(exc.args[0]).strip()
+        return int(text) if text.isdigit() else None
+    match = _STATUS.search(str(exc))
+    return int(match.group(1)) if match else None
+
+
 def _backend_error(exc: BaseException) -> NodeError:
     """Map a HailoRT exception (Python or raw C++) to our error with a hint."""
     if isinstance(exc, NodeError):
         return exc
     name = type(exc).__name__
-    if "HEFNotCompatible" in name or "InvalidHEF" in name:
-        return ModelContractError(f"the HEF does not fit this device: {exc}")
-    if name == "HailoRTTimeout":
+    status = hailo_status(exc)
+    detail = str(exc) if name != "HailoRTStatusException" else f"status {status}"
+    if "HEFNotCompatible" in name or "InvalidHEF" in name or status in (26, 93):
+        return ModelContractError(f"the HEF does not fit this device: {detail}")
+    if name == "HailoRTTimeout" or status == TIMEOUT:
         return BackendError(
-            f"Hailo device timed out ({exc}); check `hailortcli fw-control identify`"
+            f"Hailo device timed out ({detail}); check `hailortcli fw-control identify`"
         )
-    return BackendError(f"HailoRT error {name}: {exc}")
+    return BackendError(f"HailoRT error {name}: {detail}")
