@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
@@ -23,9 +24,11 @@ import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
 from node.config import NodeConfig, default_spool_dir, parse_listen
-from node.errors import ConfigError, NodeError
+from node.errors import ConfigError
 from node.identity import default_node_id
 from node.inference.pipeline import BatchResult, ModelPipeline, load_model, open_pipeline
+from node.inference.recovery import BackendRecovery
+from node.inference.watchdog import InferenceWatchdog, auto_deadline_s
 from node.inference.worker import InferenceWorker, WorkItem
 from node.ingest.router import Ingest
 from node.ingest.windower import SampleWindower
@@ -54,8 +57,6 @@ logger = logging.getLogger(__name__)
 
 NODE_SESSION_EXPIRY_S = 300
 """The broker keeps a node's session, and the windows queued for it, through 5-minute outages."""
-FALLBACK_AFTER_FAILURES = 3
-"""Consecutive failed batches before a node with `fallback = "onnx"` leaves its accelerator."""
 
 
 def software_version() -> str:
@@ -74,7 +75,10 @@ class NodeApp:
     ) -> None:
         self.config = config
         self.backend_reason = backend_reason
-        self._failures = 0
+        self.fatal: str | None = None
+        """Why the node must exit non-zero (a call the watchdog could not free), else None."""
+        self.on_fatal: Callable[[], None] = lambda: None
+        """Called once when `fatal` is set (the CLI stops and exits non-zero)."""
         self.node_id = config.node_id or default_node_id()
         self.instance = uuid.uuid4().hex[:12]
         self.metrics = NodeMetrics()
@@ -112,6 +116,21 @@ class NodeApp:
             self._inference_failed,
             max_batch=config.max_batch,
             batch_wait_s=config.batch_wait_ms / 1000,
+            recover=lambda failed, exc, since: self.recovery(failed, exc, since),  # noqa: PLW0108
+        )
+        self.recovery = BackendRecovery(
+            current=lambda: self.worker.pipeline,
+            replace=self.worker.replace,
+            load=lambda bundle, name: load_model(bundle, name, config.backend_options()),
+            fallback=config.fallback,
+            report=lambda kind, reason: self.reporter.report(kind, reason),  # noqa: PLW0108
+            on_replaced=self._replaced,
+        )
+        self.watchdog = InferenceWatchdog(
+            busy=self.worker.busy,
+            deadline_s=self.deadline_s,
+            on_stall=self._stalled,
+            on_stuck=self._stuck,
         )
         self._results = ResultPublisher(self.node_id, self._publish_qos1, self.metrics)
         self.manager = ModelManager(
@@ -137,6 +156,7 @@ class NodeApp:
             backend_reason=lambda: self.backend_reason,
             publish=lambda topic, payload: self.session.publish(topic, payload, qos=0),
             spool=lambda: self.outbox.stats(),  # noqa: PLW0108 (outbox is made below)
+            health=self._backend_health,
         )
         self.outbox = Outbox(self.session, self._open_spool())  # opened last: it takes a lock
         try:
@@ -180,6 +200,7 @@ class NodeApp:
         if self.config.follow_desired:
             self.manager.attach()
         self.worker.start()
+        self.watchdog.start()
         self.telemetry.start()
         self.outbox.start()
         self.session.start()
@@ -210,6 +231,7 @@ class NodeApp:
         for topic_filter in (topics.window(sensors), topics.samples(sensors)):
             self.session.unroute(topic_filter)
         drained = self.worker.stop(timeout)
+        self.watchdog.stop()
         self.ingest.close()
         self.telemetry.stop()
         acked = self.session.wait_published(timeout)
@@ -252,6 +274,7 @@ class NodeApp:
             queue_depth=self.queue.qsize,
             queue_capacity=self.queue.maxsize,
             pipeline=lambda: self.worker.pipeline,
+            backend_health=self._backend_health,
         )
         return NodeHttp(
             parse_listen(self.config.http_listen),
@@ -262,12 +285,19 @@ class NodeApp:
         )
 
     def readiness(self) -> dict[str, bool]:
-        """What `/readyz` checks: broker link, serving, room in the queue."""
+        """What `/readyz` checks: broker link, serving, a healthy backend, room in the queue."""
         return {
             "broker_connected": self.session.is_connected,
             "serving": self.worker.is_alive() and not self._stopped.is_set(),
+            "backend_healthy": self.recovery.healthy and not self.watchdog.stalled,
             "queue_has_room": self.queue.qsize() < self.queue.maxsize,
         }
+
+    def deadline_s(self, pipeline: ModelPipeline) -> float:
+        """How long one backend call on `pipeline` may run before the watchdog aborts it."""
+        if self.config.inference_deadline_ms:
+            return self.config.inference_deadline_ms / 1000
+        return auto_deadline_s(pipeline, self.config.max_batch, self.config.hailo_timeout_ms)
 
     def _open_spool(self) -> Spool | None:
         if self.config.spool_max_mb == 0:
@@ -317,47 +347,52 @@ class NodeApp:
     def _results_ready(
         self, batch: list[WorkItem], result: BatchResult, pipeline: ModelPipeline
     ) -> None:
-        self._failures = 0
         self._results(batch, result, pipeline)
 
     def _inference_failed(self, batch: list[WorkItem], exc: Exception) -> None:
-        self._failures += 1
         for item in batch:
+            self.metrics.window_dropped("inference_failed")
             if item.reply is not None:  # POST /infer: the caller gets the error
-                self.metrics.window_dropped("inference_failed")
                 item.reply.set_exception(exc)
                 continue
-            self.metrics.window_dropped("inference_failed")
             self.reporter.report(
                 ErrorKind.INFERENCE,
                 f"backend failed on this window: {exc}",
                 sensor_id=item.sensor_id,
                 seq=item.seq,
             )
-        if self._failures >= FALLBACK_AFTER_FAILURES and self.config.fallback == "onnx":
-            self._fall_back(exc)
 
-    def _fall_back(self, exc: Exception) -> None:
-        """Serve on ONNX Runtime after repeated accelerator failures (worker thread)."""
-        current = self.worker.pipeline
-        if current.info.name == "onnx" or current.bundle.onnx is None:
-            return
-        try:
-            replacement = load_model(current.bundle, "onnx", self.config.backend_options())
-        except NodeError:
-            logger.exception("fallback to onnx failed; staying on %s", current.info.name)
-            return
-        old = self.worker.swap(replacement)
-        old.close()
-        self.manager.adopt(replacement)
-        self._failures = 0
-        self.backend_reason = f"fallback from {old.info.name}: {exc}"
+    # -- backend health -----------------------------------------------------------------------
+
+    def _replaced(self, failed: ModelPipeline, rebuilt: ModelPipeline, reason: str) -> None:
+        """The recovery swapped a rebuilt (or fallback) pipeline in (worker thread)."""
+        self.manager.adopt(rebuilt)
+        if rebuilt.info.name != failed.info.name:
+            self.backend_reason = reason
+            self._announce()  # the retained status names the backend
+
+    def _backend_health(self) -> tuple[bool, int, int]:
+        """(healthy, rebuilds and fallbacks, watchdog stalls) for telemetry."""
+        stats = self.recovery.stats()
+        healthy = stats.healthy and not self.watchdog.stalled
+        return healthy, stats.rebuilds + stats.fallbacks, self.watchdog.stalls
+
+    def _stalled(self, pipeline: ModelPipeline, elapsed: float, deadline: float) -> None:
         self.reporter.report(
-            ErrorKind.BACKEND_FALLBACK,
-            f"{old.info.name} failed {FALLBACK_AFTER_FAILURES} batches in a row ({exc}); now "
-            "serving on onnx. Check the device (imu-node doctor) and restart to return to it",
+            ErrorKind.WATCHDOG,
+            f"an inference call on {pipeline.info.name} has run {elapsed:.2f} s (deadline "
+            f"{deadline:.2f} s); aborting it and rebuilding the backend",
         )
-        self._announce()
+
+    def _stuck(self, pipeline: ModelPipeline, elapsed: float, deadline: float) -> None:
+        reason = (
+            f"an inference call on {pipeline.info.name} still runs {elapsed:.2f} s after the "
+            f"watchdog aborted it (deadline {deadline:.2f} s); exiting for a restart"
+        )
+        self.reporter.report(ErrorKind.WATCHDOG, reason)
+        if self.fatal is None:
+            self.fatal = reason
+            self.on_fatal()
 
     # -- duplicate node ids -----------------------------------------------------------------
 

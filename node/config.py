@@ -122,10 +122,21 @@ class NodeConfig(BaseSettings):
     )
     threads: int = Field(1, ge=1, le=64, description="CPU threads for the ONNX Runtime backend")
     hailo_timeout_ms: int = Field(1000, ge=10, le=60_000, description="Hailo: per-call timeout")
-    hailo_max_jobs: int = Field(4, ge=1, le=64, description="Hailo: async jobs in flight")
-    hailo_frames_per_job: int = Field(8, ge=1, le=256, description="Hailo: frames per async job")
+    hailo_max_jobs: int = Field(
+        4, ge=1, le=64, description="Hailo: most async jobs in flight (the device's queue caps it)"
+    )
+    hailo_frames_per_job: int = Field(
+        8, ge=1, le=256, description="Hailo: most frames per async job (the device's queue caps it)"
+    )
     hailo_batch_size: int = Field(
         0, ge=0, le=256, description="Hailo: device batch (burst) size; 0 lets HailoRT choose"
+    )
+    inference_deadline_ms: int = Field(
+        0,
+        ge=0,
+        le=600_000,
+        description="Watchdog: a backend call running longer is aborted and the backend rebuilt "
+        "(0: derived from the model's measured cost, at least 1 s)",
     )
     mqtt_protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version")
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive")

@@ -64,6 +64,7 @@ class TelemetryLoop:
         backend_reason: Callable[[], str],
         publish: Callable[[str, bytes], bool],
         spool: Callable[[], SpoolStats | None] = lambda: None,
+        health: Callable[[], tuple[bool, int, int]] = lambda: (True, 0, 0),
     ) -> None:
         self._node_id = node_id
         self._interval = interval_s
@@ -73,6 +74,8 @@ class TelemetryLoop:
         self._backend_reason = backend_reason
         self._publish = publish
         self._spool = spool
+        self._health = health
+        """(backend healthy, backend rebuilds, watchdog stalls)."""
         self._process = psutil.Process()
         self._process.cpu_percent(None)  # first call primes the measurement
         self._stop = threading.Event()
@@ -95,6 +98,7 @@ class TelemetryLoop:
         rss = self._process.memory_info().rss
         peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         spool = self._spool()
+        healthy, rebuilds, stalls = self._health()
         return Telemetry(
             node_id=self._node_id,
             ts=time.time(),
@@ -124,6 +128,9 @@ class TelemetryLoop:
             accelerator_temperature_c=model.backend.temperature(),
             spooled=spool.messages if spool else None,
             spool_mb=round(spool.bytes / 2**20, 2) if spool else None,
+            backend_healthy=healthy,
+            backend_rebuilds=rebuilds,
+            watchdog_stalls=stalls,
         )
 
     def _run(self) -> None:

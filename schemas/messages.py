@@ -214,6 +214,15 @@ class Telemetry(_Outbound):
         default=None, description="Results waiting in the disk spool for the broker (null: off)"
     )
     spool_mb: float | None = Field(default=None, description="Disk the spool uses now")
+    backend_healthy: bool = Field(
+        default=True, description="False while the backend is down and being rebuilt"
+    )
+    backend_rebuilds: int = Field(
+        default=0, description="Times the backend failed and was rebuilt (or fell back) since start"
+    )
+    watchdog_stalls: int = Field(
+        default=0, description="Inference calls that ran past their deadline since start"
+    )
 
 
 class ErrorKind(StrEnum):
@@ -247,6 +256,10 @@ class ErrorKind(StrEnum):
     """A desired model was refused (hash, signature, version, expiry, size, shape, golden)."""
     BACKEND_FALLBACK = "backend_fallback"
     """The accelerator kept failing and the node moved to its fallback backend."""
+    BACKEND_RECOVERY = "backend_recovery"
+    """The backend failed and was rebuilt (with how long serving stopped), or could not be."""
+    WATCHDOG = "watchdog"
+    """An inference call ran past its deadline and was aborted (or could not be)."""
 
 
 class ErrorReport(_Outbound):

@@ -134,7 +134,12 @@ def test_health_and_readiness(served: NodeApp, backend: str) -> None:
     assert status == 200
     assert json.loads(body) == {
         "ready": True,
-        "checks": {"broker_connected": True, "serving": True, "queue_has_room": True},
+        "checks": {
+            "broker_connected": True,
+            "serving": True,
+            "backend_healthy": True,
+            "queue_has_room": True,
+        },
     }
 
 
@@ -173,6 +178,11 @@ def test_metrics_count_what_the_node_did(served: NodeApp, probe: Probe, backend:
     assert samples[("imu_node_window_latency_seconds_bucket", (("le", "+Inf"),))] == 2
     assert samples[("imu_node_mqtt_connected", ())] == 1
     assert samples[("imu_node_spool_messages", ())] == 0
+    assert samples[("imu_node_backend_healthy", ())] == 1
+    assert samples[("imu_node_backend_rebuilds_total", ())] == 0
+    assert samples[("imu_node_watchdog_stalls_total", ())] == 0
+    if backend == "hailo":  # the stand-in's queue for this HEF, as HailoRT derives it
+        assert samples[("imu_node_accelerator_async_queue_frames", ())] == 32
     info = next(labels for (name, labels) in samples if name == "imu_node_info")
     assert ("backend", backend) in info
     assert ("model_version", "1.0.0") in info

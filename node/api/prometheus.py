@@ -41,6 +41,8 @@ class NodeSources:
     queue_depth: Callable[[], int]
     queue_capacity: int
     pipeline: Callable[[], ModelPipeline]
+    backend_health: Callable[[], tuple[bool, int, int]] = lambda: (True, 0, 0)
+    """(healthy, rebuilds and fallbacks, watchdog stalls)."""
 
 
 class NodeCollector(Collector):
@@ -97,6 +99,25 @@ class NodeCollector(Collector):
             "imu_node_queue_capacity", "Size of the inference queue", value=s.queue_capacity
         )
         yield from self._mqtt(s.session, s.outbox)
+        healthy, rebuilds, stalls = s.backend_health()
+        yield GaugeMetricFamily(
+            "imu_node_backend_healthy", "1 while the backend serves, 0 while it is rebuilt",
+            value=int(healthy),
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "imu_node_backend_rebuilds", "Backend failures answered by a rebuild or a fallback",
+            value=rebuilds,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "imu_node_watchdog_stalls", "Inference calls that ran past their deadline", value=stalls
+        )
+        queue = pipeline.info.detail.get("async_queue_size")
+        if isinstance(queue, int):
+            yield GaugeMetricFamily(
+                "imu_node_accelerator_async_queue_frames",
+                "Frames the device's async queue holds (asked of the device at configure)",
+                value=queue,
+            )
         temperature = pipeline.backend.temperature()
         if temperature is not None:
             yield GaugeMetricFamily(

@@ -72,6 +72,10 @@ class InferenceBackend(ABC):
     def close(self) -> None:
         """Release the device and every resource; idempotent."""
 
+    def abort(self) -> None:  # noqa: B027 (optional: not every backend can abort a call)
+        """Make an `infer` call stuck in another thread return with an error, where the backend
+        can (the watchdog calls this); the default cannot, and the watchdog then escalates."""
+
     def temperature(self) -> float | None:
         """Accelerator temperature in Celsius, where the device has a sensor."""
         return None

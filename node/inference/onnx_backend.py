@@ -44,6 +44,7 @@ class OnnxBackend(InferenceBackend):
         self._logits = outputs.motif_logits.name if outputs.motif_logits else None
         self._check_outputs([n for n in (self._latent, self._logits) if n])
         self._closed = False
+        self._run_options = ort.RunOptions()
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, options: BackendOptions) -> OnnxBackend:
@@ -86,6 +87,9 @@ class OnnxBackend(InferenceBackend):
             msg = "backend is closed"
             raise BackendError(msg)
         wanted = [self._latent] if self._logits is None else [self._latent, self._logits]
+        if self._run_options.terminate:  # a previous call was aborted: start afresh
+            self._run_options = ort.RunOptions()
+        run_options = self._run_options
         step = self._batch or len(windows)
         parts: list[list[FloatArray]] = []
         for start in range(0, len(windows), step):
@@ -95,7 +99,7 @@ class OnnxBackend(InferenceBackend):
                 pad = np.zeros((step - real, *chunk.shape[1:]), dtype=np.float32)
                 chunk = np.concatenate([chunk, pad])
             try:
-                outs = self._session.run(wanted, {self._input: chunk})
+                outs = self._session.run(wanted, {self._input: chunk}, run_options)
             except Exception as exc:
                 msg = f"ONNX Runtime failed on a batch of {real}: {exc}"
                 raise BackendError(msg) from exc
@@ -117,6 +121,10 @@ class OnnxBackend(InferenceBackend):
                 "batch": self._batch or "dynamic",
             },
         )
+
+    def abort(self) -> None:
+        """Terminate a `run` in progress (ONNX Runtime's RunOptions.terminate)."""
+        self._run_options.terminate = True
 
     def close(self) -> None:
         """Drop the session."""

@@ -7,6 +7,7 @@ runs the golden check, and closes the backend again if any step fails.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,8 @@ class GoldenReport:
     max_abs_error: float
     min_cosine: float
     passed: bool
+    ms_per_window: float
+    """Wall time of the check (the first call: a warm-up, so an upper bound) per window."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,8 @@ class ModelPipeline:
         self.info: BackendInfo = backend.describe()
         self.normalizer = Normalizer(bundle.manifest.normalization)
         self._head = MotifHead(bundle.manifest)
+        self.ms_per_window: float | None = None
+        """Measured at the golden check (warm-up included); the watchdog's deadline uses it."""
 
     def run(self, raw: FloatArray) -> BatchResult:
         """Raw windows (n, 100, 9) -> latents and motif scores."""
@@ -68,7 +73,10 @@ class ModelPipeline:
     def golden_check(self) -> GoldenReport:
         """Run the golden windows and compare with the expected latents."""
         inputs, expected = self.bundle.golden()
+        started = time.perf_counter()
         got = self.backend.infer(self.normalizer.apply(inputs)).latent
+        ms_per_window = (time.perf_counter() - started) * 1000 / max(len(inputs), 1)
+        self.ms_per_window = ms_per_window
         spec = self.bundle.manifest.golden
         max_err = float(np.max(np.abs(got - expected)))
         cosine = float(np.min(cosine_similarity(got, expected)))
@@ -76,7 +84,7 @@ class ModelPipeline:
             passed = cosine >= spec.min_cosine_quantized
         else:
             passed = max_err <= spec.atol and cosine >= spec.min_cosine
-        return GoldenReport(len(inputs), max_err, cosine, passed)
+        return GoldenReport(len(inputs), max_err, cosine, passed, ms_per_window)
 
     def close(self) -> None:
         """Release the backend."""

@@ -4,6 +4,11 @@ The worker takes whatever is queued (up to `max_batch`, waiting at most `batch_w
 runs it as one batch and hands the results to the publisher. The model reference is read once per
 batch, so `swap` takes effect between two batches: no window is lost or run twice, and each result
 names the model version that produced it.
+
+When a batch fails, the worker asks its `recover` hook (node/inference/recovery.py) for a rebuilt
+model and runs the same batch once more on it before giving the windows up as failed. While a
+backend call runs, `busy_since` says since when: the watchdog (node/inference/watchdog.py) reads
+it to find calls past their deadline.
 """
 
 from __future__ import annotations
@@ -47,6 +52,13 @@ _STOP = WorkItem("", None, None, None, np.empty((0, 0), np.float32), 0)
 
 ResultSink = Callable[[list[WorkItem], BatchResult, ModelPipeline], None]
 FailureSink = Callable[[list[WorkItem], Exception], None]
+Recover = Callable[[ModelPipeline, Exception, float], "ModelPipeline | None"]
+"""Given the pipeline that failed, why, and when (monotonic) the failed call began: a rebuilt
+pipeline to retry the batch on, or None."""
+
+
+def _no_recovery(_failed: ModelPipeline, _exc: Exception, _since: float) -> ModelPipeline | None:
+    return None
 
 
 class InferenceWorker:
@@ -61,13 +73,17 @@ class InferenceWorker:
         *,
         max_batch: int = 8,
         batch_wait_s: float = 0.0,
+        recover: Recover = _no_recovery,
     ) -> None:
         self._pipeline = pipeline
         self._queue = work
         self._on_results = on_results
         self._on_failure = on_failure
+        self._recover = recover
         self._max_batch = max_batch
         self._batch_wait_s = batch_wait_s
+        self._busy_since: float | None = None
+        self._busy_pipeline: ModelPipeline | None = None
         self._swap_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="inference-worker", daemon=True)
@@ -90,6 +106,21 @@ class InferenceWorker:
         with self._swap_lock:
             old, self._pipeline = self._pipeline, new
         return old
+
+    def replace(self, expected: ModelPipeline, new: ModelPipeline) -> bool:
+        """Serve `new` instead of `expected`, unless another swap came first (then False)."""
+        with self._swap_lock:
+            if self._pipeline is not expected:
+                return False
+            self._pipeline = new
+        return True
+
+    def busy(self) -> tuple[float, ModelPipeline] | None:
+        """(`time.monotonic()` when the running backend call began, its pipeline), or None."""
+        with self._swap_lock:
+            if self._busy_since is None or self._busy_pipeline is None:
+                return None
+            return self._busy_since, self._busy_pipeline
 
     def stop(self, timeout: float) -> bool:
         """Finish what is queued, then stop; False if the queue did not drain in time."""
@@ -135,17 +166,43 @@ class InferenceWorker:
         with self._swap_lock:
             pipeline = self._pipeline
         windows = np.stack([item.x for item in batch])
+        started = time.monotonic()
         try:
-            result = pipeline.run(windows)
-        except BackendError as exc:
-            logger.error("inference failed on a batch of %d: %s", len(batch), exc)
-            self._on_failure(batch, exc)
-            return
+            result = self._timed_run(pipeline, windows)
         except Exception as exc:
-            logger.exception("unexpected failure on a batch of %d", len(batch))
-            self._on_failure(batch, exc)
-            return
+            self._log_failure(batch, exc)
+            try:
+                rebuilt = self._recover(pipeline, exc, started)
+            except Exception:
+                logger.exception("backend recovery raised")
+                rebuilt = None
+            if rebuilt is None:
+                self._on_failure(batch, exc)
+                return
+            pipeline = rebuilt
+            try:  # the same batch once more, on the rebuilt model
+                result = self._timed_run(pipeline, windows)
+            except Exception as again:
+                self._log_failure(batch, again)
+                self._on_failure(batch, again)
+                return
         try:
             self._on_results(batch, result, pipeline)
         except Exception:  # the worker must outlive a bug or a full disk downstream
             logger.exception("publishing the results of a batch of %d failed", len(batch))
+
+    def _timed_run(self, pipeline: ModelPipeline, windows: FloatArray) -> BatchResult:
+        with self._swap_lock:
+            self._busy_since, self._busy_pipeline = time.monotonic(), pipeline
+        try:
+            return pipeline.run(windows)
+        finally:
+            with self._swap_lock:
+                self._busy_since = self._busy_pipeline = None
+
+    @staticmethod
+    def _log_failure(batch: list[WorkItem], exc: Exception) -> None:
+        if isinstance(exc, BackendError):
+            logger.error("inference failed on a batch of %d: %s", len(batch), exc)
+        else:
+            logger.error("unexpected failure on a batch of %d", len(batch), exc_info=exc)
