@@ -29,6 +29,7 @@ examples:
   imu-node id                                   # this machine's default node id
   imu-node config --config /etc/imu-node.toml   # effective settings (secrets hidden)
   imu-node doctor --config /etc/imu-node.toml   # what is wrong and what to do about it
+  imu-node check --broker mqtt://127.0.0.1:1883  # drive a running node, judge the targets
 
 precedence: flags > environment (IMU_NODE_*) > --config file > defaults
 """
@@ -130,13 +131,65 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_node_options(doctor)
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_check(sub)
     return parser
+
+
+CHECK_EXAMPLES = """\
+examples:
+  imu-node check --broker mqtt://pi-07.local:1883              # 40 windows/s for 30 s
+  imu-node check --broker mqtt://pi-07.local:1883 --rate 200 --duration 60 --node pi-07
+  imu-node check --broker mqtt://127.0.0.1:1883 --json > check.json
+
+The check publishes JSON windows as a sensor would (imu/check-*/window, QoS 1), so the node must
+subscribe to them (its default `sensors = "+"` does). Exit status: 0 every measured target met
+(what could not be measured is listed; --require-all fails on it), 1 a target missed, 2 bad
+arguments or no broker.
+"""
+
+
+def _add_check(sub: Any) -> None:
+    check = sub.add_parser(
+        "check",
+        help="drive a running node through the broker and judge it against the targets",
+        description="Plays a sensor at a fixed rate for a fixed time against a running node, "
+        "then prints pass/fail per target with the measured figures: p95 latency from publish "
+        "to result, sustained results per second with none lost, the node's RSS and its chip "
+        "(or board) temperature from its telemetry. What the node does not report is listed "
+        "as not measured, not as passed.",
+        epilog=CHECK_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    check.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker URL")
+    check.add_argument("--node", default=None, help="judge only this node id (default: any)")
+    check.add_argument("--rate", type=float, default=40.0, help="windows per second (40)")
+    check.add_argument("--duration", type=float, default=30.0, help="seconds of load (30)")
+    check.add_argument("--sensors", type=int, default=1, help="simulated sensors sharing it (1)")
+    check.add_argument("--grace", type=float, default=5.0, help="wait for late results, s (5)")
+    check.add_argument("--mqtt-protocol", default="5", choices=["5", "3.1.1"])
+    check.add_argument("--p95-ms", type=float, default=50.0, help="latency target (50)")
+    check.add_argument("--min-rate", type=float, default=20.0, help="windows/s target (20)")
+    check.add_argument("--max-rss-mb", type=float, default=512.0, help="memory target (512)")
+    check.add_argument("--max-temp-c", type=float, default=85.0, help="temperature target (85)")
+    check.add_argument(
+        "--require-all", action="store_true",
+        help="fail when a target could not be measured (e.g. no temperature sensor)",
+    )  # fmt: skip
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `imu-node`."""
     args = build_parser().parse_args(argv)
-    commands = {"run": _run, "demo": _demo, "id": _identity, "config": _config, "doctor": _config}
+    commands = {
+        "run": _run,
+        "demo": _demo,
+        "id": _identity,
+        "config": _config,
+        "doctor": _config,
+        "check": _check,
+    }
     try:
         return commands[args.command](args)
     except ConfigError as exc:
@@ -188,11 +241,40 @@ def _doctor(config: NodeConfig, *, as_json: bool) -> int:
     configure_logging("ERROR", json_lines=False)
     checks = run_checks(config)
     if as_json:
-        rows = [{"check": c.name, "level": c.level, "found": c.found, "fix": c.fix} for c in checks]
+        rows = [
+            {"check": c.name, "level": c.level, "found": c.found, "fix": c.fix, "detail": c.detail}
+            for c in checks
+        ]
         print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
     else:
         print(format_report(checks))
     return 1 if any(c.level is Level.FAIL for c in checks) else 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from node.check import CheckPlan, Targets, format_report, progress_bar, run_check  # noqa: PLC0415
+
+    if args.rate <= 0 or args.duration <= 0 or args.sensors < 1:
+        print("imu-node check: --rate and --duration must be > 0, --sensors >= 1", file=sys.stderr)
+        return 2
+    configure_logging("ERROR", json_lines=False)
+    plan = CheckPlan(
+        broker=args.broker,
+        rate=args.rate,
+        duration_s=args.duration,
+        sensors=args.sensors,
+        grace_s=args.grace,
+        node_id=args.node,
+        protocol=args.mqtt_protocol,
+    )
+    targets = Targets(args.p95_ms, args.min_rate, args.max_rss_mb, args.max_temp_c)
+    try:
+        report = run_check(plan, targets, None if args.no_progress else progress_bar())
+    except (ConnectionError, ValueError) as exc:
+        print(f"imu-node check: {exc}", file=sys.stderr)
+        return 2
+    print(report.to_json().decode() if args.json else format_report(report))
+    return 0 if report.passed and not (args.require_all and report.unmeasured) else 1
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -210,12 +292,28 @@ def _run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    app.on_fatal = stop.set
     app.start()
     stop.wait()
+    if app.fatal is not None:
+        return _exit_for_restart(app, app.fatal)
     reason = f"{received[0] if received else 'stop'} received"
     clean = app.stop(reason)
     logger.info("exiting (%s, clean drain: %s)", reason, clean)
     return 0
+
+
+EXIT_WATCHDOG = 70
+"""Exit status when the watchdog cannot free a stuck inference call (EX_SOFTWARE)."""
+
+
+def _exit_for_restart(app: Any, reason: str) -> int:
+    """Stop as cleanly as a stuck thread allows, then exit non-zero for systemd to restart us."""
+    stopper = threading.Thread(target=app.stop, args=(reason,), name="stop", daemon=True)
+    stopper.start()
+    stopper.join(app.config.drain_timeout_s + 5)
+    logger.critical("exiting with status %d for a restart: %s", EXIT_WATCHDOG, reason)
+    return EXIT_WATCHDOG
 
 
 if __name__ == "__main__":
