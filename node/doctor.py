@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import shutil
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ class Check:
     level: Level
     found: str
     fix: str = ""
+    detail: str = ""
+    """Output worth showing in full (e.g. what hailortcli printed), under the line."""
 
 
 @dataclass(slots=True)
@@ -74,6 +77,7 @@ def format_report(checks: list[Check]) -> str:
         lines.append(f"[{check.level.value:^4}] {check.name:<22} {check.found}")
         if check.fix and check.level in (Level.WARN, Level.FAIL):
             lines.append(f"{'':7}{'':22} -> {check.fix}")
+        lines.extend(f"{'':7}{'':22} | {line}" for line in check.detail.splitlines())
     failed = sum(c.level is Level.FAIL for c in checks)
     warned = sum(c.level is Level.WARN for c in checks)
     lines.append(f"\n{failed} failed, {warned} warnings, {len(checks)} checks")
@@ -154,6 +158,38 @@ def _device(ctx: _Context) -> Iterator[Check]:
     except Exception as exc:
         yield Check("device control", Level.FAIL, str(exc),
                     "another process may hold the device: `sudo lsof /dev/hailo0`")  # fmt: skip
+
+
+HAILORTCLI_TIMEOUT_S = 15.0
+
+
+def _hailortcli(ctx: _Context) -> Iterator[Check]:
+    """What Hailo's own tool says about the device, shown as it printed it."""
+    tool = shutil.which("hailortcli")
+    if tool is None:
+        level = Level.WARN if ctx.config.backend == "hailo" else Level.SKIP
+        yield Check("hailortcli", level, "not installed (comes with hailo-all)",
+                    "sudo apt install hailo-all")  # fmt: skip
+        return
+    for args, fix in (
+        (["scan"], "no device on the bus: check the HAT, `lspci | grep Hailo`, `dmesg`"),
+        (["fw-control", "identify"], "the firmware does not answer: reboot; check `dmesg`"),
+    ):
+        name = f"hailortcli {' '.join(args)}"
+        try:
+            done = subprocess.run(
+                [tool, *args], capture_output=True, text=True, timeout=HAILORTCLI_TIMEOUT_S,
+                check=False,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            yield Check(name, Level.FAIL, f"did not finish: {exc}", fix)
+            continue
+        output = (done.stdout + done.stderr).strip()
+        empty = "not found" in output.lower()
+        if done.returncode != 0 or empty:
+            yield Check(name, Level.FAIL, f"exit status {done.returncode}", fix, output)
+        else:
+            yield Check(name, Level.OK, f"exit status {done.returncode}", "", output)
 
 
 def _broker(ctx: _Context) -> Iterator[Check]:
@@ -273,6 +309,7 @@ _STEPS: tuple[Callable[[_Context], Iterator[Check]], ...] = (
     _software,
     _hailort,
     _device,
+    _hailortcli,
     _broker,
     _spool,
     _bundle,

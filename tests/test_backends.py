@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -19,6 +20,9 @@ from node.errors import BackendUnavailableError, ModelContractError
 from node.local_broker import LocalBroker
 from schemas import topics
 from schemas.messages import NodeStatus
+
+STANDIN_BIN = Path(__file__).resolve().parent / "hailo_standin" / "bin"
+"""The stand-in `hailortcli`."""
 
 # Tests that start nodes pick their backend themselves: run them once, not once per backend.
 ONCE = pytest.mark.parametrize("backend", ["hailo"], indirect=True)
@@ -130,7 +134,7 @@ def test_hef_for_hailo8_is_refused_on_a_hailo8l(
 
 
 @ONCE
-def test_device_timeouts_are_reported_and_the_node_keeps_serving(
+def test_device_timeouts_rebuild_the_backend_and_the_batch_is_served(
     start_node: NodeFactory, hailo_bundle_path: Path, probe: Probe
 ) -> None:
     app = start_node(backend="hailo", model=hailo_bundle_path, max_batch=1, hailo_timeout_ms=200)
@@ -139,13 +143,17 @@ def test_device_timeouts_are_reported_and_the_node_keeps_serving(
     faults.set_faults(timeouts=2)  # the first try and its retry of one batch both time out
     probe.publish(topics.window(sensor), window(0))
     report = probe.wait_for(topics.node_errors(app.node_id))[0].json()
-    assert report["kind"] == "inference"
+    assert report["kind"] == "backend_recovery"
     assert "timed out" in report["reason"]
+    assert "rebuilt the hailo backend" in report["reason"]
     for seq in (1, 2):
         probe.publish(topics.window(sensor), window(seq))
-    results = probe.wait_for(topics.motifs(sensor), 2)
-    assert [m.json()["seq"] for m in results] == [1, 2]
+    results = probe.wait_for(topics.motifs(sensor), 3)
+    assert [m.json()["seq"] for m in results] == [0, 1, 2]  # the failed batch ran again
     assert app.worker.pipeline.info.name == "hailo"
+    assert app.metrics.totals()[3] == {}  # nothing dropped
+    assert app.recovery.stats().rebuilds == 1
+    assert app.readiness()["backend_healthy"]
 
 
 @ONCE
@@ -170,14 +178,14 @@ def test_persistent_failures_fall_back_to_onnx_when_configured(
     sensor = unique("imu")
     probe.subscribe(topics.motifs(sensor), topics.node_errors(app.node_id),
                     topics.node_status(app.node_id))  # fmt: skip
-    faults.set_faults(timeouts=1000)
+    faults.set_faults(timeouts=1000)  # the device never answers again, rebuilt or not
     for seq in range(3):
         probe.publish(topics.window(sensor), window(seq))
     probe.wait_for(topics.node_errors(app.node_id),
                    where=lambda m: m.json()["kind"] == "backend_fallback", timeout=20)  # fmt: skip
     probe.publish(topics.window(sensor), window(3))
-    result = probe.wait_for(topics.motifs(sensor))[0].json()
-    assert result["seq"] == 3
+    results = probe.wait_for(topics.motifs(sensor), 4)
+    assert sorted(m.json()["seq"] for m in results) == [0, 1, 2, 3]  # the failed batch ran too
     assert app.worker.pipeline.info.name == "onnx"
     status = probe.wait_for(topics.node_status(app.node_id),
                             where=lambda m: m.json()["backend"] == "onnx")[0].json()  # fmt: skip
@@ -217,14 +225,46 @@ def test_model_validate_prints_a_parity_table_for_both_backends(hailo_bundle_pat
 def test_doctor_reports_the_device_and_the_golden_check_on_hailo(
     broker: LocalBroker, hailo_bundle_path: Path
 ) -> None:
+    env = subprocess_env("hailo")
+    env["PATH"] = os.pathsep.join([str(STANDIN_BIN), env["PATH"]])  # Hailo's CLI, stand-in
     completed = run_cli("doctor", "--broker", broker.url, "--model", str(hailo_bundle_path),
-                        "--node-id", "doc-1", env=subprocess_env("hailo"))  # fmt: skip
+                        "--node-id", "doc-1", env=env)  # fmt: skip
     out = completed.stdout.decode()
     assert completed.returncode == 0, out
     for expected in ("hailo_platform 4.23", "architecture", "chip temperature",
                      "HEF fits device", "golden check (hailo)", "golden check (onnx)",
-                     "result spool"):  # fmt: skip
+                     "result spool", "[ ok ] hailortcli scan", "| [-] Device: 0000:01:00.0",
+                     "[ ok ] hailortcli fw-control identify",
+                     "| Device Architecture: HAILO8"):  # fmt: skip
         assert expected in out
+
+
+def test_doctor_shows_what_hailortcli_says_when_the_device_is_gone(
+    broker: LocalBroker, hailo_bundle_path: Path
+) -> None:
+    env = subprocess_env("hailo")
+    env["PATH"] = os.pathsep.join([str(STANDIN_BIN), env["PATH"]])
+    env[faults.ENV_VAR] = "no_device=1"
+    completed = run_cli("doctor", "--broker", broker.url, "--model", str(hailo_bundle_path),
+                        "--node-id", "doc-2", "--backend", "hailo", "--json", env=env)  # fmt: skip
+    assert completed.returncode == 1
+    rows = {row["check"]: row for row in orjson.loads(completed.stdout)}
+    assert rows["hailortcli scan"]["level"] == "fail"
+    assert rows["hailortcli scan"]["detail"] == "Hailo devices not found"
+    assert rows["hailortcli fw-control identify"]["level"] == "fail"
+    assert "Failed to create device" in rows["hailortcli fw-control identify"]["detail"]
+
+
+def test_doctor_says_when_hailortcli_is_missing(
+    broker: LocalBroker, hailo_bundle_path: Path
+) -> None:
+    env = subprocess_env("hailo")
+    env["PATH"] = os.path.dirname(sys.executable)  # the venv only: no hailortcli
+    completed = run_cli("doctor", "--broker", broker.url, "--node-id", "doc-3",
+                        "--backend", "hailo", "--json", env=env)  # fmt: skip
+    rows = {row["check"]: row for row in orjson.loads(completed.stdout)}
+    assert rows["hailortcli"]["level"] == "warn"
+    assert "hailo-all" in rows["hailortcli"]["fix"]
 
 
 @ONCE
