@@ -1,12 +1,14 @@
 """Hailo path overhead, measured on the hailo_platform stand-in (tests/hailo_standin).
 
-Usage: `python -m bench.hailo [--windows 512] [--device-ms 0,1]`
+Usage: `python -m bench.hailo [--windows 512] [--device-ms 0,1] [--queue-sizes 0,4]`
 
 On the stand-in, a "device" call costs what ONNX Runtime costs on the HEF's ONNX twin plus an
 optional simulated device time per job. The figures that matter are the differences: what the
 node's HailoBackend adds on top of the leanest possible use of the same API (one run_async per
-batch, then wait), across batch sizes, frames per job and jobs in flight. On hardware the same
-host overhead remains and the device time replaces the stand-in's.
+batch, then wait), across batch sizes, frames per job and jobs in flight, and device async queue
+sizes (0: what HailoRT derives for the HEF, 32 here; the configured frames and jobs are upper
+bounds the backend fits into the queue, shown as the plan it used). On hardware the same host
+overhead remains and the device time replaces the stand-in's.
 """
 
 from __future__ import annotations
@@ -90,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--windows", type=int, default=512)
     parser.add_argument("--device-ms", default="0,1", help="simulated device time per job")
+    parser.add_argument(
+        "--queue-sizes", default="0,4", help="device async queue sizes (0: derived from the HEF)"
+    )
     args = parser.parse_args(argv)
     raw, _ = calibration_set(args.windows // 6 + 1, seed=3)
     raw = raw[: args.windows]
@@ -97,21 +102,24 @@ def main(argv: list[str] | None = None) -> int:
         reference = read_bundle(build_reference_bundle(Path(tmp) / "ref.tar"))
         bundle = hailo_bundle(reference, Path(tmp) / "ref-hailo.tar")
     windows = Normalizer(bundle.manifest.normalization).apply(raw)
-    print(f"{'device ms/job':>13} {'batch':>5} {'frames/job':>10} {'jobs':>4} "
-          f"{'minimal us/win':>14} {'backend us/win':>14} {'overhead us/win':>15}")  # fmt: skip
+    print(f"{'device ms/job':>13} {'queue':>5} {'batch':>5} {'asked':>7} {'plan':>7} "
+          f"{'minimal us/win':>14} {'backend us/win':>14} {'ratio':>6}")  # fmt: skip
     for device_ms in (float(v) for v in args.device_ms.split(",")):
-        faults.set_faults(latency_ms=device_ms)
-        for batch in (1, 8, 32):
-            run, close = minimal_runner(bundle)
-            minimal = per_window_us(run, windows, batch)
-            close()
-            for frames, jobs in ((1, 1), (8, 1), (8, 4)):
-                options = BackendOptions(frames_per_job=frames, max_jobs=jobs)
-                backend = HailoBackend(bundle, options)
-                ours = per_window_us(backend.infer, windows, batch)
-                backend.close()
-                print(f"{device_ms:>13g} {batch:>5} {frames:>10} {jobs:>4} {minimal:>14.0f} "
-                      f"{ours:>14.0f} {ours - minimal:>15.0f}")  # fmt: skip
+        for queue in (int(v) for v in args.queue_sizes.split(",")):
+            faults.set_faults(latency_ms=device_ms, async_queue_size=queue)
+            for batch in (1, 8, 32):
+                run, close = minimal_runner(bundle)
+                minimal = per_window_us(run, windows, batch)
+                close()
+                for frames, jobs in ((1, 1), (8, 1), (8, 4)):
+                    options = BackendOptions(frames_per_job=frames, max_jobs=jobs)
+                    backend = HailoBackend(bundle, options)
+                    plan = backend.plan
+                    ours = per_window_us(backend.infer, windows, batch)
+                    backend.close()
+                    print(f"{device_ms:>13g} {plan.queue_size:>5} {batch:>5} "
+                          f"{f'{frames}x{jobs}':>7} {f'{plan.frames_per_job}x{plan.max_jobs}':>7} "
+                          f"{minimal:>14.0f} {ours:>14.0f} {ours / minimal:>6.2f}")  # fmt: skip
     faults.reset()
     return 0
 
