@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from node.model.bundle import parse_bundle, sha256_hex
 from node.model.signing import load_private_key, sign_desired
 from node.mqtt.session import MqttSession
@@ -49,9 +51,40 @@ def desired_topic(level: str, target: str = "") -> str:
     raise ValueError(msg)
 
 
+def scoped(
+    desired: DesiredModel,
+    level: str,
+    target: str = "",
+    key: Ed25519PrivateKey | None = None,
+    *,
+    expires_in_s: float | None = None,
+) -> DesiredModel:
+    """`desired` issued now for one topic: scope and target set, signed when a key is given.
+
+    Nodes refuse a signed message on any other topic, and one older than what they already
+    followed on this topic (docs/security.md), so every publication is issued afresh."""
+    desired_topic(level, target)  # validates the level
+    now = time.time()
+    body = desired.model_copy(
+        update={
+            "scope": level,
+            "target": target or None if level != "fleet" else None,
+            "issued_at": now,
+            "expires_at": now + expires_in_s if expires_in_s else None,
+            "signature": None,
+            "key_id": None,
+        }
+    )
+    return sign_desired(body, key) if key is not None else body
+
+
 def publish_desired(
-    session: MqttSession, desired: DesiredModel | None, level: str, target: str = ""
+    session: MqttSession,
+    desired: DesiredModel | None,
+    level: str,
+    target: str = "",
+    key: Ed25519PrivateKey | None = None,
 ) -> bool:
-    """Set (retained) or clear (empty retained) the desired state at one level."""
-    payload = encode(desired) if desired is not None else b""
+    """Set (retained, issued now for this topic) or clear (empty retained) one level."""
+    payload = encode(scoped(desired, level, target, key)) if desired is not None else b""
     return session.publish(desired_topic(level, target), payload, retain=True)

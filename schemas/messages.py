@@ -256,6 +256,9 @@ class ErrorKind(StrEnum):
     """A desired model was refused (hash, signature, version, expiry, size, shape, golden)."""
     BACKEND_FALLBACK = "backend_fallback"
     """The accelerator kept failing and the node moved to its fallback backend."""
+    DESIRED_REFUSED = "desired_refused"
+    """A desired-state message was refused: unsigned, foreign key, moved to another topic,
+    expired, or older than one already followed there (a replay)."""
     BACKEND_RECOVERY = "backend_recovery"
     """The backend failed and was rebuilt (with how long serving stopped), or could not be."""
     WATCHDOG = "watchdog"
@@ -288,6 +291,18 @@ class ModelLifecycle(StrEnum):
     FAILED = "failed"
 
 
+class FollowedDesired(_Outbound):
+    """Which desired-state message a node follows (pins are visible in `fleet/nodes/+/model`)."""
+
+    scope: Literal["fleet", "group", "node"]
+    target: str | None = None
+    name: str
+    version: str
+    issued_at: Timestamp
+    rollout_id: str | None = None
+    key_id: str | None = Field(default=None, description="Signing key; null when unsigned")
+
+
 class NodeModelState(_Outbound):
     """`fleet/nodes/{node_id}/model` (retained): the node's actual model state."""
 
@@ -304,6 +319,11 @@ class NodeModelState(_Outbound):
     active_size: int | None = None
     backend: str | None = None
     last_error: str | None = None
+    following: FollowedDesired | None = Field(
+        default=None,
+        description="The desired state this node follows: which scope set it, when, signed by "
+        "whom (null: none set, the node serves what it started with)",
+    )
 
 
 class DesiredModel(_Outbound):
@@ -312,6 +332,10 @@ class DesiredModel(_Outbound):
     The most specific one wins (node, then group, then fleet). An empty retained message clears
     an override. `rollback` lets a node go to an older version; the fleet signs it (Ed25519 over
     the canonical message, `signature` null) so that only the fleet can order a downgrade.
+
+    Freshness (docs/security.md): `scope` and `target` bind a signed message to the one topic it
+    was issued for, `issued_at` orders the messages of one scope (a node refuses one older than
+    what it already followed or saw cleared there), and `expires_at` bounds a replay.
     """
 
     schema_version: Literal[1] = SCHEMA_VERSION
@@ -325,6 +349,15 @@ class DesiredModel(_Outbound):
     rollback: bool = False
     rollout_id: str | None = None
     issued_at: Timestamp
+    expires_at: Timestamp | None = Field(
+        default=None, description="Nodes refuse the message after this time (unix seconds)"
+    )
+    scope: Literal["fleet", "group", "node"] | None = Field(
+        default=None, description="The level of the topic this message was issued for"
+    )
+    target: str | None = Field(
+        default=None, description="The group name or node id of that topic (none for fleet)"
+    )
     signature: str | None = Field(default=None, description="Base64 Ed25519 signature")
     key_id: str | None = None
 
@@ -458,6 +491,7 @@ __all__ = [
     "DesiredModel",
     "ErrorKind",
     "ErrorReport",
+    "FollowedDesired",
     "Identifier",
     "LatencySummary",
     "ModelLifecycle",

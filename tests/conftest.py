@@ -27,9 +27,10 @@ from paho.mqtt.properties import Properties
 
 from fleet.bundles.reference import build_reference_bundle
 from node.app import NodeApp
-from node.config import BrokerAddress, load_config
+from node.config import load_config
 from node.local_broker import LocalBroker
 from node.model.bundle import Bundle, read_bundle
+from node.mqtt.connection import BrokerAddress
 from schemas import topics
 
 STANDIN = Path(__file__).resolve().parent / "hailo_standin"
@@ -234,7 +235,10 @@ NodeFactory = Callable[..., NodeApp]
 
 @pytest.fixture
 def start_node(
-    broker: LocalBroker, backend: str, serving_bundle_path: Path
+    broker: LocalBroker,
+    backend: str,
+    serving_bundle_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[NodeFactory]:
     """Start nodes on the session broker; each is stopped at the end of the test.
 
@@ -250,6 +254,8 @@ def start_node(
         settings.setdefault("backend", backend)
         settings.setdefault("broker", broker.url)
         settings.setdefault("telemetry_interval_s", 0.5)
+        # bundles the tests write live under pytest's temp folder: file:// may point there
+        settings.setdefault("file_url_root", tmp_path_factory.getbasetemp())
         app = NodeApp.open(load_config(**settings))
         config = app.config
         watcher = Probe(config.broker).subscribe(

@@ -14,13 +14,13 @@ from test_node_e2e import raw_window
 
 from fleet.bundles.builder import sign_bundle
 from fleet.bundles.reference import build_reference_bundle
-from fleet.desired import desired_for, desired_topic
+from fleet.desired import desired_for, desired_topic, scoped
 from fleet.distribution import publish_bundle
 from node.app import NodeApp
 from node.local_broker import LocalBroker
 from node.model.bundle import file_entries, read_bundle, write_bundle
 from node.model.reference import build_reference_onnx
-from node.model.signing import generate_keys, load_private_key, sign_desired
+from node.model.signing import generate_keys, load_private_key
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import DesiredModel
@@ -43,6 +43,11 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("keys")
     generate_keys(folder)
     return folder
+
+
+def signed_for(app: NodeApp, desired: DesiredModel, keys: Path) -> DesiredModel:
+    """`desired` issued now for the node's own topic and signed with the fleet key."""
+    return scoped(desired, "node", app.node_id, load_private_key(keys / "fleet.key"))
 
 
 def set_desired(probe: Probe, app: NodeApp, desired: DesiredModel | None) -> None:
@@ -173,8 +178,9 @@ def test_signature_from_another_key_is_refused(
     other = generate_keys(tmp_path / "other")
     foreign = sign_bundle(read_bundle(versions["1.1.0"]), other.private, tmp_path / "f.tar")
     assert foreign.path is not None
-    set_desired(probe, app, desired_for(foreign.path, url=foreign.path.as_uri()))
-    refused(probe, app, "1.1.0", sensor, "not by the trusted key")
+    desired = desired_for(foreign.path, url=foreign.path.as_uri())
+    set_desired(probe, app, signed_for(app, desired, keys))  # an authentic order, a foreign bundle
+    refused(probe, app, "1.1.0", sensor, "not by a trusted key")
 
 
 @ONNX_ONLY
@@ -191,14 +197,16 @@ def test_older_version_needs_a_signed_rollback(
     probe.subscribe(topics.motifs(sensor), topics.node_model(app.node_id),
                     topics.node_errors(app.node_id))  # fmt: skip
     plain = desired_for(older.path, url=older.path.as_uri())
-    set_desired(probe, app, plain)
+    set_desired(probe, app, signed_for(app, plain, keys))
     state = wait_state(probe, app, "failed", "1.1.0")
     assert "older than the active 1.2.0" in state["last_error"]
-    unsigned_rollback = plain.model_copy(update={"rollback": True, "issued_at": time.time()})
+    unsigned_rollback = scoped(plain.model_copy(update={"rollback": True}), "node", app.node_id)
     set_desired(probe, app, unsigned_rollback)
-    wait_state(probe, app, "failed", "1.1.0", error="not signed by the fleet key")
-    signed = sign_desired(unsigned_rollback.model_copy(update={"issued_at": time.time()}),
-                          load_private_key(keys / "fleet.key"))  # fmt: skip
+    report = probe.wait_for(
+        topics.node_errors(app.node_id), where=lambda m: m.json()["kind"] == "desired_refused"
+    )[0].json()
+    assert "unsigned desired state" in report["reason"]
+    signed = signed_for(app, plain.model_copy(update={"rollback": True}), keys)
     set_desired(probe, app, signed)
     state = wait_state(probe, app, "active", "1.1.0")
     assert state["previous"]["version"] == "1.2.0"

@@ -47,6 +47,7 @@ def start_fleet(
         options.setdefault("count", COUNT)
         options.setdefault("prefix", unique("sim"))
         options.setdefault("cache_dir", tmp_path / "cache")
+        options.setdefault("file_url_root", tmp_path)
         fleet = SimulatedFleet(broker.url, reference_bundle_path, **options)
         fleets.append(fleet)
         fleet.start(timeout_s=20)

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from fleet.distribution import publish_bundle
 from fleet.rollout.controller import Controller, RolloutError, send_command
 from fleet.rollout.view import NodeView
-from schemas.messages import RolloutRecord, RolloutState
+from schemas.messages import NodeModelState, RolloutRecord, RolloutState
 
 SETTLE_S = 1.5
 """Time for retained node, artifact and rollout messages to arrive after subscribing."""
@@ -152,19 +152,40 @@ def format_nodes(nodes: list[NodeView]) -> str:
     """The nodes table."""
     lines = [
         f"{'node':<24} {'online':<7} {'group':<12} {'model':<28} {'state':<11} "
-        f"{'backend':<8} {'win/s':>7} {'p95 ms':>7}"
+        f"{'backend':<8} {'win/s':>7} {'p95 ms':>7}  {'follows':<24} drift"
     ]
+    drifting = 0
     for view in nodes:
         model = view.model
         active = f"{model.active.name} {model.active.version}" if model and model.active else "-"
         telemetry = view.telemetry
         rate = f"{telemetry.windows_per_s:.1f}" if telemetry else "-"
         p95 = telemetry.latency_ms.p95 if telemetry and telemetry.latency_ms.p95 else None
+        follows, drift = _follows(model)
+        drifting += drift != "-"
         lines.append(
             f"{view.node_id:<24} {'yes' if view.online else 'no':<7} {view.group or '-':<12} "
             f"{active:<28} {model.state if model else '-':<11} "
             f"{(model.backend or '-') if model else '-':<8} {rate:>7} "
-            f"{f'{p95:.1f}' if p95 is not None else '-':>7}"
+            f"{f'{p95:.1f}' if p95 is not None else '-':>7}  {follows:<24} {drift}"
         )
-    lines.append(f"{len(nodes)} nodes, {sum(v.online for v in nodes)} online")
+    lines.append(
+        f"{len(nodes)} nodes, {sum(v.online for v in nodes)} online, {drifting} not running "
+        "what they follow; follows = the desired state a node obeys (node-level = a pin)"
+    )
     return "\n".join(lines)
+
+
+def _follows(model: NodeModelState | None) -> tuple[str, str]:
+    """(which desired state the node follows, and its drift from it) for the nodes table."""
+    following = model.following if model else None
+    if model is None or following is None:
+        return "- (nothing set)", "-"
+    where = f"{following.scope}" + (f" {following.target}" if following.scope == "group" else "")
+    signed = "" if following.key_id else " unsigned"
+    follows = f"{where}: {following.version}{signed}"
+    running = model.active.version if model.active else None
+    drift = "-" if running == following.version else f"wants {following.version}"
+    if model.state == "failed" and model.last_error:
+        drift += f" (refused: {model.last_error[:60]})"
+    return follows, drift

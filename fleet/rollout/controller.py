@@ -23,12 +23,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fleet.desired import desired_topic
+from fleet.desired import desired_topic, scoped
 from fleet.rollout.presence import Presence, presence_session
 from fleet.rollout.records import RolloutBook, superseded
 from fleet.rollout.view import FleetView, NodeView
 from node.errors import NodeError
 from node.model.signing import load_private_key, sign_desired
+from node.mqtt.connection import Connection
 from node.mqtt.session import MqttSession
 from schemas import topics
 from schemas.codec import encode
@@ -100,7 +101,7 @@ class Controller:
     @classmethod
     def connect(
         cls,
-        broker: str,
+        broker: str | Connection,
         *,
         protocol: str = "5",
         client_id: str | None = None,
@@ -291,7 +292,11 @@ class Controller:
 
     def _move(self, record: RolloutRecord, node_id: str) -> RolloutRecord:
         previous = self._previous_of(self.view.get(node_id), record.rollout_id)
-        self.session.publish(desired_topic("node", node_id), encode(record.desired), retain=True)
+        self.session.publish(
+            desired_topic("node", node_id),
+            encode(scoped(record.desired, "node", node_id, self._sign_key)),
+            retain=True,
+        )
         outcome = record.nodes[node_id].model_copy(
             update={"state": NodeRolloutState.UPDATING, "previous": previous}
         )
@@ -316,7 +321,9 @@ class Controller:
     def _finish(self, record: RolloutRecord) -> RolloutRecord:
         level, target = ("group", record.group) if record.group else ("fleet", "")
         self.session.publish(
-            desired_topic(level, target or ""), encode(record.desired), retain=True
+            desired_topic(level, target or ""),
+            encode(scoped(record.desired, level, target or "", self._sign_key)),
+            retain=True,
         )
         for node_id in record.nodes:
             self.session.publish(desired_topic("node", node_id), b"", retain=True)
@@ -329,8 +336,7 @@ class Controller:
             if outcome.state not in _MOVED:
                 continue
             if outcome.previous is not None:
-                fresh = outcome.previous.model_copy(update={"issued_at": time.time()})
-                payload = encode(self._sign(fresh))
+                payload = encode(scoped(outcome.previous, "node", node_id, self._sign_key))
             else:
                 payload = b""  # nothing known to restore: drop the override
             self.session.publish(desired_topic("node", node_id), payload, retain=True)

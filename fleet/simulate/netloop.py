@@ -20,7 +20,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from node.config import BrokerAddress
+from node.mqtt.connection import BrokerAddress
 from node.mqtt.session import MqttSession, SessionSettings
 
 logger = logging.getLogger(__name__)

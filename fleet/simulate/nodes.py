@@ -34,7 +34,6 @@ import psutil
 from fleet.simulate.netloop import LoopSession, NetLoop
 from fleet.simulate.shared_models import SharedModels
 from node.app import software_version
-from node.config import BrokerAddress
 from node.errors import NodeError
 from node.inference.backend import (
     FloatArray,
@@ -43,8 +42,10 @@ from node.inference.pipeline import ModelPipeline
 from node.metrics import NodeMetrics
 from node.model.bundle import DEFAULT_MAX_BUNDLE_BYTES as MAX_BUNDLE_BYTES
 from node.model.bundle import read_bundle
+from node.model.fetch import FetchPolicy
 from node.model.manager import ManagerSettings, ModelManager
-from node.model.signing import load_public_key, verify_manifest
+from node.model.signing import load_trust, verify_manifest
+from node.mqtt.connection import BrokerAddress
 from node.mqtt.session import SessionSettings
 from node.reporting import ErrorReporter
 from node.telemetry import latency_summary
@@ -75,7 +76,10 @@ class _SimNode:
         self.session = LoopSession(settings, net, node_id, self._announce)
         self.reporter = ErrorReporter(node_id, self._publish_qos1, self.metrics)
         self.manager = ModelManager(
-            ManagerSettings(node_id, group, fleet.cache_dir, MAX_BUNDLE_BYTES, fleet.trusted),
+            ManagerSettings(
+                node_id, group, fleet.cache_dir, MAX_BUNDLE_BYTES, fleet.trusted,
+                fetch_policy=fleet.fetch_policy,
+            ),
             session=self.session, reporter=self.reporter, loader=fleet.models.load,
             swap=self._swap, active=self.pipeline, fetch=fleet.models.fetch,
         )  # fmt: skip
@@ -147,6 +151,7 @@ class SimulatedFleet:
         telemetry_interval_s: float = 5.0,
         protocol: str = "5",
         trust_key: Path | None = None,
+        file_url_root: Path | None = None,
     ) -> None:
         if count < 1 or groups < 1 or telemetry_interval_s <= 0:
             msg = "need count >= 1, groups >= 1 and telemetry_interval_s > 0"
@@ -154,7 +159,8 @@ class SimulatedFleet:
         self.broker, self.address, self.protocol = broker, BrokerAddress.parse(broker), protocol
         self.node_ids = [f"{prefix}-{i:04d}" for i in range(count)]
         self.groups = [f"{prefix}-g{k}" for k in range(groups)]
-        self.trusted = load_public_key(trust_key) if trust_key else None
+        self.trusted = load_trust(trust_key) if trust_key else None
+        self.fetch_policy = FetchPolicy(file_root=file_url_root)
         self.initial = read_bundle(bundle)
         if self.trusted is not None:
             verify_manifest(self.initial.manifest, self.trusted)

@@ -17,8 +17,8 @@ from typing import Literal
 import numpy as np
 
 from fleet.simulate.imu_signals import Activity, ImuSignalGenerator
-from node.config import BrokerAddress
-from node.mqtt.session import MqttSession, SessionSettings
+from node.mqtt.connection import Connection
+from node.mqtt.session import MqttSession
 from schemas import topics
 from schemas.codec import encode_dict
 from schemas.limits import CHANNELS, WINDOW_LENGTH
@@ -54,7 +54,7 @@ class SensorSimulator:
 
     def __init__(
         self,
-        broker: str,
+        broker: str | Connection,
         *,
         sensors: int = 4,
         rate_hz: float = 100.0,
@@ -78,10 +78,8 @@ class SensorSimulator:
             for i in range(sensors)
         ]
         self._session = MqttSession(
-            SessionSettings(
-                address=BrokerAddress.parse(broker),
-                client_id=f"{prefix}-simulator-{seed}-{time.monotonic_ns() % 10**6}",
-                protocol=protocol,
+            Connection.of(broker, protocol).session_settings(
+                f"{prefix}-simulator-{seed}-{time.monotonic_ns() % 10**6}"
             )
         )
         self._stop = threading.Event()

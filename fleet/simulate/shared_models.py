@@ -18,7 +18,7 @@ from node.inference.backend import (
 )
 from node.inference.pipeline import ModelPipeline, load_model
 from node.model.bundle import Bundle, sha256_hex
-from node.model.fetch import cache_path, fetch_bundle
+from node.model.fetch import FetchPolicy, cache_path, fetch_bundle
 from node.mqtt.session import MqttSession
 from schemas.messages import DesiredModel
 
@@ -82,6 +82,7 @@ class SharedModels:
         *,
         max_bytes: int,
         timeout_s: float = 120.0,
+        policy: FetchPolicy | None = None,
     ) -> Path:
         """`fetch_bundle` in single flight: one node fetches, nodes asking meanwhile wait.
 
@@ -99,8 +100,9 @@ class SharedModels:
                 raise type(flight.error)(*flight.error.args)
         try:
             return fetch_bundle(
-                desired, session, cache_dir, max_bytes=max_bytes, timeout_s=timeout_s
-            )
+                desired, session, cache_dir, max_bytes=max_bytes, timeout_s=timeout_s,
+                policy=policy,
+            )  # fmt: skip
         except NodeError as exc:
             flight.error = exc
             raise

@@ -4,16 +4,28 @@ Every path ends in the same checks: the size within the node's limit, the whole 
 equal to what the desired state names (and, for chunks, each chunk's sha256 equal to the
 artifact manifest's). Verified bundles are cached on disk by name, version and hash, so a
 rollback to a previous version needs no download.
+
+Nothing a source sends can hurt the node (docs/security.md): a source is read in pieces, never
+more than the desired state's size (itself within `max_bundle_bytes`) plus one byte, with
+connect/read timeouts and an overall deadline. `file://` is off unless `file_url_root` names a
+folder, and then reads only regular files inside it. Artifact chunks are taken only after their
+manifest (subscribed to first) names their sha256; anything else on the artifact topics is
+dropped and counted, never held.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import stat
 import threading
+import time
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
@@ -29,6 +41,21 @@ logger = logging.getLogger(__name__)
 
 class FetchError(BundleError):
     """The bundle could not be fetched, or what arrived does not match what was asked for."""
+
+
+READ_PIECE = 1 << 16
+
+
+@dataclass(frozen=True, slots=True)
+class FetchPolicy:
+    """Where a node may fetch bundles from, and how long it waits."""
+
+    file_root: Path | None = None
+    """`file://` sources must be regular files under this folder; None turns file:// off."""
+    connect_timeout_s: float = 10.0
+    """http(s): connecting, and each read (a server that stops sending)."""
+    total_timeout_s: float = 300.0
+    """http(s) and file: the whole transfer (a server that trickles forever)."""
 
 
 def cache_path(cache_dir: Path, name: str, version: str, sha256: str) -> Path:
@@ -56,8 +83,10 @@ def fetch_bundle(
     *,
     max_bytes: int,
     timeout_s: float = 120.0,
+    policy: FetchPolicy | None = None,
 ) -> Path:
     """A verified local copy of the desired bundle (cache, URL, or artifact chunks)."""
+    policy = policy or FetchPolicy()
     if desired.bundle_size > max_bytes:
         msg = (
             f"{desired.name} {desired.version} is {desired.bundle_size} bytes, over this node's "
@@ -68,7 +97,7 @@ def fetch_bundle(
     if target.exists() and sha256_hex(target.read_bytes()) == desired.bundle_sha256:
         return target
     if desired.url:
-        data = _from_url(desired.url, max_bytes)
+        data = _from_url(desired.url, desired.bundle_size, policy)
     else:
         data = _ArtifactCollector(session, desired, max_bytes).collect(timeout_s)
     _check(data, desired)
@@ -84,32 +113,87 @@ def _check(data: bytes, desired: DesiredModel) -> None:
         raise FetchError(msg)
 
 
-def _from_url(url: str, max_bytes: int) -> bytes:
+def _from_url(url: str, size: int, policy: FetchPolicy) -> bytes:
+    """The bytes at `url`, refused past `size` bytes or the policy's limits."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme == "file":
-        path = Path(urllib.parse.unquote(parts.path))
-        try:
-            return path.read_bytes()
-        except OSError as exc:
-            msg = f"cannot read {url}: {exc.strerror}"
-            raise FetchError(msg) from exc
+        with _open_file(url, Path(urllib.parse.unquote(parts.path)), policy) as handle:
+            return _read_bounded(handle, url, size, policy.total_timeout_s)
     if parts.scheme not in {"http", "https"}:
-        msg = f"unsupported bundle URL {url!r} (file://, http:// or https://)"
+        msg = f"unsupported bundle URL {url!r} (http://, https://, or file:// where allowed)"
         raise FetchError(msg)
     try:
-        with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 (scheme checked)
-            data: bytes = response.read(max_bytes + 1)
+        response = urllib.request.urlopen(url, timeout=policy.connect_timeout_s)  # noqa: S310
     except OSError as exc:
         msg = f"cannot download {url}: {exc}"
         raise FetchError(msg) from exc
-    if len(data) > max_bytes:
-        msg = f"{url} is larger than this node's {max_bytes}-byte limit"
+    with response:
+        declared = response.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > size:
+            msg = f"{url} announces {declared} bytes; the desired state names {size}"
+            raise FetchError(msg)
+        return _read_bounded(response, url, size, policy.total_timeout_s)
+
+
+def _open_file(url: str, path: Path, policy: FetchPolicy) -> BinaryIO:
+    if policy.file_root is None:
+        msg = (
+            f"file:// sources are off on this node ({url}); set file_url_root to a folder to "
+            "allow bundles from it"
+        )
         raise FetchError(msg)
-    return data
+    root = policy.file_root.resolve()
+    real = path.resolve()
+    if not real.is_relative_to(root):
+        msg = f"{url} is outside this node's file_url_root {root}"
+        raise FetchError(msg)
+    try:
+        handle = real.open("rb")
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            handle.close()
+            msg = f"{url} is not a regular file"
+            raise FetchError(msg)
+    except OSError as exc:
+        msg = f"cannot read {url}: {exc.strerror}"
+        raise FetchError(msg) from exc
+    return handle
+
+
+def _read_bounded(source: BinaryIO, url: str, size: int, total_timeout_s: float) -> bytes:
+    """Read `size` bytes in pieces; refuse one byte more, or a transfer past the deadline."""
+    deadline = time.monotonic() + total_timeout_s
+    pieces: list[bytes] = []
+    received = 0
+    digest = hashlib.sha256()
+    read = getattr(source, "read1", source.read)  # what has arrived: a trickle cannot stall us
+    while True:
+        try:
+            piece = read(min(READ_PIECE, size + 1 - received))
+        except OSError as exc:  # includes socket timeouts between pieces
+            msg = f"reading {url} failed after {received} bytes: {exc}"
+            raise FetchError(msg) from exc
+        if not piece:
+            break
+        received += len(piece)
+        if received > size:
+            msg = f"{url} sends more than the {size} bytes the desired state names"
+            raise FetchError(msg)
+        digest.update(piece)
+        pieces.append(piece)
+        if time.monotonic() > deadline:
+            msg = f"{url} did not finish within {total_timeout_s:.0f} s ({received} bytes)"
+            raise FetchError(msg)
+    logger.debug("read %d bytes from %s (sha256 %s)", received, url, digest.hexdigest()[:12])
+    return b"".join(pieces)
 
 
 class _ArtifactCollector:
-    """Gathers the retained manifest and chunks of one published bundle."""
+    """Gathers the retained manifest, then the chunks it names, of one published bundle.
+
+    The chunk topics are subscribed to only once a manifest naming the desired bundle is in, so
+    nothing published on them is held unchecked: a chunk whose index or sha256 the manifest
+    does not name is dropped and counted (a flood costs CPU, never memory), and memory is
+    bounded by the manifest's size, which must equal the desired state's."""
 
     def __init__(self, session: MqttSession, desired: DesiredModel, max_bytes: int) -> None:
         self._session = session
@@ -118,64 +202,88 @@ class _ArtifactCollector:
         self._prefix = topics.artifact(desired.name, desired.version, "")
         self._manifest: ArtifactManifest | None = None
         self._chunks: dict[int, bytes] = {}
+        self.dropped = 0
+        """Messages on the chunk topics that were not a chunk the manifest names."""
         self._error: str | None = None
+        self._have_manifest = threading.Event()
         self._done = threading.Event()
         self._lock = threading.Lock()
 
     def collect(self, timeout_s: float) -> bytes:
-        topic_filter = self._prefix + "#"
-        self._session.route(topic_filter, self._on_message)
+        deadline = time.monotonic() + timeout_s
+        manifest_topic = self._prefix + "manifest"
+        self._session.route(manifest_topic, self._on_manifest)
         try:
-            if not self._done.wait(timeout_s):
-                have = len(self._chunks)
-                want = len(self._manifest.chunks) if self._manifest else "?"
+            if not self._have_manifest.wait(timeout_s):
                 msg = (
-                    f"{self._desired.name} {self._desired.version} not complete after "
-                    f"{timeout_s:.0f} s ({have}/{want} chunks): is it published?"
+                    f"{self._desired.name} {self._desired.version}: no artifact manifest after "
+                    f"{timeout_s:.0f} s: is it published (imu-fleet publish)?"
                 )
                 raise FetchError(msg)
+            if self._error is None:
+                self._collect_chunks(deadline - time.monotonic())
         finally:
-            self._session.unroute(topic_filter)
+            self._session.unroute(manifest_topic)
         if self._error is not None:
             raise FetchError(self._error)
         assert self._manifest is not None
+        if self.dropped:
+            logger.warning("%d messages on the artifact chunk topics were dropped", self.dropped)
         return b"".join(self._chunks[i] for i in range(len(self._manifest.chunks)))
 
-    def _on_message(self, message: mqtt.MQTTMessage) -> None:
-        part = message.topic.removeprefix(self._prefix)
-        with self._lock:
-            if part == "manifest":
-                self._take_manifest(bytes(message.payload))
-            elif part.startswith("chunks/") and part[7:].isdigit():
-                self._take_chunk(int(part[7:]), bytes(message.payload))
-            self._finish_if_complete()
-
-    def _take_manifest(self, payload: bytes) -> None:
+    def _collect_chunks(self, remaining_s: float) -> None:
+        chunk_filter = self._prefix + "chunks/#"
+        self._session.route(chunk_filter, self._on_chunk)
         try:
-            manifest = ArtifactManifest.model_validate_json(payload)
-        except ValidationError as exc:
-            self._fail(f"invalid artifact manifest: {exc.errors()[0]['msg']}")
-            return
-        if manifest.bundle_sha256 != self._desired.bundle_sha256:
-            self._fail("the published artifact is not the bundle the desired state names")
-            return
-        if manifest.bundle_size > self._max_bytes:
-            self._fail(f"artifact of {manifest.bundle_size} bytes exceeds {self._max_bytes}")
-            return
-        self._manifest = manifest
-        self._chunks = {i: c for i, c in self._chunks.items() if self._chunk_ok(i, c)}
+            self._finish_if_complete()
+            if not self._done.wait(max(remaining_s, 0.0)):
+                assert self._manifest is not None
+                msg = (
+                    f"{self._desired.name} {self._desired.version} not complete "
+                    f"({len(self._chunks)}/{len(self._manifest.chunks)} chunks, {self.dropped} "
+                    "dropped as not matching the manifest): is it published?"
+                )
+                raise FetchError(msg)
+        finally:
+            self._session.unroute(chunk_filter)
 
-    def _take_chunk(self, index: int, payload: bytes) -> None:
-        if self._manifest is None or self._chunk_ok(index, payload):
-            self._chunks[index] = payload  # checked again when the manifest arrives
-        else:
-            self._fail(f"chunk {index} does not match its sha256 in the artifact manifest")
+    def _on_manifest(self, message: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            if self._manifest is not None:
+                return
+            try:
+                manifest = ArtifactManifest.model_validate_json(message.payload)
+            except ValidationError as exc:
+                self._fail(f"invalid artifact manifest: {exc.errors()[0]['msg']}")
+                return
+            if (manifest.bundle_sha256, manifest.bundle_size) != (
+                self._desired.bundle_sha256,
+                self._desired.bundle_size,
+            ):
+                self._fail("the published artifact is not the bundle the desired state names")
+                return
+            if manifest.bundle_size > self._max_bytes:
+                self._fail(f"artifact of {manifest.bundle_size} bytes exceeds {self._max_bytes}")
+                return
+            self._manifest = manifest
+            self._have_manifest.set()
 
-    def _chunk_ok(self, index: int, payload: bytes) -> bool:
-        assert self._manifest is not None
-        return index < len(self._manifest.chunks) and (
-            sha256_hex(payload) == self._manifest.chunks[index]
-        )
+    def _on_chunk(self, message: mqtt.MQTTMessage) -> None:
+        part = message.topic.removeprefix(self._prefix + "chunks/")
+        payload = bytes(message.payload)
+        with self._lock:
+            manifest = self._manifest
+            if (
+                manifest is None
+                or not part.isdigit()
+                or int(part) >= len(manifest.chunks)
+                or int(part) in self._chunks
+                or sha256_hex(payload) != manifest.chunks[int(part)]
+            ):
+                self.dropped += 1
+                return
+            self._chunks[int(part)] = payload
+            self._finish_if_complete()
 
     def _finish_if_complete(self) -> None:
         if self._manifest is not None and len(self._chunks) >= len(self._manifest.chunks):
@@ -183,4 +291,5 @@ class _ArtifactCollector:
 
     def _fail(self, reason: str) -> None:
         self._error = f"{self._desired.name} {self._desired.version}: {reason}"
+        self._have_manifest.set()
         self._done.set()

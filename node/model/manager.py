@@ -8,7 +8,11 @@ version without a signed rollback, an expired manifest, over the size limit, wro
 golden mismatch) are reported there and on the errors topic, and the active model keeps serving.
 Desired state is declarative: a target already serving, or the very message already handled (a
 retained replay on reconnect), changes nothing; a refused target is retried only when the fleet
-issues a new desired-state message for it.
+issues a new desired-state message for it. Before a message counts at all, the DesiredGuard
+(node/model/desired_guard.py) checks its signature, scope, expiry and freshness; a refused one
+changes nothing. The model state names the desired state followed (`following`), so a pin is
+visible. The manager thread survives any failure of one update (it is reported), and
+`is_alive()` lets the node's readiness see a thread that died anyway.
 """
 
 from __future__ import annotations
@@ -23,20 +27,27 @@ from pathlib import Path
 from typing import Protocol
 
 import paho.mqtt.client as mqtt
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
 from node.errors import NodeError
 from node.inference.pipeline import ModelPipeline
 from node.model.bundle import Bundle, read_bundle, sha256_hex
-from node.model.fetch import add_to_cache, fetch_bundle
-from node.model.signing import verify_desired, verify_manifest
+from node.model.desired_guard import DesiredGuard, DesiredRefusedError, Scope
+from node.model.fetch import FetchPolicy, add_to_cache, fetch_bundle
+from node.model.signing import Trust, trust_store, verify_desired, verify_manifest
 from node.model.versions import is_older
 from node.mqtt.session import MqttSession
 from node.reporting import ErrorReporter
 from schemas import topics
 from schemas.codec import encode
-from schemas.messages import DesiredModel, ErrorKind, ModelLifecycle, ModelRef, NodeModelState
+from schemas.messages import (
+    DesiredModel,
+    ErrorKind,
+    FollowedDesired,
+    ModelLifecycle,
+    ModelRef,
+    NodeModelState,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +68,7 @@ class Fetch(Protocol):
         *,
         max_bytes: int,
         timeout_s: float = ...,
+        policy: FetchPolicy | None = ...,
     ) -> Path:
         """Fetch (or find in the cache), check size and sha256, return the cached path."""
 
@@ -76,8 +88,11 @@ class ManagerSettings:
     group: str
     cache_dir: Path
     max_bundle_bytes: int
-    trusted_key: Ed25519PublicKey | None = None
+    trusted_key: Trust | None = None
     fetch_timeout_s: float = 120.0
+    state_file: Path | None = None
+    """Where the desired-state history survives restarts (None: memory only)."""
+    fetch_policy: FetchPolicy | None = None
 
 
 class ModelManager:
@@ -102,13 +117,17 @@ class ModelManager:
         self._fetch = fetch  # simulated fleets share one cache and fetch once per version
         self._active = active
         self._previous: ModelPipeline | None = None
+        self._lock = threading.Lock()
         self._desired: dict[str, DesiredModel | None] = dict.fromkeys(_LEVELS)
+        trusted = settings.trusted_key
+        self._guard = DesiredGuard(
+            trust_store(trusted) if trusted is not None else None, settings.state_file
+        )
         self._active_key, self._active_size = self._remember(active)
         self._last_desired: DesiredModel | None = None
         self._state = self._report(ModelLifecycle.ACTIVE, publish=False)
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="model-manager", daemon=True)
 
     # -- wiring -----------------------------------------------------------------------------
@@ -149,7 +168,15 @@ class ModelManager:
         """The last reported model state."""
         return self._state
 
+    def is_alive(self) -> bool:
+        """True while the manager thread runs (or was never started)."""
+        return not self._thread.ident or self._thread.is_alive()
+
     # -- desired state ----------------------------------------------------------------------
+
+    def _scope(self, level: str) -> Scope:
+        s = self.settings
+        return Scope(level, {"fleet": None, "group": s.group, "node": s.node_id}[level])
 
     def _handler(self, level: str, topic: str) -> Callable[[mqtt.MQTTMessage], None]:
         def on_desired(message: mqtt.MQTTMessage) -> None:
@@ -162,6 +189,12 @@ class ModelManager:
                     reason = f"invalid desired state: {exc.errors()[0]['msg']}"
                     self._reporter.report(ErrorKind.INVALID, reason, topic=topic)
                     return
+            try:
+                desired = self._guard.admit(self._scope(level), desired)
+            except DesiredRefusedError as exc:
+                logger.error("desired state on %s refused: %s", topic, exc)
+                self._reporter.report(ErrorKind.DESIRED_REFUSED, str(exc), topic=topic)
+                return
             with self._lock:
                 self._desired[level] = desired
             self._wake.set()
@@ -170,8 +203,29 @@ class ModelManager:
 
     def effective(self) -> DesiredModel | None:
         """The most specific desired state that is set."""
+        followed = self._followed()
+        return followed[1] if followed else None
+
+    def _followed(self) -> tuple[str, DesiredModel] | None:
         with self._lock:
-            return next((d for level in _LEVELS if (d := self._desired[level]) is not None), None)
+            return next(
+                ((level, d) for level in _LEVELS if (d := self._desired[level]) is not None), None
+            )
+
+    def _following(self) -> FollowedDesired | None:
+        followed = self._followed()
+        if followed is None:
+            return None
+        level, desired = followed
+        return FollowedDesired(
+            scope=level,  # type: ignore[arg-type]
+            target=self._scope(level).target,
+            name=desired.name,
+            version=desired.version,
+            issued_at=desired.issued_at,
+            rollout_id=desired.rollout_id,
+            key_id=desired.key_id if desired.signature else None,
+        )
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -181,12 +235,22 @@ class ModelManager:
                 return
             desired = self.effective()
             if desired is None:
+                self._report_following()
                 continue
             key = (desired.name, desired.version, desired.bundle_sha256)
             if key == self._active_key or desired == self._last_desired:
-                continue  # declarative: already serving it, or this very message was handled
+                self._report_following()  # declarative: nothing to do, but say what is followed
+                continue
             self._last_desired = desired
-            self._update(desired, key)
+            try:
+                self._update(desired, key)
+            except Exception as exc:  # one bad update must not end the thread (MemoryError too)
+                logger.exception("model update for %s %s failed", desired.name, desired.version)
+                self._refuse(desired.ref, RefusedError(f"update failed unexpectedly: {exc!r}"))
+
+    def _report_following(self) -> None:
+        if self._state.following != self._following():
+            self._report(self._state.state, target=self._state.target, error=self._state.last_error)
 
     # -- one update -------------------------------------------------------------------------
 
@@ -201,6 +265,7 @@ class ModelManager:
                 self.settings.cache_dir,
                 max_bytes=self.settings.max_bundle_bytes,
                 timeout_s=self.settings.fetch_timeout_s,
+                policy=self.settings.fetch_policy,
             )
             self._report(ModelLifecycle.VERIFYING, target=target)
             bundle = read_bundle(path, max_bytes=self.settings.max_bundle_bytes)
@@ -272,6 +337,7 @@ class ModelManager:
             last_error=error,
             active_sha256=self._active_key[2] if self._active_key else None,
             active_size=self._active_size,
+            following=self._following(),
         )
         if publish:
             self.publish_state()

@@ -4,6 +4,10 @@ The manifest lists the sha256 and size of every file in the bundle, so signing t
 the whole bundle. What is signed is the canonical manifest: its JSON with `signature` set to null,
 keys sorted, no whitespace. Keys are PEM files (PKCS#8 private, SubjectPublicKeyInfo public);
 a key id is the first 16 hex digits of the sha256 of the raw 32-byte public key.
+
+A node trusts one key or several (`TrustStore`: a PEM file, or a folder of `*.pub` files), so a
+fleet can rotate its key without touching every node twice: add the new public key to the nodes,
+sign with the new key, then remove the old one (docs/security.md).
 """
 
 from __future__ import annotations
@@ -103,6 +107,43 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     return key
 
 
+@dataclass(frozen=True, slots=True)
+class TrustStore:
+    """The public keys a node accepts signatures from, by key id."""
+
+    keys: dict[str, Ed25519PublicKey]
+
+    @classmethod
+    def of(cls, *keys: Ed25519PublicKey) -> TrustStore:
+        """A store holding `keys`."""
+        return cls({key_id(key): key for key in keys})
+
+    def get(self, wanted: str | None) -> Ed25519PublicKey | None:
+        """The trusted key with id `wanted`, if there is one."""
+        return self.keys.get(wanted) if wanted else None
+
+    def ids(self) -> str:
+        """The trusted key ids, for messages."""
+        return ", ".join(sorted(self.keys)) or "none"
+
+
+Trust = Ed25519PublicKey | TrustStore
+
+
+def load_trust(path: Path) -> TrustStore:
+    """Trusted keys from a public key file or a folder of `*.pub` files (key rotation)."""
+    files = sorted(path.glob("*.pub")) if path.is_dir() else [path]
+    if not files:
+        msg = f"{path} holds no *.pub key files"
+        raise SignatureError(msg)
+    return TrustStore.of(*(load_public_key(file) for file in files))
+
+
+def trust_store(trusted: Trust) -> TrustStore:
+    """`trusted` as a store (one key, or already a store)."""
+    return trusted if isinstance(trusted, TrustStore) else TrustStore.of(trusted)
+
+
 def sign_manifest(manifest: Manifest, private: Ed25519PrivateKey) -> Manifest:
     """The manifest with its signature filled in."""
     value = base64.b64encode(private.sign(canonical_manifest(manifest))).decode()
@@ -110,20 +151,21 @@ def sign_manifest(manifest: Manifest, private: Ed25519PrivateKey) -> Manifest:
     return manifest.model_copy(update={"signature": signature})
 
 
-def verify_manifest(manifest: Manifest, trusted: Ed25519PublicKey) -> None:
-    """Raise SignatureError unless the manifest is signed by `trusted`."""
+def verify_manifest(manifest: Manifest, trusted: Trust) -> None:
+    """Raise SignatureError unless the manifest is signed by a trusted key."""
     if manifest.signature is None:
         msg = f"{manifest.name} {manifest.version} is unsigned and this node requires signatures"
         raise SignatureError(msg)
-    expected = key_id(trusted)
-    if manifest.signature.key_id != expected:
+    store = trust_store(trusted)
+    key = store.get(manifest.signature.key_id)
+    if key is None:
         msg = (
             f"{manifest.name} {manifest.version} is signed by key {manifest.signature.key_id}, "
-            f"not by the trusted key {expected}"
+            f"not by a trusted key ({store.ids()})"
         )
         raise SignatureError(msg)
     try:
-        trusted.verify(base64.b64decode(manifest.signature.value), canonical_manifest(manifest))
+        key.verify(base64.b64decode(manifest.signature.value), canonical_manifest(manifest))
     except (InvalidSignature, ValueError) as exc:
         msg = f"{manifest.name} {manifest.version}: bad signature (manifest altered after signing)"
         raise SignatureError(msg) from exc
@@ -140,13 +182,14 @@ def sign_desired(desired: DesiredModel, private: Ed25519PrivateKey) -> DesiredMo
     return desired.model_copy(update={"signature": value, "key_id": key_id(private.public_key())})
 
 
-def verify_desired(desired: DesiredModel, trusted: Ed25519PublicKey) -> None:
-    """Raise SignatureError unless the desired state is signed by `trusted`."""
-    if desired.signature is None or desired.key_id != key_id(trusted):
+def verify_desired(desired: DesiredModel, trusted: Trust) -> None:
+    """Raise SignatureError unless the desired state is signed by a trusted key."""
+    key = trust_store(trusted).get(desired.key_id)
+    if desired.signature is None or key is None:
         msg = f"desired state for {desired.name} {desired.version} is not signed by the fleet key"
         raise SignatureError(msg)
     try:
-        trusted.verify(base64.b64decode(desired.signature), _canonical_desired(desired))
+        key.verify(base64.b64decode(desired.signature), _canonical_desired(desired))
     except (InvalidSignature, ValueError) as exc:
         msg = f"desired state for {desired.name} {desired.version} has a bad signature"
         raise SignatureError(msg) from exc

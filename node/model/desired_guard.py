@@ -1,0 +1,183 @@
+"""Which desired-state messages a node may act on: signature, scope, expiry and freshness.
+
+The retained desired-state topics are the fleet's control plane, and anyone who can publish on
+them, or replay what they once held, could steer the node. The guard answers the attacks TUF
+names for update systems:
+
+- **unsigned or foreign** (with a trust key): only messages signed by a trusted key count;
+- **moved** (mix-and-match): a signed message names the scope and target it was issued for
+  (`fleet`, `group` + name, `node` + id) and is refused on any other topic;
+- **rollback / replay**: per scope, the node remembers the newest `issued_at` it accepted and
+  when it last saw that scope cleared (an empty retained message), on disk so that a restart
+  does not forget; an older message there is a replay and is refused. The same message again
+  (a retained redelivery on reconnect) is not a replay;
+- **freeze**: messages can carry `expires_at`; an expired one is refused, so a captured message
+  cannot be replayed after its time.
+
+A refused message changes nothing: the node keeps following what it followed before. The
+reason goes to the errors topic (kind `desired_refused`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from node.errors import NodeError
+from node.model.signing import SignatureError, TrustStore, verify_desired
+from schemas.messages import DesiredModel
+
+logger = logging.getLogger(__name__)
+
+
+class DesiredRefusedError(NodeError):
+    """A desired-state message the node will not act on; the reason says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """One desired-state topic: its level and target (group name, node id, or none)."""
+
+    level: str
+    target: str | None
+
+    @property
+    def key(self) -> str:
+        """How the scope is stored on disk."""
+        return f"{self.level}:{self.target or ''}"
+
+    def __str__(self) -> str:
+        return f"{self.level} {self.target}" if self.target else self.level
+
+
+def digest(desired: DesiredModel) -> str:
+    """A message's identity (what a retained redelivery repeats exactly)."""
+    return hashlib.sha256(desired.model_dump_json().encode()).hexdigest()[:16]
+
+
+class DesiredGuard:
+    """Admits or refuses desired-state messages, remembering per scope what it has seen."""
+
+    def __init__(
+        self,
+        trust: TrustStore | None,
+        state_file: Path | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._trust = trust
+        self._file = state_file
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._seen: dict[str, dict[str, float | str | None]] = self._load()
+
+    def admit(self, scope: Scope, desired: DesiredModel | None) -> DesiredModel | None:
+        """The message to follow on `scope` (None: the scope was cleared), or raise why not."""
+        with self._lock:
+            if desired is None:
+                self._remember(scope, self._clock(), None)
+                return None
+            self._check_signature(desired)
+            self._check_scope(scope, desired)
+            self._check_expiry(desired)
+            self._check_fresh(scope, desired)
+            self._remember(scope, desired.issued_at, digest(desired))
+            return desired
+
+    def _check_signature(self, desired: DesiredModel) -> None:
+        if self._trust is None:
+            return
+        if desired.signature is None:
+            msg = (
+                f"unsigned desired state for {desired.name} {desired.version}: this node acts "
+                "only on desired states signed by the fleet key"
+            )
+            raise DesiredRefusedError(msg)
+        try:
+            verify_desired(desired, self._trust)
+        except SignatureError as exc:
+            raise DesiredRefusedError(str(exc)) from exc
+
+    def _check_scope(self, scope: Scope, desired: DesiredModel) -> None:
+        if desired.scope is None:
+            if self._trust is not None:
+                msg = (
+                    f"signed desired state for {desired.name} {desired.version} names no scope; "
+                    "sign it for the topic it is published on (imu-fleet does)"
+                )
+                raise DesiredRefusedError(msg)
+            return
+        issued_for = Scope(desired.scope, desired.target if desired.scope != "fleet" else None)
+        if issued_for != scope:
+            msg = (
+                f"desired state for {desired.name} {desired.version} was issued for "
+                f"{issued_for}, not for {scope}: moved to another topic"
+            )
+            raise DesiredRefusedError(msg)
+
+    def _check_expiry(self, desired: DesiredModel) -> None:
+        if desired.expires_at is not None and desired.expires_at <= self._clock():
+            msg = (
+                f"desired state for {desired.name} {desired.version} expired at "
+                f"{_iso(desired.expires_at)}"
+            )
+            raise DesiredRefusedError(msg)
+
+    def _check_fresh(self, scope: Scope, desired: DesiredModel) -> None:
+        seen = self._seen.get(scope.key)
+        if seen is None:
+            return
+        newest = float(seen["issued_at"] or 0.0)
+        if desired.issued_at > newest:
+            return
+        if desired.issued_at == newest and seen.get("digest") == digest(desired):
+            return  # the same message again: a retained redelivery
+        what = "saw it cleared" if seen.get("digest") is None else "followed one issued"
+        msg = (
+            f"desired state for {desired.name} {desired.version} on {scope} was issued at "
+            f"{_iso(desired.issued_at)}, but this node already {what} at {_iso(newest)} there: "
+            "a replayed or stale message"
+        )
+        raise DesiredRefusedError(msg)
+
+    def _remember(self, scope: Scope, issued_at: float, message_digest: str | None) -> None:
+        seen = self._seen.get(scope.key)
+        if seen is not None and float(seen["issued_at"] or 0.0) > issued_at:
+            return
+        self._seen[scope.key] = {"issued_at": issued_at, "digest": message_digest}
+        self._save()
+
+    def _load(self) -> dict[str, dict[str, float | str | None]]:
+        if self._file is None or not self._file.exists():
+            return {}
+        try:
+            data = orjson.loads(self._file.read_bytes())
+        except (OSError, orjson.JSONDecodeError) as exc:
+            logger.error("cannot read %s (%s); no desired-state history", self._file, exc)
+            return {}
+        return {str(k): dict(v) for k, v in data.items() if isinstance(v, dict)}
+
+    def _save(self) -> None:
+        if self._file is None:
+            return
+        try:
+            self._file.parent.mkdir(parents=True, exist_ok=True)
+            partial = self._file.with_suffix(".partial")
+            partial.write_bytes(orjson.dumps(self._seen))
+            with contextlib.suppress(OSError):
+                os.chmod(partial, 0o600)
+            partial.replace(self._file)
+        except OSError as exc:
+            logger.error("cannot save the desired-state history to %s: %s", self._file, exc)
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
