@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fleet.settings import ENV_PREFIX, FleetBrokerSettings
 from node.errors import NodeError
 from node.logs import configure_logging
+from node.mqtt.connection import Credentials, add_broker_arguments, connection_from_args
 
 if TYPE_CHECKING:
     from node.model.bundle import Bundle
@@ -46,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser(
+        "pki",
+        help="site CA, broker and client certificates, passwords and the broker ACL",
+        add_help=False,
+    )  # `imu-fleet pki ...` is handed to fleet.pki whole (its own --help)
 
     _add_bundle(sub)
     _add_keys(sub)
@@ -162,7 +169,6 @@ def _add_simulate(sub: Subparsers[argparse.ArgumentParser]) -> None:
     simulate = sub.add_parser("simulate", help="simulate sensors or fleet nodes")
     sim_sub = simulate.add_subparsers(dest="what", required=True, metavar="WHAT")
     sensors = sim_sub.add_parser("sensors", help="publish simulated IMU sensors in real time")
-    sensors.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker URL")
     sensors.add_argument("--sensors", type=int, default=4, help="how many sensors (4)")
     sensors.add_argument("--rate", type=float, default=100.0, help="samples/s per sensor (100)")
     sensors.add_argument(
@@ -173,7 +179,7 @@ def _add_simulate(sub: Subparsers[argparse.ArgumentParser]) -> None:
     sensors.add_argument("--interval", type=float, default=0.1, help="seconds between messages")
     sensors.add_argument("--prefix", default="sim", help="sensor ids are PREFIX-000, ... (sim)")
     sensors.add_argument("--duration", type=float, default=None, help="seconds (default: forever)")
-    sensors.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5")
+    _broker_options(sensors)
     sensors.add_argument("--seed", type=int, default=0)
 
     nodes = sim_sub.add_parser(
@@ -183,14 +189,13 @@ def _add_simulate(sub: Subparsers[argparse.ArgumentParser]) -> None:
         "and model state, and follows desired state with the same model manager code as a "
         "real node (fetch, verify, load, golden check, swap); inference is shared per version.",
     )
-    nodes.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker URL")
     nodes.add_argument("--count", type=int, required=True, help="how many nodes")
     nodes.add_argument("--bundle", type=Path, required=True, help="the model they start on")
     nodes.add_argument("--prefix", default="sim", help="node ids are PREFIX-0000, ... (sim)")
     nodes.add_argument("--groups", type=int, default=1, help="spread over PREFIX-g0.. (1)")
     nodes.add_argument("--duration", type=float, default=None, help="seconds (default: forever)")
     nodes.add_argument("--trust-key", type=Path, help="fleet public key the nodes require")
-    nodes.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5")
+    _broker_options(nodes)
 
 
 def _add_recording(sub: Subparsers[argparse.ArgumentParser]) -> None:
@@ -202,7 +207,6 @@ def _add_recording(sub: Subparsers[argparse.ArgumentParser]) -> None:
         "offset; binary frames are kept byte for byte. Use the file as --calibration for "
         "bundle create / model compile, or feed it back with `imu-fleet replay`.",
     )
-    record.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker URL")
     record.add_argument(
         "--topic", action="append", required=True,
         help="topic filter, repeatable (e.g. 'imu/+/window')",
@@ -210,11 +214,10 @@ def _add_recording(sub: Subparsers[argparse.ArgumentParser]) -> None:
     record.add_argument("--out", type=Path, required=True, help="file (.jsonl or .jsonl.gz)")
     record.add_argument("--duration", type=float, help="seconds (default: until Ctrl-C)")
     record.add_argument("--max-messages", type=int, help="stop after this many messages")
-    record.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5")
+    _broker_options(record)
 
     replay = sub.add_parser("replay", help="publish a recording again, at its pace or faster")
     replay.add_argument("file", type=Path)
-    replay.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker URL")
     replay.add_argument(
         "--rate", type=float, default=1.0, help="speed factor: 2 = twice as fast, 0 = flat out"
     )
@@ -223,12 +226,11 @@ def _add_recording(sub: Subparsers[argparse.ArgumentParser]) -> None:
         "--rewrite", action="append", metavar="OLD=NEW",
         help="replace a topic prefix, e.g. imu/s1=imu/replay-1 (repeatable)",
     )  # fmt: skip
-    replay.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5")
+    _broker_options(replay)
 
 
 def _broker_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker URL")
-    parser.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5")
+    add_broker_arguments(parser, ENV_PREFIX)
 
 
 def _add_rollouts(sub: Subparsers[argparse.ArgumentParser]) -> None:
@@ -290,6 +292,11 @@ def _add_rollouts(sub: Subparsers[argparse.ArgumentParser]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `imu-fleet`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["pki"]:
+        from fleet.pki import main as pki_main  # noqa: PLC0415
+
+        return pki_main(argv[1:])
     args = build_parser().parse_args(argv)
     configure_logging("INFO", json_lines=False)
     commands = {
@@ -309,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         "rollback": _rollouts,
     }
     try:
+        if hasattr(args, "mqtt_protocol"):  # a command that talks to the broker
+            connection = connection_from_args(args, FleetBrokerSettings)
+            args.broker, args.mqtt_protocol = connection, connection.protocol
         return commands[args.command](args)
     except (NodeError, ValueError, ConnectionError, OSError) as exc:
         print(f"imu-fleet: {exc}", file=sys.stderr)
@@ -451,8 +461,12 @@ def _simulate(args: argparse.Namespace) -> int:
         def connected(done: int, total: int) -> None:
             print(f"\rconnected {done}/{total}", end="", file=sys.stderr, flush=True)
 
+        if args.broker.credentials != Credentials():
+            msg = "simulated nodes do not log in: run them against an open test broker"
+            raise ValueError(msg)
         return simulate_nodes(
-            args.broker, args.bundle, args.count, prefix=args.prefix, groups=args.groups,
+            str(args.broker.address), args.bundle, args.count, prefix=args.prefix,
+            groups=args.groups,
             trust_key=args.trust_key, protocol=args.mqtt_protocol, duration=args.duration,
             progress=connected,
         )  # fmt: skip

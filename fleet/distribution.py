@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from node.config import BrokerAddress
 from node.errors import BundleError
 from node.model.bundle import parse_bundle, sha256_hex
-from node.mqtt.session import MqttSession, SessionSettings
+from node.mqtt.connection import Connection
+from node.mqtt.session import MqttSession
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import ArtifactManifest
@@ -52,7 +52,7 @@ def artifact_manifest(
 
 def publish_bundle(
     path: Path,
-    broker: str,
+    broker: str | Connection,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     url: str | None = None,
@@ -65,12 +65,9 @@ def publish_bundle(
     bundle = parse_bundle(data, path=path)
     name, version = bundle.manifest.name, bundle.manifest.version
     manifest = artifact_manifest(data, name, version, chunk_size, url)
+    connection = Connection.of(broker, protocol)
     session = MqttSession(
-        SessionSettings(
-            address=BrokerAddress.parse(broker),
-            client_id=f"imu-fleet-publish-{time.monotonic_ns() % 10**8}",
-            protocol=protocol,
-        )
+        connection.session_settings(f"imu-fleet-publish-{time.monotonic_ns() % 10**8}")
     )
     session.start()
     try:

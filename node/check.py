@@ -30,8 +30,8 @@ import numpy as np
 import orjson
 import paho.mqtt.client as mqtt
 
-from node.config import BrokerAddress
-from node.mqtt.session import MqttSession, SessionSettings
+from node.mqtt.connection import Connection
+from node.mqtt.session import MqttSession
 from schemas import topics
 
 CONNECT_TIMEOUT_S = 10.0
@@ -51,7 +51,7 @@ class Targets:
 class CheckPlan:
     """How hard and how long to drive the node."""
 
-    broker: str
+    broker: str | Connection
     rate: float = 40.0
     duration_s: float = 30.0
     sensors: int = 1
@@ -186,10 +186,8 @@ def run_check(plan: CheckPlan, targets: Targets, progress: Progress | None = Non
     sensors = [f"check-{run}-{i}" for i in range(plan.sensors)]
     listener = _Listener(set(sensors), plan.node_id)
     session = MqttSession(
-        SessionSettings(
-            address=BrokerAddress.parse(plan.broker),
-            client_id=f"imu-check-{run}",
-            protocol=plan.protocol,
+        Connection.of(plan.broker, plan.protocol).session_settings(
+            f"imu-check-{run}",
             max_pending_publishes=max(1000, int(plan.rate * plan.duration_s) + 100),
         )
     )

@@ -17,6 +17,7 @@ from node.config import ENV_PREFIX, NodeConfig, load_config
 from node.errors import ConfigError, NodeError
 from node.identity import default_node_id, hardware_identity
 from node.logs import configure_logging
+from node.mqtt.connection import NoPasswordFlag, add_broker_arguments, connection_from_args
 
 logger = logging.getLogger("node")
 
@@ -38,6 +39,7 @@ precedence: flags > environment (IMU_NODE_*) > --config file > defaults
 def _add_node_options(parser: argparse.ArgumentParser) -> None:
     fields = NodeConfig.model_fields
     parser.add_argument("--config", type=Path, help="TOML file with node settings")
+    parser.add_argument("--password", action=NoPasswordFlag, help=argparse.SUPPRESS)
     for flag, name, kind in (
         ("--broker", "broker", str),
         ("--node-id", "node_id", str),
@@ -56,6 +58,11 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
         ("--share-group", "share_group", str),
         ("--sensors", "sensors", str),
         ("--username", "username", str),
+        ("--password-file", "password_file", Path),
+        ("--ca-file", "ca_file", Path),
+        ("--cert-file", "cert_file", Path),
+        ("--key-file", "key_file", Path),
+        ("--file-url-root", "file_url_root", Path),
         ("--log-level", "log_level", str),
         ("--http", "http_listen", str),
     ):
@@ -160,13 +167,11 @@ def _add_check(sub: Any) -> None:
         epilog=CHECK_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    check.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker URL")
     check.add_argument("--node", default=None, help="judge only this node id (default: any)")
     check.add_argument("--rate", type=float, default=40.0, help="windows per second (40)")
     check.add_argument("--duration", type=float, default=30.0, help="seconds of load (30)")
     check.add_argument("--sensors", type=int, default=1, help="simulated sensors sharing it (1)")
     check.add_argument("--grace", type=float, default=5.0, help="wait for late results, s (5)")
-    check.add_argument("--mqtt-protocol", default="5", choices=["5", "3.1.1"])
     check.add_argument("--p95-ms", type=float, default=50.0, help="latency target (50)")
     check.add_argument("--min-rate", type=float, default=20.0, help="windows/s target (20)")
     check.add_argument("--max-rss-mb", type=float, default=512.0, help="memory target (512)")
@@ -177,6 +182,7 @@ def _add_check(sub: Any) -> None:
     )  # fmt: skip
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_broker_arguments(check, ENV_PREFIX)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,14 +264,19 @@ def _check(args: argparse.Namespace) -> int:
         print("imu-node check: --rate and --duration must be > 0, --sensors >= 1", file=sys.stderr)
         return 2
     configure_logging("ERROR", json_lines=False)
+    try:
+        connection = connection_from_args(args, NodeConfig)
+    except ValueError as exc:
+        print(f"imu-node check: {exc}", file=sys.stderr)
+        return 2
     plan = CheckPlan(
-        broker=args.broker,
+        broker=connection,
         rate=args.rate,
         duration_s=args.duration,
         sensors=args.sensors,
         grace_s=args.grace,
         node_id=args.node,
-        protocol=args.mqtt_protocol,
+        protocol=connection.protocol,
     )
     targets = Targets(args.p95_ms, args.min_rate, args.max_rss_mb, args.max_temp_c)
     try:

@@ -21,9 +21,10 @@ import paho.mqtt.client as mqtt
 from fleet.bundles.reference import ensure_reference_bundle
 from fleet.simulate.sensors import SensorMode, SensorSimulator
 from node.app import NodeApp
-from node.config import BrokerAddress, load_config
+from node.config import load_config
 from node.local_broker import BrokerKind, LocalBroker
 from node.model.bundle import read_bundle
+from node.mqtt.connection import BrokerAddress
 from node.mqtt.session import MqttSession, SessionSettings
 from schemas import topics
 from schemas.manifest import PrototypeHead

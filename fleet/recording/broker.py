@@ -5,8 +5,8 @@ from __future__ import annotations
 import uuid
 from typing import Final
 
-from node.config import BrokerAddress
-from node.mqtt.session import MqttSession, SessionSettings
+from node.mqtt.connection import Connection
+from node.mqtt.session import MqttSession
 
 CONNECT_TIMEOUT_S: Final = 10.0
 PROTOCOLS: Final = ("5", "3.1.1")
@@ -19,11 +19,10 @@ def check_protocol(protocol: str) -> None:
         raise ValueError(msg)
 
 
-def new_session(broker: str, role: str, protocol: str) -> MqttSession:
+def new_session(broker: str | Connection, role: str, protocol: str) -> MqttSession:
     """An unstarted session to `broker` with a fresh client id `imu-<role>-<8 hex digits>`."""
-    address = BrokerAddress.parse(broker)
     client_id = f"imu-{role}-{uuid.uuid4().hex[:8]}"
-    return MqttSession(SessionSettings(address=address, client_id=client_id, protocol=protocol))
+    return MqttSession(Connection.of(broker, protocol).session_settings(client_id))
 
 
 def connect(session: MqttSession) -> None:

@@ -26,13 +26,14 @@ from fleet.recording.format import (
 from fleet.recording.stats import ProgressClock, RecordStats
 from fleet.recording.topics import subscription_filters
 from fleet.recording.writer import QUEUE_SIZE, _Line, _Writer
+from node.mqtt.connection import Connection
 from node.mqtt.session import MqttSession
 
 logger = logging.getLogger("fleet.recording")
 
 
 def record(
-    broker: str,
+    broker: str | Connection,
     topics: list[str],
     out: Path,
     *,

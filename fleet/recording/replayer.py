@@ -17,6 +17,7 @@ from typing import Final
 from fleet.recording.broker import check_protocol, connect, new_session
 from fleet.recording.format import read_header, read_recording
 from fleet.recording.stats import ProgressClock, ReplayStats
+from node.mqtt.connection import Connection
 from node.mqtt.session import MqttSession
 
 logger = logging.getLogger("fleet.recording")
@@ -37,7 +38,7 @@ def parse_rewrite(spec: str) -> tuple[str, str]:
 
 def replay(
     path: Path,
-    broker: str,
+    broker: str | Connection,
     *,
     rate: float = 1.0,
     loop: bool = False,

@@ -16,8 +16,8 @@ import time
 
 import paho.mqtt.client as mqtt
 
-from node.config import BrokerAddress
-from node.mqtt.session import MqttSession, SessionSettings
+from node.mqtt.connection import Connection
+from node.mqtt.session import MqttSession
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import ControllerPresence
@@ -29,15 +29,12 @@ def presence_will(controller_id: str) -> tuple[str, bytes]:
 
 
 def presence_session(
-    broker: str, *, protocol: str = "5", client_id: str | None = None
+    broker: str | Connection, *, protocol: str = "5", client_id: str | None = None
 ) -> MqttSession:
     """A (not yet started) session for a controller, with its presence will set."""
     client_id = client_id or f"imu-fleet-{secrets.token_hex(4)}"
-    settings = SessionSettings(
-        address=BrokerAddress.parse(broker),
-        client_id=client_id,
-        protocol=protocol,
-        will=presence_will(client_id),
+    settings = Connection.of(broker, protocol).session_settings(
+        client_id, will=presence_will(client_id)
     )
     return MqttSession(settings)
 

@@ -26,7 +26,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential_jitter
 
-from node.config import BrokerAddress
+from node.mqtt.connection import BrokerAddress
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +47,10 @@ class SessionSettings:
     protocol: str = "5"
     keepalive_s: int = 30
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
     will: tuple[str, bytes] | None = None
     """Retained QoS 1 last will: (topic, payload)."""
     max_pending_publishes: int = 10_000
@@ -330,7 +332,12 @@ class MqttSession:
         if s.username is not None:
             client.username_pw_set(s.username, s.password)
         if s.address.tls:
-            client.tls_set(ca_certs=s.ca_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            client.tls_set(
+                ca_certs=s.ca_file,
+                certfile=s.cert_file,
+                keyfile=s.key_file,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
         if s.will is not None:
             client.will_set(s.will[0], s.will[1], qos=1, retain=True)
         client.on_connect = self._handle_connect

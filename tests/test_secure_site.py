@@ -1,0 +1,129 @@
+"""A whole site on the locked-down broker: every client logs in the way it is meant to.
+
+The broker runs exactly compose/mosquitto-secure.conf with the credentials and ACL `imu-fleet
+pki` makes (the module fixture of test_broker_security). A node presents its client certificate
+on 8883 and serves a sensor that presents its own; a dashboard reads the results with a password
+on 8884; the fleet CLI logs in with a password file or the environment. Nobody is anonymous.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+from conftest import subprocess_env, wait_until
+from test_broker_security import SecureBroker, broker  # noqa: F401 (the secure broker fixture)
+from test_node_e2e import raw_window
+
+from node.app import NodeApp
+from node.config import load_config
+from node.errors import ConfigError
+from schemas import topics
+
+
+def node_config(site: SecureBroker, node: str, reference: Path, **extra: object) -> dict:
+    username = f"node-{node}"
+    return {
+        "broker": f"mqtts://localhost:{site.ports['8883']}",
+        "node_id": node,
+        "model": reference,
+        "backend": "onnx",
+        "ca_file": site.site.ca_cert,
+        "cert_file": site.site.client_file(username, "crt"),
+        "key_file": site.site.client_file(username, "key"),
+        "telemetry_interval_s": 0.5,
+        **extra,
+    }
+
+
+def test_a_node_with_its_certificate_serves_a_sensor_with_its_own(
+    broker: SecureBroker,  # noqa: F811
+    reference_bundle_path: Path,
+) -> None:
+    dashboard = broker.session("dashboard-d1")
+    dashboard.client.subscribe(topics.motifs("s1"), qos=1)
+    dashboard.client.subscribe(topics.node_status("n1"), qos=1)
+    app = NodeApp.open(load_config(**node_config(broker, "n1", reference_bundle_path)))
+    app.start()
+    try:
+        wait_until(
+            lambda: any(t == topics.node_status("n1") for t, _ in dashboard.messages),
+            what="the node's birth, seen by the dashboard",
+        )
+        sensor = broker.session("sensor-s1")
+        window = orjson.dumps({"x": raw_window(3).tolist(), "seq": 3})
+        sensor.client.publish(topics.window("s1"), window, qos=1).wait_for_publish(5)
+        wait_until(
+            lambda: any(t == topics.motifs("s1") for t, _ in dashboard.messages),
+            what="the result, seen by the dashboard",
+        )
+        result = next(orjson.loads(p) for t, p in dashboard.messages if t == topics.motifs("s1"))
+        assert (result["seq"], result["node_id"]) == (3, "n1")
+        assert app.session.is_connected
+        assert not app.metrics.totals()[4]  # nothing refused, nothing failed
+    finally:
+        app.stop()
+
+
+def fleet_nodes(site: SecureBroker, *extra: str, env: dict[str, str] | None = None) -> str:
+    command = [
+        sys.executable, "-m", "fleet.cli", "nodes", "--wait", "1",
+        "--broker", f"mqtts://localhost:{site.ports['8884']}", "--ca-file", str(site.site.ca_cert),
+        "--username", "fleet-ops", *extra,
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=60, env=env or subprocess_env("onnx"),
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_fleet_cli_logs_in_with_a_password_file_or_the_environment(
+    broker: SecureBroker,  # noqa: F811
+    reference_bundle_path: Path,
+    tmp_path: Path,
+) -> None:
+    app = NodeApp.open(load_config(**node_config(broker, "n2", reference_bundle_path)))
+    app.start()
+    try:
+        secret = broker.site.client_file("fleet-ops", "password")
+        wait_until(lambda: "n2" in fleet_nodes(broker, "--password-file", str(secret)))
+        env = {**subprocess_env("onnx"), "IMU_FLEET_PASSWORD": broker.password("fleet-ops")}
+        assert "n2" in fleet_nodes(broker, env=env)
+        toml = tmp_path / "fleet.toml"
+        toml.write_text(f'password_file = "{secret}"\n')
+        assert "n2" in fleet_nodes(broker, "--config", str(toml))
+    finally:
+        app.stop()
+
+
+def test_a_password_on_the_command_line_is_not_accepted() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "fleet.cli", "nodes", "--password", "hunter2"],
+        capture_output=True, text=True, timeout=60, env=subprocess_env("onnx"), check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "--password is not accepted" in done.stderr
+    assert "hunter2" not in done.stderr
+
+
+def test_connection_settings_are_checked_before_anything_starts(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cert_file and key_file go together"):
+        load_config(broker="mqtts://h:8883", cert_file=tmp_path / "c.pem")
+    with pytest.raises(ConfigError, match="need an mqtts:// broker URL"):
+        load_config(broker="mqtt://h:1883", ca_file=tmp_path / "ca.pem")
+    with pytest.raises(ConfigError, match="cannot read the password from"):
+        load_config(password_file=tmp_path / "missing")
+    with pytest.raises(ConfigError, match="carries credentials"):
+        load_config(broker="mqtt://user:secret@h:1883")
+    os.environ["IMU_NODE_PASSWORD"] = "from-env"
+    try:
+        with pytest.raises(ConfigError, match="either in password_file or in the environment"):
+            load_config(password_file=tmp_path / "p")
+    finally:
+        del os.environ["IMU_NODE_PASSWORD"]
