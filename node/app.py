@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
-from node.config import NodeConfig, default_spool_dir, parse_listen
+from node.config import NodeConfig, default_spool_dir, default_state_dir, parse_listen
 from node.errors import ConfigError
 from node.identity import default_node_id
 from node.inference.pipeline import BatchResult, ModelPipeline, load_model, open_pipeline
@@ -34,10 +35,11 @@ from node.ingest.router import Ingest
 from node.ingest.windower import SampleWindower
 from node.metrics import NodeMetrics
 from node.model.bundle import Bundle, read_bundle
+from node.model.fetch import FetchPolicy
 from node.model.manager import ManagerSettings, ModelManager
-from node.model.signing import load_public_key, verify_manifest
+from node.model.signing import load_trust, verify_manifest
 from node.mqtt.outbox import Outbox
-from node.mqtt.session import MqttSession, SessionSettings
+from node.mqtt.session import MqttSession
 from node.mqtt.spool import Spool
 from node.reporting import ErrorReporter
 from node.results import ResultPublisher
@@ -85,16 +87,10 @@ class NodeApp:
         self._stopped = threading.Event()
         self._conflicts: set[str] = set()
         self._birth_seen = False
-        address = config.broker_address
         self.session = MqttSession(
-            SessionSettings(
-                address=address,
+            config.connection().session_settings(
                 client_id=f"{self.node_id}-{self.instance[:6]}",
-                protocol=config.mqtt_protocol,
                 keepalive_s=config.keepalive_s,
-                username=config.username,
-                password=config.password.get_secret_value() if config.password else None,
-                ca_file=str(config.ca_file) if config.ca_file else None,
                 will=(
                     topics.node_status(self.node_id),
                     self._status(NodeState.OFFLINE, pipeline, "connection lost (will)"),
@@ -139,7 +135,13 @@ class NodeApp:
                 group=config.group,
                 cache_dir=config.cache_dir,
                 max_bundle_bytes=config.max_bundle_bytes,
-                trusted_key=load_public_key(config.trust_key) if config.trust_key else None,
+                trusted_key=load_trust(config.trust_key) if config.trust_key else None,
+                state_file=(config.state_dir or default_state_dir(self.node_id))
+                / "desired-history.json",
+                fetch_timeout_s=config.fetch_timeout_s,
+                fetch_policy=FetchPolicy(
+                    file_root=config.file_url_root, total_timeout_s=config.fetch_timeout_s
+                ),
             ),
             session=self.session,
             reporter=self.reporter,
@@ -161,9 +163,12 @@ class NodeApp:
         self.outbox = Outbox(self.session, self._open_spool())  # opened last: it takes a lock
         try:
             self.http = self._open_http() if config.http_listen else None
-        except OSError as exc:
+        except ConfigError:
             self.outbox.stop()  # releases the spool for the next attempt
-            msg = f"cannot serve HTTP on {config.http_listen}: {exc}; choose another http_listen"
+            raise
+        except OSError as exc:  # a taken port, an unreadable token, a bad TLS key
+            self.outbox.stop()
+            msg = f"cannot serve HTTP on {config.http_listen}: {exc}; check the http_* settings"
             raise ConfigError(msg) from exc
 
     @classmethod
@@ -174,7 +179,7 @@ class NodeApp:
             raise ConfigError(msg)
         bundle = read_bundle(config.model)
         if config.trust_key is not None:
-            verify_manifest(bundle.manifest, load_public_key(config.trust_key))
+            verify_manifest(bundle.manifest, load_trust(config.trust_key))
         pipeline, choice = open_pipeline(
             bundle,
             config.backend,
@@ -276,12 +281,27 @@ class NodeApp:
             pipeline=lambda: self.worker.pipeline,
             backend_health=self._backend_health,
         )
+        config = self.config
+        assert config.http_listen is not None
+        token = None
+        if config.http_token_file is not None:
+            token = config.http_token_file.read_text().strip()
+            if not token:
+                msg = f"http_token_file {config.http_token_file} is empty"
+                raise ConfigError(msg)
+        tls = None
+        if config.http_tls_cert is not None and config.http_tls_key is not None:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.minimum_version = ssl.TLSVersion.TLSv1_2
+            tls.load_cert_chain(config.http_tls_cert, config.http_tls_key)
         return NodeHttp(
-            parse_listen(self.config.http_listen),
+            parse_listen(config.http_listen),
             sources,
             self.queue,
             ready=self.readiness,
-            infer_timeout_s=self.config.http_infer_timeout_s,
+            infer_timeout_s=config.http_infer_timeout_s,
+            token=token,
+            tls=tls,
         )
 
     def readiness(self) -> dict[str, bool]:
@@ -290,6 +310,7 @@ class NodeApp:
             "broker_connected": self.session.is_connected,
             "serving": self.worker.is_alive() and not self._stopped.is_set(),
             "backend_healthy": self.recovery.healthy and not self.watchdog.stalled,
+            "model_manager": self.manager.is_alive(),
             "queue_has_room": self.queue.qsize() < self.queue.maxsize,
         }
 

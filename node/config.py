@@ -7,59 +7,22 @@ configuration and `docs/configuration.md` documents each field.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
 from node.errors import ConfigError
 from node.inference.backend import BackendOptions
-from schemas.errors import describe_validation_error
+from node.mqtt.connection import BrokerSettings, load_layered
 from schemas.topics import is_valid_id
 
 ENV_PREFIX = "IMU_NODE_"
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerAddress:
-    """A parsed `mqtt://host:port` or `mqtts://host:port` URL."""
-
-    host: str
-    port: int
-    tls: bool
-
-    @classmethod
-    def parse(cls, url: str) -> BrokerAddress:
-        """Parse a broker URL; raises ValueError saying what a valid one looks like."""
-        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
-        if parts.scheme not in {"mqtt", "mqtts", "tcp", "ssl"} or not parts.hostname:
-            msg = f"broker URL {url!r} must look like mqtt://HOST:PORT or mqtts://HOST:PORT"
-            raise ValueError(msg)
-        tls = parts.scheme in {"mqtts", "ssl"}
-        try:
-            port = parts.port
-        except ValueError as exc:
-            msg = f"broker URL {url!r} has an invalid port"
-            raise ValueError(msg) from exc
-        if port is None:
-            port = 8883 if tls else 1883
-        elif port == 0:
-            msg = f"broker URL {url!r} has port 0; give the broker's port (1883, 8883, ...)"
-            raise ValueError(msg)
-        return cls(host=parts.hostname, port=port, tls=tls)
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
 
 
 def _default_cache_dir() -> Path:
@@ -68,12 +31,28 @@ def _default_cache_dir() -> Path:
 
 
 def parse_listen(value: str) -> tuple[str, int]:
-    """`HOST:PORT` (or `[V6]:PORT`; `:PORT` for every interface) to a bind address."""
+    """`HOST:PORT` (or `[V6]:PORT`) to a bind address; `:PORT` or `PORT` means 127.0.0.1."""
     host, sep, port = value.rpartition(":")
+    if not sep and value.isdigit():
+        host, port, sep = "", value, ":"
     if not sep or not port.isdigit() or int(port) > 65535:
         msg = f"{value!r} is not HOST:PORT (e.g. 0.0.0.0:9108, or 127.0.0.1:0 for any free port)"
         raise ValueError(msg)
-    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 (':PORT' asks for all)
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def default_state_dir(node_id: str) -> Path:
+    """`$XDG_STATE_HOME/imu-edge/state/{node_id}`: what the node must not forget on a restart."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "imu-edge" / "state" / node_id
 
 
 def default_spool_dir(node_id: str) -> Path:
@@ -82,24 +61,33 @@ def default_spool_dir(node_id: str) -> Path:
     return Path(base) / "imu-edge" / "spool" / node_id
 
 
-class NodeConfig(BaseSettings):
-    """Everything a node can be told. Unknown keys are errors (typos must not pass silently)."""
+class NodeConfig(BrokerSettings):
+    """Everything a node can be told. Unknown keys are errors (typos must not pass silently).
+
+    The broker connection fields (broker, mqtt_protocol, username, password, password_file,
+    ca_file, cert_file, key_file) are the shared `BrokerSettings` the fleet tools use too."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, extra="forbid", frozen=True, validate_default=True
     )
 
-    broker: str = Field(
-        "mqtt://127.0.0.1:1883", title="Broker URL", description="mqtt:// or mqtts://"
-    )
-    username: str | None = Field(None, description="MQTT user name")
-    password: SecretStr | None = Field(None, description="MQTT password (never logged)")
-    ca_file: Path | None = Field(None, description="CA bundle for mqtts:// brokers")
     node_id: str | None = Field(None, description="Defaults to a stable id derived from hardware")
     group: str = Field("default", description="Fleet group this node belongs to")
     model: Path | None = Field(None, description="Model bundle to serve")
     trust_key: Path | None = Field(
-        None, description="Fleet public key (PEM): refuse bundles not signed with it"
+        None,
+        description="Fleet public key (PEM), or a folder of *.pub keys (rotation): refuse "
+        "bundles and desired states not signed by one of them",
+    )
+    file_url_root: Path | None = Field(
+        None,
+        description="Folder file:// bundle URLs may point into (off when unset: desired states "
+        "with file:// URLs are refused)",
+    )
+    state_dir: Path | None = Field(
+        None,
+        description="Where the node keeps what must survive restarts, e.g. the desired-state "
+        "history that refuses replays (default: $XDG_STATE_HOME/imu-edge/state/NODE_ID)",
     )
     follow_desired: bool = Field(
         True, description="Follow the fleet's desired-model topics and hot-swap models"
@@ -110,6 +98,9 @@ class NodeConfig(BaseSettings):
     )
     max_bundle_bytes: int = Field(
         256 * 1024 * 1024, ge=1024, description="Largest bundle this node accepts"
+    )
+    fetch_timeout_s: float = Field(
+        120.0, gt=0, le=3600, description="Longest a bundle download (URL or artifact) may take"
     )
     backend: Literal["auto", "hailo", "onnx"] = Field(
         "auto",
@@ -138,7 +129,6 @@ class NodeConfig(BaseSettings):
         description="Watchdog: a backend call running longer is aborted and the backend rebuilt "
         "(0: derived from the model's measured cost, at least 1 s)",
     )
-    mqtt_protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version")
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive")
     share_group: str | None = Field(
         None, description="Subscribe to sensor topics as $share/GROUP/... (MQTT 5 load sharing)"
@@ -164,6 +154,18 @@ class NodeConfig(BaseSettings):
         description="HOST:PORT for /healthz, /readyz, /metrics and POST /infer "
         "(e.g. 0.0.0.0:9108); off when unset",
     )
+    http_token_file: Path | None = Field(
+        None,
+        description="File holding the bearer token POST /infer and /metrics require "
+        "(`Authorization: Bearer TOKEN`); /healthz and /readyz stay open",
+    )
+    http_tls_cert: Path | None = Field(None, description="HTTPS: certificate (PEM) for http_listen")
+    http_tls_key: Path | None = Field(None, description="HTTPS: private key (PEM) of http_tls_cert")
+    http_open: bool = Field(
+        False,
+        description="Allow http_listen on a non-loopback address without http_token_file (POST "
+        "/infer and /metrics then open to the network: a deliberate choice)",
+    )
     http_infer_timeout_s: float = Field(
         5.0, gt=0, description="POST /infer: longest wait for a result before 504"
     )
@@ -186,12 +188,6 @@ class NodeConfig(BaseSettings):
         "INFO", description="Log threshold (JSON lines on stderr)"
     )
 
-    @field_validator("broker")
-    @classmethod
-    def _broker(cls, url: str) -> str:
-        BrokerAddress.parse(url)
-        return url
-
     @field_validator("node_id", "group", "share_group")
     @classmethod
     def _identifier(cls, value: str | None) -> str | None:
@@ -206,6 +202,23 @@ class NodeConfig(BaseSettings):
         if value is not None:
             parse_listen(value)
         return value
+
+    @model_validator(mode="after")
+    def _http_security(self) -> NodeConfig:
+        if (self.http_tls_cert is None) != (self.http_tls_key is None):
+            msg = "http_tls_cert and http_tls_key go together: give both or neither"
+            raise ValueError(msg)
+        if self.http_listen is None:
+            return self
+        host, _ = parse_listen(self.http_listen)
+        if not is_loopback(host) and self.http_token_file is None and not self.http_open:
+            msg = (
+                f"http_listen {self.http_listen} reaches beyond this machine: set http_token_file "
+                "(a bearer token for /infer and /metrics), or http_open = true to serve them "
+                "unauthenticated on purpose"
+            )
+            raise ValueError(msg)
+        return self
 
     @field_validator("sensors")
     @classmethod
@@ -225,47 +238,18 @@ class NodeConfig(BaseSettings):
             batch_size=self.hailo_batch_size,
         )
 
-    @property
-    def broker_address(self) -> BrokerAddress:
-        """The parsed broker URL."""
-        return BrokerAddress.parse(self.broker)
-
     def digest(self) -> str:
         """Short sha256 of the effective configuration (secrets excluded), for the birth message."""
-        body = self.model_dump_json(exclude={"password"}).encode()
+        body = self.model_dump_json(exclude={"password", "password_file"}).encode()
         return hashlib.sha256(body).hexdigest()[:12]
 
 
 def load_config(config_file: Path | None = None, **overrides: Any) -> NodeConfig:
     """Merge defaults, the TOML file, `IMU_NODE_*` variables and `overrides` (flags, highest)."""
-    if config_file is not None and not config_file.is_file():
-        msg = f"config file {config_file} does not exist"
-        raise ConfigError(msg)
-
-    class _Layered(NodeConfig):
-        @classmethod
-        def settings_customise_sources(
-            cls,
-            settings_cls: type[BaseSettings],
-            init_settings: PydanticBaseSettingsSource,
-            env_settings: PydanticBaseSettingsSource,
-            dotenv_settings: PydanticBaseSettingsSource,
-            file_secret_settings: PydanticBaseSettingsSource,
-        ) -> tuple[PydanticBaseSettingsSource, ...]:
-            if config_file is None:
-                return (init_settings, env_settings)
-            return (
-                init_settings,
-                env_settings,
-                TomlConfigSettingsSource(settings_cls, config_file),
-            )
-
-    clean = {key: value for key, value in overrides.items() if value is not None}
     try:
-        layered = _Layered(**clean)
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, "configuration")) from None
-    return NodeConfig.model_validate(layered.model_dump())
+        return load_layered(NodeConfig, config_file, **overrides)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def settings_reference() -> str:

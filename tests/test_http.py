@@ -138,6 +138,7 @@ def test_health_and_readiness(served: NodeApp, backend: str) -> None:
             "broker_connected": True,
             "serving": True,
             "backend_healthy": True,
+            "model_manager": True,
             "queue_has_room": True,
         },
     }
@@ -256,8 +257,87 @@ def test_a_taken_port_is_a_clear_error_and_frees_the_spool(
 
 def test_listen_addresses() -> None:
     assert parse_listen("0.0.0.0:9108") == ("0.0.0.0", 9108)
-    assert parse_listen(":9108") == ("0.0.0.0", 9108)
+    assert parse_listen(":9108") == ("127.0.0.1", 9108)  # loopback unless asked otherwise
+    assert parse_listen("9108") == ("127.0.0.1", 9108)
     assert parse_listen("[::1]:80") == ("::1", 80)
-    for bad in ("9108", "host:", "host:99999", "host:port"):
+    for bad in ("99999", "host:", "host:99999", "host:port"):
         with pytest.raises(ValueError, match="HOST:PORT"):
             parse_listen(bad)
+
+
+# -- who may call it --------------------------------------------------------------------------
+
+
+def test_beyond_loopback_needs_a_token_or_a_deliberate_open(
+    broker: LocalBroker, serving_bundle_path: Path, tmp_path: Path
+) -> None:
+    base = {"broker": broker.url, "model": serving_bundle_path, "backend": "onnx"}
+    with pytest.raises(ConfigError, match="set http_token_file"):
+        load_config(**base, http_listen="0.0.0.0:9108")
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    assert load_config(**base, http_listen="0.0.0.0:9108", http_token_file=token).http_open is False
+    assert load_config(**base, http_listen="0.0.0.0:9108", http_open=True).http_open
+    with pytest.raises(ConfigError, match="http_tls_cert and http_tls_key go together"):
+        load_config(**base, http_tls_cert=token)
+
+
+@pytest.mark.parametrize("backend", ["onnx"], indirect=True)
+def test_a_token_guards_infer_and_metrics_not_health(
+    start_node: NodeFactory, tmp_path: Path
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret-token\n")
+    app = start_node(http_listen="127.0.0.1:0", http_token_file=token)
+    body = orjson.dumps({"x": raw_window(21).tolist()})
+    for method, path, payload in (("GET", "/metrics", None), ("POST", "/infer", body)):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+            status, got, reply = call(app, method, path, payload, **headers)
+            assert status == 401, (path, headers)
+            assert got["WWW-Authenticate"].startswith("Bearer")
+            assert json.loads(reply)["error"] == "unauthorized"
+        status, _, _ = call(app, method, path, payload, Authorization="Bearer s3cret-token")
+        assert status == 200
+    for path in ("/healthz", "/readyz"):
+        assert call(app, "GET", path)[0] == 200
+    assert not app.metrics.totals()[4]
+
+
+@pytest.mark.parametrize("backend", ["onnx"], indirect=True)
+def test_https_serves_with_the_configured_certificate_and_a_stalled_handshake_blocks_nobody(
+    start_node: NodeFactory, tmp_path: Path
+) -> None:
+    import socket
+    import ssl
+
+    from fleet import pki
+
+    site = pki.Layout(tmp_path / "site")
+    pki.init_site(site.root, site="http", hosts=("127.0.0.1",))
+    app = start_node(
+        http_listen="127.0.0.1:0",
+        http_tls_cert=site.broker_certs / "server.crt",
+        http_tls_key=site.broker_certs / "server.key",
+    )
+    assert app.http is not None
+    host, port = app.http.address
+    stalled = socket.create_connection((host, port), timeout=5)  # never says hello
+    try:
+        context = ssl.create_default_context(cafile=str(site.ca_cert))
+        secure = http.client.HTTPSConnection(host, port, timeout=10, context=context)
+        secure.request("GET", "/healthz")
+        assert secure.getresponse().status == 200
+        secure.close()
+
+        def plain_get() -> int:
+            plain = http.client.HTTPConnection(host, port, timeout=5)
+            try:
+                plain.request("GET", "/healthz")
+                return plain.getresponse().status
+            finally:
+                plain.close()
+
+        with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+            plain_get()
+    finally:
+        stalled.close()

@@ -9,9 +9,12 @@ and served by whichever model version is active. A full queue answers 503 with `
 
 from __future__ import annotations
 
+import hmac
 import logging
 import queue
 import socket
+import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -59,8 +62,12 @@ class NodeHttp:
         *,
         ready: Callable[[], dict[str, bool]],
         infer_timeout_s: float,
+        token: str | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.sources = sources
+        self._token = token.encode() if token else None
+        self.tls = tls
         self._work = work
         self._ready = ready
         self._timeout = infer_timeout_s
@@ -69,6 +76,7 @@ class NodeHttp:
         self._registry = metrics_registry(sources)
         server = _Server6 if ":" in listen[0] else _Server
         self._server = server(listen, _handler_for(self))
+        self._server.tls = tls
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="http", kwargs={"poll_interval": 0.2}
         )
@@ -91,6 +99,15 @@ class NodeHttp:
             self._server.shutdown()
             self._thread.join(5)
         self._server.server_close()
+
+    def authorized(self, header: str | None) -> bool:
+        """True when no token is set, or `header` is `Bearer <the token>` (constant time)."""
+        if self._token is None:
+            return True
+        scheme, _, value = (header or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            value.strip().encode(), self._token
+        )
 
     # -- endpoints ---------------------------------------------------------------------------
 
@@ -151,6 +168,18 @@ class NodeHttp:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    tls: ssl.SSLContext | None = None
+
+    def get_request(self) -> tuple[Any, Any]:
+        """Accept; with TLS the handshake runs later on the request's own thread."""
+        sock, address = self.socket.accept()
+        if self.tls is not None:
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that fails its TLS handshake or drops the line is not worth a traceback."""
+        logger.debug("http request from %s failed: %s", client_address, sys.exc_info()[1])
 
 
 class _Server6(_Server):
@@ -164,17 +193,29 @@ def _handler_for(api: NodeHttp) -> type[BaseHTTPRequestHandler]:
         disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms stall
         timeout = 30  # seconds a kept-alive or half-sent request may hold its thread
 
+        def setup(self) -> None:
+            if isinstance(self.request, ssl.SSLSocket):
+                self.request.settimeout(self.timeout)
+                self.request.do_handshake()  # on this thread: a slow client holds only it
+            super().setup()
+
         def do_GET(self) -> None:
             routes = {"/healthz": api.healthz, "/readyz": api.readyz, "/metrics": api.metrics}
-            route = routes.get(self.path.split("?", 1)[0])
+            path = self.path.split("?", 1)[0]
+            route = routes.get(path)
             if route is None:
                 self._send(_not_found(self.path))
+                return
+            if path == "/metrics" and not self._authorized():
                 return
             self._send(route())
 
         def do_POST(self) -> None:
             if self.path.split("?", 1)[0] != "/infer":
                 self._send(_not_found(self.path))
+                return
+            if not self._authorized():
+                self.close_connection = True  # the body is not read
                 return
             length = self.headers.get("Content-Length")
             if length is None or not length.isdigit():
@@ -192,6 +233,21 @@ def _handler_for(api: NodeHttp) -> type[BaseHTTPRequestHandler]:
             body = self.rfile.read(int(length))
             media_type = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip()
             self._send(api.infer(body, media_type or None))
+
+        def _authorized(self) -> bool:
+            if api.authorized(self.headers.get("Authorization")):
+                return True
+            reason = (
+                "this endpoint needs `Authorization: Bearer TOKEN` (the node's http_token_file)"
+            )
+            self._send(
+                json_reply(
+                    HTTPStatus.UNAUTHORIZED,
+                    {"error": "unauthorized", "reason": reason},
+                    **{"WWW-Authenticate": 'Bearer realm="imu-node"'},
+                )
+            )
+            return False
 
         def _send(self, reply: Reply) -> None:
             self.send_response(reply.status)
