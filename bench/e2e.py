@@ -31,10 +31,10 @@ import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from common.bundle import read_bundle
 from fleet.bundles.reference import build_reference_bundle
 from fleet.simulate.imu_signals import calibration_set
 from node.local_broker import LocalBroker, wait_for_port
-from node.model.bundle import read_bundle
 from schemas import topics
 
 

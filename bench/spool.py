@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 
+from common.mqtt.session import MqttSession, SessionSettings
 from node.config import BrokerAddress
 from node.local_broker import LocalBroker
 from node.mqtt.outbox import Outbox
-from node.mqtt.session import MqttSession, SessionSettings
 from node.mqtt.spool import Spool
 from schemas import SCHEMA_VERSION, topics
 from schemas.codec import encode_dict

@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common.mqtt.connection import Credentials, add_broker_arguments, connection_from_args
 from fleet.settings import ENV_PREFIX, FleetBrokerSettings
 from node.errors import NodeError
 from node.logs import configure_logging
-from node.mqtt.connection import Credentials, add_broker_arguments, connection_from_args
 
 if TYPE_CHECKING:
-    from node.model.bundle import Bundle
+    from common.bundle import Bundle
 
 logger = logging.getLogger("fleet")
 
@@ -326,11 +326,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bundle(args: argparse.Namespace) -> int:
+    from common.bundle import manifest_bytes, read_bundle  # noqa: PLC0415
+    from common.signing import load_public_key, verify_manifest  # noqa: PLC0415
     from fleet.bundles.builder import build_bundle, sign_bundle  # noqa: PLC0415 (onnxruntime)
     from fleet.bundles.inspect import describe_bundle  # noqa: PLC0415
     from fleet.bundles.reference import build_reference_bundle  # noqa: PLC0415
-    from node.model.bundle import manifest_bytes, read_bundle  # noqa: PLC0415
-    from node.model.signing import load_public_key, verify_manifest  # noqa: PLC0415
     from schemas.manifest import HefInfo  # noqa: PLC0415
 
     if args.action == "create":
@@ -366,7 +366,7 @@ def _bundle(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from node.model.signing import generate_keys  # noqa: PLC0415
+    from common.signing import generate_keys  # noqa: PLC0415
 
     pair = generate_keys(args.out, overwrite=args.force)
     print(f"private key {pair.private} (keep it secret: sign with --sign-key)")
@@ -376,9 +376,9 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _model(args: argparse.Namespace) -> int:
+    from common.bundle import read_bundle  # noqa: PLC0415
     from fleet.bundles.calibration import load_calibration, simulated_calibration  # noqa: PLC0415
     from fleet.models.validate import format_table, validate_bundle  # noqa: PLC0415
-    from node.model.bundle import read_bundle  # noqa: PLC0415
 
     bundle = read_bundle(args.bundle)
     if args.action == "compile":

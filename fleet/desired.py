@@ -7,9 +7,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from node.model.bundle import parse_bundle, sha256_hex
-from node.model.signing import load_private_key, sign_desired
-from node.mqtt.session import MqttSession
+from common.bundle import parse_bundle, sha256_hex
+from common.mqtt.session import MqttSession
+from common.signing import load_private_key, sign_desired
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import DesiredModel

@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from common.bundle import parse_bundle, sha256_hex
+from common.mqtt.connection import Connection
+from common.mqtt.session import MqttSession
 from node.errors import BundleError
-from node.model.bundle import parse_bundle, sha256_hex
-from node.mqtt.connection import Connection
-from node.mqtt.session import MqttSession
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import ArtifactManifest

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic_settings import SettingsConfigDict
 
-from node.mqtt.connection import BrokerSettings
+from common.mqtt.connection import BrokerSettings
 
 ENV_PREFIX = "IMU_FLEET_"
 

@@ -24,6 +24,9 @@ from typing import TYPE_CHECKING
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
+from common.bundle import Bundle, read_bundle
+from common.mqtt.session import MqttSession
+from common.signing import load_trust, verify_manifest
 from node.config import NodeConfig, default_spool_dir, default_state_dir, parse_listen
 from node.errors import ConfigError
 from node.identity import default_node_id
@@ -34,12 +37,9 @@ from node.inference.worker import InferenceWorker, WorkItem
 from node.ingest.router import Ingest
 from node.ingest.windower import SampleWindower
 from node.metrics import NodeMetrics
-from node.model.bundle import Bundle, read_bundle
 from node.model.fetch import FetchPolicy
 from node.model.manager import ManagerSettings, ModelManager
-from node.model.signing import load_trust, verify_manifest
 from node.mqtt.outbox import Outbox
-from node.mqtt.session import MqttSession
 from node.mqtt.spool import Spool
 from node.reporting import ErrorReporter
 from node.results import ResultPublisher

@@ -30,8 +30,8 @@ import numpy as np
 import orjson
 import paho.mqtt.client as mqtt
 
-from node.mqtt.connection import Connection
-from node.mqtt.session import MqttSession
+from common.mqtt.connection import Connection
+from common.mqtt.session import MqttSession
 from schemas import topics
 
 CONNECT_TIMEOUT_S = 10.0

@@ -13,11 +13,11 @@ from typing import Any
 
 import orjson
 
+from common.mqtt.connection import NoPasswordFlag, add_broker_arguments, connection_from_args
 from node.config import ENV_PREFIX, NodeConfig, load_config
 from node.errors import ConfigError, NodeError
 from node.identity import default_node_id, hardware_identity
 from node.logs import configure_logging
-from node.mqtt.connection import NoPasswordFlag, add_broker_arguments, connection_from_args
 
 logger = logging.getLogger("node")
 

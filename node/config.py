@@ -17,9 +17,9 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from common.mqtt.connection import BrokerSettings, load_layered
 from node.errors import ConfigError
 from node.inference.backend import BackendOptions
-from node.mqtt.connection import BrokerSettings, load_layered
 from schemas.topics import is_valid_id
 
 ENV_PREFIX = "IMU_NODE_"

@@ -18,14 +18,14 @@ import numpy as np
 import orjson
 import paho.mqtt.client as mqtt
 
+from common.bundle import read_bundle
+from common.mqtt.connection import BrokerAddress
+from common.mqtt.session import MqttSession, SessionSettings
 from fleet.bundles.reference import ensure_reference_bundle
 from fleet.simulate.sensors import SensorMode, SensorSimulator
 from node.app import NodeApp
 from node.config import load_config
 from node.local_broker import BrokerKind, LocalBroker
-from node.model.bundle import read_bundle
-from node.mqtt.connection import BrokerAddress
-from node.mqtt.session import MqttSession, SessionSettings
 from schemas import topics
 from schemas.manifest import PrototypeHead
 
@@ -134,8 +134,15 @@ def run_demo(
     )
     interactive = sys.stdout.isatty()
     port = BrokerAddress.parse(url).port
+    kind = f"{local.kind}" if local else "external"
     print(
-        f"broker {url} ({local.kind if local else 'external'}), model {bundle.ref.name} "
+        (
+            "this demo's broker is open (no login) and listens on 127.0.0.1 only; a site runs "
+            "the locked-down compose/mosquitto-secure.conf (docs/security.md)\n"
+            if local
+            else ""
+        )
+        + f"broker {url} ({kind}), model {bundle.ref.name} "
         f"{bundle.ref.version}, {sensors} sensors at {rate_hz:g} Hz sending {mode}\n"
         f"watch raw traffic: mosquitto_sub -h 127.0.0.1 -p {port} -v -t 'imu/#'"
         + (f"\nnode over HTTP: curl http://{http}/metrics" if http else ""),

@@ -21,12 +21,12 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from common.bundle import Bundle, read_bundle
 from node.config import NodeConfig, default_spool_dir
 from node.errors import NodeError
 from node.identity import default_node_id, hardware_identity
 from node.inference.hailo_backend import ACCEPTS, import_hailo
 from node.inference.pipeline import load_model
-from node.model.bundle import Bundle, read_bundle
 from node.mqtt.spool import spooled_bytes
 
 DRIVER_VERSION_FILE = Path("/sys/module/hailo_pci/version")

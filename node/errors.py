@@ -1,22 +1,19 @@
-"""The node's exception hierarchy: one root, structured fields, `raise ... from` at boundaries."""
+"""The node's exception hierarchy: one root, structured fields, `raise ... from` at boundaries.
+
+The root and the bundle errors are the shared ones (common/errors.py): `except NodeError` also
+catches what the bundle reader and signing raise.
+"""
 
 from __future__ import annotations
 
+from common.errors import BundleError, EdgeError, ModelContractError
 
-class NodeError(Exception):
-    """Root of every error the node raises on purpose."""
+NodeError = EdgeError
+"""Root of every error the node raises on purpose (the shared root)."""
 
 
 class ConfigError(NodeError):
     """The configuration is invalid; the message says which setting and how to fix it."""
-
-
-class BundleError(NodeError):
-    """A model bundle is unreadable, corrupt, or breaks the manifest contract."""
-
-
-class ModelContractError(BundleError):
-    """The model file's inputs/outputs do not match the contract or its manifest."""
 
 
 class GoldenCheckError(BundleError):
@@ -29,3 +26,14 @@ class BackendError(NodeError):
 
 class BackendUnavailableError(BackendError):
     """The requested backend cannot run on this machine (missing package or device)."""
+
+
+__all__ = [
+    "BackendError",
+    "BackendUnavailableError",
+    "BundleError",
+    "ConfigError",
+    "GoldenCheckError",
+    "ModelContractError",
+    "NodeError",
+]

@@ -25,12 +25,12 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from common.bundle import Bundle, read_bundle
+from common.mqtt.connection import BrokerAddress
 from fleet.bundles.reference import build_reference_bundle
 from node.app import NodeApp
 from node.config import load_config
 from node.local_broker import LocalBroker
-from node.model.bundle import Bundle, read_bundle
-from node.mqtt.connection import BrokerAddress
 from schemas import topics
 
 STANDIN = Path(__file__).resolve().parent / "hailo_standin"

@@ -120,8 +120,8 @@ def test_busy_device_fails_clearly_or_falls_back_when_allowed(
 def test_hef_for_hailo8_is_refused_on_a_hailo8l(
     broker: LocalBroker, hailo_bundle_path: Path, tmp_path: Path
 ) -> None:
+    from common.bundle import read_bundle
     from fleet.bundles.builder import with_hef
-    from node.model.bundle import read_bundle
     from schemas.manifest import HefInfo
 
     bundle = read_bundle(hailo_bundle_path)
@@ -274,9 +274,9 @@ def test_hot_swap_on_hailo_holds_both_models_on_one_chip(
 ) -> None:  # fmt: skip
     from hailo_standin.bundles import hailo_bundle
 
+    from common.bundle import read_bundle
     from fleet.bundles.reference import build_reference_bundle
     from fleet.desired import desired_for, desired_topic
-    from node.model.bundle import read_bundle
     from schemas.codec import encode
 
     newer = read_bundle(build_reference_bundle(tmp_path / "v110.tar", version="1.1.0", seed=8))

@@ -18,6 +18,15 @@ from hypothesis import strategies as st
 from numpy.typing import NDArray
 from onnx import TensorProto, helper
 
+from common.bundle import (
+    MANIFEST_NAME,
+    Bundle,
+    file_entries,
+    npy_bytes,
+    parse_bundle,
+    read_bundle,
+    write_bundle,
+)
 from fleet.bundles.builder import build_bundle, load_normalization
 from fleet.bundles.calibration import load_calibration
 from fleet.bundles.inspect import describe_bundle
@@ -30,15 +39,6 @@ from node.inference.backend import BackendOptions, InferenceBackend
 from node.inference.normalize import Normalizer
 from node.inference.onnx_backend import OnnxBackend
 from node.inference.pipeline import load_model
-from node.model.bundle import (
-    MANIFEST_NAME,
-    Bundle,
-    file_entries,
-    npy_bytes,
-    parse_bundle,
-    read_bundle,
-    write_bundle,
-)
 from node.model.reference import build_reference_onnx, make_reference_weights, reference_forward
 from schemas.limits import CHANNEL_ORDER, CHANNELS, LATENT_DIM, WINDOW_LENGTH
 from schemas.manifest import Normalization

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from common.bundle import Bundle, read_bundle
 from fleet.bundles.calibration import CalibrationSet, simulated_calibration
 from fleet.bundles.reference import build_reference_bundle
 from fleet.compile import (
@@ -31,7 +32,6 @@ from node.errors import BundleError
 from node.inference.backend import BackendOptions
 from node.inference.normalize import Normalizer
 from node.inference.pipeline import load_model
-from node.model.bundle import Bundle, read_bundle
 
 # The stand-in packages (hailo_sdk_client, hailo_standin) live outside the installed project, so
 # their folder goes on sys.path before they are imported. conftest.py does this too, but this

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from common.mqtt.connection import BrokerAddress
 from node.config import NodeConfig, load_config
 from node.errors import ConfigError
 from node.identity import IdentitySource, default_node_id, hardware_identity
-from node.mqtt.connection import BrokerAddress
 from schemas.topics import is_valid_id
 
 

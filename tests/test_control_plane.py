@@ -20,14 +20,14 @@ import pytest
 from conftest import NodeFactory, Probe, unique
 from test_node_e2e import raw_window
 
+from common.bundle import read_bundle
+from common.signing import generate_keys, load_private_key
 from fleet.bundles.builder import sign_bundle
 from fleet.bundles.reference import build_reference_bundle
 from fleet.desired import desired_for, desired_topic, scoped
 from fleet.distribution import publish_bundle
 from node.app import NodeApp
 from node.local_broker import LocalBroker
-from node.model.bundle import read_bundle
-from node.model.signing import generate_keys, load_private_key
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import DesiredModel

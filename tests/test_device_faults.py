@@ -21,6 +21,7 @@ from conftest import NodeFactory, Probe, Received, unique, wait_until
 from hailo_standin import faults
 from test_node_e2e import raw_window
 
+from common.bundle import Bundle, read_bundle
 from node.app import NodeApp
 from node.config import load_config
 from node.errors import BackendError
@@ -34,7 +35,6 @@ from node.inference.backend import (
 from node.inference.onnx_backend import OnnxBackend
 from node.inference.pipeline import ModelPipeline, cosine_similarity
 from node.local_broker import LocalBroker
-from node.model.bundle import Bundle, read_bundle
 from schemas import topics
 
 HAILO = pytest.mark.parametrize("backend", ["hailo"], indirect=True)

@@ -14,11 +14,11 @@ from conftest import NodeFactory, Probe, latent_tolerance, unique, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from test_node_e2e import onnx_reference, raw_window
 
+from common.bundle import Bundle
 from node.app import NodeApp
 from node.config import load_config, parse_listen
 from node.errors import ConfigError
 from node.local_broker import LocalBroker
-from node.model.bundle import Bundle
 from schemas import topics
 from schemas.limits import BINARY_CONTENT_TYPE, MAX_WINDOW_BYTES
 

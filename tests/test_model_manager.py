@@ -12,15 +12,15 @@ import pytest
 from conftest import NodeFactory, Probe, unique
 from test_node_e2e import raw_window
 
+from common.bundle import file_entries, read_bundle, write_bundle
+from common.signing import generate_keys, load_private_key
 from fleet.bundles.builder import sign_bundle
 from fleet.bundles.reference import build_reference_bundle
 from fleet.desired import desired_for, desired_topic, scoped
 from fleet.distribution import publish_bundle
 from node.app import NodeApp
 from node.local_broker import LocalBroker
-from node.model.bundle import file_entries, read_bundle, write_bundle
 from node.model.reference import build_reference_onnx
-from node.model.signing import generate_keys, load_private_key
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import DesiredModel
@@ -308,7 +308,7 @@ def test_node_override_wins_over_group(
 
 
 def test_a_damaged_cached_bundle_is_replaced(tmp_path: Path, versions: dict[str, Path]) -> None:
-    from node.model.bundle import sha256_hex
+    from common.bundle import sha256_hex
     from node.model.fetch import add_to_cache, cache_path
 
     data = versions["1.1.0"].read_bytes()

@@ -13,8 +13,8 @@ import pytest
 from conftest import NodeFactory, Probe, latent_tolerance, unique
 from hailo_standin import faults
 
+from common.bundle import Bundle
 from node.local_broker import LocalBroker
-from node.model.bundle import Bundle
 from schemas import topics
 from schemas.limits import BINARY_CONTENT_TYPE
 from schemas.messages import ErrorReport, MotifResult, NodeModelState, NodeStatus, Telemetry

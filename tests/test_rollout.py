@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from conftest import NodeFactory, Probe, unique, wait_until
 
+from common.bundle import file_entries, read_bundle, write_bundle
 from fleet.bundles.reference import build_reference_bundle
 from fleet.distribution import publish_bundle
 from fleet.rollout.controller import Controller, RolloutError, plan_waves
 from fleet.rollout.records import newer, superseded
 from node.app import NodeApp
 from node.local_broker import LocalBroker
-from node.model.bundle import file_entries, read_bundle, write_bundle
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import (

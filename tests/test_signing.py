@@ -7,18 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from fleet.bundles.builder import sign_bundle
-from node.app import NodeApp
-from node.config import load_config
-from node.local_broker import LocalBroker
-from node.model.bundle import Bundle, read_bundle, write_bundle
-from node.model.signing import (
+from common.bundle import Bundle, read_bundle, write_bundle
+from common.signing import (
     SignatureError,
     canonical_manifest,
     generate_keys,
     load_public_key,
     verify_manifest,
 )
+from fleet.bundles.builder import sign_bundle
+from node.app import NodeApp
+from node.config import load_config
+from node.local_broker import LocalBroker
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,13 @@ import pytest
 from conftest import Probe, Received, unique
 
 import fleet.simulate.shared_models as sim
+from common.bundle import file_entries, read_bundle, write_bundle
 from fleet.bundles.reference import build_reference_bundle
 from fleet.desired import desired_for, desired_topic
 from fleet.distribution import publish_bundle
 from fleet.simulate.nodes import SIMULATED, SimulatedFleet, simulate_nodes
 from node.local_broker import LocalBroker, free_port
 from node.model import fetch
-from node.model.bundle import file_entries, read_bundle, write_bundle
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import DesiredModel, Telemetry

@@ -22,6 +22,8 @@ import orjson
 from numpy.typing import NDArray
 from pydantic import ValidationError
 
+from common.bundle import Bundle, file_entries, npy_bytes, write_bundle
+from common.signing import load_private_key, sign_manifest
 from fleet.bundles.calibration import CalibrationSet, load_calibration, simulated_calibration
 from fleet.bundles.kmeans import kmeans
 from node.errors import BundleError, ModelContractError
@@ -29,8 +31,6 @@ from node.inference.backend import BackendOptions
 from node.inference.motif_head import squared_distances
 from node.inference.normalize import Normalizer
 from node.inference.onnx_backend import OnnxBackend
-from node.model.bundle import Bundle, file_entries, npy_bytes, write_bundle
-from node.model.signing import load_private_key, sign_manifest
 from schemas.errors import describe_validation_error
 from schemas.limits import CHANNEL_ORDER, CHANNELS, LATENT_DIM, MOTIF_COUNT, WINDOW_LENGTH
 from schemas.manifest import (

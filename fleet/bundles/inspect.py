@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from node.model.bundle import Bundle
+from common.bundle import Bundle
 from schemas.manifest import LinearHead, PrototypeHead
 
 

@@ -37,6 +37,7 @@ from typing import Any, Final, Literal, get_args
 
 import numpy as np
 
+from common.bundle import Bundle
 from fleet.bundles.builder import with_hef
 from fleet.bundles.calibration import CalibrationSet
 from fleet.compile.dfc_api import (
@@ -57,7 +58,6 @@ from node.inference.backend import BackendOptions, FloatArray
 from node.inference.normalize import Normalizer
 from node.inference.onnx_backend import OnnxBackend
 from node.inference.pipeline import cosine_similarity
-from node.model.bundle import Bundle
 from schemas.limits import CHANNELS, WINDOW_LENGTH
 from schemas.manifest import HefInfo
 

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.bundle import Bundle
 from fleet.bundles.calibration import CalibrationSet, simulated_calibration
 from node.errors import NodeError
 from node.inference.backend import BACKENDS, BackendOptions, FloatArray
 from node.inference.hailo_backend import find_devices, import_hailo
 from node.inference.pipeline import ModelPipeline, cosine_similarity, load_model
-from node.model.bundle import Bundle
 
 logger = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import uuid
 from typing import Final
 
-from node.mqtt.connection import Connection
-from node.mqtt.session import MqttSession
+from common.mqtt.connection import Connection
+from common.mqtt.session import MqttSession
 
 CONNECT_TIMEOUT_S: Final = 10.0
 PROTOCOLS: Final = ("5", "3.1.1")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
+from common.mqtt.connection import Connection
+from common.mqtt.session import MqttSession
 from fleet.recording.broker import check_protocol, connect, new_session
 from fleet.recording.format import (
     RecordingHeader,
@@ -26,8 +28,6 @@ from fleet.recording.format import (
 from fleet.recording.stats import ProgressClock, RecordStats
 from fleet.recording.topics import subscription_filters
 from fleet.recording.writer import QUEUE_SIZE, _Line, _Writer
-from node.mqtt.connection import Connection
-from node.mqtt.session import MqttSession
 
 logger = logging.getLogger("fleet.recording")
 

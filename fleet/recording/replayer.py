@@ -14,11 +14,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final
 
+from common.mqtt.connection import Connection
+from common.mqtt.session import MqttSession
 from fleet.recording.broker import check_protocol, connect, new_session
 from fleet.recording.format import read_header, read_recording
 from fleet.recording.stats import ProgressClock, ReplayStats
-from node.mqtt.connection import Connection
-from node.mqtt.session import MqttSession
 
 logger = logging.getLogger("fleet.recording")
 

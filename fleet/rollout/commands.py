@@ -183,7 +183,8 @@ def _follows(model: NodeModelState | None) -> tuple[str, str]:
         return "- (nothing set)", "-"
     where = f"{following.scope}" + (f" {following.target}" if following.scope == "group" else "")
     signed = "" if following.key_id else " unsigned"
-    follows = f"{where}: {following.version}{signed}"
+    by = f" by {following.rollout_id}" if following.rollout_id else ""
+    follows = f"{where}: {following.version}{signed}{by}"
     running = model.active.version if model.active else None
     drift = "-" if running == following.version else f"wants {following.version}"
     if model.state == "failed" and model.last_error:

@@ -23,14 +23,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from common.mqtt.connection import Connection
+from common.mqtt.session import MqttSession
+from common.signing import load_private_key, sign_desired
 from fleet.desired import desired_topic, scoped
 from fleet.rollout.presence import Presence, presence_session
 from fleet.rollout.records import RolloutBook, superseded
 from fleet.rollout.view import FleetView, NodeView
 from node.errors import NodeError
-from node.model.signing import load_private_key, sign_desired
-from node.mqtt.connection import Connection
-from node.mqtt.session import MqttSession
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import (

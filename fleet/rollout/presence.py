@@ -16,8 +16,8 @@ import time
 
 import paho.mqtt.client as mqtt
 
-from node.mqtt.connection import Connection
-from node.mqtt.session import MqttSession
+from common.mqtt.connection import Connection
+from common.mqtt.session import MqttSession
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import ControllerPresence

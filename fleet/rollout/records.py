@@ -13,7 +13,7 @@ import threading
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
-from node.mqtt.session import MqttSession
+from common.mqtt.session import MqttSession
 from schemas import topics
 from schemas.messages import ArtifactManifest, RolloutRecord
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import paho.mqtt.client as mqtt
 from pydantic import BaseModel, ValidationError
 
-from node.mqtt.session import Handler, MqttSession
+from common.mqtt.session import Handler, MqttSession
 from schemas import topics
 from schemas.messages import NodeModelState, NodeState, NodeStatus, Telemetry
 

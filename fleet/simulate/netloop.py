@@ -20,8 +20,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from node.mqtt.connection import BrokerAddress
-from node.mqtt.session import MqttSession, SessionSettings
+from common.mqtt.connection import BrokerAddress
+from common.mqtt.session import MqttSession, SessionSettings
 
 logger = logging.getLogger(__name__)
 

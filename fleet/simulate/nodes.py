@@ -31,6 +31,11 @@ from pathlib import Path
 
 import psutil
 
+from common.bundle import DEFAULT_MAX_BUNDLE_BYTES as MAX_BUNDLE_BYTES
+from common.bundle import read_bundle
+from common.mqtt.connection import BrokerAddress
+from common.mqtt.session import SessionSettings
+from common.signing import load_trust, verify_manifest
 from fleet.simulate.netloop import LoopSession, NetLoop
 from fleet.simulate.shared_models import SharedModels
 from node.app import software_version
@@ -40,13 +45,8 @@ from node.inference.backend import (
 )
 from node.inference.pipeline import ModelPipeline
 from node.metrics import NodeMetrics
-from node.model.bundle import DEFAULT_MAX_BUNDLE_BYTES as MAX_BUNDLE_BYTES
-from node.model.bundle import read_bundle
 from node.model.fetch import FetchPolicy
 from node.model.manager import ManagerSettings, ModelManager
-from node.model.signing import load_trust, verify_manifest
-from node.mqtt.connection import BrokerAddress
-from node.mqtt.session import SessionSettings
 from node.reporting import ErrorReporter
 from node.telemetry import latency_summary
 from schemas import topics

@@ -16,9 +16,9 @@ from typing import Literal
 
 import numpy as np
 
+from common.mqtt.connection import Connection
+from common.mqtt.session import MqttSession
 from fleet.simulate.imu_signals import Activity, ImuSignalGenerator
-from node.mqtt.connection import Connection
-from node.mqtt.session import MqttSession
 from schemas import topics
 from schemas.codec import encode_dict
 from schemas.limits import CHANNELS, WINDOW_LENGTH

@@ -8,6 +8,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.bundle import Bundle, sha256_hex
+from common.mqtt.session import MqttSession
 from node.errors import NodeError
 from node.inference.backend import (
     BackendInfo,
@@ -17,9 +19,7 @@ from node.inference.backend import (
     InferenceOutput,
 )
 from node.inference.pipeline import ModelPipeline, load_model
-from node.model.bundle import Bundle, sha256_hex
 from node.model.fetch import FetchPolicy, cache_path, fetch_bundle
-from node.mqtt.session import MqttSession
 from schemas.messages import DesiredModel
 
 

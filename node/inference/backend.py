@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
+from common.bundle import Bundle
 from node.errors import BackendUnavailableError
-from node.model.bundle import Bundle
 
 FloatArray = NDArray[np.float32]
 

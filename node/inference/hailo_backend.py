@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from common.bundle import Bundle
 from node.errors import BackendError, BackendUnavailableError, ModelContractError, NodeError
 from node.inference.backend import (
     BackendInfo,
@@ -41,7 +42,6 @@ from node.inference.backend import (
     InferenceBackend,
     InferenceOutput,
 )
-from node.model.bundle import Bundle
 from schemas.limits import CHANNELS, LATENT_DIM, MOTIF_COUNT, WINDOW_LENGTH
 
 logger = logging.getLogger(__name__)

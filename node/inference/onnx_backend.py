@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
+from common.bundle import Bundle
 from node.errors import BackendError, ModelContractError
 from node.inference.backend import (
     BackendInfo,
@@ -18,7 +19,6 @@ from node.inference.backend import (
     InferenceBackend,
     InferenceOutput,
 )
-from node.model.bundle import Bundle
 from schemas.limits import CHANNELS, WINDOW_LENGTH
 from schemas.manifest import Outputs
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.bundle import Bundle
 from node.errors import BackendError, GoldenCheckError
 from node.inference.backend import (
     BackendChoice,
@@ -24,7 +25,6 @@ from node.inference.backend import (
 )
 from node.inference.motif_head import MotifHead
 from node.inference.normalize import Normalizer
-from node.model.bundle import Bundle
 from schemas.messages import ModelRef
 
 logger = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from common.bundle import Bundle
 from node.inference.pipeline import ModelPipeline
-from node.model.bundle import Bundle
 from schemas.messages import ErrorKind
 
 logger = logging.getLogger(__name__)

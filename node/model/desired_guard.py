@@ -32,8 +32,8 @@ from pathlib import Path
 
 import orjson
 
+from common.signing import SignatureError, TrustStore, verify_desired
 from node.errors import NodeError
-from node.model.signing import SignatureError, TrustStore, verify_desired
 from schemas.messages import DesiredModel
 
 logger = logging.getLogger(__name__)

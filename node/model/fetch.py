@@ -30,9 +30,9 @@ from typing import BinaryIO
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
+from common.bundle import sha256_hex
+from common.mqtt.session import MqttSession
 from node.errors import BundleError
-from node.model.bundle import sha256_hex
-from node.mqtt.session import MqttSession
 from schemas import topics
 from schemas.messages import ArtifactManifest, DesiredModel
 

@@ -29,14 +29,14 @@ from typing import Protocol
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
+from common.bundle import Bundle, read_bundle, sha256_hex
+from common.mqtt.session import MqttSession
+from common.signing import Trust, trust_store, verify_desired, verify_manifest
 from node.errors import NodeError
 from node.inference.pipeline import ModelPipeline
-from node.model.bundle import Bundle, read_bundle, sha256_hex
 from node.model.desired_guard import DesiredGuard, DesiredRefusedError, Scope
 from node.model.fetch import FetchPolicy, add_to_cache, fetch_bundle
-from node.model.signing import Trust, trust_store, verify_desired, verify_manifest
 from node.model.versions import is_older
-from node.mqtt.session import MqttSession
 from node.reporting import ErrorReporter
 from schemas import topics
 from schemas.codec import encode

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from node.mqtt.session import MqttSession
+from common.mqtt.session import MqttSession
 from node.mqtt.spool import Spool, SpoolStats
 
 logger = logging.getLogger(__name__)

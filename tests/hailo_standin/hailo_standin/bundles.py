@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from common.bundle import Bundle
 from fleet.bundles.builder import with_hef
 from fleet.bundles.calibration import simulated_calibration
 from hailo_standin.fake_hef import make_hef
 from node.inference.backend import BackendOptions
 from node.inference.pipeline import load_model
-from node.model.bundle import Bundle
 from schemas.manifest import HefInfo
 
 

@@ -26,7 +26,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential_jitter
 
-from node.mqtt.connection import BrokerAddress
+from common.mqtt.connection import BrokerAddress
 
 logger = logging.getLogger(__name__)
 

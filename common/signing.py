@@ -23,7 +23,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from node.errors import BundleError
+from common.errors import BundleError
 from schemas.manifest import Manifest, Signature
 from schemas.messages import DesiredModel
 

@@ -101,7 +101,7 @@ class Connection:
 
     def session_settings(self, client_id: str, **extra: Any) -> Any:
         """Settings for an `MqttSession` with this connection's address and credentials."""
-        from node.mqtt.session import SessionSettings  # noqa: PLC0415 (session imports us)
+        from common.mqtt.session import SessionSettings  # noqa: PLC0415 (session imports us)
 
         c = self.credentials
         return SessionSettings(

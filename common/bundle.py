@@ -18,7 +18,7 @@ import orjson
 from numpy.typing import NDArray
 from pydantic import ValidationError
 
-from node.errors import BundleError
+from common.errors import BundleError
 from schemas.errors import describe_validation_error
 from schemas.limits import CHANNELS, LATENT_DIM, WINDOW_LENGTH
 from schemas.manifest import FileEntry, Manifest

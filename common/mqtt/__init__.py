@@ -1,0 +1,1 @@
+"""The MQTT session and connection settings every client of the system uses."""

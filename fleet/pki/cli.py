@@ -1,0 +1,250 @@
+"""`imu-fleet pki`: the argument parser, its help texts, and `main`."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Final
+
+from fleet.pki.certs import LEAF_DAYS
+from fleet.pki.errors import PkiError
+from fleet.pki.registry import Layout, load_site
+from fleet.pki.roles import AUTH_CHOICES, ROLES, username_for
+from fleet.pki.site import (
+    add_client,
+    init_site,
+    issue_server_cert,
+    remove_client,
+    sync_broker_files,
+)
+
+DESCRIPTION = """\
+Certificates, passwords and the ACL of a locked-down site broker (compose/mosquitto-secure.conf).
+
+Usernames are `{role}-{name}`: sensor-{sensor_id}, node-{node_id}, fleet-{name}, dashboard-{name}.
+Roles (the ACL grants nothing else):
+  sensor     publishes imu/{id}/window and imu/{id}/samples; reads nothing
+  node       reads imu/+/window|samples, desired state, artifacts; writes imu/+/motifs and its own
+             fleet/nodes/{id}/status|telemetry|model|errors
+  fleet      writes desired state, artifacts, rollouts, controller presence; reads fleet/#,
+             imu/+/window|samples|motifs and $SYS/#
+  dashboard  reads imu/+/motifs, fleet/nodes/+/status|telemetry|model|errors, fleet/rollouts/#
+
+Logins: machines (sensor, node, fleet) get a certificate whose CN is the username, used on the
+8883 listener (client certificate required). Dashboards get a password, used on 8884 (TLS) or on
+the broker host's 127.0.0.1:1883. `--auth both` gives a client both.
+"""
+
+EPILOG = """\
+examples:
+  # a site: CA, server certificate for the names clients use to reach the broker
+  imu-fleet pki init site/ --site line-3 --host broker.local --host 10.0.0.5
+  # (as root, add --broker-owner 1883:1883: the container's mosquitto user must own its files)
+
+  # clients (each call rewrites site/broker/config/passwd and mosquitto.acl)
+  imu-fleet pki add site/ node pi-0042
+  imu-fleet pki add site/ sensor imu-17
+  imu-fleet pki add site/ fleet controller
+  imu-fleet pki add site/ fleet alice --auth both    # an operator: certificate and password
+  imu-fleet pki add site/ dashboard grafana          # password in clients/*.password
+  imu-fleet pki list site/
+  imu-fleet pki remove site/ dashboard grafana       # revoked: no rights left
+
+  # the broker re-reads passwd and the ACL on SIGHUP (certificates only on restart)
+  docker compose -f compose/docker-compose.yml kill -s HUP mosquitto
+
+  # connect: a machine with its certificate, a person with a password
+  mosquitto_sub -h broker.local -p 8883 --cafile site/clients/ca.crt \\
+      --cert site/clients/node-pi-0042.crt --key site/clients/node-pi-0042.key \\
+      -t 'fleet/models/desired'
+  mosquitto_sub -h broker.local -p 8884 --cafile site/clients/ca.crt -u dashboard-grafana \\
+      -P "$(cat site/clients/dashboard-grafana.password)" -t 'imu/+/motifs'
+
+files: site/ca/ca.key is the site's root of trust (0600; keep it offline once clients are made);
+site/broker/certs -> /mosquitto/certs and site/broker/config -> /mosquitto/config in the container;
+hand a client site/clients/ca.crt and its own USERNAME.crt/.key (or .password), nothing else.
+"""
+
+
+SUBCOMMANDS: Final[dict[str, tuple[str, str]]] = {
+    "init": (
+        "create the site CA and the broker's server certificate",
+        "Create SITE_DIR with the CA (EC P-256), the broker's server certificate (CN = first\n"
+        "--host, every --host a SAN), an empty password file and ACL. Refuses to replace an\n"
+        "existing CA without --force: every certificate it issued would stop working (after\n"
+        "--force, re-run `add` for each client: it re-issues certificates).\n\n"
+        "  sudo imu-fleet pki init site/ --site line-3 --host broker.local \\\n"
+        "      --host 10.0.0.5 --broker-owner 1883:1883",
+    ),
+    "server": (
+        "re-issue the broker's server certificate (new host names, renewal)",
+        "Issue a new server certificate from the site CA, for --host names (default: the hosts\n"
+        "in site.json). mosquitto loads certificates at start-up: restart it afterwards.\n\n"
+        "  imu-fleet pki server site/ --host broker.local --host broker.lan --host 10.0.0.5",
+    ),
+    "add": (
+        "add a client (certificate and/or password) and its ACL block",
+        "Register ROLE-NAME and make what it lacks: certificate + key (CN = ROLE-NAME) in\n"
+        "clients/, a random password in clients/ROLE-NAME.password (0600), its ACL block.\n"
+        "Idempotent: existing credentials are kept unless --renew / --new-password; --auth\n"
+        "only adds a login method. Rewrites broker/config/passwd and mosquitto.acl.\n\n"
+        "  imu-fleet pki add site/ node pi-0042\n"
+        "  imu-fleet pki add site/ fleet alice --auth both\n"
+        "  imu-fleet pki add site/ dashboard grafana --show-password",
+    ),
+    "remove": (
+        "revoke a client: out of the ACL and the password file",
+        "Delete the client's files and drop it from site.json, the password file and the ACL.\n"
+        "Its certificate still completes a TLS handshake (no CRL), but the ACL grants its CN\n"
+        "nothing. Send the broker SIGHUP to apply.\n\n"
+        "  imu-fleet pki remove site/ sensor imu-17",
+    ),
+    "acl": (
+        "rewrite the ACL and the password file from site.json",
+        "Regenerate broker/config/mosquitto.acl and passwd from site.json (after editing it,\n"
+        "or after upgrading this tool's roles).\n\n  imu-fleet pki acl site/",
+    ),
+    "list": ("list the clients, their roles and logins", "  imu-fleet pki list site/"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `imu-fleet pki` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="imu-fleet pki",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands: dict[str, argparse.ArgumentParser] = {}
+    for name, (summary, details) in SUBCOMMANDS.items():
+        commands[name] = sub.add_parser(
+            name,
+            help=summary,
+            description=f"{summary[0].upper()}{summary[1:]}.\n\n{details}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        commands[name].add_argument("site_dir", type=Path, metavar="SITE_DIR")
+    init, server, add = commands["init"], commands["server"], commands["add"]
+    init.add_argument("--site", help="site name (default: the folder's name)")
+    for command in (init, server):
+        command.add_argument(
+            "--host",
+            action="append",
+            metavar="NAME_OR_IP",
+            help="a DNS name or IP address clients use to reach the broker (repeat); default: "
+            + ("localhost and 127.0.0.1" if command is init else "the hosts in site.json"),
+        )
+    init.add_argument(
+        "--broker-owner",
+        metavar="UID:GID",
+        help="owner of the broker's files (1883:1883 in the eclipse-mosquitto image, mosquitto "
+        "on Debian); mosquitto reads them after dropping root. Needs root",
+    )
+    init.add_argument("--force", action="store_true", help="replace an existing CA")
+    for command in (add, commands["remove"]):
+        command.add_argument("role", choices=list(ROLES), metavar="ROLE", help=", ".join(ROLES))
+        command.add_argument("name", metavar="NAME", help="sensor id, node id, or a short name")
+    add.add_argument(
+        "--auth",
+        choices=AUTH_CHOICES,
+        help="login method (default: cert for sensor, node, fleet; password for dashboard)",
+    )
+    add.add_argument("--renew", action="store_true", help="issue a new key and certificate")
+    add.add_argument("--new-password", action="store_true", help="generate a new password")
+    add.add_argument("--days", type=int, default=LEAF_DAYS, help="certificate lifetime in days")
+    add.add_argument(
+        "--show-password",
+        action="store_true",
+        help="print a newly generated password (it is always in the .password file)",
+    )
+    return parser
+
+
+def _say(*lines: str) -> None:
+    """CLI output on stdout."""
+    sys.stdout.write("".join(f"{line}\n" for line in lines))
+
+
+def _run(args: argparse.Namespace) -> None:
+    """Dispatch one parsed command."""
+    root: Path = args.site_dir
+    layout = Layout(root)
+    if args.command == "init":
+        site = init_site(
+            root, site=args.site, hosts=args.host, broker_owner=args.broker_owner, force=args.force
+        )
+        _say(
+            f"site {site.name!r}: CA {layout.ca_cert}",
+            f"server certificate for {', '.join(site.hosts)} in {layout.broker_certs}",
+            f"broker files: {layout.password_file}, {layout.acl_file}",
+            f"next: imu-fleet pki add {root} node NODE_ID",
+        )
+    elif args.command == "server":
+        hosts = issue_server_cert(root, args.host)
+        _say(f"server certificate for {', '.join(hosts)}; restart the broker to load it")
+    elif args.command == "add":
+        _run_add(args, layout)
+    elif args.command == "remove":
+        client = remove_client(root, username_for(args.role, args.name))
+        _say(f"removed {client.username}; send the broker SIGHUP to apply")
+    elif args.command == "acl":
+        for path in sync_broker_files(root):
+            _say(f"wrote {path}")
+    elif args.command == "list":
+        site = load_site(layout)
+        _say(f"site {site.name!r}, broker hosts: {', '.join(site.hosts)}")
+        for client in sorted(site.clients.values(), key=lambda c: (c.role, c.name)):
+            logins = [m for m, on in (("cert", client.cert), ("password", client.password)) if on]
+            _say(f"  {client.username:<40} {client.role:<10} {'+'.join(logins)}")
+
+
+def _run_add(args: argparse.Namespace, layout: Layout) -> None:
+    """`add`: make the client, then say where its credentials are and how to connect."""
+    result = add_client(
+        layout.root,
+        args.role,
+        args.name,
+        auth=args.auth,
+        renew=args.renew,
+        new_password=args.new_password,
+        days=args.days,
+    )
+    client = result.client
+    for path in result.written:
+        _say(f"wrote {path}")
+    if not result.written:
+        _say(f"{client.username} is up to date")
+    broker_files = {layout.password_file, layout.acl_file}
+    ca = layout.clients / "ca.crt"
+    if client.cert:
+        cert, key = (
+            layout.client_file(client.username, "crt"),
+            layout.client_file(client.username, "key"),
+        )
+        _say(f"certificate login (port 8883): --cafile {ca} --cert {cert} --key {key}")
+    if client.password:
+        secret = layout.client_file(client.username, "password")
+        _say(
+            f"password login (port 8884, TLS): --cafile {ca} -u {client.username} "
+            f'-P "$(cat {secret})"'
+        )
+        if args.show_password and result.new_password:
+            _say(f"password: {result.new_password}")
+    if broker_files & set(result.written):
+        _say("send the broker SIGHUP to load the new ACL and password file")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`imu-fleet pki`: returns 0 on success, 1 on a refused request, 2 on bad usage."""
+    args = build_parser().parse_args(argv)
+    try:
+        _run(args)
+    except (PkiError, OSError, subprocess.SubprocessError) as exc:
+        sys.stderr.write(textwrap.fill(f"error: {exc}", width=100) + "\n")
+        return 1
+    return 0
