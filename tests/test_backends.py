@@ -12,7 +12,7 @@ import orjson
 import pytest
 from conftest import NodeFactory, Probe, subprocess_env, unique
 from hailo_standin import faults
-from test_node_e2e import raw_window
+from test_node_e2e import window_json as window
 
 from node.app import NodeApp
 from node.config import load_config
@@ -32,10 +32,6 @@ ONCE = pytest.mark.parametrize("backend", ["hailo"], indirect=True)
 def healthy_device() -> None:
     """Every test starts with a healthy stand-in device."""
     faults.reset()
-
-
-def window(seq: int) -> bytes:
-    return orjson.dumps({"x": raw_window(seq).tolist(), "seq": seq})
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:

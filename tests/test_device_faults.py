@@ -20,6 +20,7 @@ import pytest
 from conftest import NodeFactory, Probe, Received, unique, wait_until
 from hailo_standin import faults
 from test_node_e2e import raw_window
+from test_node_e2e import window_json as window
 
 from common.bundle import Bundle, read_bundle
 from node.app import NodeApp
@@ -42,11 +43,8 @@ HAILO = pytest.mark.parametrize("backend", ["hailo"], indirect=True)
 
 @pytest.fixture(autouse=True)
 def healthy_device() -> None:
+    """Every test starts with a healthy stand-in device."""
     faults.reset()
-
-
-def window(seq: int) -> bytes:
-    return orjson.dumps({"x": raw_window(seq).tolist(), "seq": seq})
 
 
 def onnx_latents(bundle: Bundle, seqs: list[int]) -> np.ndarray:

@@ -31,6 +31,11 @@ def raw_window(seed: int) -> np.ndarray:
     )
 
 
+def window_json(seq: int) -> bytes:
+    """`raw_window(seq)` as the JSON window message a sensor publishes, with its seq."""
+    return orjson.dumps({"x": raw_window(seq).tolist(), "seq": seq})
+
+
 def onnx_reference(bundle: Bundle, window: np.ndarray) -> np.ndarray:
     """ONNX Runtime run directly on the normalised window: what the node must reproduce."""
     norm = bundle.manifest.normalization
