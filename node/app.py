@@ -21,6 +21,7 @@ from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
+import orjson
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
@@ -59,6 +60,22 @@ logger = logging.getLogger(__name__)
 
 NODE_SESSION_EXPIRY_S = 300
 """The broker keeps a node's session, and the windows queued for it, through 5-minute outages."""
+EXIT_WATCHDOG = 70
+"""Exit status when the watchdog cannot free a stuck inference call (EX_SOFTWARE): restart."""
+EXIT_DUPLICATE = 76
+"""Exit status when another process took this node's session (EX_PROTOCOL): do not restart
+(the systemd unit has RestartPreventExitStatus=76), or the two would take it in turns."""
+
+
+def _started_later(status: NodeStatus, started_at: float, instance: str) -> bool:
+    """True when the process behind `status` started after this one (ties: by instance id)."""
+    theirs = status.started_at if status.started_at is not None else status.ts
+    return (theirs, status.instance) > (started_at, instance)
+
+
+def client_id_for(node_id: str) -> str:
+    """The MQTT client id of a node: stable, so a restarted node resumes its session."""
+    return f"imu-node-{node_id}"
 
 
 def software_version() -> str:
@@ -78,18 +95,23 @@ class NodeApp:
         self.config = config
         self.backend_reason = backend_reason
         self.fatal: str | None = None
-        """Why the node must exit non-zero (a call the watchdog could not free), else None."""
+        """Why the node must exit non-zero (a call the watchdog could not free, another process
+        took this node's session over), else None."""
+        self.fatal_status = EXIT_WATCHDOG
+        """The exit status that goes with `fatal`."""
         self.on_fatal: Callable[[], None] = lambda: None
         """Called once when `fatal` is set (the CLI stops and exits non-zero)."""
         self.node_id = config.node_id or default_node_id()
         self.instance = uuid.uuid4().hex[:12]
+        self.started_at = time.time()
         self.metrics = NodeMetrics()
         self._stopped = threading.Event()
         self._conflicts: set[str] = set()
         self._birth_seen = False
         self.session = MqttSession(
             config.connection().session_settings(
-                client_id=f"{self.node_id}-{self.instance[:6]}",
+                client_id=client_id_for(self.node_id),
+                manual_ack=True,
                 keepalive_s=config.keepalive_s,
                 will=(
                     topics.node_status(self.node_id),
@@ -104,7 +126,14 @@ class NodeApp:
         self.reporter = ErrorReporter(
             self.node_id, self._publish_qos1, self.metrics, per_second=config.error_reports_per_s
         )
-        self.ingest = Ingest(self.queue, SampleWindower(config.hop), self.reporter, self.metrics)
+        self.ingest = Ingest(
+            self.queue,
+            SampleWindower(config.hop),
+            self.reporter,
+            self.metrics,
+            ack_later=self.session.ack_later,
+        )
+        self.session.on_taken_over(self._taken_over)
         self.worker = InferenceWorker(
             pipeline,
             self.queue,
@@ -161,6 +190,7 @@ class NodeApp:
             health=self._backend_health,
         )
         self.outbox = Outbox(self.session, self._open_spool())  # opened last: it takes a lock
+        self._seed_from_spool()
         try:
             self.http = self._open_http() if config.http_listen else None
         except ConfigError:
@@ -199,8 +229,12 @@ class NodeApp:
         sys.setswitchinterval(self.config.switch_interval_ms / 1000)
         share = self.config.share_group
         sensors = self.config.sensors
-        self.session.route(topics.window(sensors), self.ingest.on_window, share=share)
-        self.session.route(topics.samples(sensors), self.ingest.on_samples, share=share)
+        self.session.route(
+            topics.window(sensors), self.ingest.on_window, share=share, deferred_ack=True
+        )
+        self.session.route(
+            topics.samples(sensors), self.ingest.on_samples, share=share, deferred_ack=True
+        )
         self.session.route(topics.node_status(self.node_id), self._on_status)
         if self.config.follow_desired:
             self.manager.attach()
@@ -260,8 +294,10 @@ class NodeApp:
 
     # -- publishing -------------------------------------------------------------------------
 
-    def _publish_qos1(self, topic: str, payload: bytes) -> bool:
-        return self.outbox.publish(topic, payload)
+    def _publish_qos1(
+        self, topic: str, payload: bytes, on_safe: Callable[[], None] | None = None
+    ) -> bool:
+        return self.outbox.publish(topic, payload, on_safe)
 
     def _open_http(self) -> NodeHttp:
         # imported only when asked for: prometheus-client and http.server cost memory on a Pi
@@ -320,6 +356,27 @@ class NodeApp:
             return self.config.inference_deadline_ms / 1000
         return auto_deadline_s(pipeline, self.config.max_batch, self.config.hailo_timeout_ms)
 
+    def _seed_from_spool(self) -> None:
+        """Results an earlier run spooled name windows that were served: their re-sent copies
+        (the broker re-sends what that run never acknowledged) are skipped, not run twice."""
+        spool = self.outbox.spool
+        if spool is None or not spool.stats().messages:
+            return
+        seeded = 0
+        for segment in spool.seal():
+            for topic, payload in spool.read(segment):
+                parsed = topics.parse_sensor_topic(topic)
+                if parsed is None or not topic.endswith("/motifs"):
+                    continue
+                try:
+                    seq = orjson.loads(payload).get("seq")
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(seq, int):
+                    self.ingest.seen(parsed.sensor_id, seq)
+                    seeded += 1
+        logger.info("%d spooled results from an earlier run mark their windows as served", seeded)
+
     def _open_spool(self) -> Spool | None:
         if self.config.spool_max_mb == 0:
             return None
@@ -335,6 +392,7 @@ class NodeApp:
                 node_id=self.node_id,
                 instance=self.instance,
                 ts=time.time(),
+                started_at=self.started_at,
                 software_version=software_version(),
                 backend=pipeline.info.name,
                 backend_reason=self.backend_reason,
@@ -382,6 +440,8 @@ class NodeApp:
                 sensor_id=item.sensor_id,
                 seq=item.seq,
             )
+            if item.done is not None:
+                item.done()  # reported: acknowledged, not sent to the backend again forever
 
     # -- backend health -----------------------------------------------------------------------
 
@@ -397,6 +457,27 @@ class NodeApp:
         stats = self.recovery.stats()
         healthy = stats.healthy and not self.watchdog.stalled
         return healthy, stats.rebuilds + stats.fallbacks, self.watchdog.stalls
+
+    def _give_way(self, newer: NodeStatus) -> None:
+        """A process started after this one serves as this node: stop, do not take turns."""
+        reason = (
+            f"a process started later (instance {newer.instance} on host {newer.host}) serves as "
+            f"node {self.node_id}: this one ({self.instance}) stops"
+        )
+        self.session.give_up(reason)
+        self._taken_over(reason)
+
+    def _taken_over(self, reason: str) -> None:
+        """Another process connected with this node's client id: the same node id twice."""
+        message = (
+            f"node {self.node_id}: {reason}. Another process runs with this node id (the other "
+            "one keeps serving); give each node its own node_id"
+        )
+        logger.error("%s", message)
+        if self.fatal is None:
+            self.fatal = message
+            self.fatal_status = EXIT_DUPLICATE
+            self.on_fatal()
 
     def _stalled(self, pipeline: ModelPipeline, elapsed: float, deadline: float) -> None:
         self.reporter.report(
@@ -418,7 +499,13 @@ class NodeApp:
     # -- duplicate node ids -----------------------------------------------------------------
 
     def _on_status(self, message: mqtt.MQTTMessage) -> None:
-        """Watch our own status topic for another live process with our node id."""
+        """Watch our own status topic for another live process with our node id.
+
+        Both processes use the node's one client id, so the broker gives the session to the one
+        that connected last and disconnects the other (which then stops: `_taken_over`). The
+        newcomer finds the other's retained `online` birth (a crash or a clean stop leaves
+        `offline` or `stopped`) and reports it; a birth from another process after ours (one
+        that took our session while we still run) is reported too."""
         try:
             status = NodeStatus.model_validate_json(message.payload)
         except ValidationError:
@@ -426,14 +513,18 @@ class NodeApp:
         if status.instance == self.instance:
             self._birth_seen = True
             return
-        if not self._birth_seen or status.state is not NodeState.ONLINE:
-            return  # retained state from before our birth: a previous run, or a crash
-        if status.instance in self._conflicts:
+        if status.state is not NodeState.ONLINE or status.instance in self._conflicts:
+            return  # a previous run that crashed (offline) or stopped, or known already
+        if self._birth_seen and _started_later(status, self.started_at, self.instance):
+            self._give_way(status)
             return
         self._conflicts.add(status.instance)
+        when = "is online" if self._birth_seen else "was online when this process connected"
         reason = (
-            f"another process (instance {status.instance} on host {status.host}) is online as "
-            f"node {self.node_id}; give each node its own node_id"
+            f"another process (instance {status.instance} on host {status.host}) {when} as "
+            f"node {self.node_id}; the broker keeps one session per node id, so the process that "
+            "connected last serves and the other stops (exit status 76). Give each node its own "
+            "node_id"
         )
         logger.error("duplicate node id: %s", reason)
         self.reporter.report(ErrorKind.DUPLICATE_NODE_ID, reason, topic=message.topic)

@@ -307,24 +307,21 @@ def _run(args: argparse.Namespace) -> int:
     app.start()
     stop.wait()
     if app.fatal is not None:
-        return _exit_for_restart(app, app.fatal)
+        return _exit_for_restart(app, app.fatal, app.fatal_status)
     reason = f"{received[0] if received else 'stop'} received"
     clean = app.stop(reason)
     logger.info("exiting (%s, clean drain: %s)", reason, clean)
     return 0
 
 
-EXIT_WATCHDOG = 70
-"""Exit status when the watchdog cannot free a stuck inference call (EX_SOFTWARE)."""
-
-
-def _exit_for_restart(app: Any, reason: str) -> int:
-    """Stop as cleanly as a stuck thread allows, then exit non-zero for systemd to restart us."""
+def _exit_for_restart(app: Any, reason: str, status: int) -> int:
+    """Stop as cleanly as a stuck thread allows, then exit non-zero (systemd decides on a
+    restart by the status: 70 restarts, 76, a duplicate node id, does not)."""
     stopper = threading.Thread(target=app.stop, args=(reason,), name="stop", daemon=True)
     stopper.start()
     stopper.join(app.config.drain_timeout_s + 5)
-    logger.critical("exiting with status %d for a restart: %s", EXIT_WATCHDOG, reason)
-    return EXIT_WATCHDOG
+    logger.critical("exiting with status %d: %s", status, reason)
+    return int(status)
 
 
 if __name__ == "__main__":

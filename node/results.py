@@ -18,7 +18,8 @@ from node.metrics import NodeMetrics
 from schemas import SCHEMA_VERSION, topics
 from schemas.codec import encode_dict
 
-Publisher = Callable[[str, bytes], bool]
+Publisher = Callable[[str, bytes, "Callable[[], None] | None"], bool]
+"""(topic, payload, on_safe): queue a QoS 1 message; False when it could not be queued."""
 
 
 class ResultPublisher:
@@ -56,7 +57,7 @@ class ResultPublisher:
             if item.reply is not None:
                 replies.append((item.reply, message))
                 continue
-            if self._publish(topics.motifs(item.sensor_id), encode_dict(message)):
+            if self._publish(topics.motifs(item.sensor_id), encode_dict(message), item.done):
                 published += 1
             else:  # memory queue or disk spool full: the broker has been away too long
                 self._metrics.window_dropped("outbox_full")

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import orjson
 import pytest
-from conftest import NodeFactory, Probe, latent_tolerance, unique
+from conftest import NodeFactory, Probe, latent_tolerance, unique, wait_until
 from hailo_standin import faults
 
 from common.bundle import Bundle
@@ -332,12 +332,20 @@ def test_two_nodes_with_one_id_are_reported(
     probe.subscribe(topics.node_errors(node_id))
     first = start_node(node_id=node_id)
     second = start_node(node_id=node_id, spool_dir=tmp_path / "other-machine")
-    reports = probe.wait_for(
-        topics.node_errors(node_id), 2, where=lambda m: m.json()["kind"] == "duplicate_node_id"
-    )
-    reasons = " ".join(r.json()["reason"] for r in reports)
-    assert first.instance in reasons
-    assert second.instance in reasons
+    report = probe.wait_for(
+        topics.node_errors(node_id), where=lambda m: m.json()["kind"] == "duplicate_node_id"
+    )[0].json()
+    assert first.instance in report["reason"]
+    assert "exit status 76" in report["reason"]
+    wait_until(first.session.taken_over.is_set, what="the first process to give way")
+    assert first.fatal is not None
+    assert first.fatal_status == 76
+    wait_until(lambda: second.session.is_connected, what="the newer process to serve")
+    settled = second.session.counters.disconnects  # at most a turn or two before the first gave way
+    time.sleep(1.5)
+    assert second.session.is_connected
+    assert not second.session.taken_over.is_set()
+    assert second.session.counters.disconnects == settled  # no ping-pong
 
 
 def test_shared_subscription_serves_each_window_once(start_node: NodeFactory, probe: Probe) -> None:

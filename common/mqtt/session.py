@@ -11,6 +11,7 @@ wait for every result to reach the broker.
 from __future__ import annotations
 
 import logging
+import random
 import socket
 import ssl
 import threading
@@ -60,6 +61,9 @@ class SessionSettings:
     short outage loses no window. The client id must then be unique to this process."""
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 30.0
+    manual_ack: bool = False
+    """Acknowledge QoS 1 messages only when told (`ack_later`); routes added with
+    `deferred_ack=False` are still acknowledged as soon as their handler returns."""
 
 
 @dataclass(slots=True)
@@ -67,6 +71,17 @@ class _Route:
     subscription: str
     handler: Handler
     qos: int
+
+
+Ack = Callable[[], None]
+"""Acknowledges one received QoS 1 message, once; a no-op after the connection it came on."""
+
+FLAP_S = 5.0
+"""A connection that drops sooner than this after CONNACK counts as a flap: the next attempt
+waits, longer each time (e.g. two processes taking one client id from each other)."""
+
+SESSION_TAKEN_OVER = 142
+"""MQTT 5 DISCONNECT reason: another connection with this client id took the session."""
 
 
 @dataclass
@@ -100,6 +115,13 @@ class MqttSession:
         self._thread: threading.Thread | None = None
         self._unsub_lock = threading.Lock()
         self._unsub_waiters: dict[int, threading.Event] = {}
+        self._generation = 0
+        """Counts successful connections: an acknowledgement is valid only on its own."""
+        self._ack_lock = threading.Lock()
+        self._published_hooks: list[Callable[[], None]] = []
+        self._taken_over_hooks: list[Callable[[str], None]] = []
+        self.taken_over = threading.Event()
+        """Set when another connection took this client id's session over (no reconnect)."""
         self._client = self._make_client()
 
     @property
@@ -120,17 +142,33 @@ class MqttSession:
         """Also call `hook` on the network thread after every connection (after resubscribing)."""
         self._connect_hooks.append(hook)
 
+    def on_published(self, hook: Callable[[], None]) -> None:
+        """Also call `hook` on the network thread after each PUBACK (keep it quick)."""
+        self._published_hooks.append(hook)
+
+    def on_taken_over(self, hook: Callable[[str], None]) -> None:
+        """Call `hook(reason)` when another connection takes this client id's session over."""
+        self._taken_over_hooks.append(hook)
+
     def route(
-        self, topic_filter: str, handler: Handler, *, qos: int = 1, share: str | None = None
+        self,
+        topic_filter: str,
+        handler: Handler,
+        *,
+        qos: int = 1,
+        share: str | None = None,
+        deferred_ack: bool = False,
     ) -> None:
         """Deliver messages matching `topic_filter` to `handler` (subscribed on every connect).
 
         With `share`, the subscription is `$share/{share}/{topic_filter}` (MQTT 5 load sharing);
-        messages still arrive on their real topics.
+        messages still arrive on their real topics. With `manual_ack` sessions and
+        `deferred_ack`, the handler takes the acknowledgement over (`ack_later`); otherwise the
+        message is acknowledged when the handler returns.
         """
         subscription = f"$share/{share}/{topic_filter}" if share else topic_filter
         self._routes.append(_Route(subscription, handler, qos))
-        self._client.message_callback_add(topic_filter, self._isolated(handler))
+        self._client.message_callback_add(topic_filter, self._isolated(handler, deferred_ack))
         if self.is_connected:
             self._client.subscribe(subscription, qos=qos)
 
@@ -239,7 +277,12 @@ class MqttSession:
 
     def _run(self) -> None:
         first = True
+        flaps = 0
         while not self._stop.is_set():
+            if flaps:  # the last connection dropped soon after it began: do not hammer
+                pause = min(self.settings.backoff_max_s, self.settings.backoff_initial_s * 2**flaps)
+                if self._stop.wait(pause * (0.5 + random.random())):
+                    return
             try:
                 for attempt in Retrying(
                     wait=wait_exponential_jitter(
@@ -257,7 +300,9 @@ class MqttSession:
             except (OSError, ConnectRefusedError, TimeoutError):
                 return  # stop requested while retrying
             first = False
+            began = time.monotonic()
             self._pump()
+            flaps = flaps + 1 if time.monotonic() - began < FLAP_S else 0
 
     def _connect_once(self, *, first: bool) -> None:
         self._connack.clear()
@@ -268,9 +313,10 @@ class MqttSession:
             if self.protocol_is_v5 and self.settings.session_expiry_s:
                 properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                 properties.SessionExpiryInterval = self.settings.session_expiry_s
-                # Client ids are unique per process, so there is no old session to resume; but
+                # Resume what the broker kept for this client id (a node's id is stable per
+                # node, so a restarted node gets the windows queued while it was down); and
                 # mosquitto (2.0) only saves a session begun with clean start 0 across its own
-                # restart, and with it the QoS 1 messages queued for us.
+                # restart, with the QoS 1 messages queued for us.
                 clean_start = False
             self._client.connect(
                 address.host,
@@ -327,6 +373,7 @@ class MqttSession:
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
             clean_session=None if v5 else True,
             reconnect_on_failure=False,
+            manual_ack=s.manual_ack,
         )
         client.max_queued_messages_set(s.max_pending_publishes)
         if s.username is not None:
@@ -363,6 +410,8 @@ class MqttSession:
             return
         self.counters.connects += 1
         self.counters.connected_since = time.time()
+        with self._ack_lock:
+            self._generation += 1
         for route in self._routes:
             client.subscribe(route.subscription, qos=route.qos)
         self._connected.set()
@@ -379,6 +428,22 @@ class MqttSession:
         self._connected.clear()
         self.counters.disconnects += 1
         self.counters.connected_since = None
+        if getattr(code, "value", None) == SESSION_TAKEN_OVER and not self._stop.is_set():
+            reason = (
+                f"another connection took over the session of client id "
+                f"{self.settings.client_id!r} (MQTT 5 reason 142): not reconnecting, so that the "
+                "two never take it from each other in a loop"
+            )
+            self.counters.last_error = reason
+            logger.error("%s", reason)
+            self.taken_over.set()
+            self._stop.set()
+            for hook in self._taken_over_hooks:
+                try:
+                    hook(reason)
+                except Exception:
+                    logger.exception("on_taken_over hook failed")
+            return
         if not self._stop.is_set():
             self.counters.last_error = f"disconnected: {code}"
             logger.warning("disconnected from %s: %s", self.settings.address, code)
@@ -387,6 +452,11 @@ class MqttSession:
         self, client: mqtt.Client, userdata: Any, mid: int, code: ReasonCode, properties: Any
     ) -> None:
         self._settle(1)
+        for hook in self._published_hooks:
+            try:
+                hook()
+            except Exception:
+                logger.exception("on_published hook failed")
 
     def _handle_unsubscribe(
         self, client: mqtt.Client, userdata: Any, mid: int, codes: Any, properties: Any
@@ -401,12 +471,52 @@ class MqttSession:
             self._pending -= count
             self._pending_cv.notify_all()  # wait_published and wait_settled re-check
 
-    def _isolated(self, handler: Handler) -> Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]:
+    def give_up(self, reason: str) -> None:
+        """Stop reconnecting and drop the connection, for good: another process owns this
+        client id's session (`taken_over` is set; `on_taken_over` hooks are not called)."""
+        self.counters.last_error = reason
+        self.taken_over.set()
+        self._stop.set()
+        self._client.disconnect()
+
+    def ack_later(self, message: mqtt.MQTTMessage) -> Ack:
+        """The acknowledgement of `message`, to send when its work is safely done.
+
+        Valid only on the connection the message arrived on: after a reconnect the broker
+        re-sends what was not acknowledged (DUP), and that copy has its own acknowledgement."""
+        if not self.settings.manual_ack or message.qos == 0:
+            return _no_ack
+        generation, mid, qos = self._generation, message.mid, message.qos
+        sent = False
+
+        def ack() -> None:
+            nonlocal sent
+            with self._ack_lock:
+                if sent or generation != self._generation or not self.is_connected:
+                    sent = True
+                    return
+                sent = True
+            self._client.ack(mid, qos)
+
+        return ack
+
+    def _isolated(
+        self, handler: Handler, deferred_ack: bool = False
+    ) -> Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]:
+        auto_ack = self.settings.manual_ack and not deferred_ack
+
         def call(client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
             try:
                 handler(message)
             except Exception:
                 self.counters.handler_errors += 1
                 logger.exception("handler for %s failed", message.topic)
+            finally:
+                if auto_ack and message.qos > 0:
+                    client.ack(message.mid, message.qos)
 
         return call
+
+
+def _no_ack() -> None:
+    """Nothing to acknowledge (QoS 0, or a session that acknowledges by itself)."""

@@ -45,6 +45,9 @@ class WorkItem:
     """`time.perf_counter_ns()` when the message arrived."""
     reply: Future[dict[str, Any]] | None = None
     """Set for a window from `POST /infer`: the result goes here instead of to MQTT."""
+    done: Callable[[], None] | None = None
+    """Called once the window's fate is safe: its result acknowledged by the broker or on disk,
+    or its failure reported. Releases the sensor message's acknowledgement (node/ingest/acks.py)."""
 
 
 _STOP = WorkItem("", None, None, None, np.empty((0, 0), np.float32), 0)

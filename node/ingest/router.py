@@ -4,10 +4,14 @@ Runs on the MQTT network thread, so it only decodes, validates, windows and enqu
 per JSON window). Every rejection goes to the errors topic with its reason and the node keeps
 serving; a full queue drops the newest window and says so.
 
-After a reconnect the broker re-sends, with the DUP flag, QoS 1 messages whose acknowledgement it
-never got. A redelivered window (or sample run) whose seq this node has already taken is skipped
-and counted (telemetry `redelivered`), so a broker restart runs no window twice. Binary frames
-carry no seq and cannot be told apart: a re-sent one is served again.
+Each message's acknowledgement (PUBACK) is held until its windows are safely done
+(node/ingest/acks.py): a node that crashes leaves them with the broker, which delivers them again
+to the restarted node. After a reconnect or a restart the broker re-sends, with the DUP flag,
+QoS 1 messages whose acknowledgement it never got. A redelivered window (or sample run) whose seq
+this node has already taken is skipped and counted (telemetry `redelivered`), so it does not run
+twice; it is acknowledged with (or, when done, right after) the original. A binary frame carries
+its seq in the MQTT 5 user property `seq` (docs/topics.md); one without cannot be told apart, and a
+re-sent one is served again.
 """
 
 from __future__ import annotations
@@ -15,10 +19,14 @@ from __future__ import annotations
 import logging
 import queue
 import time
+from collections import deque
+from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 
+from common.mqtt.session import Ack
 from node.inference.worker import WorkItem
+from node.ingest.acks import AckLedger
 from node.ingest.windower import Discontinuity, SampleWindower
 from node.metrics import NodeMetrics
 from node.reporting import ErrorReporter
@@ -27,6 +35,9 @@ from schemas.messages import ErrorKind
 from schemas.topics import is_valid_id, parse_sensor_topic
 
 logger = logging.getLogger(__name__)
+
+FULL_WAIT_S = 1.0
+"""How long a window waits for room in a full queue before it is dropped (and reported)."""
 
 
 class Ingest:
@@ -38,13 +49,25 @@ class Ingest:
         windower: SampleWindower,
         reporter: ErrorReporter,
         metrics: NodeMetrics,
+        *,
+        ack_later: Callable[[mqtt.MQTTMessage], Ack] | None = None,
+        full_wait_s: float = FULL_WAIT_S,
     ) -> None:
         self._queue = work
         self._windower = windower
         self._reporter = reporter
         self._metrics = metrics
+        self._ack_later = ack_later or (lambda _message: _acked_already)
+        self._full_wait_s = full_wait_s
+        self.acks = AckLedger()
         self._last_window_seq: dict[str, int] = {}
+        self._taken: dict[str, _Recent] = {}
         self._closed = False
+
+    def seen(self, sensor_id: str, seq: int) -> None:
+        """Window `seq` of `sensor_id` was served by an earlier run (its result is spooled):
+        a re-sent copy is skipped, not run twice."""
+        self._taken.setdefault(sensor_id, _Recent()).add(seq)
 
     def close(self) -> None:
         """Refuse (and count) anything that still arrives while the node shuts down."""
@@ -53,38 +76,52 @@ class Ingest:
     def on_window(self, message: mqtt.MQTTMessage) -> None:
         """Handle one `imu/{sensor_id}/window` message."""
         received = time.perf_counter_ns()
+        ack = self._ack_later(message)
         sensor_id = self._sensor_id(message)
         if sensor_id is None:
+            ack()  # reported: acknowledged, or the broker would send it again forever
             return
         payload = bytes(message.payload)
         try:
             window = decode_any_window(payload, _content_type(message))
         except InputRejectedError as exc:
             self._reject(exc, message.topic, sensor_id)
+            ack()
             return
-        if window.seq is not None:
-            last = self._last_window_seq.get(sensor_id)
-            if message.dup and last is not None and window.seq <= last:
+        seq = window.seq if window.seq is not None else _user_seq(message)
+        if seq is not None:
+            taken = self._taken.setdefault(sensor_id, _Recent())
+            if message.dup and seq in taken:  # the broker's copy of one this node has
                 self._metrics.window_redelivered()
+                self.acks.duplicate_window(sensor_id, seq, ack)
                 return
-            self._check_window_seq(sensor_id, window.seq, message.topic)
-        self._enqueue(WorkItem(sensor_id, window.seq, window.t0, None, window.x, received))
+            taken.add(seq)
+            self._check_window_seq(sensor_id, seq, message.topic)
+        done = self.acks.window(sensor_id, seq, ack)
+        self._enqueue(WorkItem(sensor_id, seq, window.t0, None, window.x, received, done=done))
 
     def on_samples(self, message: mqtt.MQTTMessage) -> None:
         """Handle one `imu/{sensor_id}/samples` message."""
         received = time.perf_counter_ns()
+        ack = self._ack_later(message)
         sensor_id = self._sensor_id(message)
         if sensor_id is None:
+            ack()
             return
         try:
             run = decode_samples(bytes(message.payload))
         except InputRejectedError as exc:
             self._reject(exc, message.topic, sensor_id)
+            ack()
             return
+        end = run.seq + len(run.samples)
         if message.dup and self._windower.has_taken(sensor_id, run.seq, len(run.samples)):
             self._metrics.window_redelivered()
+            self.acks.samples(sensor_id, end, ack, restarted=False)
+            self.acks.advanced(sensor_id, self._windower.next_start(sensor_id))
             return
         windows, event = self._windower.add(sensor_id, run.samples, run.seq, run.t0, run.rate_hz)
+        self.acks.samples(sensor_id, end, ack, restarted=event is not None)
         if event is not None:
             if event.kind is Discontinuity.GAP:
                 kind = ErrorKind.SEQUENCE_GAP
@@ -102,7 +139,9 @@ class Ingest:
                 kind, reason, topic=message.topic, sensor_id=sensor_id, seq=run.seq
             )
         for cut in windows:
-            self._enqueue(WorkItem(sensor_id, cut.seq, cut.t0, cut.t1, cut.x, received))
+            done = self.acks.cut(sensor_id, cut.seq)
+            self._enqueue(WorkItem(sensor_id, cut.seq, cut.t0, cut.t1, cut.x, received, done=done))
+        self.acks.advanced(sensor_id, self._windower.next_start(sensor_id))
 
     def _sensor_id(self, message: mqtt.MQTTMessage) -> str | None:
         parsed = parse_sensor_topic(message.topic)
@@ -142,7 +181,7 @@ class Ingest:
         self._reporter.report(exc.kind, exc.reason, topic=topic, sensor_id=sensor_id)
 
     def _enqueue(self, item: WorkItem) -> None:
-        if self._closed:
+        if self._closed:  # not acknowledged: the broker keeps it for the node's next run
             self._metrics.window_dropped("shutting_down")
             self._reporter.report(
                 ErrorKind.SHUTTING_DOWN,
@@ -152,19 +191,57 @@ class Ingest:
             )
             return
         try:
-            self._queue.put_nowait(item)
+            # a full queue holds the network thread back (TCP back-pressure: the broker keeps
+            # what the node has not taken) for a moment before anything is dropped
+            self._queue.put(item, timeout=self._full_wait_s)
         except queue.Full:
             self._metrics.window_dropped("queue_full")
             self._reporter.report(
                 ErrorKind.QUEUE_FULL,
-                f"node over capacity: window dropped (queue of {self._queue.maxsize} full). "
+                f"node over capacity: window dropped (queue of {self._queue.maxsize} full for "
+                f"{self._full_wait_s:g} s). "
                 "Lower the input rate, raise queue_size, or add nodes with a share group",
                 topic=None,
                 sensor_id=item.sensor_id,
                 seq=item.seq,
             )
+            if item.done is not None:
+                item.done()  # dropped and reported: acknowledged, not left to come back
             return
         self._metrics.window_accepted()
+
+
+class _Recent:
+    """The window seqs a sensor's last `size` windows had (what a re-sent copy can repeat)."""
+
+    def __init__(self, size: int = 8192) -> None:
+        self._order: deque[int] = deque()
+        self._seqs: set[int] = set()
+        self._size = size
+
+    def __contains__(self, seq: int) -> bool:
+        return seq in self._seqs
+
+    def add(self, seq: int) -> None:
+        if seq in self._seqs:
+            return
+        self._order.append(seq)
+        self._seqs.add(seq)
+        if len(self._order) > self._size:
+            self._seqs.discard(self._order.popleft())
+
+
+def _acked_already() -> None:
+    """The acknowledgement of a session that acknowledges by itself."""
+
+
+def _user_seq(message: mqtt.MQTTMessage) -> int | None:
+    """A binary frame's seq, from its MQTT 5 user property `seq` (a decimal integer)."""
+    properties = getattr(message, "properties", None)
+    for name, value in getattr(properties, "UserProperty", None) or []:
+        if name == "seq" and value.isdigit() and len(value) <= 19:
+            return int(value)
+    return None
 
 
 def _content_type(message: mqtt.MQTTMessage) -> str | None:

@@ -6,6 +6,10 @@ instead of paho's memory, so an outage longer than memory allows, or a node rest
 loses nothing. After every connection a replay thread publishes the spool oldest first, a
 bounded number in flight at a time, and deletes each segment once all of it is acknowledged.
 Replayed messages can arrive after newer ones: consumers order by `seq`/`ts`, as always.
+
+A message published with `on_safe` calls it once it is safe: acknowledged by the broker, or
+written to the spool. The node acknowledges a sensor window only then, so a crash at any point
+leaves the window unacknowledged and the broker delivers it again to the restarted node.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from node.mqtt.spool import Spool, SpoolStats
 logger = logging.getLogger(__name__)
 
 REPLAY_IN_FLIGHT = 200
-"""Replayed messages handed to paho and not yet acknowledged, at most."""
+"""Replayed messages handed to paho and not yet acknowledged, at most (and at most half of
+paho's own limit, so that live results always find room beside the replay)."""
 REPLAY_ACK_TIMEOUT_S = 30.0
 
 
@@ -35,6 +40,11 @@ class Outbox:
     def __init__(self, session: MqttSession, spool: Spool | None) -> None:
         self.session = session
         self.spool = spool
+        pending = session.settings.max_pending_publishes
+        self.replay_in_flight = max(1, min(REPLAY_IN_FLIGHT, pending // 2))
+        self._awaiting: deque[tuple[mqtt.MQTTMessageInfo, Callable[[], None]]] = deque()
+        self._awaiting_lock = threading.Lock()
+        session.on_published(self._release)
         self.spooled = 0
         """Messages written to the spool since start."""
         self.replayed = 0
@@ -44,16 +54,61 @@ class Outbox:
         self._thread: threading.Thread | None = None
         session.on_connected(self._wake.set)
 
-    def publish(self, topic: str, payload: bytes) -> bool:
-        """Queue one QoS 1 message; False when neither paho nor the spool could take it."""
-        if self.spool is None:
-            return self.session.publish(topic, payload, qos=1)
-        if self.session.is_connected and self.session.publish(topic, payload, qos=1):
-            return True  # else offline, or paho's memory queue is full (a link dying unnoticed)
+    def publish(
+        self, topic: str, payload: bytes, on_safe: Callable[[], None] | None = None
+    ) -> bool:
+        """Queue one QoS 1 message; False when neither paho nor the spool could take it.
+
+        `on_safe` is called once the message is safe (broker acknowledgement, or on disk)."""
+        if self.spool is None or self.session.is_connected:
+            info = self.session.publish_message(topic, payload, qos=1)
+            if info is not None:  # paho holds it until the broker acknowledges it
+                if on_safe is not None:
+                    self._await(info, on_safe)
+                return True
+            if self.spool is None:
+                return False
+            # paho's memory queue is full (a link dying unnoticed): to disk
         if self.spool.append(topic, payload):
             self.spooled += 1
+            if on_safe is not None:
+                on_safe()
             return True
         return False
+
+    def awaiting(self) -> int:
+        """Messages published with `on_safe` and not yet acknowledged."""
+        with self._awaiting_lock:
+            return len(self._awaiting)
+
+    def _await(self, info: mqtt.MQTTMessageInfo, on_safe: Callable[[], None]) -> None:
+        with self._awaiting_lock:  # never held while calling into paho (its locks call us)
+            self._awaiting.append((info, on_safe))
+        self._release()
+
+    def _release(self) -> None:
+        """Call `on_safe` of every acknowledged message at the front (PUBACKs come in order)."""
+        ready = []
+        with self._awaiting_lock:
+            while self._awaiting and self._awaiting[0][0].is_published():
+                ready.append(self._awaiting.popleft()[1])
+        for on_safe in ready:
+            try:
+                on_safe()
+            except Exception:
+                logger.exception("on_safe callback failed")
+
+    def _sweep(self) -> None:
+        """Release acknowledged messages behind an unacknowledged one (a PUBACK out of order,
+        or one that came before the message was registered)."""
+        ready: list[tuple[mqtt.MQTTMessageInfo, Callable[[], None]]] = []
+        with self._awaiting_lock:
+            kept: deque[tuple[mqtt.MQTTMessageInfo, Callable[[], None]]] = deque()
+            for info, on_safe in self._awaiting:
+                (ready if info.is_published() else kept).append((info, on_safe))
+            self._awaiting = kept
+        for _, on_safe in ready:
+            on_safe()
 
     def stats(self) -> SpoolStats | None:
         """What the spool holds (None without a spool)."""
@@ -61,8 +116,6 @@ class Outbox:
 
     def start(self) -> None:
         """Start the replay thread (a spool left by an earlier run is replayed too)."""
-        if self.spool is None:
-            return
         self._thread = threading.Thread(target=self._run, name="spool-replay", daemon=True)
         self._thread.start()
 
@@ -79,6 +132,7 @@ class Outbox:
         while not self._stop.is_set():
             self._wake.wait(1.0)
             self._wake.clear()
+            self._sweep()
             if self.spool is None or not self.session.is_connected:
                 continue
             if self.spool.stats().messages == 0:
@@ -102,7 +156,7 @@ class Outbox:
         unacked: deque[mqtt.MQTTMessageInfo] = deque()
         count = 0
         for topic, payload in spool.read(segment):
-            if not self._wait(lambda: _in_flight(unacked) < REPLAY_IN_FLIGHT):
+            if not self._wait(lambda: _in_flight(unacked) < self.replay_in_flight):
                 return None
             info = self.session.publish_message(topic, payload, qos=1)
             if info is None or info.rc != mqtt.MQTT_ERR_SUCCESS:
