@@ -78,6 +78,24 @@ def scoped(
     return sign_desired(body, key) if key is not None else body
 
 
+def cleared() -> DesiredModel:
+    """A clear, to issue (`scoped`) for the topic it clears: nodes with a trust key take only
+    signed clears, never an empty retained message."""
+    return DesiredModel(
+        name="cleared",
+        version="0.0.0",
+        bundle_sha256="0" * 64,
+        bundle_size=0,
+        cleared=True,
+        issued_at=time.time(),
+    )
+
+
+def clear_payload(level: str, target: str = "", key: Ed25519PrivateKey | None = None) -> bytes:
+    """What clears one level: a signed clear with a key, else an empty retained message."""
+    return encode(scoped(cleared(), level, target, key)) if key is not None else b""
+
+
 def publish_desired(
     session: MqttSession,
     desired: DesiredModel | None,
@@ -85,6 +103,10 @@ def publish_desired(
     target: str = "",
     key: Ed25519PrivateKey | None = None,
 ) -> bool:
-    """Set (retained, issued now for this topic) or clear (empty retained) one level."""
-    payload = encode(scoped(desired, level, target, key)) if desired is not None else b""
+    """Set (retained, issued now for this topic) or clear one level (a signed clear with a key,
+    else an empty retained message)."""
+    if desired is None:
+        payload = clear_payload(level, target, key)
+    else:
+        payload = encode(scoped(desired, level, target, key))
     return session.publish(desired_topic(level, target), payload, retain=True)

@@ -85,6 +85,13 @@ def publish_bundle(
         if not session.wait_published(timeout_s):
             msg = f"the broker did not acknowledge every chunk within {timeout_s:.0f} s"
             raise BundleError(msg)
+        if session.counters.publish_refused:
+            msg = (
+                f"the broker refused {session.counters.publish_refused} of the {len(chunks) + 1} "
+                f"messages of {name} {version} ({session.counters.last_error}): publish with a "
+                "fleet identity (docs/security.md)"
+            )
+            raise BundleError(msg)
     finally:
         session.stop()
     logger.info(

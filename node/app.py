@@ -426,6 +426,7 @@ class NodeApp:
     def _results_ready(
         self, batch: list[WorkItem], result: BatchResult, pipeline: ModelPipeline
     ) -> None:
+        self.recovery.served()
         self._results(batch, result, pipeline)
 
     def _inference_failed(self, batch: list[WorkItem], exc: Exception) -> None:

@@ -161,6 +161,11 @@ class _Listener:
             if isinstance(body.get("temperature_c"), int | float):
                 self.board_temp.append(float(body["temperature_c"]))
 
+    def last_result(self) -> float | None:
+        """When the last result arrived (monotonic), if any did."""
+        with self._lock:
+            return max(self.got_at.values(), default=None)
+
     def sending(self, key: tuple[str, int]) -> None:
         with self._lock:
             self.sent_at[key] = time.monotonic()
@@ -169,11 +174,15 @@ class _Listener:
         with self._lock:
             return len(self.sent_at), len(self.got_at)
 
-    def recent_latencies(self) -> list[float]:
+    def latencies_ms(self) -> list[float]:
+        """Publish -> result of every window answered so far."""
         with self._lock:
             return [
                 (self.got_at[k] - self.sent_at[k]) * 1000 for k in self.got_at if k in self.sent_at
-            ][-500:]
+            ]
+
+    def recent_latencies(self) -> list[float]:
+        return self.latencies_ms()[-500:]
 
 
 Progress = Callable[[float, int, int, list[float]], None]
@@ -204,10 +213,11 @@ def run_check(plan: CheckPlan, targets: Targets, progress: Progress | None = Non
             raise ConnectionError(msg)
         started = _drive(session, plan, sensors, listener, progress)
         _wait_for_results(plan, listener, progress)
-        finished = max(listener.got_at.values(), default=time.monotonic())
     finally:
         session.stop()
-    return _judge(listener, targets, seconds=finished - started)
+    finished = listener.last_result() or time.monotonic()
+    # over at least the planned time: a short run's burst is not a sustained rate
+    return _judge(listener, targets, seconds=max(finished - started, plan.duration_s))
 
 
 def _window_rows(variant: int) -> bytes:
@@ -272,11 +282,7 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 def _judge(listener: _Listener, targets: Targets, *, seconds: float) -> CheckReport:
     sent, got = listener.counts()
-    latencies = [
-        (listener.got_at[k] - listener.sent_at[k]) * 1000
-        for k in listener.got_at
-        if k in listener.sent_at
-    ]
+    latencies = listener.latencies_ms()
     report = CheckReport(
         sent=sent,
         results=got,

@@ -153,6 +153,11 @@ class NodeStatus(_Outbound):
     node_id: str
     instance: str = Field(description="Random id of this process run (tells two nodes apart)")
     ts: Timestamp
+    started_at: Timestamp | None = Field(
+        default=None,
+        description="When this process started: of two live processes with one node id, the "
+        "one started last serves and the other stops",
+    )
     software_version: str | None = None
     backend: str | None = None
     backend_reason: str | None = Field(
@@ -357,6 +362,12 @@ class DesiredModel(_Outbound):
     )
     target: str | None = Field(
         default=None, description="The group name or node id of that topic (none for fleet)"
+    )
+    cleared: bool = Field(
+        default=False,
+        description="A signed clear: this scope sets no model any more and the node follows the "
+        "next less specific one (name, version and hash are then placeholders). Nodes with a "
+        "trust key take only signed clears; others also take an empty retained message",
     )
     signature: str | None = Field(default=None, description="Base64 Ed25519 signature")
     key_id: str | None = None

@@ -21,10 +21,10 @@ from conftest import NodeFactory, Probe, unique
 from test_node_e2e import raw_window
 
 from common.bundle import read_bundle
-from common.signing import generate_keys, load_private_key
+from common.signing import generate_keys, load_private_key, sign_desired
 from fleet.bundles.builder import sign_bundle
 from fleet.bundles.reference import build_reference_bundle
-from fleet.desired import desired_for, desired_topic, scoped
+from fleet.desired import cleared, desired_for, desired_topic, scoped
 from fleet.distribution import publish_bundle
 from node.app import NodeApp
 from node.local_broker import LocalBroker
@@ -79,6 +79,12 @@ def issue(
     target = {"node": app.node_id, "group": app.config.group, "fleet": ""}[level]
     key = load_private_key(keys / "fleet.key") if keys is not None else None
     return scoped(desired_for(bundle).model_copy(update=kw), level, target, key)
+
+
+def signed_clear(app: NodeApp, keys: Path, level: str = "node") -> DesiredModel:
+    """A clear of one of `app`'s levels, issued now and signed by the fleet."""
+    target = {"node": app.node_id, "group": app.config.group, "fleet": ""}[level]
+    return scoped(cleared(), level, target, load_private_key(keys / "fleet.key"))
 
 
 def put(
@@ -141,7 +147,7 @@ def test_an_unsigned_desired_state_is_refused_and_a_pin_cannot_freeze_the_node(
     assert state["following"]["scope"] == "group"  # the pin did not take
     assert state["following"]["key_id"] is not None
     assert serves(probe, sensor, 1) == "1.1.0"
-    put(probe, app, b"", level="group")
+    put(probe, app, signed_clear(app, keys, "group"))
 
 
 def test_a_replayed_older_signed_desired_state_is_refused(
@@ -170,12 +176,12 @@ def test_a_replay_after_the_pin_was_cleared_is_refused(
     put(probe, app, rollback)
     active(probe, app, "1.0.0")
     time.sleep(0.05)
-    put(probe, app, b"")  # the operator clears the pin: back to the group's 1.1.0
+    put(probe, app, signed_clear(app, keys))  # the operator clears the pin: back to 1.1.0
     assert active(probe, app, "1.1.0", count=2)["following"]["scope"] == "group"
     put(probe, app, rollback)  # replayed: would downgrade the node again
     assert "saw it cleared" in refusal(probe, app, "a replayed or stale message")["reason"]
     assert serves(probe, sensor, 3) == "1.1.0"
-    put(probe, app, b"", level="group")
+    put(probe, app, signed_clear(app, keys, "group"))
 
 
 def test_a_message_moved_to_another_topic_is_refused(
@@ -386,10 +392,53 @@ def test_imu_fleet_nodes_shows_who_pinned_whom_and_the_drift(
     row = next(line for line in done.stdout.splitlines() if line.startswith(app.node_id))
     assert "node: 1.1.0" in row  # the pin is visible, and it is what the node runs
     assert row.rstrip().endswith("-")
-    put(probe, app, b"")  # unpin: the node follows its group
+    put(probe, app, signed_clear(app, keys))  # unpin: the node follows its group
     state = active(probe, app, "1.2.0")
     assert (state["following"]["scope"], state["following"]["target"]) == (
         "group",
         app.config.group,
     )
-    put(probe, app, b"", level="group")
+    put(probe, app, signed_clear(app, keys, "group"))
+
+
+def test_an_unsigned_clear_cannot_undo_a_signed_pin(
+    strict: tuple[NodeApp, str], probe: Probe, signed: dict[str, Path], keys: Path
+) -> None:
+    """A rollback pin holds a node back from a bad group version: an empty retained message
+    (anyone who can publish there) must not release it."""
+    app, sensor = strict
+    put(probe, app, issue(app, signed["1.2.0"], keys, level="group"))
+    active(probe, app, "1.2.0")
+    put(probe, app, issue(app, signed["1.1.0"], keys, rollback=True))
+    active(probe, app, "1.1.0")
+    put(probe, app, b"")
+    refusal(probe, app, "an unsigned clear (empty message) of the node")
+    assert serves(probe, sensor, 10) == "1.1.0"
+    future = issue(app, signed["1.2.0"], keys).model_copy(update={"signature": None})
+    key = load_private_key(keys / "fleet.key")
+    ahead = scoped(future, "node", app.node_id, key).model_copy()
+    ahead = sign_desired(ahead.model_copy(update={"issued_at": time.time() + 86400}), key)
+    put(probe, app, ahead)  # a controller a day ahead would block this scope for a day
+    refusal(probe, app, "more than an hour ahead of this node's clock")
+    put(probe, app, signed_clear(app, keys, "group"))
+
+
+def test_a_fifo_inside_the_root_cannot_hold_the_manager(
+    start_node: NodeFactory, probe: Probe, signed: dict[str, Path], keys: Path, tmp_path: Path
+) -> None:
+    import os
+
+    from node.model.fetch import FetchError, cache_path
+
+    root = tmp_path / "bundles"
+    root.mkdir()
+    os.mkfifo(root / "pipe.tar")
+    app = start_node(model=signed["1.0.0"], trust_key=keys / "fleet.pub", file_url_root=root,
+                     cache_dir=tmp_path / "cache")  # fmt: skip
+    probe.subscribe(topics.node_model(app.node_id))
+    started = time.monotonic()
+    put(probe, app, issue(app, signed["1.1.0"], keys, url=(root / "pipe.tar").as_uri()))
+    model_failure(probe, app, "is not a regular file")
+    assert time.monotonic() - started < 10
+    with pytest.raises(FetchError, match="not a valid name"):
+        cache_path(tmp_path, "../../etc", "1.0.0", "0" * 64)

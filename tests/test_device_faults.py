@@ -304,3 +304,34 @@ def test_a_call_that_ignores_its_abort_makes_the_node_exit_for_a_restart(
     finally:
         stuck.release.set()
         app.stop()
+
+
+def test_closing_a_backend_with_a_stuck_call_returns_within_seconds(
+    hailo_bundle_path: Path,
+) -> None:
+    """SIGTERM during a hung call: close() aborts the call instead of waiting on it."""
+    from node.inference.hailo_backend import CLOSE_WAIT_S, HailoBackend
+
+    bundle = read_bundle(hailo_bundle_path)
+    backend = HailoBackend(bundle, BackendOptions(timeout_ms=30_000))
+    faults.set_faults(hang_after_frames=0, hang_until="never")
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            backend.infer(np.zeros((1, 100, 9), np.float32))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    time.sleep(0.3)  # the call is now waiting on the hung chip
+    started = time.monotonic()
+    backend.close()
+    took = time.monotonic() - started
+    thread.join(5)
+    print(f"\nclose() with a hung call took {took:.2f} s")
+    assert took < 2 * CLOSE_WAIT_S + 1
+    assert not thread.is_alive()
+    assert errors
+    assert isinstance(errors[0], BackendError)

@@ -119,11 +119,29 @@ def test_connection_settings_are_checked_before_anything_starts(tmp_path: Path) 
         load_config(broker="mqtt://h:1883", ca_file=tmp_path / "ca.pem")
     with pytest.raises(ConfigError, match="cannot read the password from"):
         load_config(password_file=tmp_path / "missing")
-    with pytest.raises(ConfigError, match="carries credentials"):
+    with pytest.raises(ConfigError, match="carries credentials") as raised:
         load_config(broker="mqtt://user:secret@h:1883")
+    assert "secret" not in str(raised.value)
     os.environ["IMU_NODE_PASSWORD"] = "from-env"
     try:
         with pytest.raises(ConfigError, match="either in password_file or in the environment"):
             load_config(password_file=tmp_path / "p")
     finally:
         del os.environ["IMU_NODE_PASSWORD"]
+
+
+def test_a_publish_the_broker_refuses_is_a_failure_not_a_success(
+    broker: SecureBroker,  # noqa: F811
+    reference_bundle_path: Path,
+) -> None:
+    """A dashboard identity may not write artifacts: PUBACK 135, and the CLI says so."""
+    env = {**subprocess_env("onnx"), "IMU_FLEET_PASSWORD": broker.password("dashboard-d1")}
+    done = subprocess.run(
+        [sys.executable, "-m", "fleet.cli", "publish", str(reference_bundle_path),
+         "--broker", f"mqtts://localhost:{broker.ports['8884']}",
+         "--ca-file", str(broker.site.ca_cert), "--username", "dashboard-d1"],
+        capture_output=True, text=True, timeout=60, env=env, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "the broker refused" in done.stderr
+    assert "Not authorized" in done.stderr

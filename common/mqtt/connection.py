@@ -50,9 +50,9 @@ class BrokerAddress:
             msg = f"broker URL {url!r} must look like mqtt://HOST:PORT or mqtts://HOST:PORT"
             raise ValueError(msg)
         if parts.username or parts.password:
-            msg = (
-                f"broker URL {url!r} carries credentials: use username and password_file (or "
-                "the *_PASSWORD environment variable) instead"
+            msg = (  # without the URL: it holds a secret
+                f"the broker URL for {parts.hostname} carries credentials: use username and "
+                "password_file (or the *_PASSWORD environment variable) instead"
             )
             raise ValueError(msg)
         tls = parts.scheme in {"mqtts", "ssl"}

@@ -91,6 +91,9 @@ class SessionCounters:
     connects: int = 0
     disconnects: int = 0
     publish_dropped: int = 0
+    publish_refused: int = 0
+    """QoS 1 publishes the broker acknowledged with a failure reason (e.g. 135, not
+    authorized by its ACL): delivered nowhere."""
     handler_errors: int = 0
     last_error: str | None = None
     connected_since: float | None = field(default=None)
@@ -451,6 +454,17 @@ class MqttSession:
     def _handle_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, code: ReasonCode, properties: Any
     ) -> None:
+        if getattr(code, "is_failure", False):
+            self.counters.publish_refused += 1
+            self.counters.last_error = f"publish refused by the broker: {code}"
+            if self.counters.publish_refused in {1, 10, 100} or not (
+                self.counters.publish_refused % 1000
+            ):
+                logger.error(
+                    "the broker refused %d publishes so far (%s): check this client's ACL",
+                    self.counters.publish_refused,
+                    code,
+                )
         self._settle(1)
         for hook in self._published_hooks:
             try:

@@ -26,7 +26,7 @@ from pathlib import Path
 from common.mqtt.connection import Connection
 from common.mqtt.session import MqttSession
 from common.signing import load_private_key, sign_desired
-from fleet.desired import desired_topic, scoped
+from fleet.desired import clear_payload, desired_topic, scoped
 from fleet.rollout.presence import Presence, presence_session
 from fleet.rollout.records import RolloutBook, superseded
 from fleet.rollout.view import FleetView, NodeView
@@ -326,7 +326,8 @@ class Controller:
             retain=True,
         )
         for node_id in record.nodes:
-            self.session.publish(desired_topic("node", node_id), b"", retain=True)
+            clear = clear_payload("node", node_id, self._sign_key)
+            self.session.publish(desired_topic("node", node_id), clear, retain=True)
         record = record.model_copy(update={"state": RolloutState.SUCCEEDED})
         return self._save(record, f"succeeded: {level} desired is now {record.desired.version}")
 
@@ -337,8 +338,8 @@ class Controller:
                 continue
             if outcome.previous is not None:
                 payload = encode(scoped(outcome.previous, "node", node_id, self._sign_key))
-            else:
-                payload = b""  # nothing known to restore: drop the override
+            else:  # nothing known to restore: drop the override
+                payload = clear_payload("node", node_id, self._sign_key)
             self.session.publish(desired_topic("node", node_id), payload, retain=True)
             nodes[node_id] = outcome.model_copy(update={"state": NodeRolloutState.ROLLED_BACK})
         update = {"nodes": nodes, "state": state, "reason": f"{reason}; moved nodes rolled back"}

@@ -178,8 +178,13 @@ class _Server(ThreadingHTTPServer):
         return sock, address
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that fails its TLS handshake or drops the line is not worth a traceback."""
-        logger.debug("http request from %s failed: %s", client_address, sys.exc_info()[1])
+        """A client that fails its TLS handshake or drops the line is not worth a traceback;
+        anything else is a bug and is logged with one."""
+        error = sys.exc_info()[1]
+        if isinstance(error, ssl.SSLError | ConnectionError | TimeoutError):
+            logger.debug("http request from %s failed: %s", client_address, error)
+        else:
+            logger.error("http request from %s failed", client_address, exc_info=error)
 
 
 class _Server6(_Server):

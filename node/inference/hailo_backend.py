@@ -50,6 +50,8 @@ INSTALL_HINT = (
     "install HailoRT 4.x on the Pi (`sudo apt install hailo-all`, then reboot) and create the "
     "venv with --system-site-packages so `import hailo_platform` works (docs/hardware.md)"
 )
+CLOSE_WAIT_S = 2.0
+"""close(): how long to wait for a call in progress before aborting it, and again after."""
 VDEVICE_GROUP = "imu-node"
 """group_id of every VDevice this process opens (so a swap can hold two models on one chip)."""
 TIMEOUT = 4
@@ -379,8 +381,16 @@ class HailoBackend(InferenceBackend):
         )
 
     def close(self) -> None:
-        """Shut the pipeline down and release the device (idempotent)."""
-        with self._lock:
+        """Shut the pipeline down and release the device (idempotent). A call stuck on the
+        device is aborted first, so closing never waits on it for more than a few seconds."""
+        if not self._lock.acquire(timeout=CLOSE_WAIT_S):
+            self.abort()  # makes the stuck call return
+            if not self._lock.acquire(timeout=CLOSE_WAIT_S):
+                logger.error("a Hailo call does not return; releasing the device under it")
+                self._closed = True
+                self._release_vdevice()
+                return
+        try:
             if self._closed:
                 return
             self._closed = True
@@ -389,6 +399,8 @@ class HailoBackend(InferenceBackend):
             except Exception:
                 logger.warning("Hailo pipeline shutdown failed", exc_info=True)
             self._release_vdevice()
+        finally:
+            self._lock.release()
 
     def _release_vdevice(self) -> None:
         try:

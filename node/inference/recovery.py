@@ -86,6 +86,20 @@ class BackendRecovery:
         with self._lock:
             return self._down_since is None
 
+    def served(self) -> None:
+        """A batch succeeded: the backend serves (clears an outage however it ended, e.g. a hot
+        swap that replaced the failed pipeline, or a retry that worked)."""
+        if self._down_since is None:  # the common case, without the lock
+            return
+        with self._lock:
+            if self._down_since is None:
+                return
+            self._last_downtime = round(self._clock() - self._down_since, 3)
+            self._down_since = None
+            self._backoff = BACKOFF_FIRST_S
+            self._next_attempt = 0.0
+        logger.info("backend serving again after %.2f s", self._last_downtime)
+
     def stats(self) -> RecoveryStats:
         """Counters and the current outage."""
         with self._lock:

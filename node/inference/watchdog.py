@@ -105,7 +105,9 @@ class InferenceWatchdog:
                 deadline,
             )
             self._on_stall(pipeline, elapsed, deadline)
-            pipeline.backend.abort()
+            busy_now = self._busy()
+            if busy_now is not None and _key(busy_now) == key:  # still that call: abort it
+                pipeline.backend.abort()
         elif elapsed > 2 * deadline and self._stalled_call == key and self._stuck_call != key:
             self._stuck_call = key
             logger.critical(

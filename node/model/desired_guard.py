@@ -12,7 +12,12 @@ names for update systems:
   does not forget; an older message there is a replay and is refused. The same message again
   (a retained redelivery on reconnect) is not a replay;
 - **freeze**: messages can carry `expires_at`; an expired one is refused, so a captured message
-  cannot be replayed after its time.
+  cannot be replayed after its time;
+- **clears** are orders too: with a trust key only a signed clear (`cleared: true`, dated by the
+  fleet) counts, never an empty retained message; without one, an empty message clears and is
+  dated by the node's clock;
+- a message dated more than an hour ahead of the node's clock is refused (a controller with a
+  wrong clock would otherwise block that scope for everything issued before that date).
 
 A refused message changes nothing: the node keeps following what it followed before. The
 reason goes to the errors topic (kind `desired_refused`).
@@ -38,6 +43,9 @@ from schemas.messages import DesiredModel
 
 logger = logging.getLogger(__name__)
 
+MAX_AHEAD_S = 3600.0
+"""A message issued further in the future than this (by the node's clock) is refused."""
+
 
 class DesiredRefusedError(NodeError):
     """A desired-state message the node will not act on; the reason says why."""
@@ -59,9 +67,11 @@ class Scope:
         return f"{self.level} {self.target}" if self.target else self.level
 
 
-def digest(desired: DesiredModel) -> str:
-    """A message's identity (what a retained redelivery repeats exactly)."""
-    return hashlib.sha256(desired.model_dump_json().encode()).hexdigest()[:16]
+def digest(desired: DesiredModel, raw: bytes | None = None) -> str:
+    """A message's identity: its bytes as received (what a retained redelivery repeats exactly,
+    whatever this node's version of the schema makes of them), else its serialisation."""
+    body = raw if raw is not None else desired.model_dump_json().encode()
+    return hashlib.sha256(body).hexdigest()[:16]
 
 
 class DesiredGuard:
@@ -77,20 +87,31 @@ class DesiredGuard:
         self._file = state_file
         self._clock = clock
         self._lock = threading.Lock()
-        self._seen: dict[str, dict[str, float | str | None]] = self._load()
+        self._seen: dict[str, dict[str, float | str | bool | None]] = self._load()
 
-    def admit(self, scope: Scope, desired: DesiredModel | None) -> DesiredModel | None:
-        """The message to follow on `scope` (None: the scope was cleared), or raise why not."""
+    def admit(
+        self, scope: Scope, desired: DesiredModel | None, raw: bytes | None = None
+    ) -> DesiredModel | None:
+        """The message to follow on `scope` (None: the scope was cleared), or raise why not.
+
+        `raw` is the message as received (its identity for a retained redelivery)."""
         with self._lock:
-            if desired is None:
+            if desired is None:  # an empty retained message
+                if self._trust is not None:
+                    msg = (
+                        f"an unsigned clear (empty message) of the {scope} desired state: this "
+                        "node acts only on signed desired states; clear it with a signed clear "
+                        "(imu-fleet does when given --sign-key)"
+                    )
+                    raise DesiredRefusedError(msg)
                 self._remember(scope, self._clock(), None)
                 return None
             self._check_signature(desired)
             self._check_scope(scope, desired)
             self._check_expiry(desired)
-            self._check_fresh(scope, desired)
-            self._remember(scope, desired.issued_at, digest(desired))
-            return desired
+            self._check_fresh(scope, desired, raw)
+            self._remember(scope, desired.issued_at, digest(desired, raw), desired.cleared)
+            return None if desired.cleared else desired
 
     def _check_signature(self, desired: DesiredModel) -> None:
         if self._trust is None:
@@ -131,16 +152,23 @@ class DesiredGuard:
             )
             raise DesiredRefusedError(msg)
 
-    def _check_fresh(self, scope: Scope, desired: DesiredModel) -> None:
+    def _check_fresh(self, scope: Scope, desired: DesiredModel, raw: bytes | None) -> None:
+        if desired.issued_at > self._clock() + MAX_AHEAD_S:
+            msg = (
+                f"desired state for {desired.name} {desired.version} was issued at "
+                f"{_iso(desired.issued_at)}, more than an hour ahead of this node's clock: "
+                "check the clocks of the fleet controller and the node (NTP)"
+            )
+            raise DesiredRefusedError(msg)
         seen = self._seen.get(scope.key)
         if seen is None:
             return
         newest = float(seen["issued_at"] or 0.0)
         if desired.issued_at > newest:
             return
-        if desired.issued_at == newest and seen.get("digest") == digest(desired):
+        if desired.issued_at == newest and seen.get("digest") == digest(desired, raw):
             return  # the same message again: a retained redelivery
-        what = "saw it cleared" if seen.get("digest") is None else "followed one issued"
+        what = "saw it cleared" if seen.get("cleared", True) else "followed one issued"
         msg = (
             f"desired state for {desired.name} {desired.version} on {scope} was issued at "
             f"{_iso(desired.issued_at)}, but this node already {what} at {_iso(newest)} there: "
@@ -148,14 +176,20 @@ class DesiredGuard:
         )
         raise DesiredRefusedError(msg)
 
-    def _remember(self, scope: Scope, issued_at: float, message_digest: str | None) -> None:
+    def _remember(
+        self, scope: Scope, issued_at: float, message_digest: str | None, cleared: bool = True
+    ) -> None:
         seen = self._seen.get(scope.key)
         if seen is not None and float(seen["issued_at"] or 0.0) > issued_at:
             return
-        self._seen[scope.key] = {"issued_at": issued_at, "digest": message_digest}
+        self._seen[scope.key] = {
+            "issued_at": issued_at,
+            "digest": message_digest,
+            "cleared": cleared,
+        }
         self._save()
 
-    def _load(self) -> dict[str, dict[str, float | str | None]]:
+    def _load(self) -> dict[str, dict[str, float | str | bool | None]]:
         if self._file is None or not self._file.exists():
             return {}
         try:

@@ -34,7 +34,9 @@ from common.bundle import sha256_hex
 from common.mqtt.session import MqttSession
 from node.errors import BundleError
 from schemas import topics
+from schemas.manifest import SEMVER
 from schemas.messages import ArtifactManifest, DesiredModel
+from schemas.topics import is_valid_id
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +61,20 @@ class FetchPolicy:
 
 
 def cache_path(cache_dir: Path, name: str, version: str, sha256: str) -> Path:
-    """Where a verified bundle lives in the node's cache."""
+    """Where a verified bundle lives in the node's cache (names that could leave it: refused)."""
+    if not is_valid_id(name) or not SEMVER.match(version) or name in {".", ".."}:
+        msg = f"bundle name {name!r} / version {version!r} is not a valid name and semver"
+        raise FetchError(msg)
     return cache_dir / f"{name}-{version}-{sha256[:12]}.tar"
+
+
+def redact(url: str) -> str:
+    """`url` without credentials or query (it goes to logs and the errors topic)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def add_to_cache(cache_dir: Path, name: str, version: str, data: bytes) -> Path:
@@ -116,23 +130,24 @@ def _check(data: bytes, desired: DesiredModel) -> None:
 def _from_url(url: str, size: int, policy: FetchPolicy) -> bytes:
     """The bytes at `url`, refused past `size` bytes or the policy's limits."""
     parts = urllib.parse.urlsplit(url)
+    shown = redact(url)
     if parts.scheme == "file":
-        with _open_file(url, Path(urllib.parse.unquote(parts.path)), policy) as handle:
-            return _read_bounded(handle, url, size, policy.total_timeout_s)
+        with _open_file(shown, Path(urllib.parse.unquote(parts.path)), policy) as handle:
+            return _read_bounded(handle, shown, size, policy.total_timeout_s)
     if parts.scheme not in {"http", "https"}:
-        msg = f"unsupported bundle URL {url!r} (http://, https://, or file:// where allowed)"
+        msg = f"unsupported bundle URL {shown!r} (http://, https://, or file:// where allowed)"
         raise FetchError(msg)
     try:
         response = urllib.request.urlopen(url, timeout=policy.connect_timeout_s)  # noqa: S310
     except OSError as exc:
-        msg = f"cannot download {url}: {exc}"
+        msg = f"cannot download {shown}: {type(exc).__name__}"
         raise FetchError(msg) from exc
     with response:
         declared = response.headers.get("Content-Length")
         if declared is not None and declared.isdigit() and int(declared) > size:
-            msg = f"{url} announces {declared} bytes; the desired state names {size}"
+            msg = f"{shown} announces {declared} bytes; the desired state names {size}"
             raise FetchError(msg)
-        return _read_bounded(response, url, size, policy.total_timeout_s)
+        return _read_bounded(response, shown, size, policy.total_timeout_s)
 
 
 def _open_file(url: str, path: Path, policy: FetchPolicy) -> BinaryIO:
@@ -147,16 +162,17 @@ def _open_file(url: str, path: Path, policy: FetchPolicy) -> BinaryIO:
     if not real.is_relative_to(root):
         msg = f"{url} is outside this node's file_url_root {root}"
         raise FetchError(msg)
-    try:
-        handle = real.open("rb")
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-            handle.close()
-            msg = f"{url} is not a regular file"
-            raise FetchError(msg)
+    try:  # O_NONBLOCK: a FIFO or a device cannot hold the open; then only regular files pass
+        descriptor = os.open(real, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         msg = f"cannot read {url}: {exc.strerror}"
         raise FetchError(msg) from exc
-    return handle
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        msg = f"{url} is not a regular file"
+        raise FetchError(msg)
+    os.set_blocking(descriptor, True)
+    return os.fdopen(descriptor, "rb")
 
 
 def _read_bounded(source: BinaryIO, url: str, size: int, total_timeout_s: float) -> bytes:
@@ -265,6 +281,13 @@ class _ArtifactCollector:
             if manifest.bundle_size > self._max_bytes:
                 self._fail(f"artifact of {manifest.bundle_size} bytes exceeds {self._max_bytes}")
                 return
+            needed = -(-manifest.bundle_size // manifest.chunk_size)  # chunks of chunk_size
+            if len(manifest.chunks) != max(needed, 1):
+                self._fail(
+                    f"the artifact manifest lists {len(manifest.chunks)} chunks; "
+                    f"{manifest.bundle_size} bytes in chunks of {manifest.chunk_size} need {needed}"
+                )
+                return
             self._manifest = manifest
             self._have_manifest.set()
 
@@ -278,6 +301,7 @@ class _ArtifactCollector:
                 or not part.isdigit()
                 or int(part) >= len(manifest.chunks)
                 or int(part) in self._chunks
+                or len(payload) > manifest.chunk_size  # memory: never past the bundle's size
                 or sha256_hex(payload) != manifest.chunks[int(part)]
             ):
                 self.dropped += 1

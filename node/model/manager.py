@@ -190,7 +190,7 @@ class ModelManager:
                     self._reporter.report(ErrorKind.INVALID, reason, topic=topic)
                     return
             try:
-                desired = self._guard.admit(self._scope(level), desired)
+                desired = self._guard.admit(self._scope(level), desired, bytes(message.payload))
             except DesiredRefusedError as exc:
                 logger.error("desired state on %s refused: %s", topic, exc)
                 self._reporter.report(ErrorKind.DESIRED_REFUSED, str(exc), topic=topic)
