@@ -44,6 +44,7 @@ from node.mqtt.outbox import Outbox
 from node.mqtt.spool import Spool
 from node.reporting import ErrorReporter
 from node.results import ResultPublisher
+from node.supervisor import Supervisor, Watched
 from node.telemetry import TelemetryLoop
 from schemas import topics
 from schemas.codec import encode
@@ -62,6 +63,8 @@ NODE_SESSION_EXPIRY_S = 300
 """The broker keeps a node's session, and the windows queued for it, through 5-minute outages."""
 EXIT_WATCHDOG = 70
 """Exit status when the watchdog cannot free a stuck inference call (EX_SOFTWARE): restart."""
+STALL_S = 30.0
+"""Windows waiting and none finished for this long (no backend call running) is a stall."""
 EXIT_DUPLICATE = 76
 """Exit status when another process took this node's session (EX_PROTOCOL): do not restart
 (the systemd unit has RestartPreventExitStatus=76), or the two would take it in turns."""
@@ -191,6 +194,19 @@ class NodeApp:
         )
         self.outbox = Outbox(self.session, self._open_spool())  # opened last: it takes a lock
         self._seed_from_spool()
+        self.supervisor = Supervisor(
+            [
+                Watched("MQTT network", self.session.is_alive),
+                Watched("inference worker", self.worker.is_alive),
+                Watched("inference watchdog", self.watchdog.is_alive),
+                Watched("model manager", self.manager.is_alive),
+                Watched("result outbox", self.outbox.is_alive),
+                Watched("telemetry", self.telemetry.is_alive),
+            ],
+            self._progress,
+            stall_s=STALL_S,
+            on_failure=self._supervision_failed,
+        )
         try:
             self.http = self._open_http() if config.http_listen else None
         except ConfigError:
@@ -245,6 +261,8 @@ class NodeApp:
         self.session.start()
         if self.http is not None:
             self.http.start()
+            self.supervisor.watch(Watched("HTTP", self.http.is_alive))
+        self.supervisor.start()
         pipeline = self.worker.pipeline
         logger.info(
             "node %s starting: broker %s, model %s %s on %s, hop %d, queue %d",
@@ -262,6 +280,7 @@ class NodeApp:
         if self._stopped.is_set():
             return True
         self._stopped.set()
+        self.supervisor.stop()
         if self.http is not None:
             self.http.stop()
         self.manager.stop()
@@ -347,6 +366,7 @@ class NodeApp:
             "serving": self.worker.is_alive() and not self._stopped.is_set(),
             "backend_healthy": self.recovery.healthy and not self.watchdog.stalled,
             "model_manager": self.manager.is_alive(),
+            "supervised": self.supervisor.healthy,
             "queue_has_room": self.queue.qsize() < self.queue.maxsize,
         }
 
@@ -458,6 +478,19 @@ class NodeApp:
         stats = self.recovery.stats()
         healthy = stats.healthy and not self.watchdog.stalled
         return healthy, stats.rebuilds + stats.fallbacks, self.watchdog.stalls
+
+    def _progress(self) -> tuple[int, int, bool]:
+        """(windows waiting, windows finished or given up so far, a backend call running)."""
+        _, done, _, dropped, _ = self.metrics.totals()
+        return self.queue.qsize(), done + sum(dropped.values()), self.worker.busy() is not None
+
+    def _supervision_failed(self, reason: str) -> None:
+        """A thread died or work stalled: report, then exit 70 for systemd to restart us."""
+        self.reporter.report(ErrorKind.WATCHDOG, f"{reason}; exiting for a restart")
+        if self.fatal is None:
+            self.fatal = reason
+            self.fatal_status = EXIT_WATCHDOG
+            self.on_fatal()
 
     def _give_way(self, newer: NodeStatus) -> None:
         """A process started after this one serves as this node: stop, do not take turns."""

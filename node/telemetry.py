@@ -85,6 +85,10 @@ class TelemetryLoop:
         """Start publishing."""
         self._thread.start()
 
+    def is_alive(self) -> bool:
+        """True while the telemetry thread runs (or before it was started)."""
+        return not self._thread.ident or self._thread.is_alive()
+
     def stop(self) -> None:
         """Stop publishing (returns within a second)."""
         self._stop.set()

@@ -139,6 +139,7 @@ def test_health_and_readiness(served: NodeApp, backend: str) -> None:
             "serving": True,
             "backend_healthy": True,
             "model_manager": True,
+            "supervised": True,
             "queue_has_room": True,
         },
     }

@@ -137,6 +137,11 @@ class MqttSession:
         """True between a successful CONNACK and the next disconnect."""
         return self._connected.is_set()
 
+    def is_alive(self) -> bool:
+        """True while the network thread runs (or before it was started, or after `stop`/
+        `give_up` ended it on purpose)."""
+        return self._thread is None or self._thread.is_alive() or self._stop.is_set()
+
     def wait_connected(self, timeout: float) -> bool:
         """Block until connected (or timeout); True when connected."""
         return self._connected.wait(timeout)

@@ -92,6 +92,10 @@ class NodeHttp:
         self._thread.start()
         logger.info("http on %s:%d (/healthz /readyz /metrics POST /infer)", *self.address)
 
+    def is_alive(self) -> bool:
+        """True while the HTTP thread serves (or before it was started, or after `stop`)."""
+        return not self._thread.ident or self._thread.is_alive() or self.closing
+
     def stop(self) -> None:
         """Stop answering and close the socket."""
         self.closing = True

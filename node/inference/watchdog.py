@@ -74,6 +74,10 @@ class InferenceWatchdog:
         """Start watching."""
         self._thread.start()
 
+    def is_alive(self) -> bool:
+        """True while the watchdog thread runs (or before it was started)."""
+        return not self._thread.ident or self._thread.is_alive()
+
     def stop(self) -> None:
         """Stop watching (returns within a tick)."""
         self._stop.set()

@@ -119,6 +119,10 @@ class Outbox:
         self._thread = threading.Thread(target=self._run, name="spool-replay", daemon=True)
         self._thread.start()
 
+    def is_alive(self) -> bool:
+        """True while the replay thread runs (or before it was started)."""
+        return self._thread is None or self._thread.is_alive()
+
     def stop(self) -> None:
         """Stop replaying and close the spool (what is left stays for the next run)."""
         self._stop.set()
