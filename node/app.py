@@ -40,6 +40,7 @@ from node.ingest.windower import SampleWindower
 from node.metrics import NodeMetrics
 from node.model.fetch import FetchPolicy
 from node.model.manager import ManagerSettings, ModelManager
+from node.mqtt.journal import Journal
 from node.mqtt.outbox import Outbox
 from node.mqtt.spool import Spool
 from node.reporting import ErrorReporter
@@ -192,8 +193,11 @@ class NodeApp:
             spool=lambda: self.outbox.stats(),  # noqa: PLW0108 (outbox is made below)
             health=self._backend_health,
         )
-        self.outbox = Outbox(self.session, self._open_spool())  # opened last: it takes a lock
+        spool = self._open_spool()  # opened last: it takes a lock
+        journal = Journal(spool.folder / "inflight") if spool is not None else None
+        self.outbox = Outbox(self.session, spool, journal)
         self._seed_from_spool()
+        self._resume_journal()
         self.supervisor = Supervisor(
             [
                 Watched("MQTT network", self.session.is_alive),
@@ -376,6 +380,30 @@ class NodeApp:
             return self.config.inference_deadline_ms / 1000
         return auto_deadline_s(pipeline, self.config.max_batch, self.config.hailo_timeout_ms)
 
+    def _resume_journal(self) -> None:
+        """Results an earlier run had in flight: publish them again (to the spool until the
+        broker is back) and mark their windows served, so their re-sent copies do not run."""
+        journal = self.outbox.journal
+        if journal is None:
+            return
+        for topic, payload in journal.leftovers():
+            self._mark_served(topic, payload)
+            self.outbox.publish(topic, payload)
+
+    def _mark_served(self, topic: str, payload: bytes) -> bool:
+        """If `payload` is a result on `topic`, mark its window as served; True if it was."""
+        parsed = topics.parse_sensor_topic(topic)
+        if parsed is None or not topic.endswith("/motifs"):
+            return False
+        try:
+            seq = orjson.loads(payload).get("seq")
+        except orjson.JSONDecodeError:
+            return False
+        if not isinstance(seq, int):
+            return False
+        self.ingest.seen(parsed.sensor_id, seq)
+        return True
+
     def _seed_from_spool(self) -> None:
         """Results an earlier run spooled name windows that were served: their re-sent copies
         (the broker re-sends what that run never acknowledged) are skipped, not run twice."""
@@ -385,16 +413,7 @@ class NodeApp:
         seeded = 0
         for segment in spool.seal():
             for topic, payload in spool.read(segment):
-                parsed = topics.parse_sensor_topic(topic)
-                if parsed is None or not topic.endswith("/motifs"):
-                    continue
-                try:
-                    seq = orjson.loads(payload).get("seq")
-                except orjson.JSONDecodeError:
-                    continue
-                if isinstance(seq, int):
-                    self.ingest.seen(parsed.sensor_id, seq)
-                    seeded += 1
+                seeded += self._mark_served(topic, payload)
         logger.info("%d spooled results from an earlier run mark their windows as served", seeded)
 
     def _open_spool(self) -> Spool | None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 from common.mqtt.session import MqttSession
+from node.mqtt.journal import Journal
 from node.mqtt.spool import Spool, SpoolStats
 
 logger = logging.getLogger(__name__)
@@ -37,9 +38,14 @@ REPLAY_ACK_TIMEOUT_S = 30.0
 class Outbox:
     """Publishes QoS 1 messages through a session, spooling them while it is offline."""
 
-    def __init__(self, session: MqttSession, spool: Spool | None) -> None:
+    def __init__(
+        self, session: MqttSession, spool: Spool | None, journal: Journal | None = None
+    ) -> None:
         self.session = session
         self.spool = spool
+        self.journal = journal
+        """Where results in flight (those published with `on_safe`) wait on disk for their
+        PUBACK (node/mqtt/journal.py)."""
         pending = session.settings.max_pending_publishes
         self.replay_in_flight = max(1, min(REPLAY_IN_FLIGHT, pending // 2))
         self._awaiting: deque[tuple[mqtt.MQTTMessageInfo, Callable[[], None]]] = deque()
@@ -61,11 +67,16 @@ class Outbox:
 
         `on_safe` is called once the message is safe (broker acknowledgement, or on disk)."""
         if self.spool is None or self.session.is_connected:
+            settle = None
+            if on_safe is not None and self.journal is not None:
+                settle = self.journal.append(topic, payload)  # on disk before paho has it
             info = self.session.publish_message(topic, payload, qos=1)
             if info is not None:  # paho holds it until the broker acknowledges it
                 if on_safe is not None:
-                    self._await(info, on_safe)
+                    self._await(info, _both(settle, on_safe))
                 return True
+            if settle is not None:
+                settle()  # never went out: not in flight
             if self.spool is None:
                 return False
             # paho's memory queue is full (a link dying unnoticed): to disk
@@ -131,6 +142,8 @@ class Outbox:
             self._thread.join(10)
         if self.spool is not None:
             self.spool.close()
+        if self.journal is not None:
+            self.journal.close()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -181,6 +194,18 @@ class Outbox:
                 return False
             self.session.wait_settled(0.05)  # woken by the next acknowledgement
         return True
+
+
+def _both(first: Callable[[], None] | None, then: Callable[[], None]) -> Callable[[], None]:
+    """`first` (when there is one), then `then`."""
+    if first is None:
+        return then
+
+    def call() -> None:
+        first()
+        then()
+
+    return call
 
 
 def _in_flight(unacked: deque[mqtt.MQTTMessageInfo]) -> int:

@@ -169,6 +169,19 @@ def spooled_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob(f"*{SEGMENT_SUFFIX}"))
 
 
+def encode_record(topic: str, payload: bytes) -> bytes:
+    """One record as segments hold it: crc32, lengths, topic, payload."""
+    encoded = topic.encode()
+    return (
+        _HEADER.pack(zlib.crc32(encoded + payload), len(encoded), len(payload)) + encoded + payload
+    )
+
+
+def read_records(path: Path) -> Iterator[tuple[str, bytes]]:
+    """The whole records of a segment file, in order (a torn last one is left out)."""
+    return _records(path)
+
+
 def _records(path: Path) -> Iterator[tuple[str, bytes]]:
     data = path.read_bytes()
     offset = 0
