@@ -61,6 +61,8 @@ class ResultPublisher:
                 published += 1
             else:  # memory queue or disk spool full: the broker has been away too long
                 self._metrics.window_dropped("outbox_full")
+                if item.done is not None:
+                    item.done()  # counted as dropped: its acknowledgement must not stay held
         self._metrics.batch_done(len(batch), latencies, published)
         for reply, message in replies:  # after counting: a caller may scrape /metrics next
             reply.set_result(message)

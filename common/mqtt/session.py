@@ -121,7 +121,7 @@ class MqttSession:
         self._generation = 0
         """Counts successful connections: an acknowledgement is valid only on its own."""
         self._ack_lock = threading.Lock()
-        self._published_hooks: list[Callable[[], None]] = []
+        self._published_hooks: list[Callable[[int], None]] = []
         self._taken_over_hooks: list[Callable[[str], None]] = []
         self.taken_over = threading.Event()
         """Set when another connection took this client id's session over (no reconnect)."""
@@ -150,8 +150,8 @@ class MqttSession:
         """Also call `hook` on the network thread after every connection (after resubscribing)."""
         self._connect_hooks.append(hook)
 
-    def on_published(self, hook: Callable[[], None]) -> None:
-        """Also call `hook` on the network thread after each PUBACK (keep it quick)."""
+    def on_published(self, hook: Callable[[int], None]) -> None:
+        """Also call `hook(mid)` on the network thread after each PUBACK (keep it quick)."""
         self._published_hooks.append(hook)
 
     def on_taken_over(self, hook: Callable[[str], None]) -> None:
@@ -277,9 +277,18 @@ class MqttSession:
             properties.SessionExpiryInterval = 0
         try:
             self._client.disconnect(properties=properties)
+            self._flush()  # the network thread is gone: write the DISCONNECT ourselves
         except (OSError, ValueError):  # socket already gone
             logger.debug("disconnect on a closed socket")
         self._connected.clear()
+
+    def _flush(self) -> None:
+        """Write what paho has queued (only when the network thread is not writing)."""
+        for _ in range(100):
+            if not self._client.want_write():
+                return
+            if self._client.loop_write() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return
 
     # -- network thread -------------------------------------------------------------------
 
@@ -310,6 +319,9 @@ class MqttSession:
             first = False
             began = time.monotonic()
             self._pump()
+            if self.taken_over.is_set():
+                self._flush()
+                return
             flaps = flaps + 1 if time.monotonic() - began < FLAP_S else 0
 
     def _connect_once(self, *, first: bool) -> None:
@@ -399,6 +411,11 @@ class MqttSession:
         client.on_disconnect = self._handle_disconnect
         client.on_publish = self._handle_publish
         client.on_socket_open = self._handle_socket_open
+        # Only the network thread writes to the socket: a publish from another thread queues
+        # the packet and wakes the loop (paho's external-loop mode), instead of writing itself
+        # while holding paho's message lock (two threads on one socket; a lock-order deadlock
+        # with callbacks that publish).
+        client.on_socket_register_write = _loop_writes
         client.on_unsubscribe = self._handle_unsubscribe
         return client
 
@@ -473,7 +490,7 @@ class MqttSession:
         self._settle(1)
         for hook in self._published_hooks:
             try:
-                hook()
+                hook(mid)
             except Exception:
                 logger.exception("on_published hook failed")
 
@@ -496,7 +513,9 @@ class MqttSession:
         self.counters.last_error = reason
         self.taken_over.set()
         self._stop.set()
-        self._client.disconnect()
+        self._client.disconnect()  # a clean DISCONNECT (no will: the other process serves),
+        # written by the network thread as it leaves `_pump` (not here: this may run inside a
+        # paho callback, where writing would deadlock on paho's callback lock)
 
     def ack_later(self, message: mqtt.MQTTMessage) -> Ack:
         """The acknowledgement of `message`, to send when its work is safely done.
@@ -535,6 +554,10 @@ class MqttSession:
                     client.ack(message.mid, message.qos)
 
         return call
+
+
+def _loop_writes(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """Nothing to do: `_pump`'s `client.loop()` writes whatever is queued."""
 
 
 def _no_ack() -> None:

@@ -8,10 +8,13 @@ when it restarts with the same client id. Nothing acknowledged is ever without a
 - A whole window (`imu/+/window`) is acknowledged when its one result is safe. The broker's
   re-sent copy (DUP) of a window still in work is acknowledged together with it; of one already
   done, at once (it is not run twice).
-- A run of samples (`imu/+/samples`) covers sample indices [seq, end). Its samples are still
-  needed while a window that uses them is in work, or while they wait in the windower for the
-  next window (index >= the next window's start). It is acknowledged when neither holds. After a
-  gap or a reset the stream restarts: runs of the old stream wait only for the old windows.
+- A run of samples (`imu/+/samples`) covers sample indices [seq, end). It is acknowledged once no
+  window that uses its samples is in work. Samples still waiting in the windower for the next
+  window are not waited for: many sensors sending small runs would otherwise hold more runs
+  unacknowledged than the broker sends in flight, and nothing would move again. A crash loses
+  those waiting samples (less than one window per sensor); the restarted node starts the stream
+  at the next run. After a gap or a reset the stream restarts: runs of the old stream wait only
+  for the old windows.
 """
 
 from __future__ import annotations
@@ -117,8 +120,7 @@ class AckLedger:
     @staticmethod
     def _releasable(state: _Samples) -> list[Ack]:
         """Runs no window in work and no waiting sample needs any more (under the lock)."""
-        waiting = [state.next_start] if state.next_start is not None else []
-        needed = min([*state.open.get(state.epoch, []), *waiting], default=None)
+        needed = min(state.open.get(state.epoch, []), default=None)
         kept: deque[_Run] = deque()
         acks: list[Ack] = []
         for run in state.runs:

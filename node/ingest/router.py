@@ -90,13 +90,12 @@ class Ingest:
             return
         seq = window.seq if window.seq is not None else _user_seq(message)
         if seq is not None:
-            taken = self._taken.setdefault(sensor_id, _Recent())
-            if message.dup and seq in taken:  # the broker's copy of one this node has
+            if message.dup and seq in self._taken.get(sensor_id, ()):  # a copy of one taken
                 self._metrics.window_redelivered()
                 self.acks.duplicate_window(sensor_id, seq, ack)
                 return
-            taken.add(seq)
             self._check_window_seq(sensor_id, seq, message.topic)
+            self._taken.setdefault(sensor_id, _Recent()).add(seq)
         done = self.acks.window(sensor_id, seq, ack)
         self._enqueue(WorkItem(sensor_id, seq, window.t0, None, window.x, received, done=done))
 
@@ -168,7 +167,8 @@ class Ingest:
                 sensor_id=sensor_id,
                 seq=seq,
             )
-        else:
+        else:  # a new stream: its seqs repeat the old one's, which must not count as taken
+            self._taken.pop(sensor_id, None)
             self._reporter.report(
                 ErrorKind.SEQUENCE_RESET,
                 f"window seq went back from {last} to {seq} (sensor restart or duplicate)",
@@ -181,7 +181,7 @@ class Ingest:
         self._reporter.report(exc.kind, exc.reason, topic=topic, sensor_id=sensor_id)
 
     def _enqueue(self, item: WorkItem) -> None:
-        if self._closed:  # not acknowledged: the broker keeps it for the node's next run
+        if self._closed:  # reported; not acknowledged (a clean stop ends the session)
             self._metrics.window_dropped("shutting_down")
             self._reporter.report(
                 ErrorKind.SHUTTING_DOWN,

@@ -33,6 +33,9 @@ REPLAY_IN_FLIGHT = 200
 """Replayed messages handed to paho and not yet acknowledged, at most (and at most half of
 paho's own limit, so that live results always find room beside the replay)."""
 REPLAY_ACK_TIMEOUT_S = 30.0
+EARLY_KEPT = 4096
+"""PUBACKs remembered that came before their message was registered (message ids repeat only
+after 65,535 publishes, long after these are forgotten)."""
 
 
 class Outbox:
@@ -48,7 +51,10 @@ class Outbox:
         PUBACK (node/mqtt/journal.py)."""
         pending = session.settings.max_pending_publishes
         self.replay_in_flight = max(1, min(REPLAY_IN_FLIGHT, pending // 2))
-        self._awaiting: deque[tuple[mqtt.MQTTMessageInfo, Callable[[], None]]] = deque()
+        self._awaiting: dict[int, Callable[[], None]] = {}
+        """Message id -> what to call once the broker acknowledges it."""
+        self._early: set[int] = set()
+        self._early_order: deque[int] = deque()
         self._awaiting_lock = threading.Lock()
         session.on_published(self._release)
         self.spooled = 0
@@ -93,33 +99,30 @@ class Outbox:
             return len(self._awaiting)
 
     def _await(self, info: mqtt.MQTTMessageInfo, on_safe: Callable[[], None]) -> None:
+        """Call `on_safe` when the PUBACK for `info.mid` arrives (or has already arrived)."""
         with self._awaiting_lock:  # never held while calling into paho (its locks call us)
-            self._awaiting.append((info, on_safe))
-        self._release()
+            early = info.mid in self._early
+            if early:
+                self._early.discard(info.mid)
+            else:
+                self._awaiting[info.mid] = on_safe
+        if early:
+            on_safe()
 
-    def _release(self) -> None:
-        """Call `on_safe` of every acknowledged message at the front (PUBACKs come in order)."""
-        ready = []
+    def _release(self, mid: int) -> None:
+        """The broker acknowledged `mid` (network thread)."""
         with self._awaiting_lock:
-            while self._awaiting and self._awaiting[0][0].is_published():
-                ready.append(self._awaiting.popleft()[1])
-        for on_safe in ready:
+            on_safe = self._awaiting.pop(mid, None)
+            if on_safe is None:  # not ours, or acknowledged before it was registered
+                self._early.add(mid)
+                self._early_order.append(mid)
+                if len(self._early_order) > EARLY_KEPT:
+                    self._early.discard(self._early_order.popleft())
+        if on_safe is not None:
             try:
                 on_safe()
             except Exception:
                 logger.exception("on_safe callback failed")
-
-    def _sweep(self) -> None:
-        """Release acknowledged messages behind an unacknowledged one (a PUBACK out of order,
-        or one that came before the message was registered)."""
-        ready: list[tuple[mqtt.MQTTMessageInfo, Callable[[], None]]] = []
-        with self._awaiting_lock:
-            kept: deque[tuple[mqtt.MQTTMessageInfo, Callable[[], None]]] = deque()
-            for info, on_safe in self._awaiting:
-                (ready if info.is_published() else kept).append((info, on_safe))
-            self._awaiting = kept
-        for _, on_safe in ready:
-            on_safe()
 
     def stats(self) -> SpoolStats | None:
         """What the spool holds (None without a spool)."""
@@ -149,7 +152,6 @@ class Outbox:
         while not self._stop.is_set():
             self._wake.wait(1.0)
             self._wake.clear()
-            self._sweep()
             if self.spool is None or not self.session.is_connected:
                 continue
             if self.spool.stats().messages == 0:
