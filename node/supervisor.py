@@ -32,6 +32,12 @@ logger = logging.getLogger(__name__)
 CHECK_INTERVAL_S = 1.0
 
 
+def thread_running(thread: threading.Thread) -> bool:
+    """True while `thread` runs, and before it was started (a component not started yet is not
+    dead)."""
+    return not thread.ident or thread.is_alive()
+
+
 def sd_notify(message: str) -> bool:
     """Send `message` to systemd's notify socket; False when there is none (not under systemd)."""
     address = os.environ.get("NOTIFY_SOCKET")

@@ -16,6 +16,7 @@ import psutil
 from node.inference.pipeline import ModelPipeline
 from node.metrics import NodeMetrics
 from node.mqtt.spool import SpoolStats
+from node.supervisor import thread_running
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import LatencySummary, Telemetry
@@ -87,7 +88,7 @@ class TelemetryLoop:
 
     def is_alive(self) -> bool:
         """True while the telemetry thread runs (or before it was started)."""
-        return not self._thread.ident or self._thread.is_alive()
+        return thread_running(self._thread)
 
     def stop(self) -> None:
         """Stop publishing (returns within a second)."""

@@ -33,7 +33,7 @@ def test_runs_waiting_for_the_next_window_are_not_held() -> None:
     ledger, acks = AckLedger(), Acks()
     for sensor in range(12):
         ledger.samples(f"s{sensor}", 10, acks(f"s{sensor}:0-10"), restarted=True)
-        ledger.advanced(f"s{sensor}", 0)  # no window cut yet: samples wait in the windower
+        ledger.release(f"s{sensor}")  # no window cut yet: samples wait in the windower
     assert len(acks.sent) == 12
     assert ledger.held() == 0
 
@@ -41,14 +41,14 @@ def test_runs_waiting_for_the_next_window_are_not_held() -> None:
 def test_a_run_in_a_window_in_work_is_held_until_the_window_is_done() -> None:
     ledger, acks = AckLedger(), Acks()
     ledger.samples("s", 60, acks("0-60"), restarted=True)
-    ledger.advanced("s", 0)
+    ledger.release("s")
     ledger.samples("s", 120, acks("60-120"), restarted=False)
     first = ledger.cut("s", 0)  # window [0, 100) uses both runs
-    ledger.advanced("s", 50)
+    ledger.release("s")
     assert acks.sent == ["0-60"]  # released before the cut: no window held it then
     ledger.samples("s", 160, acks("120-160"), restarted=False)
     second = ledger.cut("s", 50)  # window [50, 150)
-    ledger.advanced("s", 100)
+    ledger.release("s")
     first()
     assert acks.sent == ["0-60"]  # 60-120 is also in the second window
     second()
@@ -60,9 +60,9 @@ def test_runs_of_an_old_stream_wait_only_for_its_own_windows() -> None:
     ledger, acks = AckLedger(), Acks()
     ledger.samples("s", 100, acks("old"), restarted=True)
     old = ledger.cut("s", 0)
-    ledger.advanced("s", 50)
+    ledger.release("s")
     ledger.samples("s", 5010, acks("new"), restarted=True)  # a gap: the stream restarts
-    ledger.advanced("s", 5000)
+    ledger.release("s")
     assert acks.sent == ["new"]
     old()
     assert acks.sent == ["new", "old"]

@@ -523,7 +523,7 @@ class MqttSession:
         Valid only on the connection the message arrived on: after a reconnect the broker
         re-sends what was not acknowledged (DUP), and that copy has its own acknowledgement."""
         if not self.settings.manual_ack or message.qos == 0:
-            return _no_ack
+            return no_ack
         generation, mid, qos = self._generation, message.mid, message.qos
         sent = False
 
@@ -560,5 +560,5 @@ def _loop_writes(client: mqtt.Client, userdata: Any, sock: Any) -> None:
     """Nothing to do: `_pump`'s `client.loop()` writes whatever is queued."""
 
 
-def _no_ack() -> None:
+def no_ack() -> None:
     """Nothing to acknowledge (QoS 0, or a session that acknowledges by itself)."""

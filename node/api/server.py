@@ -27,6 +27,7 @@ from typing import Any
 
 from node.api.prometheus import CONTENT_TYPE, NodeSources, metrics_registry, render
 from node.inference.worker import WorkItem
+from node.supervisor import thread_running
 from schemas.codec import InputRejectedError, decode_any_window, encode_dict
 from schemas.limits import MAX_WINDOW_BYTES
 
@@ -94,7 +95,7 @@ class NodeHttp:
 
     def is_alive(self) -> bool:
         """True while the HTTP thread serves (or before it was started, or after `stop`)."""
-        return not self._thread.ident or self._thread.is_alive() or self.closing
+        return thread_running(self._thread) or self.closing
 
     def stop(self) -> None:
         """Stop answering and close the socket."""

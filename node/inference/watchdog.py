@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 from node.inference.pipeline import ModelPipeline
+from node.supervisor import thread_running
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class InferenceWatchdog:
 
     def is_alive(self) -> bool:
         """True while the watchdog thread runs (or before it was started)."""
-        return not self._thread.ident or self._thread.is_alive()
+        return thread_running(self._thread)
 
     def stop(self) -> None:
         """Stop watching (returns within a tick)."""

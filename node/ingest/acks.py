@@ -37,8 +37,6 @@ class _Run:
 @dataclass(slots=True)
 class _Samples:
     epoch: int = 0
-    next_start: int | None = None
-    """The windower's next window start for the current stream."""
     runs: deque[_Run] = field(default_factory=deque)
     open: dict[int, list[int]] = field(default_factory=dict)
     """Per stream epoch: starts of its windows still in work."""
@@ -96,11 +94,10 @@ class AckLedger:
             state.open.setdefault(epoch, []).append(start)
         return lambda: self._cut_done(sensor_id, epoch, start)
 
-    def advanced(self, sensor_id: str, next_start: int | None) -> None:
-        """The windower's next window for this sensor starts at `next_start`; release runs."""
+    def release(self, sensor_id: str) -> None:
+        """Acknowledge the sensor's runs no window in work holds (after its windows were cut)."""
         with self._lock:
             state = self._samples.setdefault(sensor_id, _Samples())
-            state.next_start = next_start
             acks = self._releasable(state)
         for ack in acks:
             ack()

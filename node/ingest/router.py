@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 
-from common.mqtt.session import Ack
+from common.mqtt.session import Ack, no_ack
 from node.inference.worker import WorkItem
 from node.ingest.acks import AckLedger
 from node.ingest.windower import Discontinuity, SampleWindower
@@ -57,7 +57,7 @@ class Ingest:
         self._windower = windower
         self._reporter = reporter
         self._metrics = metrics
-        self._ack_later = ack_later or (lambda _message: _acked_already)
+        self._ack_later = ack_later or (lambda _message: no_ack)
         self._full_wait_s = full_wait_s
         self.acks = AckLedger()
         self._last_window_seq: dict[str, int] = {}
@@ -117,7 +117,7 @@ class Ingest:
         if message.dup and self._windower.has_taken(sensor_id, run.seq, len(run.samples)):
             self._metrics.window_redelivered()
             self.acks.samples(sensor_id, end, ack, restarted=False)
-            self.acks.advanced(sensor_id, self._windower.next_start(sensor_id))
+            self.acks.release(sensor_id)
             return
         windows, event = self._windower.add(sensor_id, run.samples, run.seq, run.t0, run.rate_hz)
         self.acks.samples(sensor_id, end, ack, restarted=event is not None)
@@ -140,7 +140,7 @@ class Ingest:
         for cut in windows:
             done = self.acks.cut(sensor_id, cut.seq)
             self._enqueue(WorkItem(sensor_id, cut.seq, cut.t0, cut.t1, cut.x, received, done=done))
-        self.acks.advanced(sensor_id, self._windower.next_start(sensor_id))
+        self.acks.release(sensor_id)
 
     def _sensor_id(self, message: mqtt.MQTTMessage) -> str | None:
         parsed = parse_sensor_topic(message.topic)
@@ -229,10 +229,6 @@ class _Recent:
         self._seqs.add(seq)
         if len(self._order) > self._size:
             self._seqs.discard(self._order.popleft())
-
-
-def _acked_already() -> None:
-    """The acknowledgement of a session that acknowledges by itself."""
 
 
 def _user_seq(message: mqtt.MQTTMessage) -> int | None:

@@ -104,11 +104,6 @@ class SampleWindower:
         stream = self._streams.get(sensor_id)
         return stream is not None and seq + count <= stream.end
 
-    def next_start(self, sensor_id: str) -> int | None:
-        """Sample index where this sensor's next window will start (None: no stream)."""
-        stream = self._streams.get(sensor_id)
-        return None if stream is None else stream.start
-
     def forget(self, sensor_id: str) -> None:
         """Drop a sensor's buffered samples."""
         self._streams.pop(sensor_id, None)

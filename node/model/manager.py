@@ -38,6 +38,7 @@ from node.model.desired_guard import DesiredGuard, DesiredRefusedError, Scope
 from node.model.fetch import FetchPolicy, add_to_cache, fetch_bundle
 from node.model.versions import is_older
 from node.reporting import ErrorReporter
+from node.supervisor import thread_running
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import (
@@ -170,7 +171,7 @@ class ModelManager:
 
     def is_alive(self) -> bool:
         """True while the manager thread runs (or was never started)."""
-        return not self._thread.ident or self._thread.is_alive()
+        return thread_running(self._thread)
 
     # -- desired state ----------------------------------------------------------------------
 

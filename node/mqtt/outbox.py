@@ -93,11 +93,6 @@ class Outbox:
             return True
         return False
 
-    def awaiting(self) -> int:
-        """Messages published with `on_safe` and not yet acknowledged."""
-        with self._awaiting_lock:
-            return len(self._awaiting)
-
     def _await(self, info: mqtt.MQTTMessageInfo, on_safe: Callable[[], None]) -> None:
         """Call `on_safe` when the PUBACK for `info.mid` arrives (or has already arrived)."""
         with self._awaiting_lock:  # never held while calling into paho (its locks call us)
