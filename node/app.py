@@ -382,11 +382,15 @@ class NodeApp:
 
     def _resume_journal(self) -> None:
         """Results an earlier run had in flight: publish them again (to the spool until the
-        broker is back) and mark their windows served, so their re-sent copies do not run."""
+        broker is back); those and the ones it settled last mark their windows served, so
+        their re-sent copies do not run."""
         journal = self.outbox.journal
         if journal is None:
             return
-        for topic, payload in journal.leftovers():
+        left = journal.leftovers()
+        for topic, payload in left.settled:
+            self._mark_served(topic, payload)
+        for topic, payload in left.in_flight:
             self._mark_served(topic, payload)
             self.outbox.publish(topic, payload)
 

@@ -108,6 +108,17 @@ class LocalBroker:
         logger.info("%s broker on %s", self.kind, self.url)
         return self
 
+    def kill(self) -> None:
+        """Kill a mosquitto the hard way (SIGKILL: a crash, the OOM killer): it keeps only what
+        its persistence had saved. Start a new `LocalBroker` on the same port to restart it."""
+        if self._process is None:
+            msg = "kill() needs a running mosquitto"
+            raise RuntimeError(msg)
+        self._process.kill()
+        self._process.wait()
+        self._process = None
+        self.stop()
+
     def stop(self) -> None:
         """Stop the broker (idempotent)."""
         if self._process is not None:

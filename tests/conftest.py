@@ -155,6 +155,8 @@ class Probe:
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, unique("probe"), protocol=version)
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *args: self._subscribed.set()
+        self.client.on_connect = self._on_connect
+        self._filters: list[str] = []
         self.client.reconnect_delay_set(0.1, 1)
         properties = None
         if session_expiry_s:
@@ -169,10 +171,17 @@ class Probe:
     def subscribe(self, *filters: str) -> Probe:
         """Subscribe (QoS 1) and wait for the SUBACK."""
         for topic_filter in filters:
+            self._filters.append(topic_filter)
             self._subscribed.clear()
             self.client.subscribe(topic_filter, qos=1)
             assert self._subscribed.wait(5), f"no SUBACK for {topic_filter}"
         return self
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, *_: Any) -> None:
+        """A broker that lost the session (restarted without saving it): subscribe again."""
+        if not flags.session_present:
+            for topic_filter in self._filters:
+                client.subscribe(topic_filter, qos=1)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         """Publish and wait until the broker has it."""
