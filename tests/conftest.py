@@ -132,6 +132,19 @@ class Received:
         return orjson.loads(self.payload)
 
 
+def require_program(name: str, package: str | None = None) -> str:
+    """The path of a real program a test drives (Prometheus, Chromium, ...). Where it is not
+    installed the test is skipped, except under CI (`CI` set), where `scripts/test` installs it
+    and its absence is a failure."""
+    path = shutil.which(name)
+    if path is None:
+        reason = f"{name} is not installed (apt-get install -y {package or name})"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
 def wait_until(done: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
     """Poll `done` every 50 ms; fails the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout
