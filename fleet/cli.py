@@ -34,6 +34,8 @@ examples:
   imu-fleet publish tcn-vae-1.2.0.tar --broker mqtt://broker:1883
   imu-fleet rollout tcn-vae 1.2.0 --group line-3 --canary 1 --waves 10,50,100 --max-failures 1
   imu-fleet nodes; imu-fleet status; imu-fleet pause|resume|abort|rollback ROLLOUT_ID
+  imu-fleet dashboard --broker mqtts://broker:8884 --ca-file ca.crt --username dashboard-ops \
+      --password-file dash.password --listen 0.0.0.0:8090 --token-file dash.token
   imu-fleet record --broker mqtt://localhost:1883 --topic 'imu/+/window' --out rec.jsonl.gz
   imu-fleet replay rec.jsonl.gz --broker mqtt://localhost:1883 --rate 2
 """
@@ -60,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate(sub)
     _add_recording(sub)
     _add_rollouts(sub)
+    _add_dashboard(sub)
     return parser
 
 
@@ -94,6 +97,11 @@ def _add_bundle(sub: Subparsers[argparse.ArgumentParser]) -> None:
     )
     create.add_argument("--description", default="", help="free text stored in the manifest")
     create.add_argument("--sign-key", type=Path, help="fleet private key: sign the bundle")
+    create.add_argument(
+        "--motif-labels", metavar="NAMES|FILE",
+        help="names of the 12 motifs for dashboards, in index order: comma-separated "
+        "(rest,walk,...) or a file with one per line; 1-32 characters each",
+    )  # fmt: skip
     create.add_argument("--hef", type=Path, help="compiled Hailo HEF of the same model")
     create.add_argument(
         "--hef-arch", choices=["hailo8", "hailo8l"], default="hailo8",
@@ -290,6 +298,54 @@ def _add_rollouts(sub: Subparsers[argparse.ArgumentParser]) -> None:
         _broker_options(control)
 
 
+DASHBOARD_EXAMPLES = """\
+examples:
+  # on this machine only (no token needed on loopback): http://127.0.0.1:8090/
+  imu-fleet dashboard --broker mqtt://127.0.0.1:1883
+  # for the site, read-only login, token and HTTPS; open https://HOST:8090/?token=TOKEN once
+  head -c 24 /dev/urandom | base64 > dash.token; chmod 600 dash.token
+  imu-fleet dashboard --broker mqtts://broker.local:8884 --ca-file ca.crt \\
+      --username dashboard-ops --password-file dashboard-ops.password \\
+      --listen 0.0.0.0:8090 --token-file dash.token --tls-cert dash.crt --tls-key dash.key
+  curl -H "Authorization: Bearer $(cat dash.token)" https://HOST:8090/metrics
+"""
+
+
+def _add_dashboard(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    """`imu-fleet dashboard`."""
+    dashboard = sub.add_parser(
+        "dashboard",
+        help="live web page of the fleet: nodes, rollouts, per-sensor motif ethograms",
+        description="Subscribes to the broker (the read-only dashboard role is enough) and "
+        "serves one page that updates live over server-sent events, plus /metrics for "
+        "Prometheus. The browser never talks to the broker. A token is required unless "
+        "--listen is loopback or --open is given. See docs/dashboard.md.",
+        epilog=DASHBOARD_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    dashboard.add_argument(
+        "--listen", default="127.0.0.1:8090",
+        help="HOST:PORT to serve on (127.0.0.1:8090; 0.0.0.0:8090 for the network)",
+    )  # fmt: skip
+    dashboard.add_argument(
+        "--token-file", type=Path,
+        help="file holding the token the page, /events and /metrics require",
+    )  # fmt: skip
+    dashboard.add_argument(
+        "--open", action="store_true",
+        help="serve beyond loopback without a token: anyone who reaches the port sees the fleet",
+    )  # fmt: skip
+    dashboard.add_argument("--tls-cert", type=Path, help="HTTPS: certificate chain (PEM)")
+    dashboard.add_argument("--tls-key", type=Path, help="HTTPS: its private key (PEM)")
+    dashboard.add_argument(
+        "--max-sensors", type=int, default=500, help="sensors shown at most (500)"
+    )
+    dashboard.add_argument(
+        "--max-pages", type=int, default=32, help="pages connected at once at most (32)"
+    )
+    _broker_options(dashboard)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `imu-fleet`."""
     argv = sys.argv[1:] if argv is None else argv
@@ -314,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         "resume": _rollouts,
         "abort": _rollouts,
         "rollback": _rollouts,
+        "dashboard": _dashboard,
     }
     try:
         if hasattr(args, "mqtt_protocol"):  # a command that talks to the broker
@@ -328,7 +385,11 @@ def main(argv: list[str] | None = None) -> int:
 def _bundle(args: argparse.Namespace) -> int:
     from common.bundle import manifest_bytes, read_bundle  # noqa: PLC0415
     from common.signing import load_public_key, verify_manifest  # noqa: PLC0415
-    from fleet.bundles.builder import build_bundle, sign_bundle  # noqa: PLC0415 (onnxruntime)
+    from fleet.bundles.builder import (  # noqa: PLC0415 (onnxruntime)
+        build_bundle,
+        parse_motif_labels,
+        sign_bundle,
+    )
     from fleet.bundles.inspect import describe_bundle  # noqa: PLC0415
     from fleet.bundles.reference import build_reference_bundle  # noqa: PLC0415
     from schemas.manifest import HefInfo  # noqa: PLC0415
@@ -345,6 +406,7 @@ def _bundle(args: argparse.Namespace) -> int:
             hef=args.hef,
             hef_info=HefInfo(hw_arch=args.hef_arch) if args.hef else None,
             sign_key=args.sign_key,
+            motif_labels=parse_motif_labels(args.motif_labels) if args.motif_labels else None,
         )
         print(describe_bundle(bundle))
         return 0
@@ -450,6 +512,27 @@ def _rollouts(args: argparse.Namespace) -> int:
         "nodes": commands.cmd_nodes,
     }
     return handlers.get(args.command, commands.cmd_control)(args)
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from fleet.dashboard.app import DashboardSettings, run  # noqa: PLC0415
+    from fleet.dashboard.view import Limits  # noqa: PLC0415
+
+    if args.max_sensors < 1 or args.max_pages < 1:
+        msg = "--max-sensors and --max-pages must be at least 1"
+        raise ValueError(msg)
+    return run(
+        DashboardSettings(
+            connection=args.broker,
+            listen=args.listen,
+            token_file=args.token_file,
+            open=args.open,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            limits=Limits(max_sensors=args.max_sensors),
+            max_clients=args.max_pages,
+        )
+    )
 
 
 def _simulate(args: argparse.Namespace) -> int:

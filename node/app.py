@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import queue
 import socket
-import ssl
 import sys
 import threading
 import time
@@ -26,9 +25,10 @@ import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
 from common.bundle import Bundle, read_bundle
+from common.http import parse_listen
 from common.mqtt.session import MqttSession
 from common.signing import load_trust, verify_manifest
-from node.config import NodeConfig, default_spool_dir, default_state_dir, parse_listen
+from node.config import NodeConfig, default_spool_dir, default_state_dir
 from node.errors import ConfigError
 from node.identity import default_node_id
 from node.inference.pipeline import BatchResult, ModelPipeline, load_model, open_pipeline
@@ -324,6 +324,7 @@ class NodeApp:
 
     def _open_http(self) -> NodeHttp:
         # imported only when asked for: prometheus-client and http.server cost memory on a Pi
+        from common.http import read_token_file, server_tls_context  # noqa: PLC0415
         from node.api.prometheus import NodeSources  # noqa: PLC0415
         from node.api.server import NodeHttp  # noqa: PLC0415
 
@@ -344,15 +345,13 @@ class NodeApp:
         assert config.http_listen is not None
         token = None
         if config.http_token_file is not None:
-            token = config.http_token_file.read_text().strip()
-            if not token:
-                msg = f"http_token_file {config.http_token_file} is empty"
-                raise ConfigError(msg)
+            try:
+                token = read_token_file(config.http_token_file, "http_token_file")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         tls = None
         if config.http_tls_cert is not None and config.http_tls_key is not None:
-            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            tls.minimum_version = ssl.TLSVersion.TLSv1_2
-            tls.load_cert_chain(config.http_tls_cert, config.http_tls_key)
+            tls = server_tls_context(config.http_tls_cert, config.http_tls_key)
         return NodeHttp(
             parse_listen(config.http_listen),
             sources,

@@ -7,7 +7,6 @@ configuration and `docs/configuration.md` documents each field.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +16,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from common.http import is_loopback, parse_listen
 from common.mqtt.connection import BrokerSettings, load_layered
 from node.errors import ConfigError
 from node.inference.backend import BackendOptions
@@ -28,25 +28,6 @@ ENV_PREFIX = "IMU_NODE_"
 def _default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "imu-edge" / "bundles"
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """`HOST:PORT` (or `[V6]:PORT`) to a bind address; `:PORT` or `PORT` means 127.0.0.1."""
-    host, sep, port = value.rpartition(":")
-    if not sep and value.isdigit():
-        host, port, sep = "", value, ":"
-    if not sep or not port.isdigit() or int(port) > 65535:
-        msg = f"{value!r} is not HOST:PORT (e.g. 0.0.0.0:9108, or 127.0.0.1:0 for any free port)"
-        raise ValueError(msg)
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and localhost."""
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def default_state_dir(node_id: str) -> Path:

@@ -16,7 +16,15 @@ import re
 from enum import StrEnum
 from typing import Annotated, Final, Literal
 
-from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from schemas.limits import CHANNEL_ORDER, CHANNELS, LATENT_DIM, MOTIF_COUNT, WINDOW_LENGTH
 
@@ -28,6 +36,20 @@ SEMVER = re.compile(
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 Finite = Annotated[float, AllowInfNan(False)]
+
+MOTIF_LABEL_MAX_CHARS: Final = 32
+MotifLabel = Annotated[
+    str,
+    StringConstraints(
+        strip_whitespace=True,
+        min_length=1,
+        max_length=MOTIF_LABEL_MAX_CHARS,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+    ),
+]
+"""One motif's human name: 1-32 characters, no control characters."""
+MotifLabels = Annotated[list[MotifLabel], Field(min_length=MOTIF_COUNT, max_length=MOTIF_COUNT)]
+"""A name for each of the 12 motifs, in motif index order."""
 
 
 class _Frozen(BaseModel):
@@ -201,6 +223,13 @@ class Manifest(_Frozen):
     motif_head: MotifHead | None = None
     golden: Golden
     hef: HefInfo | None = Field(default=None, description="Present when the bundle has model.hef")
+    motif_labels: MotifLabels | None = Field(
+        default=None,
+        # absent, not null, when unset: older manifests keep their bytes and signatures
+        exclude_if=lambda labels: labels is None,
+        description=f"A short name (1-{MOTIF_LABEL_MAX_CHARS} characters) for each of the "
+        f"{MOTIF_COUNT} motifs, in index order; dashboards show `motif N` without it",
+    )
     expires_at: str | None = None
     signature: Signature | None = None
 

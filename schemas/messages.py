@@ -31,6 +31,7 @@ from schemas.limits import (
     SENSOR_ID_PATTERN,
     WINDOW_LENGTH,
 )
+from schemas.manifest import MotifLabels
 
 SampleValue = Annotated[float, Strict(), AllowInfNan(False), Field(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
 """One channel value: a JSON number, finite, within float32 range."""
@@ -328,6 +329,14 @@ class NodeModelState(_Outbound):
         default=None,
         description="The desired state this node follows: which scope set it, when, signed by "
         "whom (null: none set, the node serves what it started with)",
+    )
+    motif_labels: MotifLabels | None = Field(
+        default=None,
+        # absent, not null, when the bundle names no motifs: readers that predate the field
+        # (extra fields forbidden) still take the state of a node serving such a bundle
+        exclude_if=lambda labels: labels is None,
+        description="The active bundle's motif names (manifest `motif_labels`), in index order: "
+        "a result's `top_motif` from this node and model is named by them",
     )
 
 

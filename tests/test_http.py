@@ -15,8 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_node_e2e import onnx_reference, raw_window
 
 from common.bundle import Bundle
+from common.http import parse_listen
 from node.app import NodeApp
-from node.config import load_config, parse_listen
+from node.config import load_config
 from node.errors import ConfigError
 from node.local_broker import LocalBroker
 from schemas import topics

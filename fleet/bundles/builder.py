@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 import orjson
 from numpy.typing import NDArray
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from common.bundle import Bundle, file_entries, npy_bytes, write_bundle
 from common.signing import load_private_key, sign_manifest
@@ -40,6 +40,7 @@ from schemas.manifest import (
     HefInfo,
     InputSpec,
     Manifest,
+    MotifLabels,
     Normalization,
     Outputs,
     OutputSpec,
@@ -161,6 +162,44 @@ def fit_prototype_head(latents: FloatArray, labels: list[str] | None) -> Prototy
     return PrototypeHead(prototypes=centroids.tolist(), temperature=temperature, labels=names)
 
 
+_MOTIF_LABELS: TypeAdapter[list[str]] = TypeAdapter(MotifLabels)
+
+
+def parse_motif_labels(value: str | Path) -> list[str]:
+    """Motif names from `--motif-labels`: comma-separated, or a file (one name per line, or
+    comma-separated; blank lines and `#` comments skipped). Exactly 12 non-empty short names."""
+    path = Path(value)
+    source = "--motif-labels"
+    if isinstance(value, Path) or path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            msg = f"cannot read motif labels from {path}: {exc}"
+            raise BundleError(msg) from exc
+        lines = [line.split("#", 1)[0] for line in text.splitlines()]
+        raw = [part for line in lines for part in line.split(",") if line.strip()]
+        source = str(path)
+    else:
+        raw = str(value).split(",")
+    return validate_motif_labels([part.strip() for part in raw], source)
+
+
+def validate_motif_labels(names: list[str], source: str = "motif labels") -> list[str]:
+    """`names` checked as a manifest's `motif_labels`; BundleError says what is wrong."""
+    try:
+        return _MOTIF_LABELS.validate_python(names)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"label {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" if e["loc"] else e["msg"]
+            for e in exc.errors()[:3]
+        )
+        msg = (
+            f"{source}: need exactly {MOTIF_COUNT} non-empty names of at most 32 characters "
+            f"(got {len(names)}): {problems}"
+        )
+        raise BundleError(msg) from None
+
+
 def sign_bundle(bundle: Bundle, key: Path, out: Path) -> Bundle:
     """A copy of `bundle` signed with the private key at `key`, written to `out`."""
     manifest = sign_manifest(bundle.manifest, load_private_key(key))
@@ -200,8 +239,11 @@ def build_bundle(
     hef: Path | None = None,
     hef_info: HefInfo | None = None,
     sign_key: Path | None = None,
+    motif_labels: list[str] | None = None,
 ) -> Bundle:
     """Build, verify and write a bundle; returns it as a node would read it.
+
+    `motif_labels` names the 12 motifs for dashboards (see `parse_motif_labels`).
 
     With `hef`, the compiled HEF goes beside its ONNX twin; `hef_info` says what it was compiled
     for (default: Hailo-8, quantised, no recorded parity).
@@ -217,6 +259,8 @@ def build_bundle(
     except OSError as exc:
         msg = f"cannot read {onnx_path}: {exc.strerror}"
         raise BundleError(msg) from exc
+    if motif_labels is not None:
+        motif_labels = validate_motif_labels(motif_labels)
     contract = read_contract(onnx_bytes)
     calib = load_calibration(calibration) if calibration else simulated_calibration()
     norm = load_normalization(normalization) if isinstance(normalization, Path) else normalization
@@ -262,6 +306,7 @@ def build_bundle(
         motif_head=head,
         golden=golden,
         hef=hef_info,
+        motif_labels=motif_labels,
     )
     if sign_key is not None:
         manifest = sign_manifest(manifest, load_private_key(sign_key))

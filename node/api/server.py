@@ -9,47 +9,29 @@ and served by whichever model version is active. A full queue answers 503 with `
 
 from __future__ import annotations
 
-import hmac
 import logging
 import queue
-import socket
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
+from common.http import Reply, TlsHandshakeHandler, bearer_matches, json_reply, server_class
 from node.api.prometheus import CONTENT_TYPE, NodeSources, metrics_registry, render
 from node.inference.worker import WorkItem
 from node.supervisor import thread_running
-from schemas.codec import InputRejectedError, decode_any_window, encode_dict
+from schemas.codec import InputRejectedError, decode_any_window
 from schemas.limits import MAX_WINDOW_BYTES
 
 logger = logging.getLogger(__name__)
 
 HTTP_SENSOR_ID = "http"
 """The `sensor_id` of results answered over HTTP."""
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """One HTTP answer."""
-
-    status: HTTPStatus
-    body: bytes
-    content_type: str = "application/json"
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-def json_reply(status: HTTPStatus, payload: dict[str, Any], **headers: str) -> Reply:
-    """A JSON answer."""
-    return Reply(status, encode_dict(payload) + b"\n", headers=tuple(headers.items()))
 
 
 class NodeHttp:
@@ -75,8 +57,7 @@ class NodeHttp:
         self.closing = False
         """Set by `stop`: open keep-alive connections get 503 and are closed."""
         self._registry = metrics_registry(sources)
-        server = _Server6 if ":" in listen[0] else _Server
-        self._server = server(listen, _handler_for(self))
+        self._server = server_class(listen[0])(listen, _handler_for(self))
         self._server.tls = tls
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="http", kwargs={"poll_interval": 0.2}
@@ -107,12 +88,7 @@ class NodeHttp:
 
     def authorized(self, header: str | None) -> bool:
         """True when no token is set, or `header` is `Bearer <the token>` (constant time)."""
-        if self._token is None:
-            return True
-        scheme, _, value = (header or "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            value.strip().encode(), self._token
-        )
+        return self._token is None or bearer_matches(header, self._token)
 
     # -- endpoints ---------------------------------------------------------------------------
 
@@ -171,43 +147,11 @@ class NodeHttp:
         return json_reply(HTTPStatus.OK, result)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    tls: ssl.SSLContext | None = None
-
-    def get_request(self) -> tuple[Any, Any]:
-        """Accept; with TLS the handshake runs later on the request's own thread."""
-        sock, address = self.socket.accept()
-        if self.tls is not None:
-            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        return sock, address
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that fails its TLS handshake or drops the line is not worth a traceback;
-        anything else is a bug and is logged with one."""
-        error = sys.exc_info()[1]
-        if isinstance(error, ssl.SSLError | ConnectionError | TimeoutError):
-            logger.debug("http request from %s failed: %s", client_address, error)
-        else:
-            logger.error("http request from %s failed", client_address, exc_info=error)
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
 def _handler_for(api: NodeHttp) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(TlsHandshakeHandler, BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "imu-node"
         disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms stall
-        timeout = 30  # seconds a kept-alive or half-sent request may hold its thread
-
-        def setup(self) -> None:
-            if isinstance(self.request, ssl.SSLSocket):
-                self.request.settimeout(self.timeout)
-                self.request.do_handshake()  # on this thread: a slow client holds only it
-            super().setup()
 
         def do_GET(self) -> None:
             routes = {"/healthz": api.healthz, "/readyz": api.readyz, "/metrics": api.metrics}

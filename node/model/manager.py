@@ -339,6 +339,7 @@ class ModelManager:
             active_sha256=self._active_key[2] if self._active_key else None,
             active_size=self._active_size,
             following=self._following(),
+            motif_labels=self._active.bundle.manifest.motif_labels,
         )
         if publish:
             self.publish_state()
