@@ -24,8 +24,15 @@ from common.mqtt.session import MqttSession
 from node.inference.pipeline import ModelPipeline
 from node.metrics import NodeMetrics
 from node.mqtt.outbox import Outbox
+from schemas.messages import ErrorKind
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+DROP_REASONS = ("queue_full", "outbox_full", "shutting_down", "inference_failed")
+"""Reasons a window is dropped (`NodeMetrics.window_dropped`), exported at 0 from the start.
+
+Counters that exist before their first event let `rate()` and `increase()` (alerts, dashboards)
+see that event; a series born at 1 would hide it.
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,14 +91,14 @@ class NodeCollector(Collector):
         by_reason = CounterMetricFamily(
             "imu_node_windows_dropped", "Windows not served, by reason", labels=["reason"]
         )
-        for reason, count in sorted(dropped.items()):
-            by_reason.add_metric([reason], count)
+        for reason in sorted(dropped.keys() | set(DROP_REASONS)):
+            by_reason.add_metric([reason], dropped.get(reason, 0))
         yield by_reason
         by_kind = CounterMetricFamily(
             "imu_node_errors", "Errors reported on the errors topic, by kind", labels=["kind"]
         )
-        for kind, count in sorted(errors.items()):
-            by_kind.add_metric([kind], count)
+        for kind in sorted(errors.keys() | {kind.value for kind in ErrorKind}):
+            by_kind.add_metric([kind], errors.get(kind, 0))
         yield by_kind
         yield from self._latency(s.metrics)
         yield GaugeMetricFamily("imu_node_queue_depth", "Windows waiting", value=s.queue_depth())
@@ -158,6 +165,12 @@ class NodeCollector(Collector):
                 "imu_node_spool_messages", "Results on disk for the broker", value=stats.messages
             )
             yield GaugeMetricFamily("imu_node_spool_bytes", "Disk the spool uses", stats.bytes)
+        if outbox.spool is not None:
+            yield GaugeMetricFamily(
+                "imu_node_spool_capacity_bytes",
+                "Disk the spool may use (spool_max_mb); results past it are dropped",
+                outbox.spool.max_bytes,
+            )
 
 
 def metrics_registry(sources: NodeSources) -> CollectorRegistry:

@@ -1,0 +1,1 @@
+"""Monitoring artefacts generated from code (the Grafana dashboard)."""
