@@ -1,0 +1,98 @@
+# syntax=docker/dockerfile:1.7
+# The imu-edge image: `imu-node` (ENTRYPOINT) and `imu-fleet` on a slim Python, as a non-root user.
+#
+#   docker buildx build --platform linux/arm64,linux/amd64 -t imu-edge:0.1.0 .
+#   docker run --rm imu-edge:0.1.0 --help
+#
+# Hailo-8: HailoRT's Python binding (`hailo_platform`) is not on PyPI. Put Hailo's wheel for this
+# Python (cp311) and the Pi (linux_aarch64), of the same version as the host's driver, into a
+# `hailo/` folder next to this file and it is installed with the project; without it the image
+# serves on ONNX Runtime. /dev/hailo0 comes from the host (compose/edge.yml). docs/hardware.md,
+# section "Container", has both ways and what to check.
+#
+# Python 3.11: Raspberry Pi OS Bookworm's Python, the one Hailo builds its aarch64 wheels for.
+# Keep it >= requires-python in pyproject.toml (tests/test_deploy_files.py checks).
+ARG PYTHON_VERSION=3.11
+ARG DEBIAN_RELEASE=bookworm
+
+# --- builder: a venv with the project and its pyproject dependencies ---------------------------
+FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS builder
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_PREFER_BINARY=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+RUN python -m venv --upgrade-deps /opt/imu-edge/venv
+
+WORKDIR /src
+# Only what `pip install .` needs: pyproject.toml (the dependency list), the README it names as
+# readme, and the packages of [tool.setuptools.packages.find].
+COPY pyproject.toml README.md ./
+COPY common/ common/
+COPY schemas/ schemas/
+COPY node/ node/
+COPY fleet/ fleet/
+
+# One resolver run for the project and, when given, Hailo's wheel, so pip picks versions that suit
+# both (HailoRT's wheels pin numpy < 2). Dependencies come from pyproject.toml only: no extras, no
+# second list. The build context is mounted, not copied, so a missing hailo/ folder is fine.
+RUN --mount=type=bind,source=.,target=/context \
+    set -eu; \
+    abi="$(python -c 'import sys; print("cp%d%d" % sys.version_info[:2])')"; \
+    plat="$(python -c 'import sysconfig; print(sysconfig.get_platform().replace("-", "_"))')"; \
+    wheels=""; \
+    for wheel in /context/hailo/*.whl; do \
+        [ -e "$wheel" ] || continue; \
+        case "${wheel##*/}" in \
+            *-"$abi"-"$abi"-"$plat".whl) wheels="$wheels $wheel" ;; \
+            *) echo "hailo/: skipping ${wheel##*/} (this image needs $abi and $plat)" ;; \
+        esac; \
+    done; \
+    /opt/imu-edge/venv/bin/pip install /src $wheels; \
+    /opt/imu-edge/venv/bin/imu-node --help > /dev/null
+
+# --- runtime: the venv, nothing else -------------------------------------------------------------
+FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS runtime
+
+ARG IMU_UID=10001
+ARG IMU_GID=10001
+
+# A fixed uid/gid, so files on volumes and secrets given to the container keep one owner.
+# /var/lib/imu-node holds the result spool, the desired-state history and the bundle cache.
+RUN groupadd --system --gid "${IMU_GID}" imu \
+    && useradd --system --uid "${IMU_UID}" --gid imu --home-dir /var/lib/imu-node \
+        --no-create-home --shell /usr/sbin/nologin imu \
+    && install -d -o imu -g imu -m 0750 /var/lib/imu-node /var/lib/imu-node/cache \
+    && install -d -o root -g imu -m 0750 /etc/imu-node
+
+COPY --from=builder /opt/imu-edge/venv /opt/imu-edge/venv
+
+# XDG_* as in compose/imu-node.service: spool and state under $XDG_STATE_HOME/imu-edge,
+# bundles under $XDG_CACHE_HOME/imu-edge/bundles, all on the volume below.
+ENV PATH=/opt/imu-edge/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/var/lib/imu-node \
+    XDG_STATE_HOME=/var/lib/imu-node \
+    XDG_CACHE_HOME=/var/lib/imu-node/cache
+
+USER ${IMU_UID}:${IMU_GID}
+WORKDIR /var/lib/imu-node
+VOLUME ["/var/lib/imu-node"]
+
+# http_listen (IMU_NODE_HTTP_LISTEN): /healthz, /readyz, /metrics, POST /infer. The node binds
+# 127.0.0.1 unless told otherwise; 0.0.0.0:9108 needs http_token_file (docs/security.md).
+EXPOSE 9108
+
+# Liveness from inside the container: /healthz on the port of IMU_NODE_HTTP_LISTEN (9108 when
+# unset, e.g. with http_listen in node.toml), over loopback. Plain HTTP only: with http_tls_cert,
+# override the check. A node without http_listen reports unhealthy, on purpose.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('IMU_NODE_HTTP_LISTEN', '9108').rpartition(':')[2]; urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=4)"]
+
+# SIGTERM drains the queue, waits for the broker's acks, publishes `stopped` and exits 0: give it
+# time (docker stop -t 30, compose stop_grace_period).
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["imu-node"]
+CMD ["run", "--config", "/etc/imu-node/node.toml"]
