@@ -55,6 +55,10 @@ class NodeMetrics:
         self._bucket_counts = np.zeros(len(LATENCY_BUCKETS_MS) + 1, dtype=np.int64)
         self._latency_sum_ms = 0.0
 
+    def reset(self) -> None:
+        """Start again from zero, as a new process does (the fleet simulator's crashes)."""
+        self.__init__()  # type: ignore[misc]
+
     def window_accepted(self) -> None:
         """A window entered the inference queue."""
         with self._lock:

@@ -338,6 +338,12 @@ class NodeModelState(_Outbound):
         description="The active bundle's motif names (manifest `motif_labels`), in index order: "
         "a result's `top_motif` from this node and model is named by them",
     )
+    signatures_required: bool = Field(
+        default=False,
+        exclude_if=lambda required: not required,  # absent when false: older readers take it
+        description="True when the node has a trust key: it takes only signed desired states "
+        "(a rollback without the fleet key would be refused)",
+    )
 
 
 class DesiredModel(_Outbound):
@@ -424,7 +430,49 @@ class NodeRolloutState(StrEnum):
     UPDATING = "updating"
     ACTIVE = "active"
     FAILED = "failed"
+    ROLLING_BACK = "rolling_back"
+    """Asked to return to its previous model; it has not reported it active (yet)."""
     ROLLED_BACK = "rolled_back"
+    """Reported its previous model active again (or never left it)."""
+
+
+class RolloutGates(_Outbound):
+    """The health gates of a rollout: how long each wave soaks and what fails a node.
+
+    A moved node's telemetry over the soak is compared with its own before the move and with the
+    nodes not moved yet (fleet/rollout/health.py)."""
+
+    soak_s: float = Field(ge=0, description="Seconds each wave soaks after its nodes are active")
+    max_error_rate: float = Field(
+        default=0.02, ge=0, description="Node-side errors per window allowed above the reference"
+    )
+    max_p95_ratio: float = Field(
+        default=1.5, ge=1, description="p95 latency allowed, as a multiple of the reference"
+    )
+    p95_floor_ms: float = Field(
+        default=10.0, ge=0,
+        description="p95 below this always passes: well inside the 50 ms target, differences are "
+        "noise (thread hand-overs, a busy moment)",
+    )  # fmt: skip
+    min_results_ratio: float = Field(
+        default=0.95, ge=0, le=1,
+        description="Results per window in, as a share of the node's own ratio before the move",
+    )  # fmt: skip
+
+
+class NodeHealth(_Outbound):
+    """A gate's verdict on one moved node, with the figures it rests on."""
+
+    passed: bool
+    reason: str | None = None
+    soak_samples: int = Field(description="Telemetry messages over the soak")
+    windows: int = Field(description="Windows in over the soak")
+    error_rate: float | None = None
+    reference_error_rate: float | None = None
+    p95_ms: float | None = None
+    reference_p95_ms: float | None = None
+    results_ratio: float | None = None
+    reference_results_ratio: float | None = None
 
 
 class NodeOutcome(_Outbound):
@@ -433,6 +481,12 @@ class NodeOutcome(_Outbound):
     wave: int
     state: NodeRolloutState = NodeRolloutState.PENDING
     error: str | None = None
+    failed: bool = Field(
+        default=False,
+        description="It failed (activation or health gate); stays true through a rollback",
+    )
+    health: NodeHealth | None = Field(default=None, description="The soak's verdict")
+    moved_at: Timestamp | None = Field(default=None, description="When it was asked to move")
     previous: DesiredModel | None = Field(
         default=None, description="What to restore on rollback (the node's model before)"
     )
@@ -468,11 +522,18 @@ class RolloutRecord(_Outbound):
     created_at: Timestamp
     updated_at: Timestamp
     reason: str | None = None
+    gates: RolloutGates | None = Field(
+        default=None, description="Health gates and soak (null: a wave passes on activation)"
+    )
+    soak_until: Timestamp | None = Field(
+        default=None, description="End of the current wave's soak (a resumed controller waits)"
+    )
 
     @property
     def failures(self) -> int:
-        """Nodes that failed to take the new version."""
-        return sum(o.state is NodeRolloutState.FAILED for o in self.nodes.values())
+        """Nodes that failed to take the new version or its health gates (also once rolled
+        back)."""
+        return sum(o.failed or o.state is NodeRolloutState.FAILED for o in self.nodes.values())
 
 
 class ControllerPresence(_Outbound):

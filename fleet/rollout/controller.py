@@ -20,13 +20,14 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from common.mqtt.connection import Connection
 from common.mqtt.session import MqttSession
 from common.signing import load_private_key, sign_desired
 from fleet.desired import clear_payload, desired_topic, scoped
+from fleet.rollout.health import cohort_figures, judge
 from fleet.rollout.presence import Presence, presence_session
 from fleet.rollout.records import RolloutBook, superseded
 from fleet.rollout.view import FleetView, NodeView
@@ -36,9 +37,11 @@ from schemas.codec import encode
 from schemas.messages import (
     ArtifactManifest,
     DesiredModel,
+    FollowedDesired,
     ModelLifecycle,
     NodeOutcome,
     NodeRolloutState,
+    RolloutGates,
     RolloutRecord,
     RolloutState,
 )
@@ -52,7 +55,16 @@ PAUSE_POLL_S = 0.2
 """How often a paused controller looks for the operator's next command."""
 STALE_S = 3 * HEARTBEAT_S
 """A running record not updated for this long has lost its controller."""
-_MOVED = (NodeRolloutState.UPDATING, NodeRolloutState.ACTIVE, NodeRolloutState.FAILED)
+_MOVED = (
+    NodeRolloutState.UPDATING,
+    NodeRolloutState.ACTIVE,
+    NodeRolloutState.FAILED,
+    NodeRolloutState.ROLLING_BACK,
+)
+BASELINE_S = 600.0
+"""A moved node's own telemetry before the move, at most this far back, is its reference."""
+SOAK_INTERVALS = 3
+"""A wave soaks this many of its nodes' telemetry intervals unless told otherwise."""
 
 
 class RolloutError(NodeError):
@@ -96,7 +108,8 @@ class Controller:
         self._progress = progress
         self.book = RolloutBook(session)
         self._applied: dict[str, str | None] = {}
-        self._last_saved = 0.0
+        self._last_saved: dict[str, float] = {}
+        """Rollout id -> when this controller last wrote its record (monotonic)."""
 
     @classmethod
     def connect(
@@ -164,8 +177,12 @@ class Controller:
         waves: list[int] | None = None,
         max_failures: int = 0,
         wave_timeout_s: float = 120.0,
+        gates: RolloutGates | None = None,
     ) -> RolloutRecord:
-        """Plan a rollout of a published version over the online nodes (of a group)."""
+        """Plan a rollout of a published version over the online nodes (of a group).
+
+        `gates` (see `default_gates`) make every wave soak and judge its nodes' health; None
+        passes a wave as soon as its nodes report the version active."""
         artifact = self.book.artifact(name, version)
         if artifact is None:
             msg = f"{name} {version} is not published: run `imu-fleet publish BUNDLE` first"
@@ -177,6 +194,7 @@ class Controller:
             where = f"group {group}" if group else "the fleet"
             msg = f"no online node in {where} (see `imu-fleet nodes`)"
             raise RolloutError(msg)
+        self.require_key_for(targets, "roll out to")
         now = time.time()
         stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
         rollout_id = f"{name}-{version}-{stamp}-{secrets.token_hex(2)}"  # unique within a second
@@ -202,8 +220,68 @@ class Controller:
             nodes={n: NodeOutcome(wave=i) for i, wave in enumerate(plan) for n in wave},
             created_at=now,
             updated_at=now,
+            gates=gates,
         )
-        return self._save(record, f"planned {len(targets)} nodes in {len(plan)} waves")
+        soak = f", soak {gates.soak_s:g} s per wave" if gates else ", no health gates"
+        return self._save(record, f"planned {len(targets)} nodes in {len(plan)} waves{soak}")
+
+    def default_gates(self, node_ids: list[str] | None = None, **thresholds: float) -> RolloutGates:
+        """Gates whose soak lasts `SOAK_INTERVALS` of the slowest telemetry interval among
+        `node_ids` (all known nodes when None; 10 s when none reported one yet)."""
+        views = [v for v in self.view.nodes() if node_ids is None or v.node_id in node_ids]
+        intervals = [v.telemetry.interval_s for v in views if v.telemetry is not None]
+        soak = thresholds.pop("soak_s", None)
+        if soak is None:
+            soak = SOAK_INTERVALS * max([*intervals, 0.0] if intervals else [10.0])
+        return RolloutGates(soak_s=soak, **thresholds)
+
+    # -- signatures and pins ------------------------------------------------------------------
+
+    def require_key_for(self, node_ids: list[str] | Iterable[str], action: str) -> None:
+        """Refuse up front to send unsigned desired states to nodes that take only signed ones
+        (they would refuse each, and a rollback would only look done)."""
+        if self._sign_key is not None:
+            return
+        strict = sorted(
+            n for n in node_ids
+            if (v := self.view.get(n)) is not None and v.model is not None
+            and v.model.signatures_required
+        )  # fmt: skip
+        if strict:
+            shown = ", ".join(strict[:5]) + (
+                f" and {len(strict) - 5} more" if len(strict) > 5 else ""
+            )
+            msg = (
+                f"cannot {action} {shown} without signing: they take only signed desired states "
+                "(trust_key); pass --sign-key with the fleet key"
+            )
+            raise RolloutError(msg)
+
+    def pins(
+        self, group: str | None = None, *, exclude: set[str] | None = None
+    ) -> dict[str, FollowedDesired]:
+        """Nodes (of `group`) that follow a node-level desired state, a pin: a later group or
+        fleet-wide desired state does not reach them."""
+        found: dict[str, FollowedDesired] = {}
+        for view in self.view.nodes():
+            following = view.model.following if view.model else None
+            if following is None or following.scope != "node":
+                continue
+            if (group is None or view.group == group) and view.node_id not in (exclude or set()):
+                found[view.node_id] = following
+        return found
+
+    def unpin(self, node_ids: list[str]) -> list[str]:
+        """Clear the node-level desired state of `node_ids` (signed when the key is given);
+        returns them. Nodes then follow their group's or the fleet's desired state."""
+        self.require_key_for(node_ids, "unpin")
+        for node_id in node_ids:
+            self.session.publish(
+                desired_topic("node", node_id), clear_payload("node", node_id, self._sign_key),
+                retain=True,
+            )  # fmt: skip
+        self.session.wait_published(10)
+        return node_ids
 
     # -- running ----------------------------------------------------------------------------
 
@@ -212,7 +290,7 @@ class Controller:
         while record.state in (RolloutState.RUNNING, RolloutState.PAUSED):
             record = self._obey(record)
             if record.state is RolloutState.PAUSED:  # wait for resume/abort, still heart-beating
-                if time.monotonic() - self._last_saved > HEARTBEAT_S:
+                if self._due(record):
                     record = self._save(record, "paused")
                 time.sleep(PAUSE_POLL_S)
                 continue
@@ -264,12 +342,91 @@ class Controller:
                 return self._roll_back(record, reason, RolloutState.FAILED)
             pending = [n for n in wave if record.nodes[n].state is NodeRolloutState.UPDATING]
             if not pending:
-                record = record.model_copy(update={"wave": index + 1})
+                if record.gates is not None:
+                    record = self._soak(record, wave)
+                    if record.state is not RolloutState.RUNNING:
+                        return record
+                    if record.failures > record.max_failures:
+                        reason = f"{record.failures} nodes failed (budget {record.max_failures})"
+                        return self._roll_back(record, reason, RolloutState.FAILED)
+                record = record.model_copy(update={"wave": index + 1, "soak_until": None})
                 return self._save(record, f"wave {index + 1} passed")
             if changed or time.monotonic() - last_save > HEARTBEAT_S:
                 record = self._save(record, f"wave {index + 1}: {len(pending)} nodes pending")
                 last_save = time.monotonic()
             self.view.wait_changed(0.5)
+
+    def _soak(self, record: RolloutRecord, wave: list[str]) -> RolloutRecord:
+        """Let the wave's active nodes serve for the soak, then judge each against its own
+        numbers before the move and the nodes not moved yet (fleet/rollout/health.py)."""
+        gates = record.gates
+        assert gates is not None
+        if record.soak_until is None:
+            until = time.time() + gates.soak_s
+            record = self._save(record.model_copy(update={"soak_until": until}),
+                                f"wave {record.wave + 1}: soaking {gates.soak_s:g} s")  # fmt: skip
+        assert record.soak_until is not None
+        until, start = record.soak_until, record.soak_until - gates.soak_s
+        while time.time() < until:
+            record = self._obey(record)
+            if record.state is not RolloutState.RUNNING:
+                return record
+            if self._due(record):
+                record = self._save(record, f"wave {record.wave + 1}: soaking")
+            self.view.wait_changed(min(0.5, max(0.0, until - time.time())))
+        record = self._await_reports(record, wave, until)
+        if record.state is not RolloutState.RUNNING:
+            return record
+        unmoved = [n for n, o in record.nodes.items() if o.state is NodeRolloutState.PENDING]
+        cohort = cohort_figures([self.view.soak_reports(n, start)[1] for n in unmoved])
+        nodes = dict(record.nodes)
+        for node_id in wave:
+            outcome = nodes[node_id]
+            if outcome.state is not NodeRolloutState.ACTIVE:
+                continue
+            view = self.view.get(node_id)
+            moved = outcome.moved_at or start
+            prior, soak = self.view.soak_reports(node_id, start)
+            verdict = judge(
+                gates,
+                before=self.view.telemetry_between(node_id, moved - BASELINE_S, moved),
+                soak=soak,
+                prior=prior,
+                cohort=cohort,
+                went_offline=view is None or view.last_offline >= start or not view.online,
+            )
+            update: dict[str, object] = {"health": verdict}
+            if not verdict.passed:
+                update.update(state=NodeRolloutState.FAILED, failed=True, error=verdict.reason)
+            nodes[node_id] = outcome.model_copy(update=update)
+        failed = sum(not o.health.passed for n in wave if (o := nodes[n]).health is not None)
+        event = f"wave {record.wave + 1}: soak over, {failed} failed its gates"
+        return self._save(record.model_copy(update={"nodes": nodes}), event)
+
+    def _await_reports(self, record: RolloutRecord, wave: list[str], until: float) -> RolloutRecord:
+        """Wait until each active node of the wave has reported on the whole soak (a report
+        about time after its start, stamped after its end): a busy node, broker or controller
+        delivers them late. At most another soak, or three of the wave's telemetry intervals
+        (2 s or more); a node still silent then is judged on what it sent."""
+        assert record.gates is not None
+        start = until - record.gates.soak_s
+        active = [n for n in wave if record.nodes[n].state is NodeRolloutState.ACTIVE]
+        views = [self.view.get(n) for n in active]
+        intervals = [v.telemetry.interval_s for v in views if v is not None and v.telemetry]
+        deadline = until + max(record.gates.soak_s, 3 * max(intervals, default=0.0), 2.0)
+
+        def late() -> list[str]:
+            return [n for n in active if not any(t.ts >= until for t in
+                                                 self.view.soak_reports(n, start)[1])]  # fmt: skip
+
+        while late() and time.time() < deadline:
+            record = self._obey(record)
+            if record.state is not RolloutState.RUNNING:
+                return record
+            if self._due(record):
+                record = self._save(record, f"wave {record.wave + 1}: waiting for reports")
+            self.view.wait_changed(0.5)
+        return record
 
     def _collect(
         self, record: RolloutRecord, wave: list[str], *, expired: bool
@@ -298,8 +455,9 @@ class Controller:
             retain=True,
         )
         outcome = record.nodes[node_id].model_copy(
-            update={"state": NodeRolloutState.UPDATING, "previous": previous}
-        )
+            update={"state": NodeRolloutState.UPDATING, "previous": previous,
+                    "moved_at": time.time()}
+        )  # fmt: skip
         return record.model_copy(update={"nodes": {**record.nodes, node_id: outcome}})
 
     def _previous_of(self, view: NodeView | None, rollout_id: str) -> DesiredModel | None:
@@ -332,18 +490,62 @@ class Controller:
         return self._save(record, f"succeeded: {level} desired is now {record.desired.version}")
 
     def _roll_back(self, record: RolloutRecord, reason: str, state: RolloutState) -> RolloutRecord:
+        """Restore every moved node's previous model, then wait (up to the wave timeout) until
+        each reports it active again: only those count as rolled back; the record names the
+        others. Refused up front when nodes take only signed states and there is no key."""
+        moved = [n for n, o in record.nodes.items() if o.state in _MOVED]
+        self.require_key_for(moved, "roll back")
         nodes = dict(record.nodes)
-        for node_id, outcome in record.nodes.items():
-            if outcome.state not in _MOVED:
-                continue
+        for node_id in moved:
+            outcome = record.nodes[node_id]
             if outcome.previous is not None:
                 payload = encode(scoped(outcome.previous, "node", node_id, self._sign_key))
             else:  # nothing known to restore: drop the override
                 payload = clear_payload("node", node_id, self._sign_key)
             self.session.publish(desired_topic("node", node_id), payload, retain=True)
-            nodes[node_id] = outcome.model_copy(update={"state": NodeRolloutState.ROLLED_BACK})
-        update = {"nodes": nodes, "state": state, "reason": f"{reason}; moved nodes rolled back"}
-        return self._save(record.model_copy(update=update), f"stopped: {reason}; rolled back")
+            failed = outcome.failed or outcome.state is NodeRolloutState.FAILED
+            nodes[node_id] = outcome.model_copy(
+                update={"state": NodeRolloutState.ROLLING_BACK, "failed": failed}
+            )
+        record = self._save(record.model_copy(update={"nodes": nodes, "state": state,
+                                                      "reason": reason}),
+                            f"stopped: {reason}; rolling {len(moved)} nodes back")  # fmt: skip
+        deadline = time.monotonic() + record.wave_timeout_s
+        while True:
+            record, waiting = self._confirm_rollback(record)
+            if not waiting or time.monotonic() > deadline:
+                break
+            if self._due(record):
+                record = self._save(record, f"rollback: {len(waiting)} nodes not back yet")
+            self.view.wait_changed(0.5)
+        back = len(moved) - len(waiting)
+        summary = f"{reason}; rolled back {back} of {len(moved)} moved nodes"
+        if waiting:
+            summary += f"; not confirmed: {', '.join(sorted(waiting))}"
+        return self._save(record.model_copy(update={"reason": summary}), f"stopped: {summary}")
+
+    def _confirm_rollback(self, record: RolloutRecord) -> tuple[RolloutRecord, list[str]]:
+        """Mark as rolled back the nodes that report their previous model active again (or a
+        model other than the new one, when none was known); returns the others."""
+        nodes, waiting = dict(record.nodes), []
+        for node_id, outcome in record.nodes.items():
+            if outcome.state is not NodeRolloutState.ROLLING_BACK:
+                continue
+            view = self.view.get(node_id)
+            state = view.model if view else None
+            active = state.active if state else None  # what it serves, also after a refusal
+            heading = state.target if state and state.state is not ModelLifecycle.FAILED else None
+            back = (
+                active is not None
+                and active.version != record.desired.version
+                and (outcome.previous is None or active.version == outcome.previous.version)
+                and (heading is None or heading.version != record.desired.version)
+            )
+            if back:
+                nodes[node_id] = outcome.model_copy(update={"state": NodeRolloutState.ROLLED_BACK})
+            else:
+                waiting.append(node_id)
+        return record.model_copy(update={"nodes": nodes}), waiting
 
     def _obey(self, record: RolloutRecord) -> RolloutRecord:
         """Apply a command an operator set on the retained record."""
@@ -374,8 +576,12 @@ class Controller:
         logger.info("%s: %s", record.rollout_id, event)
         if self._progress is not None:
             self._progress(record, event)
-        self._last_saved = time.monotonic()
+        self._last_saved[record.rollout_id] = time.monotonic()
         return record
+
+    def _due(self, record: RolloutRecord) -> bool:
+        """True when `record` needs its heartbeat write."""
+        return time.monotonic() - self._last_saved.get(record.rollout_id, 0.0) > HEARTBEAT_S
 
     def _hand_over(self, latest: RolloutRecord) -> None:
         """Stop driving: republish the newer record (a late write of ours must not stay the

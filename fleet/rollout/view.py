@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
 from pydantic import BaseModel, ValidationError
@@ -16,6 +17,11 @@ from pydantic import BaseModel, ValidationError
 from common.mqtt.session import Handler, MqttSession
 from schemas import topics
 from schemas.messages import NodeModelState, NodeState, NodeStatus, Telemetry
+
+HISTORY = 64
+"""Telemetry messages kept per node: minutes at the default 10 s interval."""
+SLACK_S = 0.05
+"""Clock slack when placing a report's interval against a moment."""
 
 
 @dataclass
@@ -27,6 +33,10 @@ class NodeView:
     model: NodeModelState | None = None
     telemetry: Telemetry | None = None
     seen: float = 0.0
+    history: deque[Telemetry] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    """The latest telemetry messages, oldest first (health gates compare them)."""
+    last_offline: float = 0.0
+    """When its status last said anything but online (0: never seen so)."""
 
     @property
     def online(self) -> bool:
@@ -47,14 +57,14 @@ class FleetView:
         self._nodes: dict[str, NodeView] = {}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        for topic_filter, model, field in (
+        for topic_filter, model, attribute in (
             (topics.NODES_STATUS_FILTER, NodeStatus, "status"),
             (topics.NODES_MODEL_FILTER, NodeModelState, "model"),
             (topics.NODES_TELEMETRY_FILTER, Telemetry, "telemetry"),
         ):
-            session.route(topic_filter, self._handler(model, field))
+            session.route(topic_filter, self._handler(model, attribute))
 
-    def _handler(self, model: type[BaseModel], field: str) -> Handler:
+    def _handler(self, model: type[BaseModel], attribute: str) -> Handler:
         def on_message(message: mqtt.MQTTMessage) -> None:
             node_id = topics.node_of(message.topic)
             if node_id is None or not message.payload:
@@ -65,8 +75,12 @@ class FleetView:
                 return  # not ours to judge: a node of another version, or garbage
             with self._changed:
                 view = self._nodes.setdefault(node_id, NodeView(node_id))
-                setattr(view, field, value)
+                setattr(view, attribute, value)
                 view.seen = time.time()
+                if isinstance(value, Telemetry):
+                    view.history.append(value)
+                elif isinstance(value, NodeStatus) and value.state is not NodeState.ONLINE:
+                    view.last_offline = view.seen
                 self._changed.notify_all()
 
         return on_message
@@ -80,6 +94,23 @@ class FleetView:
         """One node's view."""
         with self._lock:
             return self._nodes.get(node_id)
+
+    def soak_reports(self, node_id: str, start: float) -> tuple[Telemetry | None, list[Telemetry]]:
+        """A node's reports about the time since `start`: those whose interval (telemetry
+        reports on the `interval_s` before its stamp) began at or after it; and the report just
+        before the first of them (its counters are where the soak's deltas start)."""
+        with self._lock:
+            view = self._nodes.get(node_id)
+            history = list(view.history) if view else []
+        inside = [t for t in history if t.ts - t.interval_s >= start - SLACK_S]
+        first = history.index(inside[0]) if inside else len(history)
+        return (history[first - 1] if first > 0 else None), inside
+
+    def telemetry_between(self, node_id: str, start: float, end: float) -> list[Telemetry]:
+        """A node's kept telemetry stamped in [start, end), oldest first."""
+        with self._lock:
+            view = self._nodes.get(node_id)
+            return [t for t in view.history if start <= t.ts < end] if view else []
 
     def wait_changed(self, timeout: float) -> None:
         """Block until any node message arrives (or timeout)."""

@@ -14,6 +14,11 @@ version, expiry, size, shape, golden) is the node's own code. Shared, to fit 1,0
 Sensors are not simulated: per telemetry interval a node runs one golden window through its
 pipeline, so `windows_per_s` and latency count that tiny load (`backend_reason` says so); RSS is
 the whole simulator process's.
+
+A model version can be made to degrade once active (`degrade={"1.4.0": "errors"}`), for testing
+health-gated rollouts: `errors` fails every window (reported as inference errors), `latency` adds
+`DEGRADED_LATENCY_MS` to every latency it reports (added to the figure, not slept), `crash`
+restarts the node every telemetry interval (offline, then a new instance from zero).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import psutil
 
@@ -59,6 +65,9 @@ SIMULATED = "simulated node: no sensor input, one golden window per telemetry in
 """`backend_reason` in every simulated node's status and telemetry."""
 CONNECT_BATCH = 50
 """Nodes started at once before waiting for their CONNACKs."""
+Degradation = Literal["errors", "latency", "crash"]
+DEGRADED_LATENCY_MS = 80.0
+"""What `latency` degradation adds to each reported latency (over the 50 ms target)."""
 
 
 class _SimNode:
@@ -66,6 +75,7 @@ class _SimNode:
 
     def __init__(self, node_id: str, group: str, fleet: SimulatedFleet, net: NetLoop) -> None:
         self.node_id, self.group = node_id, group
+        self.degrade = fleet.degrade
         self.pipeline = fleet.models.load(fleet.initial)
         self.instance = uuid.uuid4().hex[:12]
         self.metrics = NodeMetrics()
@@ -101,6 +111,15 @@ class _SimNode:
         self.session.publish(topic, self.status(NodeState.ONLINE), retain=True)
         self.manager.publish_state()
 
+    def _crash(self) -> None:
+        """Die and come back as a new process would: offline (the will), then a new instance
+        from zero with its birth."""
+        topic = topics.node_status(self.node_id)
+        self.session.publish(topic, self.status(NodeState.OFFLINE, "simulated crash"), retain=True)
+        self.instance = uuid.uuid4().hex[:12]
+        self.metrics.reset()
+        self._announce()
+
     def _publish_qos1(self, topic: str, payload: bytes) -> bool:
         return self.session.publish(topic, payload, qos=1)
 
@@ -111,13 +130,22 @@ class _SimNode:
     def telemetry(self, window: FloatArray, rss_mb: float, peak_mb: float) -> Telemetry:
         """Run one golden window through the served pipeline; report the interval."""
         pipeline, started = self.pipeline, time.perf_counter()
+        degraded = self.degrade.get(pipeline.ref.version)
+        if degraded == "crash":
+            self._crash()
+        self.metrics.window_accepted()
         try:
+            if degraded == "errors":
+                msg = f"simulated: {pipeline.ref.version} fails every window"
+                raise NodeError(msg)
             pipeline.run(window)
         except NodeError as exc:
             self.reporter.report(ErrorKind.INFERENCE, f"golden window failed: {exc}")
         else:
-            self.metrics.window_accepted()
-            self.metrics.batch_done(1, [(time.perf_counter() - started) * 1000], 0)
+            latency_ms = (time.perf_counter() - started) * 1000
+            if degraded == "latency":
+                latency_ms += DEGRADED_LATENCY_MS
+            self.metrics.batch_done(1, [latency_ms], 0)
         interval = self.metrics.take_interval()
         windows_in, done, published, dropped, errors = self.metrics.totals()
         return Telemetry(
@@ -152,6 +180,7 @@ class SimulatedFleet:
         protocol: str = "5",
         trust_key: Path | None = None,
         file_url_root: Path | None = None,
+        degrade: dict[str, Degradation] | None = None,
     ) -> None:
         if count < 1 or groups < 1 or telemetry_interval_s <= 0:
             msg = "need count >= 1, groups >= 1 and telemetry_interval_s > 0"
@@ -169,6 +198,8 @@ class SimulatedFleet:
             self._temp = tempfile.TemporaryDirectory(prefix="imu-sim-cache-")
         self.cache_dir = cache_dir or Path(self._temp.name)  # type: ignore[union-attr]
         self.models = SharedModels()
+        self.degrade: dict[str, Degradation] = dict(degrade or {})
+        """Model version -> how a node serving it degrades (tests of health gates)."""
         self._interval = telemetry_interval_s
         self._window: FloatArray = self.initial.golden()[0][:1]
         self._nodes: list[_SimNode] = []
@@ -245,20 +276,23 @@ class SimulatedFleet:
         logger.info("%d simulated nodes stopped (%s)", len(self._nodes), reason)
 
     def _telemetry_loop(self) -> None:
-        """One telemetry message per node per interval, spread evenly over the interval."""
+        """One telemetry message per node per interval, spread evenly over the interval. Each
+        node has its slot in the interval; a loop that falls behind (a busy process) does not
+        sleep until it has caught up, so the rounds keep to the interval while the work fits."""
         gap, process = self._interval / len(self._nodes), psutil.Process()
         for node in self._nodes:
             node.metrics.take_interval()  # the first message covers a whole interval
-        if self._stopped.wait(self._interval - gap):
-            return
+        due = time.monotonic() + self._interval - gap
         while True:
             for node in self._nodes:
-                if self._stopped.wait(gap):
+                if self._stopped.wait(max(0.0, due - time.monotonic())):
                     return
+                due += gap
                 rss_mb = round(process.memory_info().rss / 2**20, 1)
                 peak_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
                 payload = encode(node.telemetry(self._window, rss_mb, peak_mb))
                 node.session.publish(topics.node_telemetry(node.node_id), payload, qos=0)
+            due = max(due, time.monotonic())  # a round that overran: the next starts now
 
 
 def raise_open_files(needed: int) -> None:
@@ -284,11 +318,13 @@ def simulate_nodes(
     trust_key: Path | None = None,
     duration: float | None = None,
     progress: Callable[[int, int], None] | None = None,
+    degrade: dict[str, Degradation] | None = None,
 ) -> int:
     """`imu-fleet simulate nodes`: run `count` nodes for `duration` s (None: until Ctrl-C)."""
     fleet = SimulatedFleet(
         broker, bundle, count=count, prefix=prefix, groups=groups, cache_dir=cache_dir,
         telemetry_interval_s=telemetry_interval_s, protocol=protocol, trust_key=trust_key,
+        degrade=degrade,
     )  # fmt: skip
     try:
         fleet.start(progress)

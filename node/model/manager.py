@@ -340,6 +340,7 @@ class ModelManager:
             active_size=self._active_size,
             following=self._following(),
             motif_labels=self._active.bundle.manifest.motif_labels,
+            signatures_required=self.settings.trusted_key is not None,
         )
         if publish:
             self.publish_state()
