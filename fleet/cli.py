@@ -203,6 +203,13 @@ def _add_simulate(sub: Subparsers[argparse.ArgumentParser]) -> None:
     nodes.add_argument("--groups", type=int, default=1, help="spread over PREFIX-g0.. (1)")
     nodes.add_argument("--duration", type=float, default=None, help="seconds (default: forever)")
     nodes.add_argument("--trust-key", type=Path, help="fleet public key the nodes require")
+    nodes.add_argument("--telemetry-interval", type=float, default=5.0,
+                       help="seconds between a node's telemetry messages (5)")  # fmt: skip
+    nodes.add_argument(
+        "--degrade", action="append", default=[], metavar="VERSION=MODE",
+        help="make nodes serving VERSION degrade once it is active, to try health gates: "
+        "errors (every window fails), latency (+80 ms), crash (restart every interval)",
+    )  # fmt: skip
     _broker_options(nodes)
 
 
@@ -256,13 +263,25 @@ def _add_rollouts(sub: Subparsers[argparse.ArgumentParser]) -> None:
 
     rollout = sub.add_parser(
         "rollout",
-        help="roll a published version out in waves, live; rolls back past the failure budget",
+        help="roll a published version out in waves, health-gated; rolls back past the budget",
         description="Moves nodes by setting their node-level desired state: a canary wave, then "
-        "waves reaching each cumulative percentage. A wave passes when every node reports the "
-        "new version active within --wave-timeout. More than --max-failures failed nodes stop "
-        "the rollout and restore each moved node's previous model. On success the group (or "
+        "waves reaching each cumulative percentage. A wave's nodes must report the new version "
+        "active within --wave-timeout, then the wave soaks (--soak) and each moved node's "
+        "telemetry is judged against its own before the move and the nodes not moved yet: error "
+        "rate, p95 latency, results per window in, restarts and going offline. More than "
+        "--max-failures failed nodes stop the rollout and restore each moved node's previous "
+        "model; the record names those that did not confirm it. On success the group (or "
         "fleet-wide) desired state names the new version. The record is retained on "
-        "fleet/rollouts/ID; `imu-fleet resume ID` continues one whose controller died.",
+        "fleet/rollouts/ID; a running `imu-fleet controller` (or `imu-fleet resume ID`) "
+        "continues one whose controller died.",
+        epilog="""examples:
+  imu-fleet rollout tcn-vae 1.4.0 --group line-3 --canary 1 --waves 25,50,100 \\
+      --max-failures 1 --sign-key keys/fleet.key
+  imu-fleet rollout tcn-vae 1.4.0 --soak 120 --max-p95-ratio 1.3   # stricter, longer soak
+  imu-fleet rollout tcn-vae 1.4.0 --detach    # plan it; `imu-fleet controller` drives it
+  imu-fleet rollout tcn-vae 1.4.0 --clear-pins  # node-level pins would keep nodes out
+""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     rollout.add_argument("name")
     rollout.add_argument("version")
@@ -273,28 +292,129 @@ def _add_rollouts(sub: Subparsers[argparse.ArgumentParser]) -> None:
     )
     rollout.add_argument("--max-failures", type=int, default=0, help="failed nodes tolerated")
     rollout.add_argument("--wave-timeout", type=float, default=120.0, help="seconds per wave")
-    rollout.add_argument(
-        "--sign-key", type=Path, help="fleet private key: sign desired states (rollbacks)"
+    gates = rollout.add_argument_group("health gates (per wave, after its nodes are active)")
+    gates.add_argument(
+        "--soak", type=float,
+        help="seconds each wave soaks (default: 3 telemetry intervals of its nodes, 30 s at "
+        "the default 10 s)",
+    )  # fmt: skip
+    gates.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=0.02,
+        help="node-side errors per window allowed above the reference (0.02)",
     )
+    gates.add_argument(
+        "--max-p95-ratio",
+        type=float,
+        default=1.5,
+        help="p95 allowed, as a multiple of the reference (1.5)",
+    )
+    gates.add_argument(
+        "--p95-floor-ms", type=float, default=5.0, help="a p95 under this always passes (5 ms)"
+    )
+    gates.add_argument(
+        "--min-results-ratio",
+        type=float,
+        default=0.95,
+        help="results per window in, as a share of the node's own before (0.95)",
+    )
+    gates.add_argument(
+        "--no-gates",
+        action="store_true",
+        help="pass a wave as soon as its nodes are active (no soak, no health)",
+    )
+    rollout.add_argument(
+        "--clear-pins", action="store_true",
+        help="clear node-level desired states of nodes left out of the rollout first (without "
+        "it, they are listed: they would stay on their pinned version)",
+    )  # fmt: skip
+    rollout.add_argument(
+        "--detach",
+        action="store_true",
+        help="plan and leave it to a running `imu-fleet controller`",
+    )
+    rollout.add_argument(
+        "--sign-key", type=Path, help="fleet private key: sign desired states (required when "
+        "nodes have a trust key)",
+    )  # fmt: skip
     _broker_options(rollout)
 
-    status = sub.add_parser("status", help="rollouts on the broker (one in detail with its id)")
+    status = sub.add_parser(
+        "status", help="rollouts on the broker (one in detail with its id)",
+        epilog="examples:\n  imu-fleet status\n  imu-fleet status ROLLOUT-ID   # per node, with "
+        "the gates' figures\n  imu-fleet status --json | jq '.[0].state'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     status.add_argument("rollout", nargs="?")
+    status.add_argument("--json", action="store_true", help="the records as JSON, for scripts")
     _broker_options(status)
 
-    nodes = sub.add_parser("nodes", help="table: node, online, model, state, windows/s, p95")
+    nodes = sub.add_parser(
+        "nodes", help="table: node, online, model, state, windows/s, p95, what it follows",
+        epilog="examples:\n  imu-fleet nodes\n  imu-fleet nodes --json | jq '.[] | "
+        "select(.drift != null)'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     nodes.add_argument("--wait", type=float, default=3.0, help="seconds to collect telemetry (3)")
+    nodes.add_argument("--json", action="store_true", help="one object per node, for scripts")
     _broker_options(nodes)
 
-    for command, text in (
-        ("pause", "pause a running rollout after the current step"),
-        ("resume", "resume a paused rollout, or take over one whose controller died"),
-        ("abort", "stop a rollout where it is (nodes keep what they run)"),
-        ("rollback", "restore every moved node's previous model"),
-    ):
-        control = sub.add_parser(command, help=text)
+    unpin = sub.add_parser(
+        "unpin", help="clear node-level desired states: the nodes follow their group again",
+        epilog="examples:\n  imu-fleet unpin pi-0042 --sign-key keys/fleet.key\n"
+        "  imu-fleet unpin --all --group line-3 --sign-key keys/fleet.key",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    unpin.add_argument("nodes", nargs="*", help="node ids")
+    unpin.add_argument("--all", action="store_true", help="every pinned node (of --group)")
+    unpin.add_argument("--group", help="with --all: only this group's nodes")
+    unpin.add_argument("--sign-key", type=Path, help="fleet private key (required when nodes "
+                       "have a trust key)")  # fmt: skip
+    _broker_options(unpin)
+
+    controller = sub.add_parser(
+        "controller",
+        help="long-running service: drives every rollout whose controller is gone",
+        description="Watches the retained rollout records and takes over every running or "
+        "paused rollout no live controller drives (a killed or --detach'ed `imu-fleet "
+        "rollout`, another service that died). Several may run: the records' take-over epochs "
+        "decide. Serves /metrics (bearer token unless on loopback) and /healthz. Unit: "
+        "compose/imu-fleet-controller.service.",
+        epilog="examples:\n  imu-fleet controller --sign-key keys/fleet.key\n"
+        "  imu-fleet controller --name site-a --listen 0.0.0.0:9109 --token-file ctl.token",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    controller.add_argument("--name", help="stable id: its client id is imu-fleet-controller-NAME")
+    controller.add_argument(
+        "--listen",
+        default="127.0.0.1:9109",
+        help="HOST:PORT for /metrics and /healthz (127.0.0.1:9109)",
+    )
+    controller.add_argument("--token-file", type=Path, help="bearer token for /metrics")
+    controller.add_argument(
+        "--poll",
+        type=float,
+        default=1.0,
+        help="seconds between looks for rollouts to take over (1)",
+    )
+    controller.add_argument("--sign-key", type=Path, help="fleet private key (signs what it "
+                            "publishes; required when nodes have a trust key)")  # fmt: skip
+    _broker_options(controller)
+
+    for command, text, example in (
+        ("pause", "pause a running rollout after the current step", "imu-fleet pause ID"),
+        ("resume", "resume a paused rollout, or take over one whose controller died",
+         "imu-fleet resume ID --sign-key keys/fleet.key"),
+        ("abort", "stop a rollout where it is (nodes keep what they run)", "imu-fleet abort ID"),
+        ("rollback", "restore every moved node's previous model; says which nodes confirmed",
+         "imu-fleet rollback ID --sign-key keys/fleet.key"),
+    ):  # fmt: skip
+        control = sub.add_parser(command, help=text, epilog=f"example:\n  {example}",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
         control.add_argument("rollout", help="rollout id (see `imu-fleet status`)")
-        control.add_argument("--sign-key", type=Path, help="fleet private key (rollbacks)")
+        control.add_argument("--sign-key", type=Path, help="fleet private key (required when "
+                             "nodes have a trust key)")  # fmt: skip
         _broker_options(control)
 
 
@@ -366,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         "rollout": _rollouts,
         "status": _rollouts,
         "nodes": _rollouts,
+        "unpin": _rollouts,
+        "controller": _rollouts,
         "pause": _rollouts,
         "resume": _rollouts,
         "abort": _rollouts,
@@ -510,6 +632,8 @@ def _rollouts(args: argparse.Namespace) -> int:
         "rollout": commands.cmd_rollout,
         "status": commands.cmd_status,
         "nodes": commands.cmd_nodes,
+        "unpin": commands.cmd_unpin,
+        "controller": commands.cmd_controller,
     }
     return handlers.get(args.command, commands.cmd_control)(args)
 
@@ -547,11 +671,18 @@ def _simulate(args: argparse.Namespace) -> int:
         if args.broker.credentials != Credentials():
             msg = "simulated nodes do not log in: run them against an open test broker"
             raise ValueError(msg)
+        degrade = {}
+        for item in args.degrade:
+            version, _, mode = item.partition("=")
+            if mode not in ("errors", "latency", "crash"):
+                msg = f"--degrade {item!r}: give VERSION=errors|latency|crash"
+                raise ValueError(msg)
+            degrade[version] = mode
         return simulate_nodes(
             str(args.broker.address), args.bundle, args.count, prefix=args.prefix,
-            groups=args.groups,
+            groups=args.groups, telemetry_interval_s=args.telemetry_interval,
             trust_key=args.trust_key, protocol=args.mqtt_protocol, duration=args.duration,
-            progress=connected,
+            progress=connected, degrade=degrade,
         )  # fmt: skip
 
     simulator = SensorSimulator(

@@ -48,6 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose"
 COMPOSE_FILES = sorted(COMPOSE.glob("*.yml"))
 UNIT = COMPOSE / "imu-node.service"
+UNITS = sorted(COMPOSE.glob("*.service"))
+"""Every shipped unit: the node's and the rollout controller's."""
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 NODE_ID = "pi-0042"
 DASHBOARD = "ops"
@@ -752,39 +754,55 @@ def _memory(text: str) -> int:
     return int(number) * 1024 ** " KMG".index(unit.upper() or " ")
 
 
-def _unit_for_analysis(tmp_path: Path) -> Path:
+def _unit_for_analysis(tmp_path: Path, unit: Path) -> Path:
     """The unit with ExecStart pointed at a program that exists here; all else untouched."""
     program = shutil.which("true") or sys.executable
-    text = re.sub(r"(?m)^ExecStart=\S+", f"ExecStart={program}", UNIT.read_text())
-    assert text != UNIT.read_text()
-    copy_path = tmp_path / UNIT.name
+    text = re.sub(r"(?m)^ExecStart=\S+", f"ExecStart={program}", unit.read_text())
+    assert text != unit.read_text()
+    copy_path = tmp_path / unit.name
     copy_path.write_text(text)
     return copy_path
 
 
-def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path, unit: Path) -> None:
     analyze = require_program("systemd-analyze", "systemd")
-    unit = _unit_for_analysis(tmp_path)
+    copy = _unit_for_analysis(tmp_path, unit)
     result = subprocess.run(
-        [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
+        [analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60, check=False
     )
     complaints = [
-        line for line in (result.stdout + result.stderr).splitlines() if UNIT.name in line
+        line for line in (result.stdout + result.stderr).splitlines() if unit.name in line
     ]
     assert result.returncode == 0, result.stdout + result.stderr
     assert not complaints, result.stdout + result.stderr
 
 
-def test_unit_sandbox_exposure_stays_low(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
+def test_unit_sandbox_exposure_stays_low(tmp_path: Path, unit: Path) -> None:
     analyze = require_program("systemd-analyze", "systemd")
-    unit = _unit_for_analysis(tmp_path)
+    copy = _unit_for_analysis(tmp_path, unit)
     result = subprocess.run(
-        [analyze, "security", "--offline=true", "--no-pager", str(unit)],
+        [analyze, "security", "--offline=true", "--no-pager", str(copy)],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     match = re.search(r"Overall exposure level for \S+: ([\d.]+)", result.stdout + result.stderr)
     assert match, result.stdout + result.stderr
     assert float(match.group(1)) <= 2.5, result.stdout
+    print(f"{unit.name}: exposure {match.group(1)}")
+
+
+def test_the_controller_unit_runs_the_service_the_cli_has() -> None:
+    from fleet.cli import build_parser
+
+    unit = COMPOSE / "imu-fleet-controller.service"
+    (exec_start,) = [line.partition("=")[2] for line in unit.read_text().splitlines()
+                     if line.startswith("ExecStart=")]  # fmt: skip
+    argv = exec_start.split()[1:]
+    args = build_parser().parse_args(argv)
+    assert args.command == "controller"
+    assert args.sign_key is not None
+    assert args.token_file is not None
 
 
 def test_unit_keeps_its_hardening_and_limits() -> None:

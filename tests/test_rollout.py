@@ -237,7 +237,7 @@ def test_a_killed_controller_process_is_taken_over_at_once_by_resume(
     report_node(probe, laggard, group, "1.0.0")
     rollout = subprocess.Popen(
         fleet_cli(broker, "rollout", "tcn-reference", "1.1.0", "--group", group, "--canary", "1",
-                  "--waves", "100", "--wave-timeout", "60"),
+                  "--waves", "100", "--wave-timeout", "60", "--no-gates"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:

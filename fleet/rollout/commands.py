@@ -1,4 +1,5 @@
-"""Operator commands: `imu-fleet publish|rollout|status|nodes|pause|resume|abort|rollback`.
+"""Operator commands: `imu-fleet publish|rollout|status|nodes|unpin|controller|pause|resume|
+abort|rollback`.
 
 Each opens one MQTT session, lets the retained fleet state arrive, acts, and prints for people.
 """
@@ -6,6 +7,7 @@ Each opens one MQTT session, lets the retained fleet state arrive, acts, and pri
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -14,7 +16,13 @@ from contextlib import contextmanager
 from fleet.distribution import publish_bundle
 from fleet.rollout.controller import Controller, RolloutError, send_command
 from fleet.rollout.view import NodeView
-from schemas.messages import NodeModelState, RolloutRecord, RolloutState
+from schemas.messages import (
+    NodeHealth,
+    NodeModelState,
+    NodeRolloutState,
+    RolloutRecord,
+    RolloutState,
+)
 
 SETTLE_S = 1.5
 """Time for retained node, artifact and rollout messages to arrive after subscribing."""
@@ -63,8 +71,19 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    """`imu-fleet rollout NAME VERSION`: plan and drive a rollout, live."""
+    """`imu-fleet rollout NAME VERSION`: plan and drive a rollout, live (or `--detach`)."""
     with controller_session(args, progress=True) as controller:
+        pins = controller.pins(args.group)
+        if pins and args.clear_pins:
+            controller.unpin(sorted(pins))
+            print(f"cleared the node-level pins of {len(pins)} nodes: {', '.join(sorted(pins))}")
+        gates = None
+        if not args.no_gates:
+            gates = controller.default_gates(
+                soak_s=args.soak, max_error_rate=args.max_error_rate,
+                max_p95_ratio=args.max_p95_ratio, p95_floor_ms=args.p95_floor_ms,
+                min_results_ratio=args.min_results_ratio,
+            )  # fmt: skip
         record = controller.start(
             args.name,
             args.version,
@@ -73,8 +92,22 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             waves=[int(p) for p in args.waves.split(",")],
             max_failures=args.max_failures,
             wave_timeout_s=args.wave_timeout,
+            gates=gates,
         )
+        left_out = {n: f for n, f in pins.items() if n not in record.nodes}
+        if left_out and not args.clear_pins:
+            print(f"warning: {len(left_out)} nodes are pinned by a node-level desired state and "
+                  "stay on it whatever this rollout does (--clear-pins, or `imu-fleet unpin`):",
+                  file=sys.stderr)  # fmt: skip
+            for node_id, pin in sorted(left_out.items()):
+                by = f" by {pin.rollout_id}" if pin.rollout_id else ""
+                print(f"  {node_id}: {pin.version} set {_ago(pin.issued_at)}{by}", file=sys.stderr)
+        if args.detach:
+            print(f"{record.rollout_id}: planned; a running `imu-fleet controller` drives it "
+                  f"(`imu-fleet status {record.rollout_id}`)")  # fmt: skip
+            return 0
         final = controller.run(record)
+    print(format_record(final, detailed=True))
     return 0 if final.state is RolloutState.SUCCEEDED else 1
 
 
@@ -89,17 +122,75 @@ def cmd_control(args: argparse.Namespace) -> int:
         if not active and args.command != "rollback":
             print(f"{record.rollout_id} is {record.state}: nothing to {args.command}")
             return 1
+        if args.command in ("rollback", "resume"):  # refuse now, not after a half-done job
+            moved = [n for n, o in record.nodes.items() if o.state is not NodeRolloutState.PENDING]
+            controller.require_key_for(moved if args.command == "rollback" else list(record.nodes),
+                                       args.command)  # fmt: skip
         if active and controller.is_driven(record):  # a live controller is running it: ask
             send_command(controller.session, record, args.command)
-            print(f"{record.rollout_id}: asked the running controller to {args.command}")
+            print(
+                f"{record.rollout_id}: asked the running controller to {args.command}; "
+                f"`imu-fleet status {record.rollout_id}` shows what the nodes confirm"
+            )
             return 0
         final = controller.take_over(record, args.command)  # its controller is gone: act here
         print(f"{final.rollout_id}: {final.state}")
+        if args.command == "rollback":
+            print(format_record(final, detailed=True))
+            return _rollback_verdict(final)
         return 0 if final.state is not RolloutState.FAILED else 1
 
 
+def _rollback_verdict(record: RolloutRecord) -> int:
+    """Say which nodes confirmed the rollback; exit 1 unless all of them did."""
+    back = [n for n, o in record.nodes.items() if o.state is NodeRolloutState.ROLLED_BACK]
+    missing = [n for n, o in record.nodes.items() if o.state is NodeRolloutState.ROLLING_BACK]
+    print(f"rolled back (each node reported its previous model active): {len(back)}")
+    if missing:
+        print(f"NOT confirmed ({len(missing)}), still asked to go back: {', '.join(missing)}")
+        return 1
+    return 0
+
+
+def cmd_unpin(args: argparse.Namespace) -> int:
+    """`imu-fleet unpin NODE... | --all [--group G]`."""
+    if bool(args.nodes) == bool(args.all):
+        print("give node ids, or --all (with --group to limit it)", file=sys.stderr)
+        return 2
+    with controller_session(args) as controller:
+        targets = sorted(controller.pins(args.group)) if args.all else list(args.nodes)
+        if not targets:
+            print("no node follows a node-level desired state")
+            return 0
+        controller.unpin(targets)
+    print(f"cleared the node-level desired state of {len(targets)} nodes: {', '.join(targets)}")
+    print("they follow their group's (or the fleet's) desired state again; "
+          "`imu-fleet nodes` shows what each follows")  # fmt: skip
+    return 0
+
+
+def cmd_controller(args: argparse.Namespace) -> int:
+    """`imu-fleet controller`: the long-running service (fleet/rollout/service.py)."""
+    import signal  # noqa: PLC0415
+
+    from fleet.rollout.service import ControllerService, serve  # noqa: PLC0415
+
+    service = ControllerService(
+        args.broker, protocol=args.mqtt_protocol, name=args.name, sign_key=args.sign_key,
+        poll_s=args.poll,
+    )  # fmt: skip
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: service.request_stop())
+    print(f"controller {service.controller_id} running; SIGTERM stops it", flush=True)
+    return serve(service, args.listen, args.token_file)
+
+
+def _ago(stamp: float) -> str:
+    return f"{max(0.0, time.time() - stamp):.0f} s ago"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    """`imu-fleet status [ROLLOUT]`."""
+    """`imu-fleet status [ROLLOUT] [--json]`."""
     with controller_session(args) as controller:
         records = controller.records()
         if args.rollout:
@@ -107,6 +198,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             if not records:
                 print(f"no rollout {args.rollout!r}", file=sys.stderr)
                 return 1
+        if args.json:
+            print(json.dumps([{**r.model_dump(mode="json"), "failures": r.failures}
+                              for r in records], indent=2))  # fmt: skip
+            return 0
         if not records:
             print("no rollouts on the broker")
         for record in records:
@@ -117,35 +212,77 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def format_record(record: RolloutRecord, *, detailed: bool, driven: bool | None = None) -> str:
-    """A rollout as text: one line, or a line per node.
+    """A rollout as text: one line, or a line per node (with the health gates' figures).
 
     `driven` (for running or paused rollouts) says whether a live controller drives it; when
     not, the line tells the operator how to take it over.
     """
     age = time.time() - record.updated_at
+    gates = f"  soak {record.gates.soak_s:g} s" if record.gates else "  no gates"
     lines = [
         f"{record.rollout_id}  {record.state:<11} {record.desired.name} {record.desired.version}  "
         f"wave {min(record.wave + 1, len(record.waves))}/{len(record.waves)}  "
-        f"failures {record.failures}/{record.max_failures}  updated {age:.0f} s ago"
-        + (f"  ({record.reason})" if record.reason else "")
+        f"failures {record.failures}/{record.max_failures} allowed{gates}  "
+        f"updated {age:.0f} s ago" + (f"  ({record.reason})" if record.reason else "")
     ]
     if driven is False:
         lines[0] += f"  [no live controller: imu-fleet resume {record.rollout_id}]"
     if detailed:
-        lines.extend(
-            f"  {node:<24} wave {o.wave + 1:<3} {o.state:<12} {o.error or ''}"
-            for node, o in sorted(record.nodes.items(), key=lambda kv: (kv[1].wave, kv[0]))
-        )
+        for node, o in sorted(record.nodes.items(), key=lambda kv: (kv[1].wave, kv[0])):
+            mark = " FAILED" if o.failed and o.state is not NodeRolloutState.FAILED else ""
+            lines.append(f"  {node:<24} wave {o.wave + 1:<3} {o.state:<12}{mark} {o.error or ''}")
+            if o.health is not None:
+                lines.append(f"  {'':<24} {_health_line(o.health)}")
     return "\n".join(lines)
 
 
+def _health_line(health: NodeHealth) -> str:
+    def pair(value: float | None, reference: float | None, form: str) -> str:
+        shown = "-" if value is None else format(value, form)
+        return shown + ("" if reference is None else f" (ref {format(reference, form)})")
+
+    verdict = "passed" if health.passed else "failed"
+    return (
+        f"gates {verdict}: {health.soak_samples} reports, {health.windows} windows, errors/window "
+        f"{pair(health.error_rate, health.reference_error_rate, '.3f')}, p95 ms "
+        f"{pair(health.p95_ms, health.reference_p95_ms, '.1f')}, results/window "
+        f"{pair(health.results_ratio, health.reference_results_ratio, '.2f')}"
+    )
+
+
 def cmd_nodes(args: argparse.Namespace) -> int:
-    """`imu-fleet nodes`: one line per node."""
+    """`imu-fleet nodes [--json]`: one line (or object) per node."""
     with controller_session(args) as controller:
         time.sleep(args.wait)  # telemetry is periodic, not retained
         nodes = controller.view.nodes()
+    if args.json:
+        print(json.dumps([_node_json(view) for view in nodes], indent=2))
+        return 0
     print(format_nodes(nodes))
     return 0
+
+
+def _node_json(view: NodeView) -> dict[str, object]:
+    model, telemetry = view.model, view.telemetry
+    following = model.following if model else None
+    running = model.active.version if model and model.active else None
+    drift = None
+    if following is not None and running != following.version:
+        drift = f"wants {following.version}"
+    return {
+        "node_id": view.node_id,
+        "online": view.online,
+        "group": view.group,
+        "model": model.active.model_dump(mode="json") if model and model.active else None,
+        "model_state": model.state.value if model else None,
+        "backend": model.backend if model else None,
+        "windows_per_s": telemetry.windows_per_s if telemetry else None,
+        "p95_ms": telemetry.latency_ms.p95 if telemetry else None,
+        "follows": following.model_dump(mode="json") if following else None,
+        "pinned": following is not None and following.scope == "node",
+        "drift": drift,
+        "last_error": model.last_error if model else None,
+    }
 
 
 def format_nodes(nodes: list[NodeView]) -> str:

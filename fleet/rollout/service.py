@@ -1,0 +1,284 @@
+"""`imu-fleet controller`: a long-running service that drives every open rollout.
+
+It watches the retained rollout records and takes over each running or paused rollout that no
+live controller drives: one whose controller's presence is gone (a killed `imu-fleet rollout`, a
+`--detach`ed one, another service that died) or that stopped heart-beating. Several services may
+run at once (one per site, or two for redundancy): the take-over epochs of the records decide
+which one drives (fleet/rollout/records.py), the others keep their hands off.
+
+Its own `/metrics` (and `/healthz`, open) are served on `--listen`, behind a bearer token unless
+on loopback, as the node's and the dashboard's are.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+from common.http import (
+    Reply,
+    TlsHandshakeHandler,
+    bearer_matches,
+    is_loopback,
+    json_reply,
+    parse_listen,
+    read_token_file,
+    server_class,
+)
+from common.mqtt.connection import Connection
+from fleet.rollout.controller import Controller, RolloutError
+from schemas.messages import RolloutRecord, RolloutState
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 1.0
+"""How often the service looks for rollouts without a live controller."""
+DEFAULT_LISTEN = "127.0.0.1:9109"
+
+
+@dataclass
+class ServiceStats:
+    """What the service did since start (its /metrics)."""
+
+    takeovers: int = 0
+    finished: Counter[str] = field(default_factory=Counter)
+    """Rollouts it drove to an end, by final state."""
+    handed_over: int = 0
+    """Rollouts another controller took from it."""
+
+
+class ControllerService:
+    """Drives open rollouts whose controller is gone; `run()` until `stop()`."""
+
+    def __init__(
+        self,
+        broker: str | Connection,
+        *,
+        protocol: str = "5",
+        name: str | None = None,
+        sign_key: Path | None = None,
+        poll_s: float = POLL_S,
+    ) -> None:
+        client_id = f"imu-fleet-controller-{name}" if name else None
+        self.controller = Controller.connect(
+            broker, protocol=protocol, client_id=client_id, sign_key=sign_key
+        )
+        self.poll_s = poll_s
+        self.stats = ServiceStats()
+        self._driving: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    @property
+    def controller_id(self) -> str:
+        """This service's id, as rollout records name their controller."""
+        return self.controller.controller_id
+
+    def driving(self) -> list[str]:
+        """Rollout ids this service drives now."""
+        with self._lock:
+            return [rid for rid, thread in self._driving.items() if thread.is_alive()]
+
+    def run(self) -> None:
+        """Look for rollouts to take over every `poll_s` until `stop()`."""
+        logger.info("controller service %s watching for rollouts", self.controller_id)
+        while not self._stop.wait(self.poll_s):
+            for record in self.controller.records():
+                if self._wants(record):
+                    self._take(record)
+
+    def request_stop(self) -> None:
+        """Make `run()` return (safe from a signal handler)."""
+        self._stop.set()
+
+    def close(self) -> None:
+        """Withdraw the presence (another service takes over what this one drove) and
+        disconnect."""
+        self._stop.set()
+        self.controller.close()
+
+    def _wants(self, record: RolloutRecord) -> bool:
+        if record.state not in (RolloutState.RUNNING, RolloutState.PAUSED):
+            return False
+        with self._lock:
+            thread = self._driving.get(record.rollout_id)
+            if thread is not None and thread.is_alive():
+                return False
+        return not self.controller.is_driven(record)
+
+    def _take(self, record: RolloutRecord) -> None:
+        command = "resume" if record.state is RolloutState.RUNNING else "pause"
+        logger.info(
+            "%s has no live controller (was %s): taking it over", record.rollout_id,
+            record.controller,
+        )  # fmt: skip
+        self.stats.takeovers += 1
+        thread = threading.Thread(
+            target=self._drive, args=(record, command), name=f"rollout-{record.rollout_id}",
+            daemon=True,
+        )  # fmt: skip
+        with self._lock:
+            self._driving[record.rollout_id] = thread
+        thread.start()
+
+    def _drive(self, record: RolloutRecord, command: str) -> None:
+        try:
+            final = self.controller.take_over(record, command)
+        except RolloutError as exc:  # taken over by another controller, or refused
+            self.stats.handed_over += 1
+            logger.warning("%s: %s", record.rollout_id, exc)
+            return
+        except Exception:  # never let one rollout take the service down
+            logger.exception("%s: driving it failed; the next poll may take it again", record)
+            return
+        self.stats.finished[final.state] += 1
+        logger.info("%s ended %s (%s)", final.rollout_id, final.state, final.reason or "")
+
+
+class _ServiceCollector(Collector):
+    def __init__(self, service: ControllerService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Metric]:
+        service, stats = self.service, self.service.stats
+        yield GaugeMetricFamily(
+            "imu_fleet_controller_connected", "1 while connected to the broker",
+            value=int(service.controller.session.is_connected),
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "imu_fleet_controller_rollouts_driving", "Rollouts this service drives now",
+            value=len(service.driving()),
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "imu_fleet_controller_takeovers", "Rollouts taken over from a gone controller",
+            value=stats.takeovers,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "imu_fleet_controller_handed_over", "Rollouts another controller took from this one",
+            value=stats.handed_over,
+        )  # fmt: skip
+        finished = CounterMetricFamily(
+            "imu_fleet_controller_rollouts_finished", "Rollouts driven to an end, by final state",
+            labels=["state"],
+        )  # fmt: skip
+        for state in RolloutState:
+            finished.add_metric([state.value], stats.finished.get(state, 0))
+        yield finished
+        records = GaugeMetricFamily(
+            "imu_fleet_controller_rollouts", "Rollout records on the broker, by state",
+            labels=["state"],
+        )  # fmt: skip
+        counts = Counter(r.state for r in service.controller.records())
+        for state in RolloutState:
+            records.add_metric([state.value], counts.get(state, 0))
+        yield records
+
+
+class ServiceHttp:
+    """`/metrics` (bearer token unless open) and `/healthz` (open) on a thread."""
+
+    def __init__(self, listen: str, service: ControllerService, token: str | None) -> None:
+        host, port = parse_listen(listen)
+        if token is None and not is_loopback(host):
+            msg = (
+                f"--listen {listen} reaches beyond this machine: give --token-file (a bearer "
+                "token for /metrics)"
+            )
+            raise ValueError(msg)
+        registry = CollectorRegistry(auto_describe=True)
+        registry.register(_ServiceCollector(service))
+        self._server = server_class(host)((host, port), _handler(registry, service, token))
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where it listens (the port resolved when 0 was asked)."""
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        """Serve in the background."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class _Handler(TlsHandshakeHandler, BaseHTTPRequestHandler):
+    """GET /healthz (open) and /metrics (bearer token unless open)."""
+
+    registry: CollectorRegistry
+    service: ControllerService
+    secret: bytes | None
+
+    def do_GET(self) -> None:
+        """Answer one GET."""
+        reply: Reply
+        if self.path == "/healthz":
+            healthy = self.service.controller.session.is_connected
+            status = HTTPStatus.OK if healthy else HTTPStatus.SERVICE_UNAVAILABLE
+            reply = json_reply(status, {"broker_connected": healthy,
+                                        "driving": self.service.driving()})  # fmt: skip
+        elif self.path != "/metrics":
+            reply = json_reply(HTTPStatus.NOT_FOUND, {"error": "GET /metrics or /healthz"})
+        elif self.secret is not None and not bearer_matches(
+            self.headers.get("Authorization"), self.secret
+        ):
+            reply = json_reply(HTTPStatus.UNAUTHORIZED, {"error": "bearer token required"},
+                               **{"WWW-Authenticate": "Bearer"})  # fmt: skip
+        else:
+            reply = Reply(HTTPStatus.OK, generate_latest(self.registry), CONTENT_TYPE_LATEST)
+        self.send_response(reply.status)
+        self.send_header("Content-Type", reply.content_type)
+        self.send_header("Content-Length", str(len(reply.body)))
+        for name, value in reply.headers:
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(reply.body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Requests go to the debug log."""
+        logger.debug("http %s %s", self.client_address[0], format % args)
+
+
+def _handler(
+    registry: CollectorRegistry, service: ControllerService, token: str | None
+) -> type[_Handler]:
+    """A handler class bound to this service (http.server makes one instance per request)."""
+    attributes = {"registry": registry, "service": service,
+                  "secret": token.encode() if token else None}  # fmt: skip
+    return type("ServiceHandler", (_Handler,), attributes)
+
+
+def serve(service: ControllerService, listen: str | None, token_file: Path | None) -> int:
+    """Run the service (and its HTTP side) until `service.request_stop()`; returns 0."""
+    token = read_token_file(token_file) if token_file else None
+    http = ServiceHttp(listen, service, token) if listen else None
+    if http is not None:
+        http.start()
+        host, port = http.address
+        logger.info("controller metrics on http://%s:%d/metrics", host, port)
+    started = time.monotonic()
+    try:
+        service.run()
+    finally:
+        if http is not None:
+            http.stop()
+        service.close()
+        logger.info("controller service stopped after %.0f s", time.monotonic() - started)
+    return 0
