@@ -63,7 +63,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recording(sub)
     _add_rollouts(sub)
     _add_dashboard(sub)
+    _add_examples(parser)
     return parser
+
+
+COMMAND_EXAMPLES: dict[tuple[str, ...], str] = {
+    ("bundle", "create"): "imu-fleet bundle create --onnx encoder.onnx --name tcn-vae --version "
+    "1.2.0 \\\n      --normalization model_config.json --calibration recorded.npy \\\n"
+    "      --motif-labels labels.txt --expires 180d --sign-key keys/fleet.key "
+    "--out tcn-vae-1.2.0.tar",
+    ("bundle", "sign"): "imu-fleet bundle sign tcn-vae-1.2.0.tar --key keys/fleet.key "
+    "--expires 2027-06-30",
+    ("bundle", "inspect"): "imu-fleet bundle inspect tcn-vae-1.2.0.tar --trust-key keys/fleet.pub",
+    ("bundle", "reference"): "imu-fleet bundle reference --out tcn-reference-1.0.0.tar",
+    ("keys", "generate"): "imu-fleet keys generate --out keys/   # keep fleet.key offline",
+    ("model", "validate"): "imu-fleet model validate tcn-vae-1.2.0.tar",
+    ("model", "compile"): "imu-fleet model compile tcn-vae-1.2.0.tar --calibration rec.jsonl.gz "
+    "--hw-arch hailo8 --out tcn-vae-1.2.0-hailo8.tar",
+    ("simulate", "sensors"): "imu-fleet simulate sensors --broker mqtt://127.0.0.1:1883 "
+    "--sensors 8 --rate 100",
+    ("simulate", "nodes"): "imu-fleet simulate nodes --count 1000 --bundle "
+    "tcn-reference-1.0.0.tar \\\n      --telemetry-interval 10 --degrade 1.4.0=errors",
+    ("record",): "imu-fleet record --topic 'imu/+/window' --out rec.jsonl.gz --duration 600 "
+    "--broker mqtt://broker.local:1883",
+    ("replay",): "imu-fleet replay rec.jsonl.gz --rate 10 --broker mqtt://127.0.0.1:1883",
+    ("publish",): "imu-fleet publish tcn-vae-1.2.0.tar --broker mqtts://broker.local:8883 "
+    "--ca-file ca.crt \\\n      --cert-file fleet-controller.crt --key-file fleet-controller.key",
+}
+"""An example for each command whose help has none of its own."""
+
+
+def _add_examples(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> None:
+    """Give every command's `--help` an example (COMMAND_EXAMPLES), keeping its own."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                _add_examples(child, (*path, name))
+    if path in COMMAND_EXAMPLES and "example" not in (parser.epilog or ""):
+        parser.epilog = f"example:\n  {COMMAND_EXAMPLES[path]}"
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 def _add_bundle(sub: Subparsers[argparse.ArgumentParser]) -> None:
@@ -86,9 +124,18 @@ def _add_bundle(sub: Subparsers[argparse.ArgumentParser]) -> None:
     create.add_argument(
         "--normalization",
         type=Path,
-        help="JSON with mean/std (9 each), or the exporter's model_config.json "
-        "(default: derived from the calibration set, with a warning)",
+        help="JSON with mean/std (9 each), or the exporter's model_config.json: the statistics "
+        "the model was trained with (required, unless --normalization-from-calibration)",
     )
+    create.add_argument(
+        "--normalization-from-calibration", action="store_true",
+        help="derive mean/std from the calibration set instead, on purpose: right for the "
+        "simulator and tests, wrong for a model trained on other data",
+    )  # fmt: skip
+    create.add_argument(
+        "--expires", metavar="WHEN",
+        help="nodes refuse the bundle after this: a duration (90d, 12h) or a time (2027-06-30)",
+    )  # fmt: skip
     create.add_argument(
         "--calibration",
         type=Path,
@@ -112,6 +159,10 @@ def _add_bundle(sub: Subparsers[argparse.ArgumentParser]) -> None:
     sign.add_argument("bundle", type=Path)
     sign.add_argument("--key", type=Path, required=True, help="private key (fleet.key)")
     sign.add_argument("--out", type=Path, help="signed copy (default: sign in place)")
+    sign.add_argument(
+        "--expires", metavar="WHEN",
+        help="set the expiry the signature covers: a duration (90d, 12h) or a time (2027-06-30)",
+    )  # fmt: skip
 
     inspect = bundle_sub.add_parser("inspect", help="verify a bundle and print its manifest")
     inspect.add_argument("bundle", type=Path)
@@ -509,6 +560,7 @@ def _bundle(args: argparse.Namespace) -> int:
     from common.signing import load_public_key, verify_manifest  # noqa: PLC0415
     from fleet.bundles.builder import (  # noqa: PLC0415 (onnxruntime)
         build_bundle,
+        parse_expiry,
         parse_motif_labels,
         sign_bundle,
     )
@@ -517,6 +569,14 @@ def _bundle(args: argparse.Namespace) -> int:
     from schemas.manifest import HefInfo  # noqa: PLC0415
 
     if args.action == "create":
+        if args.normalization is None and not args.normalization_from_calibration:
+            msg = (
+                "no --normalization: a model needs the mean/std it was trained with (the "
+                "exporter's model_config.json); without them it computes garbage on real data. "
+                "Pass --normalization-from-calibration to derive them from the calibration set "
+                "on purpose (simulator data, tests)"
+            )
+            raise ValueError(msg)
         bundle = build_bundle(
             onnx_path=args.onnx,
             name=args.name,
@@ -529,11 +589,14 @@ def _bundle(args: argparse.Namespace) -> int:
             hef_info=HefInfo(hw_arch=args.hef_arch) if args.hef else None,
             sign_key=args.sign_key,
             motif_labels=parse_motif_labels(args.motif_labels) if args.motif_labels else None,
+            expires_at=parse_expiry(args.expires) if args.expires else None,
         )
         print(describe_bundle(bundle))
         return 0
     if args.action == "sign":
-        signed = sign_bundle(read_bundle(args.bundle), args.key, args.out or args.bundle)
+        expires = parse_expiry(args.expires) if args.expires else None
+        signed = sign_bundle(read_bundle(args.bundle), args.key, args.out or args.bundle,
+                             expires_at=expires)  # fmt: skip
         print(describe_bundle(signed))
         return 0
     if args.action == "reference":

@@ -96,11 +96,13 @@ def test_cli_bundle_create_with_motif_labels(
     onnx.write_bytes(source.onnx)
     out = tmp_path / "out.tar"
     code = main(["bundle", "create", "--onnx", str(onnx), "--name", "tcn", "--version", "1.0.0",
-                 "--out", str(out), "--motif-labels", ",".join(NAMES)])  # fmt: skip
+                 "--out", str(out), "--motif-labels", ",".join(NAMES),
+                 "--normalization-from-calibration"])  # fmt: skip
     assert code == 0
     assert "motif names m0, m1" in capsys.readouterr().out
     assert read_bundle(out).manifest.motif_labels == NAMES
     bad = main(["bundle", "create", "--onnx", str(onnx), "--name", "tcn", "--version", "1.0.0",
-                "--out", str(tmp_path / "bad.tar"), "--motif-labels", "a,b"])  # fmt: skip
+                "--out", str(tmp_path / "bad.tar"), "--motif-labels", "a,b",
+                "--normalization-from-calibration"])  # fmt: skip
     assert bad == 1
     assert "exactly 12" in capsys.readouterr().err

@@ -12,7 +12,9 @@ from __future__ import annotations
 import datetime as dt
 import getpass
 import logging
+import re
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,6 +167,29 @@ def fit_prototype_head(latents: FloatArray, labels: list[str] | None) -> Prototy
 _MOTIF_LABELS: TypeAdapter[list[str]] = TypeAdapter(MotifLabels)
 
 
+DURATION = re.compile(r"^(\d+(?:\.\d+)?)([dhm])$")
+_UNIT_S = {"d": 86400, "h": 3600, "m": 60}
+
+
+def parse_expiry(value: str, now: float | None = None) -> str:
+    """`--expires`: a duration from now (`90d`, `12h`, `30m`) or an ISO 8601 time (a date means
+    its midnight UTC); the manifest's `expires_at` (UTC, seconds). Refuses the past."""
+    now = time.time() if now is None else now
+    if match := DURATION.match(value.strip()):
+        stamp = now + float(match[1]) * _UNIT_S[match[2]]
+    else:
+        try:
+            parsed = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            msg = f"--expires {value!r}: give a duration (90d, 12h, 30m) or a time (2027-06-30)"
+            raise BundleError(msg) from None
+        stamp = (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)).timestamp()
+    if stamp <= now:
+        msg = f"--expires {value!r} is in the past: nodes would refuse the bundle at once"
+        raise BundleError(msg)
+    return dt.datetime.fromtimestamp(stamp, dt.UTC).isoformat(timespec="seconds")
+
+
 def parse_motif_labels(value: str | Path) -> list[str]:
     """Motif names from `--motif-labels`: comma-separated, or a file (one name per line, or
     comma-separated; blank lines and `#` comments skipped). Exactly 12 non-empty short names."""
@@ -200,9 +225,13 @@ def validate_motif_labels(names: list[str], source: str = "motif labels") -> lis
         raise BundleError(msg) from None
 
 
-def sign_bundle(bundle: Bundle, key: Path, out: Path) -> Bundle:
-    """A copy of `bundle` signed with the private key at `key`, written to `out`."""
-    manifest = sign_manifest(bundle.manifest, load_private_key(key))
+def sign_bundle(bundle: Bundle, key: Path, out: Path, *, expires_at: str | None = None) -> Bundle:
+    """A copy of `bundle` signed with the private key at `key`, written to `out`; with
+    `expires_at` (see `parse_expiry`) the signed manifest carries that expiry."""
+    manifest = bundle.manifest
+    if expires_at is not None:
+        manifest = manifest.model_copy(update={"expires_at": expires_at})
+    manifest = sign_manifest(manifest, load_private_key(key))
     write_bundle(out, manifest, bundle.files)
     return Bundle(manifest=manifest, files=bundle.files, path=out)
 
@@ -240,8 +269,11 @@ def build_bundle(
     hef_info: HefInfo | None = None,
     sign_key: Path | None = None,
     motif_labels: list[str] | None = None,
+    expires_at: str | None = None,
 ) -> Bundle:
     """Build, verify and write a bundle; returns it as a node would read it.
+
+    `expires_at` (see `parse_expiry`): nodes refuse the bundle after it.
 
     `motif_labels` names the 12 motifs for dashboards (see `parse_motif_labels`).
 
@@ -307,6 +339,7 @@ def build_bundle(
         golden=golden,
         hef=hef_info,
         motif_labels=motif_labels,
+        expires_at=expires_at,
     )
     if sign_key is not None:
         manifest = sign_manifest(manifest, load_private_key(sign_key))
