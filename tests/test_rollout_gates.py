@@ -338,6 +338,11 @@ def test_pins_are_listed_and_cleared(
         assert rows[pinned]["pinned"]
         assert rows[pinned]["follows"]["version"] == NEW
         assert not rows[fleet.node_ids[0]]["pinned"]
+        table = subprocess.run(fleet_cli(broker, "nodes", "--wait", "0.5"), capture_output=True,
+                               timeout=60, check=True).stdout.decode()  # fmt: skip
+        (row,) = [line for line in table.splitlines() if line.startswith(pinned)]
+        assert f"node: {NEW} unsigned, set " in row  # what it follows, who set it, when
+        assert "s ago" in row
 
         cleared = subprocess.run(fleet_cli(broker, "unpin", "--all", "--group", fleet.groups[0]),
                                  capture_output=True, timeout=60, check=True)  # fmt: skip

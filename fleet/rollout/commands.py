@@ -289,7 +289,7 @@ def format_nodes(nodes: list[NodeView]) -> str:
     """The nodes table."""
     lines = [
         f"{'node':<24} {'online':<7} {'group':<12} {'model':<28} {'state':<11} "
-        f"{'backend':<8} {'win/s':>7} {'p95 ms':>7}  {'follows':<24} drift"
+        f"{'backend':<8} {'win/s':>7} {'p95 ms':>7}  {'follows (node-level = a pin)':<24} drift"
     ]
     drifting = 0
     for view in nodes:
@@ -321,7 +321,7 @@ def _follows(model: NodeModelState | None) -> tuple[str, str]:
     where = f"{following.scope}" + (f" {following.target}" if following.scope == "group" else "")
     signed = "" if following.key_id else " unsigned"
     by = f" by {following.rollout_id}" if following.rollout_id else ""
-    follows = f"{where}: {following.version}{signed}{by}"
+    follows = f"{where}: {following.version}{signed}{by}, set {_ago(following.issued_at)}"
     running = model.active.version if model.active else None
     drift = "-" if running == following.version else f"wants {following.version}"
     if model.state == "failed" and model.last_error:
