@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -75,3 +77,34 @@ def test_the_folder_is_bounded_and_counts_what_it_drops(tmp_path: Path) -> None:
     left = Journal(tmp_path).leftovers()
     assert len(left.in_flight) == 200 - journal.dropped
     assert left.in_flight[-1] == result(199), "the newest are kept"
+
+
+class FailingOnce:
+    """A segment file whose next write stores a few bytes and then fails, as a full disk does."""
+
+    def __init__(self, real: Any) -> None:
+        self.real, self.armed = real, True
+
+    def write(self, data: bytes) -> int:
+        if self.armed:
+            self.armed = False
+            self.real.write(data[:7])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return int(self.real.write(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_a_failed_write_leaves_no_trace_that_shifts_later_records(tmp_path: Path) -> None:
+    """A full disk mid-record: that result goes out unjournaled, the partial bytes are cut
+    off, and the records after it keep their places (markers name records by index)."""
+    journal = Journal(tmp_path)
+    settle_first = journal.append(*result(0))
+    journal._current = FailingOnce(journal._current)  # type: ignore[assignment]
+    journal.append(*result(1))  # not journaled: the disk is full
+    journal.append(*result(2))
+    settle_first()
+    left = Journal(tmp_path).leftovers()
+    assert left.in_flight == [result(2)]
+    assert left.settled == [result(0)]

@@ -24,7 +24,10 @@ and that is logged and counted. The folder lives in the spool's, whose lock cove
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -134,18 +137,26 @@ class Journal:
         return lambda: self._settle(path, entry)
 
     def _write(self, record: bytes) -> bool:
-        """Append a record to the current segment, opening one if needed (under the lock)."""
-        if self._current is None or self._current_path is None:
-            self._current_path = self.folder / f"{self._next:012d}{SUFFIX}"
-            self._current = self._current_path.open("ab")
-            self._segments[self._current_path] = _Segment()
-            self._current_entries = 0
-            self._next += 1
+        """Append a record to the current segment, opening one if needed (under the lock).
+
+        Unbuffered: a failed write (a full disk) is cut off the file again, so it never lands
+        later and shifts the index of every record after it (markers name records by index)."""
         try:
-            self._current.write(record)
-            self._current.flush()
+            if self._current is None or self._current_path is None:
+                path = self.folder / f"{self._next:012d}{SUFFIX}"
+                self._current = path.open("ab", buffering=0)
+                self._current_path = path
+                self._segments[path] = _Segment()
+                self._current_entries = 0
+                self._next += 1
+            written = self._current.write(record)
+            if written != len(record):
+                raise OSError(errno.ENOSPC, "short write")
         except OSError as exc:
             logger.error("journal %s cannot write (%s)", self.folder, exc)
+            if self._current is not None and self._current_path is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._current.fileno(), self._segments[self._current_path].size)
             return False
         self._segments[self._current_path].size += len(record)
         return True
