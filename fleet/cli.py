@@ -362,7 +362,7 @@ def _add_rollouts(sub: Subparsers[argparse.ArgumentParser]) -> None:
         help="p95 allowed, as a multiple of the reference (1.5)",
     )
     gates.add_argument(
-        "--p95-floor-ms", type=float, default=5.0, help="a p95 under this always passes (5 ms)"
+        "--p95-floor-ms", type=float, default=10.0, help="a p95 under this always passes (10 ms)"
     )
     gates.add_argument(
         "--min-results-ratio",

@@ -190,8 +190,10 @@ class Telemetry(_Outbound):
     schema_version: Literal[1] = SCHEMA_VERSION
     node_id: str
     ts: Timestamp
-    interval_s: float
-    uptime_s: float
+    interval_s: float = Field(
+        ge=0, le=86_400, allow_inf_nan=False, description="Seconds this report covers"
+    )
+    uptime_s: float = Field(ge=0, allow_inf_nan=False)
     backend: str
     backend_reason: str | None = None
     device: dict[str, str | int | float] | None = None

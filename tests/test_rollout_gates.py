@@ -395,3 +395,30 @@ def test_status_counts_the_failures_of_a_failed_rollout(
         )
     finally:
         fleet.stop()
+
+
+@pytest.mark.parametrize(
+    ("state", "command", "expected"),
+    [
+        (RolloutState.RUNNING, None, "resume"),
+        (RolloutState.RUNNING, "rollback", "rollback"),  # asked, never carried out: carried out
+        (RolloutState.RUNNING, "abort", "abort"),
+        (RolloutState.RUNNING, "pause", "pause"),
+        (RolloutState.PAUSED, None, "pause"),
+        (RolloutState.PAUSED, "pause", "pause"),
+        (RolloutState.PAUSED, "resume", "resume"),
+        (RolloutState.PAUSED, "rollback", "rollback"),
+    ],
+)
+def test_a_service_taking_over_carries_out_what_the_operator_asked(
+    state: RolloutState, command: str | None, expected: str
+) -> None:
+    from fleet.rollout.service import take_over_command
+    from schemas.messages import DesiredModel, NodeOutcome
+
+    desired = DesiredModel(name="m", version="1.0.0", bundle_sha256="0" * 64, bundle_size=1,
+                           issued_at=1.0)  # fmt: skip
+    record = RolloutRecord(rollout_id="r", desired=desired, waves=[["n"]], max_failures=0,
+                           wave_timeout_s=1, nodes={"n": NodeOutcome(wave=0)}, created_at=1.0,
+                           updated_at=1.0, state=state, command=command)  # fmt: skip
+    assert take_over_command(record) == expected

@@ -65,6 +65,8 @@ BASELINE_S = 600.0
 """A moved node's own telemetry before the move, at most this far back, is its reference."""
 SOAK_INTERVALS = 3
 """A wave soaks this many of its nodes' telemetry intervals unless told otherwise."""
+MAX_DEFAULT_SOAK_S = 600.0
+"""...and never longer than this, whatever a node says its interval is (`--soak` may)."""
 
 
 class RolloutError(NodeError):
@@ -108,6 +110,8 @@ class Controller:
         self._progress = progress
         self.book = RolloutBook(session)
         self._applied: dict[str, str | None] = {}
+        self._watching_since = time.time()
+        """When this controller began to receive the fleet's telemetry."""
         self._last_saved: dict[str, float] = {}
         """Rollout id -> when this controller last wrote its record (monotonic)."""
 
@@ -232,7 +236,7 @@ class Controller:
         intervals = [v.telemetry.interval_s for v in views if v.telemetry is not None]
         soak = thresholds.pop("soak_s", None)
         if soak is None:
-            soak = SOAK_INTERVALS * max([*intervals, 0.0] if intervals else [10.0])
+            soak = min(MAX_DEFAULT_SOAK_S, SOAK_INTERVALS * max(intervals, default=10.0))
         return RolloutGates(soak_s=soak, **thresholds)
 
     # -- signatures and pins ------------------------------------------------------------------
@@ -326,10 +330,20 @@ class Controller:
     def _run_wave(self, record: RolloutRecord) -> RolloutRecord:
         index = record.wave
         wave = record.waves[index]
-        for node_id in wave:
-            if record.nodes[node_id].state is NodeRolloutState.PENDING:
-                record = self._move(record, node_id)
+        moving = [n for n in wave if record.nodes[n].state is NodeRolloutState.PENDING]
+        if moving and record.gates is not None:
+            record = self._await_baseline(record, moving)
+            if record.state is not RolloutState.RUNNING:
+                return record
+        # the record names who moves, and what each goes back to, before any node is told
+        record = self._mark_moving(record, moving)
         record = self._save(record, f"wave {index + 1}/{len(record.waves)}: {len(wave)} nodes")
+        for node_id in moving:
+            self.session.publish(
+                desired_topic("node", node_id),
+                encode(scoped(record.desired, "node", node_id, self._sign_key)),
+                retain=True,
+            )
         deadline = time.monotonic() + record.wave_timeout_s
         last_save = time.monotonic()
         while True:
@@ -361,7 +375,11 @@ class Controller:
         numbers before the move and the nodes not moved yet (fleet/rollout/health.py)."""
         gates = record.gates
         assert gates is not None
-        if record.soak_until is None:
+        taken_mid_soak = (
+            record.soak_until is not None
+            and record.soak_until - gates.soak_s < self._watching_since
+        )  # this controller did not see the soak's beginning: it soaks again
+        if record.soak_until is None or taken_mid_soak:
             until = time.time() + gates.soak_s
             record = self._save(record.model_copy(update={"soak_until": until}),
                                 f"wave {record.wave + 1}: soaking {gates.soak_s:g} s")  # fmt: skip
@@ -447,23 +465,44 @@ class Controller:
                 changed = True
         return record.model_copy(update={"nodes": nodes}), changed
 
-    def _move(self, record: RolloutRecord, node_id: str) -> RolloutRecord:
-        previous = self._previous_of(self.view.get(node_id), record.rollout_id)
-        self.session.publish(
-            desired_topic("node", node_id),
-            encode(scoped(record.desired, "node", node_id, self._sign_key)),
-            retain=True,
-        )
-        outcome = record.nodes[node_id].model_copy(
-            update={"state": NodeRolloutState.UPDATING, "previous": previous,
-                    "moved_at": time.time()}
-        )  # fmt: skip
-        return record.model_copy(update={"nodes": {**record.nodes, node_id: outcome}})
+    def _mark_moving(self, record: RolloutRecord, node_ids: list[str]) -> RolloutRecord:
+        """The nodes as updating, each with the model to restore on a rollback."""
+        nodes, now = dict(record.nodes), time.time()
+        for node_id in node_ids:
+            previous = self._previous_of(self.view.get(node_id), record)
+            nodes[node_id] = nodes[node_id].model_copy(
+                update={"state": NodeRolloutState.UPDATING, "previous": previous, "moved_at": now}
+            )
+        return record.model_copy(update={"nodes": nodes})
 
-    def _previous_of(self, view: NodeView | None, rollout_id: str) -> DesiredModel | None:
+    def _await_baseline(self, record: RolloutRecord, node_ids: list[str]) -> RolloutRecord:
+        """Before moving nodes, wait (three of their telemetry intervals, 2 s or more) until
+        each has two reports: its own numbers are what the soak compares it with."""
+        views = [self.view.get(n) for n in node_ids]
+        intervals = [v.telemetry.interval_s for v in views if v is not None and v.telemetry]
+        deadline = time.monotonic() + max(2.0, 3 * max(intervals, default=0.0))
+
+        def missing() -> bool:
+            return any(len(self.view.telemetry_between(n, 0.0, math.inf)) < 2 for n in node_ids)
+
+        while missing() and time.monotonic() < deadline:
+            record = self._obey(record)
+            if record.state is not RolloutState.RUNNING:
+                return record
+            if self._due(record):
+                record = self._save(record, f"wave {record.wave + 1}: reading the nodes' baseline")
+            self.view.wait_changed(0.5)
+        return record
+
+    def _previous_of(self, view: NodeView | None, record: RolloutRecord) -> DesiredModel | None:
+        """What the node runs now, to restore on a rollback (None when unknown, or when it
+        already runs the new version: a controller that died mid-wave moved it)."""
         state = view.model if view else None
         if state is None or state.active is None or state.active_sha256 is None:
             return None
+        if state.active.version == record.desired.version:
+            return None
+        rollout_id = record.rollout_id
         return self._sign(
             DesiredModel(
                 name=state.active.name,
@@ -483,11 +522,23 @@ class Controller:
             encode(scoped(record.desired, level, target or "", self._sign_key)),
             retain=True,
         )
-        for node_id in record.nodes:
-            clear = clear_payload("node", node_id, self._sign_key)
-            self.session.publish(desired_topic("node", node_id), clear, retain=True)
-        record = record.model_copy(update={"state": RolloutState.SUCCEEDED})
-        return self._save(record, f"succeeded: {level} desired is now {record.desired.version}")
+        kept_back = []
+        for node_id, outcome in record.nodes.items():
+            if (outcome.failed or outcome.state is NodeRolloutState.FAILED) and outcome.previous:
+                # failed within the budget: it stays on what it ran, pinned (visible as a pin)
+                payload = encode(scoped(outcome.previous, "node", node_id, self._sign_key))
+                kept_back.append(node_id)
+            else:
+                payload = clear_payload("node", node_id, self._sign_key)
+            self.session.publish(desired_topic("node", node_id), payload, retain=True)
+        event = f"succeeded: {level} desired is now {record.desired.version}"
+        update: dict[str, object] = {"state": RolloutState.SUCCEEDED}
+        if kept_back:
+            event += f"; {len(kept_back)} failed nodes pinned to their previous model: " + (
+                ", ".join(sorted(kept_back))
+            )
+            update["reason"] = event
+        return self._save(record.model_copy(update=update), event)
 
     def _roll_back(self, record: RolloutRecord, reason: str, state: RolloutState) -> RolloutRecord:
         """Restore every moved node's previous model, then wait (up to the wave timeout) until

@@ -120,7 +120,7 @@ class ControllerService:
         return not self.controller.is_driven(record)
 
     def _take(self, record: RolloutRecord) -> None:
-        command = "resume" if record.state is RolloutState.RUNNING else "pause"
+        command = take_over_command(record)
         logger.info(
             "%s has no live controller (was %s): taking it over", record.rollout_id,
             record.controller,
@@ -137,6 +137,8 @@ class ControllerService:
     def _drive(self, record: RolloutRecord, command: str) -> None:
         try:
             final = self.controller.take_over(record, command)
+            if final.state is RolloutState.PAUSED:  # keep it driven: heartbeats, and a resume
+                final = self.controller.run(final)
         except RolloutError as exc:  # taken over by another controller, or refused
             self.stats.handed_over += 1
             logger.warning("%s: %s", record.rollout_id, exc)
@@ -146,6 +148,19 @@ class ControllerService:
             return
         self.stats.finished[final.state] += 1
         logger.info("%s ended %s (%s)", final.rollout_id, final.state, final.reason or "")
+
+
+def take_over_command(record: RolloutRecord) -> str:
+    """What a take-over does: an operator's abort or rollback the dead controller never carried
+    out is carried out; otherwise the rollout goes on as its state says (running: resume;
+    paused: stay paused, unless a resume was asked)."""
+    if record.command in ("abort", "rollback"):
+        return record.command
+    if record.state is RolloutState.PAUSED and record.command != "resume":
+        return "pause"
+    if record.state is RolloutState.RUNNING and record.command == "pause":
+        return "pause"
+    return "resume"
 
 
 class _ServiceCollector(Collector):
