@@ -338,7 +338,7 @@ def test_two_nodes_with_one_id_are_reported(
     assert first.instance in report["reason"]
     assert "exit status 76" in report["reason"]
     wait_until(first.session.taken_over.is_set, what="the first process to give way")
-    assert first.fatal is not None
+    wait_until(lambda: first.fatal is not None, what="the first process to take exit status 76")
     assert first.fatal_status == 76
     wait_until(lambda: second.session.is_connected, what="the newer process to serve")
     settled = second.session.counters.disconnects  # at most a turn or two before the first gave way

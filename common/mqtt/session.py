@@ -461,13 +461,13 @@ class MqttSession:
             )
             self.counters.last_error = reason
             logger.error("%s", reason)
-            self.taken_over.set()
             self._stop.set()
-            for hook in self._taken_over_hooks:
-                try:
+            for hook in self._taken_over_hooks:  # before the event: whoever waits on it sees
+                try:  # what the hooks did (a node's fatal status)
                     hook(reason)
                 except Exception:
                     logger.exception("on_taken_over hook failed")
+            self.taken_over.set()
             return
         if not self._stop.is_set():
             self.counters.last_error = f"disconnected: {code}"
