@@ -12,8 +12,9 @@ from pathlib import Path
 import orjson
 from pydantic import BaseModel
 
+from schemas.codec import BINARY_FRAMES_SECTION
 from schemas.manifest import Manifest
-from schemas.messages import ALL_MESSAGES
+from schemas.messages import ALL_MESSAGES, WindowMessage
 from schemas.topics import CATALOGUE
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ def topics_document() -> str:
                 f"| `{name}` | {_type_of(spec)} | {'yes' if name in required else 'no'} "
                 f"| {spec.get('description', '')} |"
             )
+        if model is WindowMessage:  # the frame alternative to the JSON window
+            lines += ["", BINARY_FRAMES_SECTION.rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 

@@ -17,6 +17,18 @@ BINARY_WINDOW_BYTES: Final = WINDOW_LENGTH * CHANNELS * 4
 """Size of a binary window frame: 100 x 9 little-endian float32, row-major."""
 BINARY_CONTENT_TYPE: Final = "application/x-imu-window-f32"
 """MQTT 5 content type that marks a binary window frame."""
+FRAME_MAGIC: Final = b"\x89IMU"
+"""First 4 bytes of a headered binary window frame (docs/topics.md, "Binary frames").
+
+0x89 is not ASCII and cannot start a UTF-8 (so a JSON) text: a frame is never read as JSON."""
+FRAME_VERSION: Final = 1
+"""Version byte of the headered frame this node writes and reads."""
+FRAME_HEADER_BYTES: Final = 16
+"""Header of a binary window frame: magic (4), version (1), flags (1), reserved (2), seq (8)."""
+FRAME_BYTES: Final = FRAME_HEADER_BYTES + BINARY_WINDOW_BYTES
+"""Size of a headered binary window frame (version 1): 3616 bytes."""
+FRAME_FLAG_SEQ: Final = 0x01
+"""Frame flag: the header's seq field holds the window's seq (clear: the frame has no seq)."""
 
 MAX_WINDOW_BYTES: Final = 64 * 1024
 """Largest accepted JSON window payload (a 100 x 9 window is 5-20 KB)."""

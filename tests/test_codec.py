@@ -532,21 +532,27 @@ MUTATIONS = (
     "nested",
     "not_object",
     "truncate",
+    "shape",
 )
+NOT_A_ROW: list[Any] = [5, 1.5, {}, [[1.0]] * CHANNELS, [[1.0] * CHANNELS], [], "row"]
 
 
 def _mutate_rows(draw: st.DrawFn, rows: list[Any], mutation: str) -> list[Any]:
-    """Rows with one change: a new count, a ragged row, or one cell replaced."""
+    """Rows with one change: a new count, a ragged row, a row that is none, or one cell replaced."""
     if mutation == "rows":
         new_count = draw(st.sampled_from([0, 1, 99, 100, 101, 999, 1000, 1001]))
-        return [list(r) for r in (rows * (new_count // max(len(rows), 1) + 1))[:new_count]]
+        repeated = (rows * (new_count // max(len(rows), 1) + 1))[:new_count]
+        return [list(r) if isinstance(r, list) else r for r in repeated]
     if not rows:
         return rows
     index = draw(st.integers(0, len(rows) - 1))
-    if mutation == "ragged":
-        rows[index] = (list(rows[index]) * 3)[: draw(st.sampled_from([0, 1, 8, 10, 18]))]
+    if mutation in ("shape", "ragged"):
+        if mutation == "shape":  # one row that is not a row of numbers
+            rows[index] = draw(st.sampled_from(NOT_A_ROW))
+        elif isinstance(rows[index], list):
+            rows[index] = (list(rows[index]) * 3)[: draw(st.sampled_from([0, 1, 8, 10, 18]))]
         return rows
-    if not rows[index]:
+    if not isinstance(rows[index], list) or not rows[index]:  # no row (an earlier "shape")
         return rows
     column = draw(st.integers(0, len(rows[index]) - 1))
     if mutation == "weird":
@@ -587,7 +593,7 @@ def payloads(draw: st.DrawFn, field: str, extra_fields: dict[str, Any]) -> bytes
             return to_json(draw(st.sampled_from([rows, [message], 5, "x", None, True])))
         if mutation == "truncate":
             truncate = True
-        elif mutation in ("rows", "ragged", "weird", "number", "token"):
+        elif mutation in ("rows", "ragged", "weird", "number", "token", "shape"):
             if isinstance(message.get(field), list):
                 message[field] = _mutate_rows(draw, message[field], mutation)
         else:
@@ -647,6 +653,12 @@ def _check_agreement(payload: bytes, decode: Any, fast: Any, model: Any, field: 
 @example(payload=window_payload([[3.4028235e38] * CHANNELS] * WINDOW_LENGTH))
 @example(payload=window_payload([[2**60 + 2**36 + 1] * CHANNELS] * WINDOW_LENGTH))
 @example(payload=window_payload()[:-1] + b',"e":' + b"[" * 250 + b"]" * 250 + b"}")
+@example(payload=window_payload([["1.5"] * CHANNELS] * WINDOW_LENGTH))  # numbers as strings
+@example(payload=window_payload([[[1.0]] * CHANNELS] * WINDOW_LENGTH))  # 100 x 9 x 1
+@example(payload=window_payload([*rows_of(WINDOW_LENGTH - 1), 7]))  # a number for a row
+@example(payload=window_payload([*rows_of(WINDOW_LENGTH - 1), [{}] * CHANNELS]))
+@example(payload=b'{"x":' + to_json(rows_of(WINDOW_LENGTH)) + b',"x":[]}')  # repeated key
+@example(payload=window_payload([[10**400] * CHANNELS] * WINDOW_LENGTH))  # beyond a double
 def test_window_fast_path_agrees_with_contract(payload: bytes) -> None:
     _check_agreement(payload, decode_window, _fast_window, WindowMessage, "x")
 
@@ -658,6 +670,8 @@ def test_window_fast_path_agrees_with_contract(payload: bytes) -> None:
 )
 @example(payload=orjson.dumps({"seq": 0, "samples": rows_of(MAX_SAMPLES_PER_MESSAGE)}))
 @example(payload=orjson.dumps({"seq": 0, "samples": [[-3.4028235e38] * CHANNELS]}))
+@example(payload=orjson.dumps({"seq": 0, "samples": [[1e39] * CHANNELS]}))
+@example(payload=b'{"seq":0,"samples":[["1",2,3,4,5,6,7,8,9]]}')
 def test_samples_fast_path_agrees_with_contract(payload: bytes) -> None:
     _check_agreement(payload, decode_samples, _fast_samples, SamplesMessage, "samples")
 

@@ -2,7 +2,9 @@
 
 Each sensor has its own seeded `ImuSignalGenerator` (activities change every few seconds). In
 `samples` mode a sensor publishes runs of consecutive samples (`seq` = index of the first sample)
-every `interval_s`; in `window` mode it publishes a whole 100-sample window every `hop` samples.
+every `interval_s`; in `window` mode it publishes a whole 100-sample window every `hop` samples,
+as JSON or (`encoding="binary"`) as a headered binary frame with its seq (docs/topics.md, Binary
+frames; a frame has no `t0`).
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from common.mqtt.connection import Connection
 from common.mqtt.session import MqttSession
 from fleet.simulate.imu_signals import Activity, ImuSignalGenerator
 from schemas import topics
-from schemas.codec import encode_dict
-from schemas.limits import CHANNELS, WINDOW_LENGTH
+from schemas.codec import encode_binary_window, encode_dict
+from schemas.limits import BINARY_CONTENT_TYPE, CHANNELS, WINDOW_LENGTH
 
 logger = logging.getLogger(__name__)
 
 SensorMode = Literal["samples", "window"]
+WindowEncoding = Literal["json", "binary"]
 
 
 @dataclass(slots=True)
@@ -65,12 +68,17 @@ class SensorSimulator:
         seed: int = 0,
         protocol: Literal["5", "3.1.1"] = "5",
         activity: Activity | None = None,
+        encoding: WindowEncoding = "json",
     ) -> None:
         if sensors < 1 or rate_hz <= 0 or interval_s <= 0 or not 1 <= hop <= WINDOW_LENGTH:
             msg = "need sensors >= 1, rate_hz > 0, interval_s > 0 and 1 <= hop <= 100"
             raise ValueError(msg)
+        if encoding not in ("json", "binary") or (encoding == "binary" and mode != "window"):
+            msg = f"encoding {encoding!r}: binary frames are for window mode; samples are JSON"
+            raise ValueError(msg)
         self.rate_hz = rate_hz
         self.mode = mode
+        self.encoding = encoding
         self.interval_s = interval_s
         self.hop = hop
         self._sensors = [
@@ -145,7 +153,7 @@ class SensorSimulator:
                 "rate_hz": self.rate_hz,
                 "samples": samples.round(5),
             }
-            self._send(topics.samples(sensor.sensor_id), payload)
+            self._send(topics.samples(sensor.sensor_id), encode_dict(payload))
             self._samples += len(samples)
         else:
             self._emit_windows(sensor, samples, t0)
@@ -161,14 +169,20 @@ class SensorSimulator:
                 sensor.since_window = 0
                 first = t0 + (i - WINDOW_LENGTH + 1) / self.rate_hz
                 window = buffer[end - WINDOW_LENGTH : end].round(5)
-                payload = {"x": window, "seq": sensor.window_seq, "t0": round(first, 4)}
-                self._send(topics.window(sensor.sensor_id), payload)
+                topic = topics.window(sensor.sensor_id)
+                if self.encoding == "binary":
+                    frame = encode_binary_window(window, sensor.window_seq)
+                    self._send(topic, frame, content_type=BINARY_CONTENT_TYPE)
+                else:
+                    payload = {"x": window, "seq": sensor.window_seq, "t0": round(first, 4)}
+                    self._send(topic, encode_dict(payload))
                 sensor.window_seq += 1
                 self._windows += 1
         sensor.pending = buffer[-(WINDOW_LENGTH - 1) :]
 
-    def _send(self, topic: str, payload: dict[str, object]) -> None:
-        if self._session.publish(topic, encode_dict(payload), qos=1):
+    def _send(self, topic: str, payload: bytes, content_type: str | None = None) -> None:
+        """Publish (QoS 1); the content type goes out on MQTT 5 only."""
+        if self._session.publish(topic, payload, qos=1, content_type=content_type):
             self._messages += 1
         else:
             self._dropped += 1

@@ -10,8 +10,8 @@ to the restarted node. After a reconnect or a restart the broker re-sends, with 
 QoS 1 messages whose acknowledgement it never got. A redelivered window (or sample run) whose seq
 this node has already taken is skipped and counted (telemetry `redelivered`), so it does not run
 twice; it is acknowledged with (or, when done, right after) the original. A binary frame carries
-its seq in the MQTT 5 user property `seq` (docs/topics.md); one without cannot be told apart, and a
-re-sent one is served again.
+its seq in its header, or in the MQTT 5 user property `seq` (docs/topics.md, Binary frames); one
+without either cannot be told apart, and a re-sent one is served again.
 """
 
 from __future__ import annotations
@@ -83,12 +83,12 @@ class Ingest:
             return
         payload = bytes(message.payload)
         try:
-            window = decode_any_window(payload, _content_type(message))
+            window = decode_any_window(payload, _content_type(message), user_seq=_user_seq(message))
         except InputRejectedError as exc:
             self._reject(exc, message.topic, sensor_id)
             ack()
             return
-        seq = window.seq if window.seq is not None else _user_seq(message)
+        seq = window.seq  # the window's own, else the user property's (they may not differ)
         if seq is not None:
             if message.dup and seq in self._taken.get(sensor_id, ()):  # a copy of one taken
                 self._metrics.window_redelivered()
