@@ -34,7 +34,8 @@ from node.identity import default_node_id
 from node.inference.pipeline import BatchResult, ModelPipeline, load_model, open_pipeline
 from node.inference.recovery import BackendRecovery
 from node.inference.watchdog import InferenceWatchdog, auto_deadline_s
-from node.inference.worker import InferenceWorker, WorkItem
+from node.inference.worker import WorkItem
+from node.inference.workers import WorkerPool, resolve_workers
 from node.ingest.router import Ingest
 from node.ingest.windower import SampleWindower
 from node.metrics import NodeMetrics
@@ -126,7 +127,17 @@ class NodeApp:
             ),
             on_connected=self._announce,
         )
-        self.queue: queue.Queue[WorkItem] = queue.Queue(maxsize=config.queue_size)
+        self.worker = WorkerPool(
+            pipeline,
+            resolve_workers(config.workers, pipeline.info.name, config.threads),
+            self._results_ready,
+            self._inference_failed,
+            queue_size=config.queue_size,
+            max_batch=config.max_batch,
+            batch_wait_s=config.batch_wait_ms / 1000,
+            recover=lambda failed, exc, since: self.recovery(failed, exc, since),  # noqa: PLW0108
+        )
+        self.queue: queue.Queue[WorkItem] = self.worker.queue
         self.reporter = ErrorReporter(
             self.node_id, self._publish_qos1, self.metrics, per_second=config.error_reports_per_s
         )
@@ -138,15 +149,6 @@ class NodeApp:
             ack_later=self.session.ack_later,
         )
         self.session.on_taken_over(self._taken_over)
-        self.worker = InferenceWorker(
-            pipeline,
-            self.queue,
-            self._results_ready,
-            self._inference_failed,
-            max_batch=config.max_batch,
-            batch_wait_s=config.batch_wait_ms / 1000,
-            recover=lambda failed, exc, since: self.recovery(failed, exc, since),  # noqa: PLW0108
-        )
         self.recovery = BackendRecovery(
             current=lambda: self.worker.pipeline,
             replace=self.worker.replace,
@@ -201,7 +203,7 @@ class NodeApp:
         self.supervisor = Supervisor(
             [
                 Watched("MQTT network", self.session.is_alive),
-                Watched("inference worker", self.worker.is_alive),
+                *self._worker_watches(),
                 Watched("inference watchdog", self.watchdog.is_alive),
                 Watched("model manager", self.manager.is_alive),
                 Watched("result outbox", self.outbox.is_alive),
@@ -211,6 +213,12 @@ class NodeApp:
             stall_s=STALL_S,
             on_failure=self._supervision_failed,
         )
+        if self.worker.count > 1:  # one stuck worker stalls its sensors while the others serve
+            for index in range(self.worker.count):
+                self.supervisor.watch_progress(
+                    f"inference worker {index + 1}",
+                    lambda index=index: self.worker.progress(index),  # type: ignore[misc]
+                )
         try:
             self.http = self._open_http() if config.http_listen else None
         except ConfigError:
@@ -269,7 +277,7 @@ class NodeApp:
         self.supervisor.start()
         pipeline = self.worker.pipeline
         logger.info(
-            "node %s starting: broker %s, model %s %s on %s, hop %d, queue %d",
+            "node %s starting: broker %s, model %s %s on %s, hop %d, queue %d, %d workers",
             self.node_id,
             self.config.broker_address,
             pipeline.ref.name,
@@ -277,6 +285,7 @@ class NodeApp:
             pipeline.info.name,
             self.config.hop,
             self.config.queue_size,
+            self.worker.count,
         )
 
     def stop(self, reason: str = "stopped") -> bool:
@@ -501,6 +510,16 @@ class NodeApp:
         healthy = stats.healthy and not self.watchdog.stalled
         return healthy, stats.rebuilds + stats.fallbacks, self.watchdog.stalls
 
+    def _worker_watches(self) -> list[Watched]:
+        """One supervised thread per inference worker ("inference worker" when there is one)."""
+        workers = self.worker.workers
+        if len(workers) == 1:
+            return [Watched("inference worker", workers[0].is_alive)]
+        return [
+            Watched(f"inference worker {index + 1}", worker.is_alive)
+            for index, worker in enumerate(workers)
+        ]
+
     def _progress(self) -> tuple[int, int, bool]:
         """(windows waiting, windows finished or given up so far, a backend call running)."""
         _, done, _, dropped, _ = self.metrics.totals()
@@ -520,7 +539,7 @@ class NodeApp:
             f"a process started later (instance {newer.instance} on host {newer.host}) serves as "
             f"node {self.node_id}: this one ({self.instance}) stops"
         )
-        self.session.give_up(reason)
+        self.session.give_up(reason)  # first: a clean DISCONNECT before the process may exit
         self._taken_over(reason)
 
     def _taken_over(self, reason: str) -> None:

@@ -50,6 +50,7 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
         ("--backend", "backend", str),
         ("--fallback", "fallback", str),
         ("--threads", "threads", int),
+        ("--workers", "workers", str),
         ("--hop", "hop", int),
         ("--queue-size", "queue_size", int),
         ("--max-batch", "max_batch", int),

@@ -93,6 +93,12 @@ class NodeConfig(BrokerSettings):
         "failing (none: report and keep retrying the device)",
     )
     threads: int = Field(1, ge=1, le=64, description="CPU threads for the ONNX Runtime backend")
+    workers: int | Literal["auto"] = Field(
+        "auto",
+        description="Inference threads, each sensor pinned to one (its results stay in order). "
+        "auto: one per CPU core, at most 4 (divided by `threads`) on ONNX Runtime; 1 on Hailo, "
+        "whose backend keeps its own jobs in flight",
+    )
     hailo_timeout_ms: int = Field(1000, ge=10, le=60_000, description="Hailo: per-call timeout")
     hailo_max_jobs: int = Field(
         4, ge=1, le=64, description="Hailo: most async jobs in flight (the device's queue caps it)"
@@ -174,6 +180,22 @@ class NodeConfig(BrokerSettings):
     def _identifier(cls, value: str | None) -> str | None:
         if value is not None and not is_valid_id(value):
             msg = f"{value!r} is not a valid id (letters, digits, '_', '.', ':', '-'; max 64)"
+            raise ValueError(msg)
+        return value
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers_not_bool(cls, value: object) -> object:
+        if isinstance(value, bool):  # TOML `workers = true` must not mean 1
+            msg = "workers must be 1-64 or 'auto', not a boolean"
+            raise ValueError(msg)
+        return value
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 64:
+            msg = f"workers must be 1-64 or 'auto', not {value}"
             raise ValueError(msg)
         return value
 

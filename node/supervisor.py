@@ -5,7 +5,9 @@ A named thread looks, once a second, at what must hold while the node serves:
 - every long-lived thread is alive: the MQTT network thread, the inference worker, the
   inference watchdog, the model manager, the result outbox, telemetry and HTTP;
 - work makes progress: windows waiting in the queue while none is finished for `stall_s` (and no
-  backend call running: the inference watchdog owns those) is a stall.
+  backend call running: the inference watchdog owns those) is a stall. With several inference
+  workers each is also judged on its own (`watch_progress`): one stuck worker is a stall even
+  while the others keep serving.
 
 A death or a stall is logged, reported on the errors topic (kind `watchdog`), shown in `/readyz`
 (`supervised`) and telemetry, and ends the process with status 70 (EX_SOFTWARE) for systemd to
@@ -25,7 +27,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +78,16 @@ Progress = Callable[[], tuple[int, int, bool]]
 """(windows waiting, windows finished so far, a backend call running)."""
 
 
+@dataclass(slots=True)
+class _ProgressWatch:
+    """One progress source and when it last moved."""
+
+    name: str | None
+    progress: Progress
+    last_done: int = -1
+    last_progress: float = field(default=0.0)
+
+
 class Supervisor:
     """Checks the node's threads and progress; tells systemd; calls `on_failure` once."""
 
@@ -89,14 +101,12 @@ class Supervisor:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._watched = watched
-        self._progress = progress
         self._stall_s = stall_s
         self._on_failure = on_failure
         self._clock = clock
         self.failure: str | None = None
         """What failed first (None while everything holds)."""
-        self._last_done = -1
-        self._last_progress = clock()
+        self._progress_watches = [_ProgressWatch(None, progress, last_progress=clock())]
         self._ping_every = watchdog_interval_s()
         self._last_ping = 0.0
         self._stop = threading.Event()
@@ -110,6 +120,10 @@ class Supervisor:
     def watch(self, watched: Watched) -> None:
         """Also keep this thread alive (one started after the supervisor was made)."""
         self._watched.append(watched)
+
+    def watch_progress(self, name: str, progress: Progress) -> None:
+        """Also judge this part's own progress (one of several inference workers)."""
+        self._progress_watches.append(_ProgressWatch(name, progress, last_progress=self._clock()))
 
     def start(self) -> None:
         """Start supervising; tells systemd the node is ready."""
@@ -130,15 +144,17 @@ class Supervisor:
         for watched in self._watched:
             if not watched.alive():
                 return self._fail(f"the {watched.name} thread died")
-        waiting, done, busy = self._progress()
         now = self._clock()
-        if done != self._last_done or waiting == 0 or busy:
-            self._last_done, self._last_progress = done, now
-        elif now - self._last_progress > self._stall_s:
-            return self._fail(
-                f"no progress: {waiting} windows waiting and none finished for "
-                f"{now - self._last_progress:.0f} s, with no backend call running"
-            )
+        for watch in self._progress_watches:
+            waiting, done, busy = watch.progress()
+            if done != watch.last_done or waiting == 0 or busy:
+                watch.last_done, watch.last_progress = done, now
+            elif now - watch.last_progress > self._stall_s:
+                where = "" if watch.name is None else f" in the {watch.name}"
+                return self._fail(
+                    f"no progress{where}: {waiting} windows waiting and none finished for "
+                    f"{now - watch.last_progress:.0f} s, with no backend call running"
+                )
         if self._ping_every is not None and now - self._last_ping >= self._ping_every:
             sd_notify("WATCHDOG=1")
             self._last_ping = now

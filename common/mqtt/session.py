@@ -242,7 +242,8 @@ class MqttSession:
             info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0
         )
         if not queued:
-            self.counters.publish_dropped += 1
+            with self._pending_cv:  # publishers on several threads (inference workers)
+                self.counters.publish_dropped += 1
             self._settle(1)
             return None
         return info

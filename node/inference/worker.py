@@ -9,6 +9,9 @@ When a batch fails, the worker asks its `recover` hook (node/inference/recovery.
 model and runs the same batch once more on it before giving the windows up as failed. While a
 backend call runs, `busy_since` says since when: the watchdog (node/inference/watchdog.py) reads
 it to find calls past their deadline.
+
+Several workers can share one `ModelSlot` (node/inference/workers.py): each reads the slot once
+per batch, so one swap of the slot reaches every worker at its next batch boundary.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -60,8 +64,66 @@ Recover = Callable[[ModelPipeline, Exception, float], "ModelPipeline | None"]
 pipeline to retry the batch on, or None."""
 
 
+Serial = Callable[[ModelPipeline], AbstractContextManager[object]]
+"""The context a backend call on a pipeline runs in (workers sharing a backend that takes one
+call at a time hold a shared lock there)."""
+
+
 def _no_recovery(_failed: ModelPipeline, _exc: Exception, _since: float) -> ModelPipeline | None:
     return None
+
+
+def _concurrent(_pipeline: ModelPipeline) -> AbstractContextManager[object]:
+    return contextlib.nullcontext()
+
+
+class WorkSource(Protocol):
+    """Where a worker takes its windows from: a `queue.Queue`, or one shard of a
+    `ShardedQueue` (node/inference/workers.py)."""
+
+    def get(self, block: bool = True, timeout: float | None = None) -> WorkItem:
+        """The next window (blocking as `queue.Queue.get`)."""
+        ...
+
+    def get_nowait(self) -> WorkItem:
+        """The next window, or `queue.Empty`."""
+        ...
+
+    def empty(self) -> bool:
+        """True when nothing waits for this worker."""
+        ...
+
+    def put(self, item: WorkItem, block: bool = True, timeout: float | None = None) -> None:
+        """Hand the worker an item (its stop sentinel)."""
+        ...
+
+
+class ModelSlot:
+    """The model that serves, shared by the workers that read it once per batch."""
+
+    def __init__(self, pipeline: ModelPipeline) -> None:
+        self._pipeline = pipeline
+        self._lock = threading.Lock()
+
+    @property
+    def pipeline(self) -> ModelPipeline:
+        """The model currently serving."""
+        with self._lock:
+            return self._pipeline
+
+    def swap(self, new: ModelPipeline) -> ModelPipeline:
+        """Serve `new` from every worker's next batch on; returns the previous model (open)."""
+        with self._lock:
+            old, self._pipeline = self._pipeline, new
+        return old
+
+    def replace(self, expected: ModelPipeline, new: ModelPipeline) -> bool:
+        """Serve `new` instead of `expected`, unless another swap came first (then False)."""
+        with self._lock:
+            if self._pipeline is not expected:
+                return False
+            self._pipeline = new
+        return True
 
 
 class InferenceWorker:
@@ -69,32 +131,42 @@ class InferenceWorker:
 
     def __init__(
         self,
-        pipeline: ModelPipeline,
-        work: queue.Queue[WorkItem],
+        pipeline: ModelPipeline | ModelSlot,
+        work: WorkSource,
         on_results: ResultSink,
         on_failure: FailureSink,
         *,
         max_batch: int = 8,
         batch_wait_s: float = 0.0,
         recover: Recover = _no_recovery,
+        name: str = "inference-worker",
+        serial: Serial = _concurrent,
     ) -> None:
-        self._pipeline = pipeline
+        self._slot = pipeline if isinstance(pipeline, ModelSlot) else ModelSlot(pipeline)
         self._queue = work
         self._on_results = on_results
         self._on_failure = on_failure
         self._recover = recover
+        self._serial = serial
         self._max_batch = max_batch
         self._batch_wait_s = batch_wait_s
         self._busy_since: float | None = None
         self._busy_pipeline: ModelPipeline | None = None
-        self._swap_lock = threading.Lock()
+        self._busy_lock = threading.Lock()
+        self.processed = 0
+        """Windows this worker has finished or given up since start (the supervisor's progress)."""
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="inference-worker", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    @property
+    def name(self) -> str:
+        """The worker thread's name."""
+        return self._thread.name
 
     @property
     def pipeline(self) -> ModelPipeline:
         """The model currently serving."""
-        return self._pipeline
+        return self._slot.pipeline
 
     def is_alive(self) -> bool:
         """True while the worker thread runs."""
@@ -106,21 +178,15 @@ class InferenceWorker:
 
     def swap(self, new: ModelPipeline) -> ModelPipeline:
         """Serve `new` from the next batch on; returns the previous model (still open)."""
-        with self._swap_lock:
-            old, self._pipeline = self._pipeline, new
-        return old
+        return self._slot.swap(new)
 
     def replace(self, expected: ModelPipeline, new: ModelPipeline) -> bool:
         """Serve `new` instead of `expected`, unless another swap came first (then False)."""
-        with self._swap_lock:
-            if self._pipeline is not expected:
-                return False
-            self._pipeline = new
-        return True
+        return self._slot.replace(expected, new)
 
     def busy(self) -> tuple[float, ModelPipeline] | None:
         """(`time.monotonic()` when the running backend call began, its pipeline), or None."""
-        with self._swap_lock:
+        with self._busy_lock:
             if self._busy_since is None or self._busy_pipeline is None:
                 return None
             return self._busy_since, self._busy_pipeline
@@ -142,6 +208,7 @@ class InferenceWorker:
             batch = self._next_batch()
             if batch:
                 self._process(batch)
+                self.processed += len(batch)
 
     def _next_batch(self) -> list[WorkItem]:
         first = self._queue.get()
@@ -166,8 +233,7 @@ class InferenceWorker:
         return batch
 
     def _process(self, batch: list[WorkItem]) -> None:
-        with self._swap_lock:
-            pipeline = self._pipeline
+        pipeline = self._slot.pipeline
         windows = np.stack([item.x for item in batch])
         started = time.monotonic()
         try:
@@ -195,13 +261,14 @@ class InferenceWorker:
             logger.exception("publishing the results of a batch of %d failed", len(batch))
 
     def _timed_run(self, pipeline: ModelPipeline, windows: FloatArray) -> BatchResult:
-        with self._swap_lock:
-            self._busy_since, self._busy_pipeline = time.monotonic(), pipeline
-        try:
-            return pipeline.run(windows)
-        finally:
-            with self._swap_lock:
-                self._busy_since = self._busy_pipeline = None
+        with self._serial(pipeline):  # waiting for a shared backend is not a running call
+            with self._busy_lock:
+                self._busy_since, self._busy_pipeline = time.monotonic(), pipeline
+            try:
+                return pipeline.run(windows)
+            finally:
+                with self._busy_lock:
+                    self._busy_since = self._busy_pipeline = None
 
     @staticmethod
     def _log_failure(batch: list[WorkItem], exc: Exception) -> None:

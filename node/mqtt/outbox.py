@@ -87,7 +87,8 @@ class Outbox:
                 return False
             # paho's memory queue is full (a link dying unnoticed): to disk
         if self.spool.append(topic, payload):
-            self.spooled += 1
+            with self._awaiting_lock:  # publishers on several threads (inference workers)
+                self.spooled += 1
             if on_safe is not None:
                 on_safe()
             return True
