@@ -81,6 +81,19 @@ def server_tls_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     return context
 
 
+def send_reply(handler: BaseHTTPRequestHandler, reply: Reply, *, close: bool = False) -> None:
+    """Write `reply` as the answer to `handler`'s request (`close`: say the connection ends)."""
+    handler.send_response(reply.status)
+    if close:
+        handler.send_header("Connection", "close")  # and the handler closes it
+    handler.send_header("Content-Type", reply.content_type)
+    handler.send_header("Content-Length", str(len(reply.body)))
+    for name, value in reply.headers:
+        handler.send_header(name, value)
+    handler.end_headers()
+    handler.wfile.write(reply.body)
+
+
 class TlsThreadingServer(ThreadingHTTPServer):
     """A threading HTTP server that wraps accepted sockets in TLS when `tls` is set."""
 

@@ -422,3 +422,36 @@ def test_a_service_taking_over_carries_out_what_the_operator_asked(
                            wave_timeout_s=1, nodes={"n": NodeOutcome(wave=0)}, created_at=1.0,
                            updated_at=1.0, state=state, command=command)  # fmt: skip
     assert take_over_command(record) == expected
+
+
+def test_the_controller_service_serves_metrics_behind_its_token(broker: LocalBroker) -> None:
+    import urllib.error
+    import urllib.request
+
+    from fleet.rollout.service import ControllerService, ServiceHttp
+
+    service = ControllerService(broker.url, name=unique("m"))
+    try:
+        with pytest.raises(ValueError, match="--token-file"):
+            ServiceHttp("0.0.0.0:0", service, None)  # beyond loopback without a token
+        http = ServiceHttp("127.0.0.1:0", service, "s3cret")
+        http.start()
+        host, port = http.address
+        base = f"http://{host}:{port}"
+        try:
+            with urllib.request.urlopen(f"{base}/healthz", timeout=5) as answer:
+                assert json.loads(answer.read())["broker_connected"] is True
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"{base}/metrics", timeout=5)
+            assert refused.value.code == 401
+            request = urllib.request.Request(
+                f"{base}/metrics", headers={"Authorization": "Bearer s3cret"}
+            )
+            with urllib.request.urlopen(request, timeout=5) as answer:
+                text = answer.read().decode()
+            assert "imu_fleet_controller_takeovers_total 0.0" in text
+            assert 'imu_fleet_controller_rollouts_finished_total{state="succeeded"}' in text
+        finally:
+            http.stop()
+    finally:
+        service.close()

@@ -385,13 +385,9 @@ class Controller:
                                 f"wave {record.wave + 1}: soaking {gates.soak_s:g} s")  # fmt: skip
         assert record.soak_until is not None
         until, start = record.soak_until, record.soak_until - gates.soak_s
-        while time.time() < until:
-            record = self._obey(record)
-            if record.state is not RolloutState.RUNNING:
-                return record
-            if self._due(record):
-                record = self._save(record, f"wave {record.wave + 1}: soaking")
-            self.view.wait_changed(min(0.5, max(0.0, until - time.time())))
+        record = self._wait(record, lambda: True, until, f"wave {record.wave + 1}: soaking")
+        if record.state is not RolloutState.RUNNING:
+            return record
         record = self._await_reports(record, wave, until)
         if record.state is not RolloutState.RUNNING:
             return record
@@ -433,17 +429,25 @@ class Controller:
         intervals = [v.telemetry.interval_s for v in views if v is not None and v.telemetry]
         deadline = until + max(record.gates.soak_s, 3 * max(intervals, default=0.0), 2.0)
 
-        def late() -> list[str]:
-            return [n for n in active if not any(t.ts >= until for t in
-                                                 self.view.soak_reports(n, start)[1])]  # fmt: skip
+        def late() -> bool:
+            return any(not any(t.ts >= until for t in self.view.soak_reports(n, start)[1])
+                       for n in active)  # fmt: skip
 
-        while late() and time.time() < deadline:
+        return self._wait(record, late, deadline, f"wave {record.wave + 1}: waiting for reports")
+
+    def _wait(
+        self, record: RolloutRecord, busy: Callable[[], bool], deadline: float, event: str
+    ) -> RolloutRecord:
+        """Wait while `busy()` holds, until `deadline` (wall clock), obeying operator commands
+        and writing the record's heartbeat (`event`); check the returned record's state: a
+        command may have stopped the rollout."""
+        while busy() and time.time() < deadline:
             record = self._obey(record)
             if record.state is not RolloutState.RUNNING:
                 return record
             if self._due(record):
-                record = self._save(record, f"wave {record.wave + 1}: waiting for reports")
-            self.view.wait_changed(0.5)
+                record = self._save(record, event)
+            self.view.wait_changed(min(0.5, max(0.0, deadline - time.time())))
         return record
 
     def _collect(
@@ -480,19 +484,13 @@ class Controller:
         each has two reports: its own numbers are what the soak compares it with."""
         views = [self.view.get(n) for n in node_ids]
         intervals = [v.telemetry.interval_s for v in views if v is not None and v.telemetry]
-        deadline = time.monotonic() + max(2.0, 3 * max(intervals, default=0.0))
+        deadline = time.time() + max(2.0, 3 * max(intervals, default=0.0))
 
         def missing() -> bool:
             return any(len(self.view.telemetry_between(n, 0.0, math.inf)) < 2 for n in node_ids)
 
-        while missing() and time.monotonic() < deadline:
-            record = self._obey(record)
-            if record.state is not RolloutState.RUNNING:
-                return record
-            if self._due(record):
-                record = self._save(record, f"wave {record.wave + 1}: reading the nodes' baseline")
-            self.view.wait_changed(0.5)
-        return record
+        event = f"wave {record.wave + 1}: reading the nodes' baseline"
+        return self._wait(record, missing, deadline, event)
 
     def _previous_of(self, view: NodeView | None, record: RolloutRecord) -> DesiredModel | None:
         """What the node runs now, to restore on a rollback (None when unknown, or when it

@@ -36,6 +36,7 @@ from common.http import (
     json_reply,
     parse_listen,
     read_token_file,
+    send_reply,
     server_class,
 )
 from common.mqtt.connection import Connection
@@ -258,13 +259,7 @@ class _Handler(TlsHandshakeHandler, BaseHTTPRequestHandler):
                                **{"WWW-Authenticate": "Bearer"})  # fmt: skip
         else:
             reply = Reply(HTTPStatus.OK, generate_latest(self.registry), CONTENT_TYPE_LATEST)
-        self.send_response(reply.status)
-        self.send_header("Content-Type", reply.content_type)
-        self.send_header("Content-Length", str(len(reply.body)))
-        for name, value in reply.headers:
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(reply.body)
+        send_reply(self, reply)
 
     def log_message(self, format: str, *args: Any) -> None:
         """Requests go to the debug log."""

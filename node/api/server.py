@@ -21,7 +21,14 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from common.http import Reply, TlsHandshakeHandler, bearer_matches, json_reply, server_class
+from common.http import (
+    Reply,
+    TlsHandshakeHandler,
+    bearer_matches,
+    json_reply,
+    send_reply,
+    server_class,
+)
 from node.api.prometheus import CONTENT_TYPE, NodeSources, metrics_registry, render
 from node.inference.worker import WorkItem
 from node.supervisor import thread_running
@@ -204,15 +211,7 @@ def _handler_for(api: NodeHttp) -> type[BaseHTTPRequestHandler]:
             return False
 
         def _send(self, reply: Reply) -> None:
-            self.send_response(reply.status)
-            if api.closing or self.close_connection:
-                self.send_header("Connection", "close")  # and the handler closes it
-            self.send_header("Content-Type", reply.content_type)
-            self.send_header("Content-Length", str(len(reply.body)))
-            for name, value in reply.headers:
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(reply.body)
+            send_reply(self, reply, close=api.closing or self.close_connection)
 
         def log_message(self, format: str, *args: Any) -> None:
             logger.debug("http %s %s", self.client_address[0], format % args)
