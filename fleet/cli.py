@@ -81,7 +81,7 @@ COMMAND_EXAMPLES: dict[tuple[str, ...], str] = {
     ("model", "compile"): "imu-fleet model compile tcn-vae-1.2.0.tar --calibration rec.jsonl.gz "
     "--hw-arch hailo8 --out tcn-vae-1.2.0-hailo8.tar",
     ("simulate", "sensors"): "imu-fleet simulate sensors --broker mqtt://127.0.0.1:1883 "
-    "--sensors 8 --rate 100",
+    "--sensors 8 --rate 100 --mode window --encoding binary",
     ("simulate", "nodes"): "imu-fleet simulate nodes --count 1000 --bundle "
     "tcn-reference-1.0.0.tar \\\n      --telemetry-interval 10 --degrade 1.4.0=errors",
     ("record",): "imu-fleet record --topic 'imu/+/window' --out rec.jsonl.gz --duration 600 "
@@ -235,6 +235,11 @@ def _add_simulate(sub: Subparsers[argparse.ArgumentParser]) -> None:
         help="publish sample runs on imu/ID/samples or whole windows on imu/ID/window",
     )  # fmt: skip
     sensors.add_argument("--hop", type=int, default=50, help="window mode: samples per window (50)")
+    sensors.add_argument(
+        "--encoding", choices=["json", "binary"], default="json",
+        help="window mode: JSON windows, or binary frames with their seq in the header "
+        "(docs/topics.md, Binary frames)",
+    )  # fmt: skip
     sensors.add_argument("--interval", type=float, default=0.1, help="seconds between messages")
     sensors.add_argument("--prefix", default="sim", help="sensor ids are PREFIX-000, ... (sim)")
     sensors.add_argument("--duration", type=float, default=None, help="seconds (default: forever)")
@@ -758,6 +763,7 @@ def _simulate(args: argparse.Namespace) -> int:
         prefix=args.prefix,
         seed=args.seed,
         protocol=args.mqtt_protocol,
+        encoding=args.encoding,
     )
     print(
         f"publishing {args.sensors} sensors ({', '.join(simulator.sensor_ids[:3])}"

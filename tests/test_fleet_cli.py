@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from conftest import Probe, unique
 
 from common.bundle import read_bundle
 from common.signing import generate_keys, load_public_key, verify_manifest
@@ -16,6 +19,8 @@ from fleet.bundles.builder import parse_expiry
 from fleet.bundles.reference import build_reference_bundle
 from fleet.cli import build_parser, main
 from node.errors import BundleError
+from node.local_broker import LocalBroker
+from schemas.codec import decode_any_window
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +106,22 @@ def test_every_command_has_an_example_in_its_help_that_parses(words: tuple[str, 
 def test_every_pki_command_shows_how_it_is_called(words: tuple[str, ...]) -> None:
     parser = dict(subcommands(pki.build_parser()))[words]
     assert f"imu-fleet pki {words[0]} site/" in parser.format_help()
+
+
+def test_simulated_sensors_send_headered_binary_frames(broker: LocalBroker) -> None:
+    prefix = unique("bin")
+    probe = Probe(broker.url).subscribe(f"imu/{prefix}-000/window")
+    done = subprocess.run(
+        [sys.executable, "-m", "fleet.cli", "simulate", "sensors", "--sensors", "1", "--mode",
+         "window", "--encoding", "binary", "--prefix", prefix, "--duration", "2",
+         "--broker", broker.url],
+        capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    frames = probe.wait_for(f"imu/{prefix}-000/window", 2)
+    probe.close()
+    for frame in frames:
+        decoded = decode_any_window(frame.payload, None)
+        assert frame.payload[:4] == b"\x89IMU"
+        assert decoded.seq is not None
+    assert len({decode_any_window(f.payload, None).seq for f in frames}) == len(frames)
