@@ -455,3 +455,32 @@ def test_the_controller_service_serves_metrics_behind_its_token(broker: LocalBro
             http.stop()
     finally:
         service.close()
+
+
+def test_nodes_recorded_as_moving_but_never_told_are_told_by_the_next_controller(
+    broker: LocalBroker, reference_bundle_path: Path, new_bundle: Path, tmp_path: Path
+) -> None:
+    """A controller dies after writing the wave's nodes as updating, before publishing their
+    desired states: the controller that takes over tells them, and the rollout finishes."""
+    fleet = start_fleet(broker, reference_bundle_path, tmp_path, 3)
+    first = Controller.connect(broker.url, client_id=unique("ctl-a"))
+    try:
+        wait_seen(first, fleet)
+        record = first.start("tcn-reference", NEW, group=fleet.groups[0], canary=1,
+                             waves=[100], wave_timeout_s=20)  # fmt: skip
+        record = first._save(first._mark_moving(record, record.waves[0]), "then it died")
+        first.session.wait_published(5)
+    finally:
+        first.close()  # its presence goes: the rollout has no live controller
+    second = Controller.connect(broker.url, client_id=unique("ctl-b"))
+    try:
+        wait_until(lambda: second.record(record.rollout_id) is not None, what="the record")
+        kept = second.record(record.rollout_id)
+        assert kept is not None
+        assert kept.nodes[record.waves[0][0]].state is NodeRolloutState.UPDATING
+        final = second.take_over(kept, "resume")
+        assert final.state is RolloutState.SUCCEEDED, final.reason
+        assert fleet.versions() == {NEW: 3}
+    finally:
+        second.close()
+        fleet.stop()

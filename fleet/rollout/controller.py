@@ -338,7 +338,9 @@ class Controller:
         # the record names who moves, and what each goes back to, before any node is told
         record = self._mark_moving(record, moving)
         record = self._save(record, f"wave {index + 1}/{len(record.waves)}: {len(wave)} nodes")
-        for node_id in moving:
+        # every updating node is told (again): a controller that died between its record and
+        # its desired states left some untold; telling a node twice changes nothing
+        for node_id in [n for n in wave if record.nodes[n].state is NodeRolloutState.UPDATING]:
             self.session.publish(
                 desired_topic("node", node_id),
                 encode(scoped(record.desired, "node", node_id, self._sign_key)),
