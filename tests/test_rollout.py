@@ -130,6 +130,7 @@ def test_rollout_moves_every_wave_then_sets_the_group(
     assert final.state is RolloutState.SUCCEEDED
     assert {o.state for o in final.nodes.values()} == {NodeRolloutState.ACTIVE}
     assert active_versions(nodes) == ["1.1.0"] * 4
+    assert controller.session.wait_published(5)  # its last writes are on the broker
     probe.subscribe(topics.group_desired(group), topics.rollout(final.rollout_id))
     desired = DesiredModel.model_validate_json(
         probe.wait_for(topics.group_desired(group))[0].payload
