@@ -13,6 +13,7 @@ import logging
 import socket
 import ssl
 import sys
+import threading
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -115,6 +116,34 @@ class TlsThreadingServer(ThreadingHTTPServer):
             logger.debug("http request from %s failed: %s", client_address, error)
         else:
             logger.error("http request from %s failed", client_address, exc_info=error)
+
+
+class BackgroundServer:
+    """A server answering on its own named thread: `start`, `address`, `stop`."""
+
+    def __init__(self, server: TlsThreadingServer, name: str) -> None:
+        self.server = server
+        self.thread = threading.Thread(
+            target=server.serve_forever, name=name, kwargs={"poll_interval": 0.2}
+        )
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where it listens (the real port when 0 was asked for)."""
+        host, port = self.server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        """Serve until `stop`."""
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop answering (waiting up to 5 s for the serving loop) and close the socket; safe
+        before `start` too."""
+        if self.thread.is_alive():
+            self.server.shutdown()
+            self.thread.join(5)
+        self.server.server_close()
 
 
 class TlsThreadingServer6(TlsThreadingServer):

@@ -27,7 +27,14 @@ from importlib import resources
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
-from common.http import Reply, TlsHandshakeHandler, TlsThreadingServer, json_reply, server_class
+from common.http import (
+    BackgroundServer,
+    Reply,
+    TlsHandshakeHandler,
+    TlsThreadingServer,
+    json_reply,
+    server_class,
+)
 from fleet.dashboard.auth import Gate
 from fleet.dashboard.events import CLOSE, Hub, TooManyClientsError
 from fleet.dashboard.metrics import CONTENT_TYPE
@@ -106,38 +113,32 @@ class DashboardHttp:
         self.static = load_static()
         self.closing = threading.Event()
         server_type = type("DashboardServer", (_BoundedServer, server_class(listen[0])), {})
-        self._server: TlsThreadingServer = server_type(listen, _handler_for(self))
-        self._server.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self._server.tls = tls
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="dashboard-http", kwargs={"poll_interval": 0.2}
-        )
+        server: _BoundedServer = server_type(listen, _handler_for(self))
+        server.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        server.tls = tls
+        self._served = BackgroundServer(server, "dashboard-http")
 
     @property
     def address(self) -> tuple[str, int]:
         """Where it listens (the real port when 0 was asked for)."""
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
+        return self._served.address
 
     @property
     def url(self) -> str:
         """The page's address."""
         host, port = self.address
         host = f"[{host}]" if ":" in host else host
-        return f"{'https' if self._server.tls else 'http'}://{host}:{port}/"
+        return f"{'https' if self._served.server.tls else 'http'}://{host}:{port}/"
 
     def start(self) -> None:
         """Serve until `stop`."""
-        self._thread.start()
+        self._served.start()
         logger.info("dashboard on %s (%s)", self.url, "open" if self.gate.open else "token")
 
     def stop(self) -> None:
         """Stop answering, end the event streams, close the socket."""
         self.closing.set()
-        if self._thread.is_alive():
-            self._server.shutdown()
-            self._thread.join(5)
-        self._server.server_close()
+        self._served.stop()
 
 
 def _handler_for(app: DashboardHttp) -> type[BaseHTTPRequestHandler]:

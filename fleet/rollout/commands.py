@@ -79,10 +79,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             print(f"cleared the node-level pins of {len(pins)} nodes: {', '.join(sorted(pins))}")
         gates = None
         if not args.no_gates:
-            targets = [v.node_id for v in controller.view.nodes()
-                       if v.online and (args.group is None or v.group == args.group)]  # fmt: skip
             gates = controller.default_gates(
-                targets,
+                controller.targets(args.group),
                 soak_s=args.soak, max_error_rate=args.max_error_rate,
                 max_p95_ratio=args.max_p95_ratio, p95_floor_ms=args.p95_floor_ms,
                 min_results_ratio=args.min_results_ratio,

@@ -191,9 +191,7 @@ class Controller:
         if artifact is None:
             msg = f"{name} {version} is not published: run `imu-fleet publish BUNDLE` first"
             raise RolloutError(msg)
-        targets = [
-            n.node_id for n in self.view.nodes() if n.online and (group is None or n.group == group)
-        ]
+        targets = self.targets(group)
         if not targets:
             where = f"group {group}" if group else "the fleet"
             msg = f"no online node in {where} (see `imu-fleet nodes`)"
@@ -228,6 +226,12 @@ class Controller:
         )
         soak = f", soak {gates.soak_s:g} s per wave" if gates else ", no health gates"
         return self._save(record, f"planned {len(targets)} nodes in {len(plan)} waves{soak}")
+
+    def targets(self, group: str | None = None) -> list[str]:
+        """The online nodes a rollout of `group` (None: the fleet) would move."""
+        return [
+            n.node_id for n in self.view.nodes() if n.online and (group is None or n.group == group)
+        ]
 
     def default_gates(self, node_ids: list[str] | None = None, **thresholds: float) -> RolloutGates:
         """Gates whose soak lasts `SOAK_INTERVALS` of the slowest telemetry interval among

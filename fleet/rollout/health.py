@@ -83,7 +83,7 @@ def figures(run: Sequence[Telemetry], prior: Telemetry | None = None) -> Figures
     return Figures(
         samples=len(run),
         windows=windows,
-        error_rate=errors / windows if windows > 0 else (float(errors > 0) if errors else None),
+        error_rate=errors / windows if windows > 0 else (1.0 if errors > 0 else None),
         p95_ms=statistics.median(p95s) if p95s else None,
         results_ratio=results / windows if windows > 0 else None,
         restarted=restarted,

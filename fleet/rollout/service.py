@@ -29,6 +29,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 from common.http import (
+    BackgroundServer,
     Reply,
     TlsHandshakeHandler,
     bearer_matches,
@@ -216,23 +217,21 @@ class ServiceHttp:
             raise ValueError(msg)
         registry = CollectorRegistry(auto_describe=True)
         registry.register(_ServiceCollector(service))
-        self._server = server_class(host)((host, port), _handler(registry, service, token))
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        server = server_class(host)((host, port), _handler(registry, service, token))
+        self._served = BackgroundServer(server, "controller-http")
 
     @property
     def address(self) -> tuple[str, int]:
         """Where it listens (the port resolved when 0 was asked)."""
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
+        return self._served.address
 
     def start(self) -> None:
         """Serve in the background."""
-        self._thread.start()
+        self._served.start()
 
     def stop(self) -> None:
         """Stop serving."""
-        self._server.shutdown()
-        self._server.server_close()
+        self._served.stop()
 
 
 class _Handler(TlsHandshakeHandler, BaseHTTPRequestHandler):

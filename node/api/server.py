@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import queue
 import ssl
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -22,6 +21,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from common.http import (
+    BackgroundServer,
     Reply,
     TlsHandshakeHandler,
     bearer_matches,
@@ -64,34 +64,28 @@ class NodeHttp:
         self.closing = False
         """Set by `stop`: open keep-alive connections get 503 and are closed."""
         self._registry = metrics_registry(sources)
-        self._server = server_class(listen[0])(listen, _handler_for(self))
-        self._server.tls = tls
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="http", kwargs={"poll_interval": 0.2}
-        )
+        server = server_class(listen[0])(listen, _handler_for(self))
+        server.tls = tls
+        self._served = BackgroundServer(server, "http")
 
     @property
     def address(self) -> tuple[str, int]:
         """Where it listens (the real port when 0 was asked for)."""
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
+        return self._served.address
 
     def start(self) -> None:
         """Serve until `stop`."""
-        self._thread.start()
+        self._served.start()
         logger.info("http on %s:%d (/healthz /readyz /metrics POST /infer)", *self.address)
 
     def is_alive(self) -> bool:
         """True while the HTTP thread serves (or before it was started, or after `stop`)."""
-        return thread_running(self._thread) or self.closing
+        return thread_running(self._served.thread) or self.closing
 
     def stop(self) -> None:
         """Stop answering and close the socket."""
         self.closing = True
-        if self._thread.is_alive():
-            self._server.shutdown()
-            self._thread.join(5)
-        self._server.server_close()
+        self._served.stop()
 
     def authorized(self, header: str | None) -> bool:
         """True when no token is set, or `header` is `Bearer <the token>` (constant time)."""

@@ -238,20 +238,16 @@ function connect() {
   const source = new EventSource("/events");
   source.addEventListener("open", () => setLink(true, "live"));
   source.addEventListener("error", () => setLink(false, "reconnecting"));
-  source.addEventListener("snapshot", (event) => {
-    const snap = JSON.parse(event.data);
-    state.skew = snap.now - Date.now() / 1000;
-    state.stats = snap.stats;
-    applySnapshot(snap);
+  // a snapshot (on connecting) and deltas carry the server's clock and counters alike
+  const update = (apply) => (event) => {
+    const message = JSON.parse(event.data);
+    state.skew = message.now - Date.now() / 1000;
+    state.stats = message.stats;
+    apply(message);
     schedule();
-  });
-  source.addEventListener("delta", (event) => {
-    const delta = JSON.parse(event.data);
-    state.skew = delta.now - Date.now() / 1000;
-    state.stats = delta.stats;
-    applyDelta(delta);
-    schedule();
-  });
+  };
+  source.addEventListener("snapshot", update(applySnapshot));
+  source.addEventListener("delta", update(applyDelta));
   setInterval(schedule, 5000); // ages and staleness move on without events
 }
 
