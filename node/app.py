@@ -37,6 +37,7 @@ from node.inference.watchdog import InferenceWatchdog, auto_deadline_s
 from node.inference.worker import WorkItem
 from node.inference.workers import WorkerPool, resolve_workers
 from node.ingest.router import Ingest
+from node.ingest.share import SensorShare
 from node.ingest.windower import SampleWindower
 from node.metrics import NodeMetrics
 from node.model.fetch import FetchPolicy
@@ -52,6 +53,7 @@ from schemas import topics
 from schemas.codec import encode
 from schemas.messages import (
     ErrorKind,
+    Handoff,
     NodeState,
     NodeStatus,
 )
@@ -67,6 +69,11 @@ EXIT_WATCHDOG = 70
 """Exit status when the watchdog cannot free a stuck inference call (EX_SOFTWARE): restart."""
 STALL_S = 30.0
 """Windows waiting and none finished for this long (no backend call running) is a stall."""
+SHARE_KEEP_SAMPLES = 1000
+"""Share group: samples a node keeps from before each sensor's next window (10 s at 100 Hz), to
+serve the windows a sensor's previous holder left when it is taken over."""
+SHARE_TICK_S = 0.5
+"""Share group: how often overdue hand-offs are looked for."""
 EXIT_DUPLICATE = 76
 """Exit status when another process took this node's session (EX_PROTOCOL): do not restart
 (the systemd unit has RestartPreventExitStatus=76), or the two would take it in turns."""
@@ -141,12 +148,33 @@ class NodeApp:
         self.reporter = ErrorReporter(
             self.node_id, self._publish_qos1, self.metrics, per_second=config.error_reports_per_s
         )
+        self.share = (
+            SensorShare(
+                self.node_id,
+                self.instance,
+                config.share_group,
+                config.hop,
+                timeout_s=config.share_handoff_timeout_s,
+            )
+            if config.share_group
+            else None
+        )
         self.ingest = Ingest(
             self.queue,
-            SampleWindower(config.hop),
+            SampleWindower(
+                config.hop,
+                keep=SHARE_KEEP_SAMPLES if self.share else 0,
+                align=self.share is not None,
+            ),
             self.reporter,
             self.metrics,
             ack_later=self.session.ack_later,
+            share=self.share,
+            send_handoff=self._send_handoff,
+        )
+        self.session.on_connected(self.ingest.share_reset)
+        self._share_ticker = threading.Thread(
+            target=self._tick_share, name="share-group", daemon=True
         )
         self.session.on_taken_over(self._taken_over)
         self.recovery = BackendRecovery(
@@ -255,15 +283,20 @@ class NodeApp:
     def start(self) -> None:
         """Start serving; returns at once (the session connects in the background)."""
         sys.setswitchinterval(self.config.switch_interval_ms / 1000)
-        share = self.config.share_group
+        group = self.config.share_group
         sensors = self.config.sensors
         self.session.route(
-            topics.window(sensors), self.ingest.on_window, share=share, deferred_ack=True
+            topics.window(sensors), self.ingest.on_window, share=group, deferred_ack=True
         )
-        self.session.route(
-            topics.samples(sensors), self.ingest.on_samples, share=share, deferred_ack=True
-        )
-        self.session.route(topics.node_status(self.node_id), self._on_status)
+        # a sensor's samples must reach one node: share groups divide them by sensor
+        self.session.route(topics.samples(sensors), self.ingest.on_samples, deferred_ack=True)
+        if group:
+            self.session.route(topics.NODES_STATUS_FILTER, self._on_node_status)
+            self.session.route(topics.share_handoffs_filter(group), self.ingest.on_handoff)
+            self.session.route(topics.motifs(sensors), self.ingest.on_result)
+            self._share_ticker.start()
+        else:
+            self.session.route(topics.node_status(self.node_id), self._on_status)
         if self.config.follow_desired:
             self.manager.attach()
         self.worker.start()
@@ -299,6 +332,7 @@ class NodeApp:
         self.manager.stop()
         timeout = self.config.drain_timeout_s
         sensors = self.config.sensors
+        self.ingest.share_leave()  # before the unsubscribe: what is cut after it is not served
         for topic_filter in (topics.window(sensors), topics.samples(sensors)):
             self.session.unroute(topic_filter)
         drained = self.worker.stop(timeout)
@@ -451,6 +485,8 @@ class NodeApp:
                 model=pipeline.ref,
                 config_digest=self.config.digest(),
                 group=self.config.group,
+                share_group=self.config.share_group,
+                hop=self.config.hop,
                 host=socket.gethostname(),
                 reason=reason,
             )
@@ -570,6 +606,32 @@ class NodeApp:
         if self.fatal is None:
             self.fatal = reason
             self.on_fatal()
+
+    # -- share groups -----------------------------------------------------------------------
+
+    def _send_handoff(self, handoff: Handoff) -> bool:
+        """Publish a hand-off (network or stopping thread); False without a connection (the
+        broker's will then told the group this node is gone)."""
+        if not self.session.is_connected or self.config.share_group is None:
+            return False
+        topic = topics.share_handoffs(self.config.share_group, self.node_id)
+        return self.session.publish(topic, encode(handoff), qos=1)
+
+    def _tick_share(self) -> None:
+        while not self._stopped.wait(SHARE_TICK_S):
+            try:
+                self.ingest.share_tick()
+            except Exception:
+                logger.exception("share group tick failed")
+
+    def _on_node_status(self, message: mqtt.MQTTMessage) -> None:
+        """Every node's retained status: the share group's members (and our own, below)."""
+        node_id = topics.node_of(message.topic)
+        if node_id is None:
+            return
+        if node_id == self.node_id:
+            self._on_status(message)
+        self.ingest.on_member_status(node_id, bytes(message.payload))
 
     # -- duplicate node ids -----------------------------------------------------------------
 

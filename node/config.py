@@ -118,7 +118,17 @@ class NodeConfig(BrokerSettings):
     )
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive")
     share_group: str | None = Field(
-        None, description="Subscribe to sensor topics as $share/GROUP/... (MQTT 5 load sharing)"
+        None,
+        description="Divide the sensors with the other live nodes of this group: each sensor's "
+        "`samples` are served by one node (rendezvous hashing), `window` topics are shared as "
+        "$share/GROUP/... (docs/scaling.md)",
+    )
+    share_handoff_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description="Share group: how long a node that owns a sensor waits for its hand-off "
+        "before it serves it from the last result seen",
     )
     sensors: str = Field("+", description="Sensor id (or + for all) whose topics to consume")
     hop: int = Field(50, ge=1, le=100, description="Samples between windows cut from `samples`")

@@ -170,6 +170,14 @@ class NodeStatus(_Outbound):
     model: ModelRef | None = None
     config_digest: str | None = None
     group: str | None = None
+    share_group: str | None = Field(
+        default=None,
+        description="The share group whose sensors this node divides with the group's other live "
+        "nodes (docs/scaling.md)",
+    )
+    hop: int | None = Field(
+        default=None, ge=1, description="Samples between the windows this node cuts from `samples`"
+    )
     host: str | None = None
     reason: str | None = Field(default=None, description="Why the node stopped or went away")
 
@@ -271,6 +279,9 @@ class ErrorKind(StrEnum):
     """The backend failed and was rebuilt (with how long serving stopped), or could not be."""
     WATCHDOG = "watchdog"
     """An inference call ran past its deadline and was aborted (or could not be)."""
+    HANDOFF = "handoff"
+    """A sensor's hand-over between the nodes of a share group went wrong: a refused hand-off
+    message, no hand-off within the timeout, windows older than the kept history, two holders."""
 
 
 class ErrorReport(_Outbound):
@@ -552,6 +563,33 @@ class ControllerPresence(_Outbound):
     started_at: Timestamp
 
 
+class Handoff(_Outbound):
+    """`fleet/shares/{share_group}/handoffs/{node_id}`: node `from_node` gives one sensor to
+    `to_node` (docs/scaling.md, Sensor-affine groups). It served the sensor's windows that start
+    before `next_seq`; the receiver serves the ones from `next_seq` on.
+
+    Without `sensor_id` it is a sync: after a change of the group, the sender has handed
+    `to_node` every sensor it held that `to_node` owns in `view` (the live nodes it saw), so
+    `to_node` need not wait for more from it."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    share_group: Identifier
+    from_node: Identifier
+    to_node: Identifier
+    sensor_id: Identifier | None = None
+    next_seq: SequenceNumber | None = Field(
+        default=None,
+        description="First sample index of the first window the receiver serves; null when the "
+        "sender never cut a window of this sensor (the receiver serves what it holds)",
+    )
+    view: list[Identifier] = Field(
+        default_factory=list,
+        max_length=1000,
+        description="The group's live nodes as the sender saw them, sorted",
+    )
+    ts: Timestamp
+
+
 ALL_MESSAGES: tuple[type[BaseModel], ...] = (
     WindowMessage,
     SamplesMessage,
@@ -564,6 +602,7 @@ ALL_MESSAGES: tuple[type[BaseModel], ...] = (
     ArtifactManifest,
     RolloutRecord,
     ControllerPresence,
+    Handoff,
 )
 """Every message model, in topic-tree order (for JSON Schema export)."""
 
@@ -575,6 +614,7 @@ __all__ = [
     "ErrorKind",
     "ErrorReport",
     "FollowedDesired",
+    "Handoff",
     "Identifier",
     "LatencySummary",
     "ModelLifecycle",

@@ -27,7 +27,13 @@ from node.mqtt.outbox import Outbox
 from schemas.messages import ErrorKind
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-DROP_REASONS = ("queue_full", "outbox_full", "shutting_down", "inference_failed")
+DROP_REASONS = (
+    "queue_full",
+    "outbox_full",
+    "shutting_down",
+    "inference_failed",
+    "handoff_history",
+)
 """Reasons a window is dropped (`NodeMetrics.window_dropped`), exported at 0 from the start.
 
 Counters that exist before their first event let `rate()` and `increase()` (alerts, dashboards)
