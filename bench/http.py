@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from bench.e2e import percentiles, raw_backend
+from bench.e2e_raw import model_from_path, percentiles, raw_backend
 from fleet.bundles.reference import build_reference_bundle
 from fleet.simulate.imu_signals import calibration_set
 from node.local_broker import LocalBroker, free_port, wait_for_port
@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp, LocalBroker("mosquitto") as broker:
         bundle = build_reference_bundle(Path(tmp) / "ref.tar")
-        raw = raw_backend(bundle, np.asarray(windows), batch=1)
+        model = model_from_path(bundle, Path(tmp))
+        raw = raw_backend(model.onnx, model.normalised(np.asarray(windows)), batch=1)
         node = subprocess.Popen(
             [sys.executable, "-m", "node.cli", "run", "--broker", broker.url, "--node-id",
              "bench-http", "--model", str(bundle), "--log-level", "WARNING",

@@ -23,7 +23,8 @@ import numpy as np
 import orjson
 import paho.mqtt.client as mqtt
 
-from bench.e2e import client, percentiles
+from bench.e2e_load import client
+from bench.e2e_raw import percentiles
 from fleet.bundles.reference import build_reference_bundle
 from fleet.desired import desired_for, desired_topic
 from fleet.distribution import publish_bundle
