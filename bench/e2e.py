@@ -128,6 +128,13 @@ def parser() -> argparse.ArgumentParser:
     add("--broker", help="an existing mqtt://host:port (default: start mosquitto on loopback)")
     add("--mqtt-protocol", choices=sorted(PROTOCOLS), default="5", help="nodes and bench (5)")
     add("--workers", default="auto", help="each node's workers setting (auto)")
+    add(
+        "--results-qos",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="each node's results_qos setting (1)",
+    )
     add("--raw-seconds", type=float, default=3.0, help="each raw ONNX Runtime figure (3)")
     add("--rate", type=float, default=200.0, help="paced phase windows/s (200)")
     add("--seconds", type=float, default=10.0, help="paced phase length (10)")
@@ -191,7 +198,14 @@ def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         broker = None if args.broker else LocalBroker("mosquitto").start()
         try:
             url = args.broker or broker.url  # type: ignore[union-attr]
-            settings = NodeSettings(url, model.bundle, str(args.workers), args.mqtt_protocol, tmp)
+            settings = NodeSettings(
+                url,
+                model.bundle,
+                str(args.workers),
+                args.mqtt_protocol,
+                tmp,
+                extra=("--results-qos", str(args.results_qos)),
+            )
             context = Context(args, settings, run_id, windows, progress)
             report["node"], report["sweep"] = _single_node(context)
             report["groups"] = [_group(context, size) for size in args.groups]
@@ -231,7 +245,12 @@ class Context:
 def _single_node(run: Context) -> tuple[dict[str, Any], dict[str, Any]]:
     args, progress = run.args, run.progress
     progress(f"starting one node (workers {args.workers}) ...")
-    node: dict[str, Any] = {"workers": args.workers, "throughput": {}, "flood": {}}
+    node: dict[str, Any] = {
+        "workers": args.workers,
+        "results_qos": args.results_qos,
+        "throughput": {},
+        "flood": {},
+    }
     with NodeGroup(run.settings, [f"{run.run_id}-node"]) as group:
         group.wait_ready()
         node["rss_mb_after_start"] = group.rss_mb()[group.ids[0]]

@@ -191,7 +191,13 @@ class NodeApp:
             on_stall=self._stalled,
             on_stuck=self._stuck,
         )
-        self._results = ResultPublisher(self.node_id, self._publish_qos1, self.metrics)
+        self._results = (
+            ResultPublisher(self.node_id, self._publish_qos1, self.metrics)
+            if config.results_qos == 1
+            else ResultPublisher(
+                self.node_id, self._publish_qos0, self.metrics, unsent_reason="offline"
+            )
+        )
         self.manager = ModelManager(
             ManagerSettings(
                 node_id=self.node_id,
@@ -364,6 +370,16 @@ class NodeApp:
         self, topic: str, payload: bytes, on_safe: Callable[[], None] | None = None
     ) -> bool:
         return self.outbox.publish(topic, payload, on_safe)
+
+    def _publish_qos0(
+        self, topic: str, payload: bytes, on_safe: Callable[[], None] | None = None
+    ) -> bool:
+        """A result at QoS 0 (`results_qos = 0`): handed to the socket, never spooled; its
+        window is acknowledged at once. False without a connection (the caller counts it)."""
+        sent = self.session.is_connected and self.session.publish(topic, payload, qos=0)
+        if sent and on_safe is not None:
+            on_safe()
+        return sent
 
     def _open_http(self) -> NodeHttp:
         # imported only when asked for: prometheus-client and http.server cost memory on a Pi

@@ -59,6 +59,7 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
         ("--mqtt-protocol", "mqtt_protocol", str),
         ("--share-group", "share_group", str),
         ("--sensors", "sensors", str),
+        ("--results-qos", "results_qos", int),
         ("--username", "username", str),
         ("--password-file", "password_file", Path),
         ("--ca-file", "ca_file", Path),

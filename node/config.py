@@ -131,6 +131,12 @@ class NodeConfig(BrokerSettings):
         "before it serves it from the last result seen",
     )
     sensors: str = Field("+", description="Sensor id (or + for all) whose topics to consume")
+    results_qos: Literal[0, 1] = Field(
+        1,
+        description="QoS of results: 1 (acknowledged, spooled while the broker is away; a window "
+        "is acknowledged once its result is safe) or 0 (cheaper; a result is lost with the "
+        "connection, and counted as dropped when there is none)",
+    )
     hop: int = Field(50, ge=1, le=100, description="Samples between windows cut from `samples`")
     queue_size: int = Field(512, ge=1, le=100_000, description="Windows waiting for inference")
     max_batch: int = Field(8, ge=1, le=256, description="Largest micro-batch per inference call")

@@ -1,4 +1,4 @@
-"""Result messages: one JSON line per window on `imu/{sensor_id}/motifs`, QoS 1.
+"""Result messages: one JSON line per window on `imu/{sensor_id}/motifs` (QoS 1 by default).
 
 A window that came from `POST /infer` gets the same result as its HTTP reply instead.
 """
@@ -25,10 +25,19 @@ Publisher = Callable[[str, bytes, "Callable[[], None] | None"], bool]
 class ResultPublisher:
     """Encodes a batch's results and queues them for the broker."""
 
-    def __init__(self, node_id: str, publish: Publisher, metrics: NodeMetrics) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        publish: Publisher,
+        metrics: NodeMetrics,
+        *,
+        unsent_reason: str = "outbox_full",
+    ) -> None:
         self._node_id = node_id
         self._publish = publish
         self._metrics = metrics
+        self._unsent_reason = unsent_reason
+        """The drop reason counted when `publish` refuses a result."""
 
     def __call__(self, batch: list[WorkItem], result: BatchResult, model: ModelPipeline) -> None:
         """Publish one result per window; counts latency and publication."""
@@ -59,8 +68,8 @@ class ResultPublisher:
                 continue
             if self._publish(topics.motifs(item.sensor_id), encode_dict(message), item.done):
                 published += 1
-            else:  # memory queue or disk spool full: the broker has been away too long
-                self._metrics.window_dropped("outbox_full")
+            else:  # QoS 1: memory queue and disk spool full; QoS 0: no connection
+                self._metrics.window_dropped(self._unsent_reason)
                 if item.done is not None:
                     item.done()  # counted as dropped: its acknowledgement must not stay held
         self._metrics.batch_done(len(batch), latencies, published)

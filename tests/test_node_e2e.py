@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import orjson
+import paho.mqtt.client as mqtt
 import pytest
 from conftest import NodeFactory, Probe, latent_tolerance, unique, wait_until
 from hailo_standin import faults
+from paho.mqtt.enums import CallbackAPIVersion
 
 from common.bundle import Bundle
 from node.local_broker import LocalBroker
@@ -346,6 +348,35 @@ def test_two_nodes_with_one_id_are_reported(
     assert second.session.is_connected
     assert not second.session.taken_over.is_set()
     assert second.session.counters.disconnects == settled  # no ping-pong
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+def test_results_go_out_at_the_configured_qos(
+    start_node: NodeFactory, broker: LocalBroker, qos: int
+) -> None:
+    node = start_node(results_qos=qos)
+    sensor = unique("imu")
+    delivered: list[int] = []
+    listener = mqtt.Client(CallbackAPIVersion.VERSION2, unique("listener"))
+    listener.on_message = lambda _c, _u, message: delivered.append(message.qos)
+    host, port = broker.url.removeprefix("mqtt://").rsplit(":", 1)
+    listener.connect(host, int(port))
+    listener.subscribe(topics.motifs(sensor), qos=1)  # the broker delivers at min(pub, sub)
+    listener.loop_start()
+    try:
+        time.sleep(0.3)
+        sender = Probe(broker.url)
+        for seq in range(10):
+            sender.publish(
+                topics.window(sensor), orjson.dumps({"x": raw_window(seq).tolist(), "seq": seq})
+            )
+        sender.close()
+        wait_until(lambda: len(delivered) == 10, what="10 results")
+        assert set(delivered) == {qos}
+        wait_until(lambda: node.ingest.acks.held() == 0, what="every window acknowledged")
+    finally:
+        listener.loop_stop()
+        listener.disconnect()
 
 
 def test_shared_subscription_serves_each_window_once(start_node: NodeFactory, probe: Probe) -> None:

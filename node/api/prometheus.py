@@ -33,6 +33,7 @@ DROP_REASONS = (
     "shutting_down",
     "inference_failed",
     "handoff_history",
+    "offline",
 )
 """Reasons a window is dropped (`NodeMetrics.window_dropped`), exported at 0 from the start.
 
