@@ -53,7 +53,6 @@ from schemas import topics
 from schemas.codec import encode
 from schemas.messages import (
     ErrorKind,
-    Handoff,
     NodeState,
     NodeStatus,
 )
@@ -72,8 +71,9 @@ STALL_S = 30.0
 SHARE_KEEP_SAMPLES = 1000
 """Share group: samples a node keeps from before each sensor's next window (10 s at 100 Hz), to
 serve the windows a sensor's previous holder left when it is taken over."""
-SHARE_TICK_S = 0.5
-"""Share group: how often overdue hand-offs are looked for."""
+SHARE_LEAVE_S = 5.0
+"""Share group, clean stop: how long to wait for the `stopping` status to come back (until then
+the windows cut are this node's to serve)."""
 EXIT_DUPLICATE = 76
 """Exit status when another process took this node's session (EX_PROTOCOL): do not restart
 (the systemd unit has RestartPreventExitStatus=76), or the two would take it in turns."""
@@ -154,7 +154,7 @@ class NodeApp:
                 self.instance,
                 config.share_group,
                 config.hop,
-                timeout_s=config.share_handoff_timeout_s,
+                remember=SHARE_KEEP_SAMPLES // config.hop + 4,
             )
             if config.share_group
             else None
@@ -170,11 +170,6 @@ class NodeApp:
             self.metrics,
             ack_later=self.session.ack_later,
             share=self.share,
-            send_handoff=self._send_handoff,
-        )
-        self.session.on_connected(self.ingest.share_reset)
-        self._share_ticker = threading.Thread(
-            target=self._tick_share, name="share-group", daemon=True
         )
         self.session.on_taken_over(self._taken_over)
         self.recovery = BackendRecovery(
@@ -298,9 +293,7 @@ class NodeApp:
         self.session.route(topics.samples(sensors), self.ingest.on_samples, deferred_ack=True)
         if group:
             self.session.route(topics.NODES_STATUS_FILTER, self._on_node_status)
-            self.session.route(topics.share_handoffs_filter(group), self.ingest.on_handoff)
             self.session.route(topics.motifs(sensors), self.ingest.on_result)
-            self._share_ticker.start()
         else:
             self.session.route(topics.node_status(self.node_id), self._on_status)
         if self.config.follow_desired:
@@ -338,7 +331,8 @@ class NodeApp:
         self.manager.stop()
         timeout = self.config.drain_timeout_s
         sensors = self.config.sensors
-        self.ingest.share_leave()  # before the unsubscribe: what is cut after it is not served
+        if self.share is not None:
+            self._leave_share_group(reason)
         for topic_filter in (topics.window(sensors), topics.samples(sensors)):
             self.session.unroute(topic_filter)
         drained = self.worker.stop(timeout)
@@ -625,20 +619,19 @@ class NodeApp:
 
     # -- share groups -----------------------------------------------------------------------
 
-    def _send_handoff(self, handoff: Handoff) -> bool:
-        """Publish a hand-off (network or stopping thread); False without a connection (the
-        broker's will then told the group this node is gone)."""
-        if not self.session.is_connected or self.config.share_group is None:
-            return False
-        topic = topics.share_handoffs(self.config.share_group, self.node_id)
-        return self.session.publish(topic, encode(handoff), qos=1)
-
-    def _tick_share(self) -> None:
-        while not self._stopped.wait(SHARE_TICK_S):
-            try:
-                self.ingest.share_tick()
-            except Exception:
-                logger.exception("share group tick failed")
+    def _leave_share_group(self, reason: str) -> None:
+        """Say `stopping` and keep cutting until it comes back: the windows cut before it are
+        this node's to serve (the drain below serves them), the ones after are another's."""
+        self.session.publish(
+            topics.node_status(self.node_id),
+            self._status(NodeState.STOPPING, self.worker.pipeline, reason),
+            retain=True,
+        )
+        deadline = time.monotonic() + SHARE_LEAVE_S
+        while not self.ingest.share_leaving and time.monotonic() < deadline:
+            if not self.session.is_connected:
+                break  # the will tells the group; what is cut is served below
+            time.sleep(0.02)
 
     def _on_node_status(self, message: mqtt.MQTTMessage) -> None:
         """Every node's retained status: the share group's members (and our own, below)."""

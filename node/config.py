@@ -123,13 +123,6 @@ class NodeConfig(BrokerSettings):
         "`samples` are served by one node (rendezvous hashing), `window` topics are shared as "
         "$share/GROUP/... (docs/scaling.md)",
     )
-    share_handoff_timeout_s: float = Field(
-        5.0,
-        gt=0,
-        le=300,
-        description="Share group: how long a node that owns a sensor waits for its hand-off "
-        "before it serves it from the last result seen",
-    )
     sensors: str = Field("+", description="Sensor id (or + for all) whose topics to consume")
     results_qos: Literal[0, 1] = Field(
         1,
@@ -235,6 +228,17 @@ class NodeConfig(BrokerSettings):
                 f"http_listen {self.http_listen} reaches beyond this machine: set http_token_file "
                 "(a bearer token for /infer and /metrics), or http_open = true to serve them "
                 "unauthenticated on purpose"
+            )
+            raise ValueError(msg)
+        return self
+
+    @model_validator(mode="after")
+    def _share_group_results(self) -> NodeConfig:
+        if self.share_group and self.results_qos == 0:
+            msg = (
+                "share_group needs results_qos = 1: the group reads results to know which "
+                "windows a member that went away left, and a QoS 0 result can overtake the "
+                "member's will"
             )
             raise ValueError(msg)
         return self

@@ -142,6 +142,8 @@ class NodeState(StrEnum):
     """Lifecycle states on `fleet/nodes/{node_id}/status`."""
 
     ONLINE = "online"
+    STOPPING = "stopping"
+    """Takes no new work and finishes what it has (a share group's member leaving cleanly)."""
     OFFLINE = "offline"
     STOPPED = "stopped"
 
@@ -279,9 +281,9 @@ class ErrorKind(StrEnum):
     """The backend failed and was rebuilt (with how long serving stopped), or could not be."""
     WATCHDOG = "watchdog"
     """An inference call ran past its deadline and was aborted (or could not be)."""
-    HANDOFF = "handoff"
-    """A sensor's hand-over between the nodes of a share group went wrong: a refused hand-off
-    message, no hand-off within the timeout, windows older than the kept history, two holders."""
+    SHARE_GROUP = "share_group"
+    """A share group could not serve some windows (their samples were older than a node kept
+    when it took them over), or a member does not fit the group (another hop)."""
 
 
 class ErrorReport(_Outbound):
@@ -563,33 +565,6 @@ class ControllerPresence(_Outbound):
     started_at: Timestamp
 
 
-class Handoff(_Outbound):
-    """`fleet/shares/{share_group}/handoffs/{node_id}`: node `from_node` gives one sensor to
-    `to_node` (docs/scaling.md, Sensor-affine groups). It served the sensor's windows that start
-    before `next_seq`; the receiver serves the ones from `next_seq` on.
-
-    Without `sensor_id` it is a sync: after a change of the group, the sender has handed
-    `to_node` every sensor it held that `to_node` owns in `view` (the live nodes it saw), so
-    `to_node` need not wait for more from it."""
-
-    schema_version: Literal[1] = SCHEMA_VERSION
-    share_group: Identifier
-    from_node: Identifier
-    to_node: Identifier
-    sensor_id: Identifier | None = None
-    next_seq: SequenceNumber | None = Field(
-        default=None,
-        description="First sample index of the first window the receiver serves; null when the "
-        "sender never cut a window of this sensor (the receiver serves what it holds)",
-    )
-    view: list[Identifier] = Field(
-        default_factory=list,
-        max_length=1000,
-        description="The group's live nodes as the sender saw them, sorted",
-    )
-    ts: Timestamp
-
-
 ALL_MESSAGES: tuple[type[BaseModel], ...] = (
     WindowMessage,
     SamplesMessage,
@@ -602,7 +577,6 @@ ALL_MESSAGES: tuple[type[BaseModel], ...] = (
     ArtifactManifest,
     RolloutRecord,
     ControllerPresence,
-    Handoff,
 )
 """Every message model, in topic-tree order (for JSON Schema export)."""
 
@@ -614,7 +588,6 @@ __all__ = [
     "ErrorKind",
     "ErrorReport",
     "FollowedDesired",
-    "Handoff",
     "Identifier",
     "LatencySummary",
     "ModelLifecycle",

@@ -106,17 +106,6 @@ def controller(controller_id: str) -> str:
     return f"fleet/controllers/{controller_id}"
 
 
-def share_handoffs(share_group: str, node_id: str) -> str:
-    """Where node `node_id` tells the other nodes of its share group which sensors it gives them
-    (the node id in the topic is what the broker's ACL lets that node write)."""
-    return f"fleet/shares/{share_group}/handoffs/{node_id}"
-
-
-def share_handoffs_filter(share_group: str) -> str:
-    """Every node's hand-offs in one share group."""
-    return share_handoffs(share_group, "+")
-
-
 def shared(filter_: str, group: str | None) -> str:
     """Wrap a filter in an MQTT 5 shared subscription when a share group is given."""
     return f"$share/{group}/{filter_}" if group else filter_
@@ -173,7 +162,8 @@ CATALOGUE: Final[tuple[TopicSpec, ...]] = (
     TopicSpec("imu/{sensor_id}/motifs", "node", 1, False, "MotifResult",
               "One result per window: latent, motif scores, model, latency."),
     TopicSpec("fleet/nodes/{node_id}/status", "node + will", 1, True, "NodeStatus",
-              "Birth `online`; will `offline`; clean stop `stopped`."),
+              "Birth `online`; will `offline`; clean stop `stopped` (a share group's member "
+              "says `stopping` first)."),
     TopicSpec("fleet/nodes/{node_id}/telemetry", "node", 0, False, "Telemetry",
               "Periodic rates, latency percentiles, queue, drops, errors, CPU, RSS."),
     TopicSpec("fleet/nodes/{node_id}/model", "node", 1, True, "NodeModelState",
@@ -192,9 +182,6 @@ CATALOGUE: Final[tuple[TopicSpec, ...]] = (
               "The bundle in chunks, for nodes that only reach the broker."),
     TopicSpec("fleet/rollouts/{rollout_id}", "fleet", 1, True, "RolloutRecord",
               "Rollout record: plan, wave, per-node outcome, state."),
-    TopicSpec("fleet/shares/{share_group}/handoffs/{node_id}", "node", 1, False, "Handoff",
-              "A node gives one sensor to another node of its share group, with the first "
-              "window the receiver serves."),
     TopicSpec("fleet/controllers/{controller_id}", "controller + will", 1, True,
               "ControllerPresence",
               "Retained while a controller runs; its empty will clears it when it dies."),

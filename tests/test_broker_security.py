@@ -403,12 +403,9 @@ CASES: Final[list[Case]] = [
     sub(N, "fleet/nodes/n1/status", YES),
     sub(N, "fleet/nodes/n2/desired", NO),
     sub(N, "fleet/rollouts/#", NO, "fleet/rollouts/r1"),
-    # a share group's members: every status, every result, hand-offs under its own id only
+    # a share group's members: every status, every result
     sub(N, "fleet/nodes/+/status", YES, "fleet/nodes/n2/status"),
     sub(N, "imu/+/motifs", YES, "imu/s1/motifs"),
-    pub(N, "fleet/shares/g1/handoffs/n1", YES),
-    pub(N, "fleet/shares/g1/handoffs/n2", NO),
-    sub(N, "fleet/shares/g1/handoffs/+", YES, "fleet/shares/g1/handoffs/n2"),
     sub(N, "$SYS/#", NO, "$SYS/broker/version"),
     # the fleet role alone writes desired state, artifacts, rollouts, controller presence
     pub(F, "fleet/models/desired", YES),
@@ -473,8 +470,6 @@ def writer_for(topic: str) -> str | None:
         return f"sensor-{parts[1]}" if parts[2] in {"window", "samples"} else "node-n2"
     if parts[:2] == ["fleet", "nodes"] and parts[3] != "desired":
         return f"node-{parts[2]}"
-    if parts[:2] == ["fleet", "shares"]:  # fleet/shares/{group}/handoffs/{node_id}
-        return f"node-{parts[4]}"
     return "fleet-ctl"
 
 

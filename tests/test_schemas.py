@@ -99,10 +99,7 @@ def test_catalogue_covers_design_and_builders() -> None:
         "fleet/artifacts/{name}/{version}/manifest",
         "fleet/artifacts/{name}/{version}/chunks/{index}",
     }
-    handoffs = "fleet/shares/{share_group}/handoffs/{node_id}"
-    assert set(BUILDERS) | {"fleet/models/desired", handoffs} | artifacts == set(patterns)
-    assert topics.share_handoffs("g", "n") == "fleet/shares/g/handoffs/n"
-    assert topics.share_handoffs_filter("g") == "fleet/shares/g/handoffs/+"
+    assert set(BUILDERS) | {"fleet/models/desired"} | artifacts == set(patterns)
     assert topics.artifact_manifest("m", "1.0.0") == "fleet/artifacts/m/1.0.0/manifest"
     assert topics.artifact_chunk("m", "1.0.0", 3) == "fleet/artifacts/m/1.0.0/chunks/3"
     for pattern, build in BUILDERS.items():
@@ -365,7 +362,7 @@ def test_outbound_models_are_frozen_and_closed(
 
 def test_outbound_enums() -> None:
     assert NodeStatus.model_validate(node_status()).state is NodeState.ONLINE
-    assert {s.value for s in NodeState} == {"online", "offline", "stopped"}
+    assert {s.value for s in NodeState} == {"online", "stopping", "offline", "stopped"}
     assert {s.value for s in ModelLifecycle} == {
         "downloading",
         "verifying",
@@ -648,7 +645,6 @@ def test_all_messages_lists_every_topic_payload() -> None:
         "ArtifactManifest",
         "RolloutRecord",
         "ControllerPresence",
-        "Handoff",
     }
     assert payloads - names == {"bytes"}
 

@@ -37,9 +37,7 @@ def node_process(
     """`imu-node run` in a share group, its log in a file (a pipe nobody reads would stall it)."""
     home = folder / node_id
     home.mkdir()
-    (home / "node.toml").write_text(
-        f'spool_dir = "{home / "spool"}"\nshare_handoff_timeout_s = 3.0\n'
-    )
+    (home / "node.toml").write_text(f'spool_dir = "{home / "spool"}"\n')
     log = (home / "node.log").open("wb")
     command = [
         sys.executable, "-m", "node.cli", "run", "--broker", broker.url, "--node-id", node_id,
@@ -192,7 +190,7 @@ def test_a_share_group_serves_every_window_once_through_kill_join_and_leave(
     assert not twice, sorted(twice)[:10]
     assert set(served) <= expected  # on the group's grid, and only whole windows
     assert all(by_node[node] for node in names)  # all four served some
-    assert not [e for e in errors if e["kind"] == "handoff"]
+    assert not [e for e in errors if e["kind"] == "share_group"]
 
 
 @pytest.mark.parametrize("protocol", ["3.1.1"])

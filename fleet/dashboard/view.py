@@ -158,7 +158,7 @@ class NodeRow:
     node_id: str
     seen: float = 0.0
     state: str | None = None
-    """online, offline, stopped; None before a status arrived."""
+    """online, stopping, offline, stopped; None before a status arrived."""
     status_ts: float | None = None
     group: str | None = None
     host: str | None = None

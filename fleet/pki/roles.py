@@ -49,9 +49,8 @@ def node_grants(node_id: str) -> tuple[Grant, ...]:
 
     Shared subscriptions (`$share/GROUP/imu/+/window`) need no line of their own: mosquitto 2.0
     checks read access per delivered message, on the message's topic (`imu/s1/window`). A node of
-    a share group (docs/scaling.md) reads every node's status and every result (where each
-    sensor's windows have got to), and the group's hand-offs; it writes hand-offs only under its
-    own id, so a receiver knows who sent one.
+    a share group (docs/scaling.md) reads every node's status (the group's members) and every
+    result (where a gone member's windows had got to).
     """
     return (
         Grant("read", topics.window("+")),
@@ -59,8 +58,6 @@ def node_grants(node_id: str) -> tuple[Grant, ...]:
         Grant("readwrite", topics.motifs("+")),
         Grant("readwrite", topics.node_status(node_id)),
         Grant("read", topics.NODES_STATUS_FILTER),
-        Grant("write", topics.share_handoffs("+", node_id)),
-        Grant("read", topics.share_handoffs("+", "+")),
         Grant("write", topics.node_telemetry(node_id)),
         Grant("write", topics.node_model(node_id)),
         Grant("write", topics.node_errors(node_id)),

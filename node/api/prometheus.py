@@ -32,7 +32,7 @@ DROP_REASONS = (
     "outbox_full",
     "shutting_down",
     "inference_failed",
-    "handoff_history",
+    "share_group",
     "offline",
 )
 """Reasons a window is dropped (`NodeMetrics.window_dropped`), exported at 0 from the start.

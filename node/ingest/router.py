@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from common.mqtt.session import Ack, no_ack
 from node.inference.worker import WorkItem
 from node.ingest.acks import AckLedger
-from node.ingest.share import Action, Give, HandOver, Note, SensorShare, Sync, Take
+from node.ingest.share import Reassigned, SensorShare
 from node.ingest.windower import Discontinuity, SampleWindower
 from node.metrics import NodeMetrics
 from node.reporting import ErrorReporter
@@ -40,13 +40,11 @@ from schemas.codec import (
     decode_any_window,
     decode_samples,
 )
-from schemas.messages import ErrorKind, Handoff, NodeStatus
+from schemas.messages import ErrorKind, NodeStatus
 from schemas.topics import is_valid_id, parse_sensor_topic
 
 logger = logging.getLogger(__name__)
 
-MAX_HANDOFF_BYTES = 4096
-"""A hand-off is about 250 bytes; anything much larger is refused unread."""
 MAX_RESULT_BYTES = 64 * 1024
 """Results read for where a sensor's windows have got to (about 1.1 KB each)."""
 FULL_WAIT_S = 1.0
@@ -66,7 +64,6 @@ class Ingest:
         ack_later: Callable[[mqtt.MQTTMessage], Ack] | None = None,
         full_wait_s: float = FULL_WAIT_S,
         share: SensorShare | None = None,
-        send_handoff: Callable[[Handoff], bool] | None = None,
     ) -> None:
         self._queue = work
         self._windower = windower
@@ -79,10 +76,11 @@ class Ingest:
         self._taken: dict[str, _Recent] = {}
         self._closed = False
         self.share = share
-        self._send_handoff = send_handoff or (lambda _handoff: False)
+        if share is not None:
+            share.stream_end = windower.end
         self._share_lock = threading.Lock()
-        """Samples, group changes, hand-offs and the clock's tick change a sensor's holding:
-        one at a time (the network thread, the tick and a stopping node)."""
+        """Share groups decide owners in the order messages came: samples, statuses and results
+        one at a time."""
 
     def seen(self, sensor_id: str, seq: int) -> None:
         """Window `seq` of `sensor_id` was served by an earlier run (its result is spooled):
@@ -133,16 +131,20 @@ class Ingest:
             self._reject(exc, message.topic, sensor_id)
             ack()
             return
-        if self.share is None:
-            self._take_run(message, sensor_id, run, ack, received, serving=True)
+        share = self.share
+        if share is None:
+            self._take_run(message, sensor_id, run, ack, received, cut=True)
             return
-        with self._share_lock:
-            serving, first, until, actions = self.share.admit(sensor_id)
-            self._carry_out(actions)
+        with self._share_lock:  # the windows' owners are decided in the order messages came
+            share.seen(sensor_id, run.seq)
             self._take_run(
-                message, sensor_id, run, ack, received, serving=serving, first=first, until=until
+                message,
+                sensor_id,
+                run,
+                ack,
+                received,
+                cut=lambda start: share.cut(sensor_id, start),
             )
-            self._carry_out(self.share.progressed(sensor_id, self._windower.next_start(sensor_id)))
 
     def _take_run(
         self,
@@ -152,12 +154,9 @@ class Ingest:
         ack: Ack,
         received: int,
         *,
-        serving: bool,
-        first: int | None = None,
-        until: int | None = None,
+        cut: bool | Callable[[int], bool],
     ) -> None:
-        """Window a decoded run; queue the windows it completes that this node serves (those
-        starting in [first, until))."""
+        """Window a decoded run; queue the windows it completes that this node serves."""
         end = run.seq + len(run.samples)
         if message.dup and self._windower.has_taken(sensor_id, run.seq, len(run.samples)):
             self._metrics.window_redelivered()
@@ -165,9 +164,11 @@ class Ingest:
             self.acks.release(sensor_id)
             return
         windows, event = self._windower.add(
-            sensor_id, run.samples, run.seq, run.t0, run.rate_hz, cut=serving
+            sensor_id, run.samples, run.seq, run.t0, run.rate_hz, cut=cut
         )
         self.acks.samples(sensor_id, end, ack, restarted=event is not None)
+        if event is not None and event.kind is Discontinuity.RESET and self.share is not None:
+            self.share.restarted(sensor_id)
         if event is not None:
             if event.kind is Discontinuity.GAP:
                 kind = ErrorKind.SEQUENCE_GAP
@@ -184,11 +185,11 @@ class Ingest:
             self._reporter.report(
                 kind, reason, topic=message.topic, sensor_id=sensor_id, seq=run.seq
             )
-        for cut in windows:
-            if (first is not None and cut.seq < first) or (until is not None and cut.seq >= until):
-                continue  # another node of the share group serves it
-            done = self.acks.cut(sensor_id, cut.seq)
-            self._enqueue(WorkItem(sensor_id, cut.seq, cut.t0, cut.t1, cut.x, received, done=done))
+        for window in windows:
+            done = self.acks.cut(sensor_id, window.seq)
+            self._enqueue(
+                WorkItem(sensor_id, window.seq, window.t0, window.t1, window.x, received, done=done)
+            )
         self.acks.release(sensor_id)
 
     # -- share groups (node/ingest/share.py) -------------------------------------------------
@@ -207,32 +208,11 @@ class Ingest:
             if status.node_id != node_id:
                 return  # a status must come from its own topic (the ACL lets a node write only it)
         with self._share_lock:
-            self._carry_out(self.share.status(node_id, status))
-
-    def on_handoff(self, message: mqtt.MQTTMessage) -> None:
-        """Handle one `fleet/shares/{group}/handoffs/{node_id}` message."""
-        if self.share is None:
-            return
-        sender = message.topic.rsplit("/", 1)[-1]
-        if len(message.payload) > MAX_HANDOFF_BYTES:
-            self._refuse_handoff(message.topic, f"{len(message.payload)} bytes is too large")
-            return
-        try:
-            handoff = Handoff.model_validate_json(message.payload)
-        except ValidationError as exc:
-            self._refuse_handoff(message.topic, f"not a hand-off: {exc.errors()[0]['msg']}")
-            return
-        if handoff.from_node != sender or handoff.share_group != self.share.share_group:
-            self._refuse_handoff(
-                message.topic,
-                f"it names node {handoff.from_node} of group {handoff.share_group}, but came "
-                f"from node {sender} of group {self.share.share_group}",
-            )
-            return
-        if handoff.to_node != self.share.node_id:
-            return
-        with self._share_lock:
-            self._carry_out(self.share.handoff(handoff))
+            for note in self.share.status(node_id, status):
+                if isinstance(note, Reassigned):
+                    self._serve_reassigned(note)
+                else:
+                    self._reporter.report(ErrorKind.SHARE_GROUP, note.reason)
 
     def on_result(self, message: mqtt.MQTTMessage) -> None:
         """A result on `imu/{sensor_id}/motifs`: where a sensor's served windows have got to."""
@@ -242,112 +222,48 @@ class Ingest:
         if parsed is None or len(message.payload) > MAX_RESULT_BYTES:
             return
         try:
-            seq = orjson.loads(message.payload).get("seq")
+            body = orjson.loads(message.payload)
+            seq, node_id = body.get("seq"), body.get("node_id")
         except (orjson.JSONDecodeError, AttributeError):
             return
-        if isinstance(seq, int) and not isinstance(seq, bool):
+        if isinstance(seq, int) and not isinstance(seq, bool) and isinstance(node_id, str):
             with self._share_lock:
-                self.share.result(parsed.sensor_id, seq)
+                self.share.result(parsed.sensor_id, seq, node_id)
 
-    def share_reset(self) -> None:
-        """A new connection: hold no sensor until the group is known again."""
-        if self.share is not None:
-            with self._share_lock:
-                self.share.reset()
+    @property
+    def share_leaving(self) -> bool:
+        """True once this node's own `stopping` status came back: it cuts no new window."""
+        return self.share is not None and self.share.leaving
 
-    def share_tick(self) -> None:
-        """Serve sensors whose hand-off is overdue (every second or so)."""
-        if self.share is not None:
-            with self._share_lock:
-                self._carry_out(self.share.tick())
-
-    def share_leave(self) -> None:
-        """A clean stop: hand every sensor this node serves to its next owner."""
-        if self.share is not None:
-            with self._share_lock:
-                self._carry_out(self.share.leave())
-
-    def _carry_out(self, actions: list[Action]) -> None:
-        """Publish the hand-offs, serve the windows taken over, report (under the lock)."""
-        assert self.share is not None
-        for action in actions:
-            if isinstance(action, Give):
-                self._give(action)
-            elif isinstance(action, HandOver):
-                self._hand_over(action)
-            elif isinstance(action, Sync):
-                self._send(action.to_node, None, None)
-            elif isinstance(action, Take):
-                self._take(action)
-            elif isinstance(action, Note):
-                self._reporter.report(ErrorKind.HANDOFF, action.reason, sensor_id=action.sensor_id)
-
-    def _give(self, give: Give) -> None:
-        next_seq = give.next_seq if give.forwarded else self._windower.next_start(give.sensor_id)
-        if self._send(give.to_node, give.sensor_id, next_seq):
+    def _serve_reassigned(self, reassigned: Reassigned) -> None:
+        """Cut again, and serve, the windows a gone member left that are this node's now."""
+        sensor_id, starts = reassigned.sensor_id, reassigned.starts
+        missing = reassigned.lost
+        if starts:
+            recut = self._windower.recut(sensor_id, min(starts), max(starts) + 1)
+            wanted = set(starts)
+            windows = [w for w in recut.windows if w.seq in wanted]
+            missing += len(wanted) - len(windows)
             logger.info(
-                "handed sensor %s to node %s from seq %s", give.sensor_id, give.to_node, next_seq
+                "serving %d windows of sensor %s that node %s left",
+                len(windows),
+                sensor_id,
+                reassigned.gone,
             )
-
-    def _hand_over(self, hand_over: HandOver) -> None:
-        """Serve the windows whose first sample this node has (the new owner may have
-        subscribed after it went by), then give the sensor away."""
-        assert self.share is not None
-        sensor_id = hand_over.sensor_id
-        end = self._windower.end(sensor_id)
-        hop = self._windower.hop
-        until = None if end is None else -(-end // hop) * hop
-        self._carry_out(self.share.hand_over(sensor_id, hand_over.to_node, until))
-        self._carry_out(self.share.progressed(sensor_id, self._windower.next_start(sensor_id)))
-
-    def _send(self, to_node: str, sensor_id: str | None, next_seq: int | None) -> bool:
-        """Publish a hand-off (or, without a sensor, a sync); report when it cannot go out."""
-        assert self.share is not None
-        handoff = Handoff(
-            share_group=self.share.share_group,
-            from_node=self.share.node_id,
-            to_node=to_node,
-            sensor_id=sensor_id,
-            next_seq=next_seq,
-            view=sorted(self.share.live()),
-            ts=time.time(),
-        )
-        if self._send_handoff(handoff):
-            return True
-        what = "a sync" if sensor_id is None else f"the hand-off of sensor {sensor_id}"
-        self._reporter.report(
-            ErrorKind.HANDOFF,
-            f"could not publish {what} to node {to_node} (no broker connection): it takes its "
-            "sensors over when it stops waiting",
-            sensor_id=sensor_id,
-        )
-        return False
-
-    def _take(self, take: Take) -> None:
-        recut = self._windower.recut(take.sensor_id, take.first, take.before)
-        if take.warning is not None:
-            self._reporter.report(ErrorKind.HANDOFF, take.warning, sensor_id=take.sensor_id)
-        if recut.missing:
-            for _ in range(recut.missing):
-                self._metrics.window_dropped("handoff_history")
+            received = time.perf_counter_ns()
+            for window in windows:  # its samples were acknowledged: nothing to hold
+                self._enqueue(
+                    WorkItem(sensor_id, window.seq, window.t0, window.t1, window.x, received)
+                )
+        if missing:
+            for _ in range(missing):
+                self._metrics.window_dropped("share_group")
             self._reporter.report(
-                ErrorKind.HANDOFF,
-                f"{recut.missing} windows of sensor {take.sensor_id} were older than the "
-                "samples this node keeps when it took the sensor over, and were not served",
-                sensor_id=take.sensor_id,
+                ErrorKind.SHARE_GROUP,
+                f"{missing} windows of sensor {sensor_id} that node {reassigned.gone} left were "
+                "older than the samples this node keeps: not served",
+                sensor_id=sensor_id,
             )
-        logger.info(
-            "serving sensor %s from seq %s (%d passed windows cut again)",
-            take.sensor_id,
-            take.first,
-            len(recut.windows),
-        )
-        received = time.perf_counter_ns()
-        for cut in recut.windows:  # its samples were acknowledged: nothing to hold
-            self._enqueue(WorkItem(take.sensor_id, cut.seq, cut.t0, cut.t1, cut.x, received))
-
-    def _refuse_handoff(self, topic: str, why: str) -> None:
-        self._reporter.report(ErrorKind.HANDOFF, f"hand-off refused: {why}", topic=topic)
 
     def _sensor_id(self, message: mqtt.MQTTMessage) -> str | None:
         parsed = parse_sensor_topic(message.topic)

@@ -9,6 +9,7 @@ Discontinuities are returned for the caller to report.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -127,12 +128,12 @@ class SampleWindower:
         t0: float | None = None,
         rate_hz: float | None = None,
         *,
-        cut: bool = True,
+        cut: bool | Callable[[int], bool] = True,
     ) -> tuple[list[CutWindow], SequenceEvent | None]:
         """Append a run of (n, 9) samples; returns the windows it completes and any break.
 
         With `cut` False the stream moves past its completed windows without copying them out
-        (a sensor this node follows but does not serve)."""
+        (a sensor this node follows but does not serve); a function decides per window start."""
         stream = self._streams.get(sensor_id)
         event = None
         if stream is not None and seq != stream.end:
@@ -149,7 +150,7 @@ class SampleWindower:
         stream.append(samples.astype(np.float32, copy=False), self.keep)
         windows = []
         while stream.end - stream.start >= WINDOW_LENGTH:
-            if cut:
+            if cut is True or (cut is not False and cut(stream.start)):
                 windows.append(self._cut(stream, stream.start))
             stream.start += self.hop
         return windows, event
