@@ -294,17 +294,20 @@ def _group(run: Context, size: int) -> dict[str, Any]:
     progress(f"starting {size} node(s) on share group {share} ({args.share_mode}) ...")
     ids = [f"{share}-n{i}" for i in range(size)]
     result: dict[str, Any] = {"nodes": size, "share_group": share, "mode": args.share_mode}
+    topic = SHARE_MODES[args.share_mode].topic
+    encodings = args.encodings if topic == "window" else ["json"]  # sample runs are JSON
     with NodeGroup(run.settings, ids, share=share, mode=args.share_mode) as group:
         group.wait_ready()
         result["throughput"] = {}
-        for encoding in args.encodings:
-            progress(f"{size} node(s): {args.burst} {encoding} windows ...")
+        for encoding in encodings:
+            progress(f"{size} node(s): {args.burst} {encoding} windows ({topic}) ...")
             result["throughput"][encoding] = run.phase(
                 f"g{size}-{encoding}",
                 args.burst,
                 sensors=args.sensors,
                 encoding=encoding,
                 outstanding=args.outstanding,
+                topic=topic,
             )
         result["rss_mb"] = group.rss_mb()
     return result

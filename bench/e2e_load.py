@@ -1,8 +1,10 @@
 """Load for `bench.e2e`: windows published to the broker, results timed as they come back.
 
 Every window goes to `imu/{sensor}/window` as JSON or as a binary frame (docs/topics.md
-"Binary frames"), round-robin over a set of sensors; one subscriber on `imu/+/motifs` records
-when each (sensor, seq) result arrives and which node served it, on the publisher's clock.
+"Binary frames"), round-robin over a set of sensors; or (`topic="samples"`) each sensor sends
+runs of `HOP` samples to `imu/{sensor}/samples`, after a first run that begins its stream, so
+that every run completes one window. One subscriber on `imu/+/motifs` records when each
+(sensor, seq) result arrives and which node served it, on the publisher's clock.
 Sensor ids start with a per-run prefix, so a shared broker's other traffic is ignored.
 
 - `closed_loop`: as fast as the node(s) keep up, at most `outstanding` windows in flight
@@ -34,6 +36,9 @@ Encoding = Literal["json", "binary"]
 ENCODINGS: tuple[Encoding, ...] = ("json", "binary")
 PROTOCOLS = {"5": MQTTProtocolVersion.MQTTv5, "3.1.1": MQTTProtocolVersion.MQTTv311}
 BALANCE = 12  # sensor sets split evenly over 1, 2, 3, 4, 6 or 12 workers (see `sensor_ids`)
+HOP = 50
+"""Samples per run in `samples` load: the node's default hop, so each run completes a window."""
+Topic = Literal["window", "samples"]
 
 
 def sensor_ids(prefix: str, count: int) -> list[str]:
@@ -166,18 +171,30 @@ class Load:
         outstanding: int = 64,
         qos: int = 1,
         wait_s: float = 3.0,
+        topic: Topic = "window",
     ) -> dict[str, Any]:
         """Publish `count` windows over `sensors` sensors: paced at `rate`, or (None) closed-loop
         with `outstanding` in flight, or (`outstanding` 0) a flood; then collect the results
-        (until all arrived, or none for `wait_s`)."""
+        (until all arrived, or none for `wait_s`). With `topic="samples"`, each window is one
+        JSON run of `HOP` samples that completes it."""
         names = sensor_ids(self.prefix, sensors)
         per_sensor = -(-count // sensors)
-        bodies = payloads(windows, per_sensor, encoding)
-        keys = [(names[i % sensors], i // sensors) for i in range(count)]
+        if topic == "samples":
+            encoding = "json"
+            runs = sample_runs(windows, per_sensor + 1)
+            for name in names:  # each stream's first run completes no window
+                self._pub.publish(topics.samples(name), runs[0], qos=qos)
+            bodies = runs[1:]
+            keys = [(names[i % sensors], (i // sensors) * HOP) for i in range(count)]
+            publish_topic = topics.samples
+        else:
+            bodies = payloads(windows, per_sensor, encoding)
+            keys = [(names[i % sensors], i // sensors) for i in range(count)]
+            publish_topic = topics.window
         results = self.results
         sent: list[float] = [0.0] * count
         start = time.perf_counter()
-        for i, (sensor, seq) in enumerate(keys):
+        for i, (sensor, _) in enumerate(keys):
             if rate:
                 target = start + i / rate
                 while (delay := target - time.perf_counter()) > 0:
@@ -185,7 +202,7 @@ class Load:
             elif outstanding and i >= outstanding and not results.wait(i - outstanding + 1, 5.0):
                 pass  # a lost window: go on, it counts as lost
             sent[i] = time.perf_counter()
-            self._pub.publish(topics.window(sensor), bodies[seq], qos=qos)
+            self._pub.publish(publish_topic(sensor), bodies[i // sensors], qos=qos)
         send_s = time.perf_counter() - start
         results.settle(count, wait_s)
         with results.cv:
@@ -195,6 +212,7 @@ class Load:
         latencies = [(arrived[k] - sent[i]) * 1000 for i, k in enumerate(keys) if k in arrived]
         elapsed = last - start
         return {
+            "topic": topic,
             "encoding": encoding,
             "mode": "paced" if rate else "closed_loop" if outstanding else "flood",
             "offered_per_s": rate,
@@ -211,6 +229,17 @@ class Load:
             "node_ms": percentiles(own),
             "served_by": served,
         }
+
+
+def sample_runs(windows: np.ndarray, count: int) -> list[bytes]:
+    """`count` consecutive JSON runs of `HOP` samples (seq 0, HOP, 2 HOP, ...), from `windows`."""
+    rows = windows.reshape(-1, windows.shape[-1])
+    runs = []
+    for index in range(count):
+        at = (index * HOP) % (len(rows) - HOP)
+        body = {"seq": index * HOP, "samples": rows[at : at + HOP].round(5).tolist()}
+        runs.append(orjson.dumps(body))
+    return runs
 
 
 def phase(

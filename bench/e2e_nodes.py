@@ -3,12 +3,12 @@
 Each node is `python -m node.cli run` in its own process (so its RSS is its own), with its own
 node_id, its logs in a file (shown when it dies), ready once its retained status says `online`.
 
-Share modes say how a group of nodes divides the load and what the load generator publishes:
-- `window`: MQTT 5 shared subscriptions (`--share-group`): the broker hands each `window`
-  message to one node of the group; any node serves any window.
-A sensor-affine `samples` mode (nodes dividing sensor ids among themselves, so that one sensor's
-sample runs always reach one node) is a new entry in `SHARE_MODES` with its node options, plus a
-`samples` load in bench/e2e_load.py.
+Share modes say how a group of nodes divides the load and what the load generator publishes
+(both start the nodes with `--share-group`):
+- `window`: MQTT 5 shared subscriptions: the broker hands each `window` message to one node of
+  the group; any node serves any window.
+- `samples`: every node follows every sensor's sample runs and serves the windows it owns
+  (docs/scaling.md, sensor-affine groups).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 import paho.mqtt.client as mqtt
 
-from bench.e2e_load import client
+from bench.e2e_load import Topic, client
 from schemas import topics
 
 
@@ -33,7 +33,7 @@ from schemas import topics
 class ShareMode:
     """How nodes of one group split the sensors' traffic."""
 
-    topic: str  # what the load generator publishes: "window" (or later "samples")
+    topic: Topic  # what the load generator publishes
     help: str
 
     def node_args(self, group: str) -> list[str]:
@@ -43,6 +43,11 @@ class ShareMode:
 
 SHARE_MODES = {
     "window": ShareMode("window", "MQTT 5 shared subscription on window topics (--share-group)"),
+    "samples": ShareMode(
+        "samples",
+        "sample runs (JSON) that each member follows, every window served by one member "
+        "(--share-group; docs/scaling.md)",
+    ),
 }
 
 

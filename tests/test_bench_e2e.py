@@ -138,3 +138,24 @@ def test_plot_without_matplotlib_fails_at_once_with_the_install_command(
     assert e2e.main(["--plot", str(tmp_path / "p.png")]) == 2
     assert "pip install -e '.[bench]'" in capsys.readouterr().err
     assert not (tmp_path / "p.png").exists()
+
+
+def test_a_group_dividing_sample_runs_serves_every_window_once(
+    broker: LocalBroker, tmp_path: Path
+) -> None:
+    """`--share-mode samples`: runs of 50 samples, each completing one window, to a group."""
+    model = tmp_path / "encoder.onnx"
+    model.write_bytes(build_reference_onnx(make_reference_weights()))
+    out = tmp_path / "r.json"
+    argv = [
+        *TINY[: TINY.index("--flood")], "--broker", broker.url, "--model", str(model),
+        "--share-mode", "samples", "--sweep", "", "--json", str(out),
+    ]  # fmt: skip
+    assert e2e.main(argv) == 0
+    (group,) = orjson.loads(out.read_bytes())["groups"]
+    assert group["mode"] == "samples"
+    (phase,) = group["throughput"].values()  # JSON only: sample runs are JSON
+    assert phase["topic"] == "samples"
+    assert phase["received"] == phase["sent"] == 60
+    assert phase["duplicates"] == 0
+    assert sum(phase["served_by"].values()) == 60
