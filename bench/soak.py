@@ -24,15 +24,12 @@ from typing import Any
 
 import orjson
 
+from bench.e2e import Progress
 from bench.e2e_load import client
 from bench.e2e_nodes import NodeGroup, NodeSettings, peak_rss_mb
 from bench.e2e_raw import reference_model
 from node.local_broker import LocalBroker
 from schemas import topics
-
-
-def _progress(message: str, started: float) -> None:
-    print(f"[{time.monotonic() - started:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -79,7 +76,7 @@ def _report(args: argparse.Namespace, ids: list[str], series: list[dict[str, Any
 def main(argv: list[str] | None = None) -> int:
     """Run the soak; prints the RSS series."""
     args = _parse(argv)
-    started = time.monotonic()
+    progress = Progress()
     results = 0
     lock = threading.Lock()
 
@@ -90,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="imu-soak-") as tmp_name, LocalBroker() as broker:
         tmp = Path(tmp_name)
-        _progress("building the reference bundle ...", started)
+        progress("building the reference bundle ...")
         model = reference_model(tmp, 32)
         settings = NodeSettings(broker.url, model.bundle, "auto", "5", tmp)
         size = max(1, args.share)
@@ -102,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         # a share group divides `samples` by sensor (the same node options as for windows)
         with NodeGroup(settings, ids, share="soak" if args.share else None) as group:
             group.wait_ready()
-            _progress(f"{size} node(s) up; {args.sensors} sensors, {args.minutes:g} min", started)
+            progress(f"{size} node(s) up; {args.sensors} sensors, {args.minutes:g} min")
             sensors = subprocess.Popen(
                 [
                     sys.executable, "-m", "fleet.cli", "simulate", "sensors",
@@ -124,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                     served = results
                 series.append({"s": round(elapsed, 1), "results": served, "rss": rss})
                 now = ", ".join(f"{v['rss']:.0f}" for v in rss.values())
-                _progress(f"{elapsed:6.0f} s: RSS {now} MiB, {served} results", started)
+                progress(f"{elapsed:6.0f} s: RSS {now} MiB, {served} results")
                 if time.monotonic() >= end:
                     break
             sensors.wait(30)
