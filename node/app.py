@@ -70,7 +70,7 @@ STALL_S = 30.0
 """Windows waiting and none finished for this long (no backend call running) is a stall."""
 SHARE_KEEP_SAMPLES = 1000
 """Share group: samples a node keeps from before each sensor's next window (10 s at 100 Hz), to
-serve the windows a sensor's previous holder left when it is taken over."""
+serve the windows a member that went away left without a result."""
 SHARE_LEAVE_S = 5.0
 """Share group, clean stop: how long to wait for the `stopping` status to come back (until then
 the windows cut are this node's to serve)."""

@@ -268,3 +268,13 @@ def test_a_sensor_that_restarts_starts_over_for_joins_and_owners() -> None:
     a.restarted("imu-1")  # seq went back to 0: b holds the new stream from its start
     a.seen("imu-1", 0)
     assert a.owner_of("imu-1", 0) == rendezvous_owner("imu-1", ["pi-a", "pi-b"])
+
+
+def test_a_node_whose_will_came_back_owns_windows_again_after_its_new_birth() -> None:
+    share = group_of("pi-a", [])
+    share.seen("imu-1", 0)
+    assert share.cut("imu-1", 0)
+    member("pi-a", share, instance="me", state=NodeState.OFFLINE)  # its link was lost
+    assert not share.cut("imu-1", 50)  # the group took its windows over meanwhile
+    member("pi-a", share, instance="me")  # connected again: its birth
+    assert share.cut("imu-1", 100)

@@ -114,7 +114,7 @@ class SensorShare:
 
     @property
     def leaving(self) -> bool:
-        """True once this node's own `stopped` status came back: it owns no new window."""
+        """True once this node's own `stopping` status came back: it owns no new window."""
         return self._leaving
 
     def live(self) -> frozenset[str]:
@@ -132,10 +132,10 @@ class SensorShare:
         if node_id == self.node_id:
             if status is None or status.instance != self.instance:
                 return []  # another process with this node id: node/app.py deals with it
-            if status.state is not NodeState.ONLINE:
-                self._leaving = True
-                self._live.discard(node_id)
-                return []  # this node serves what it owns until it stops
+            if status.state is NodeState.ONLINE:  # a birth: also after its will (a lost link)
+                self._leaving = False
+            elif status.state is NodeState.STOPPING:
+                self._leaving = True  # it serves what it owns until it stops
         elif member and status is not None and status.hop not in (None, self.hop):
             member = False
             if node_id not in self._mismatched:
