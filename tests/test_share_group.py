@@ -5,16 +5,23 @@ The end-to-end proof (three node processes, one killed) is in tests/test_share_g
 
 from __future__ import annotations
 
+import queue
 import time
 from collections import Counter
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from node.inference.worker import WorkItem
+from node.ingest.router import Ingest
 from node.ingest.share import Mismatch, Reassigned, SensorShare, rendezvous_owner
 from node.ingest.windower import SampleWindower
+from node.metrics import NodeMetrics
+from node.reporting import ErrorReporter
+from schemas.codec import encode
 from schemas.messages import NodeState, NodeStatus
 
 GROUP = "line-3"
@@ -278,3 +285,38 @@ def test_a_node_whose_will_came_back_owns_windows_again_after_its_new_birth() ->
     assert not share.cut("imu-1", 50)  # the group took its windows over meanwhile
     member("pi-a", share, instance="me")  # connected again: its birth
     assert share.cut("imu-1", 100)
+
+
+def test_junk_results_and_statuses_change_nothing_and_the_node_serves_on() -> None:
+    """What any client with write access could send: results with a forged or missing node id,
+    wrong types, huge or broken payloads; statuses on another node's topic or not parsing."""
+    share = SensorShare("pi-a", "me", GROUP, HOP)
+    work: queue.Queue[WorkItem] = queue.Queue()
+    metrics = NodeMetrics()
+    reporter = ErrorReporter("pi-a", lambda *_args: True, metrics)
+    ingest = Ingest(work, SampleWindower(HOP, keep=1000, align=True), reporter, metrics,
+                    share=share)  # fmt: skip
+
+    def message(topic: str, payload: bytes) -> mqtt.MQTTMessage:
+        msg = mqtt.MQTTMessage(topic=topic.encode())
+        msg.payload = payload
+        return msg
+
+    ingest.on_member_status("pi-b", bytes(encode(status("pi-b"))))
+    ingest.on_member_status("pi-a", bytes(encode(status("pi-a", instance="me"))))
+    run = b'{"seq": 0, "samples": ' + str([[0.0] * 9] * 100).encode() + b"}"
+    ingest.on_samples(message("imu/imu-1/samples", run))
+    before = (share.live(), dict(share._sensors["imu-1"].last_by))
+    for payload in (
+        b"", b"not json", b"[1, 2]", b'{"seq": true, "node_id": "pi-b"}',
+        b'{"seq": "9", "node_id": "pi-b"}', b'{"seq": 5}', b'{"seq": 5, "node_id": 7}',
+        b'{"seq": 5, "node_id": "pi-b", "pad": "' + b"x" * 70_000 + b'"}',
+    ):  # fmt: skip
+        ingest.on_result(message("imu/imu-1/motifs", payload))
+    ingest.on_result(message("not/a/result/topic", b'{"seq": 5, "node_id": "pi-b"}'))
+    ingest.on_member_status("pi-c", b"{broken")
+    ingest.on_member_status("pi-c", bytes(encode(status("pi-b"))))  # another's topic
+    assert (share.live(), dict(share._sensors["imu-1"].last_by)) == before
+    ingest.on_samples(message("imu/imu-1/samples", run.replace(b'"seq": 0', b'"seq": 100')))
+    assert rendezvous_owner("imu-1", ["pi-a", "pi-b"]) == "pi-a"
+    assert work.qsize() == 3  # windows 0, 50 and 100 of a sensor it owns: it serves on
