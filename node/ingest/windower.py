@@ -1,9 +1,10 @@
 """Per-sensor windowing of `samples` runs, with sequence-gap detection.
 
 `seq` in a samples message is the index of its first sample. Consecutive runs continue the same
-stream. Windows start at the stream's first index and every `hop` samples after it; each is cut as
-soon as its 100th sample arrives. When samples go missing (a gap) or the index goes backwards
-(sensor restart, duplicate), the stream restarts at the new run: a window never spans a gap.
+stream. Windows start at the stream's first index and every `hop` samples after it (with `align`,
+as in share groups: at the multiples of `hop`); each is cut as soon as its 100th sample arrives.
+When samples go missing (a gap) or the index goes backwards (sensor restart, duplicate), the
+stream restarts at the new run: a window never spans a gap.
 Discontinuities are returned for the caller to report.
 """
 
@@ -101,8 +102,8 @@ class SampleWindower:
     """Cuts 100-sample windows every `hop` samples, per sensor.
 
     With `keep` > 0 a stream also keeps up to `keep` samples from before its next window, so
-    that windows already passed can be cut again (`recut`): a node of a share group that takes a
-    sensor over serves the windows the previous holder did not.
+    that windows already passed can be cut again (`recut`): a member of a share group serves the
+    windows a member that went away left without a result.
     """
 
     hop: int
