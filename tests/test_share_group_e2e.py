@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import paho.mqtt.client as mqtt
 import pytest
 from conftest import Probe, subprocess_env, unique
 
@@ -72,6 +73,7 @@ class Sensors:
         self.ids = ids
         self.probe = Probe(url)
         self.samples_sent = 0
+        self._last: mqtt.MQTTMessageInfo | None = None
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -86,13 +88,16 @@ class Sensors:
             rows = rng.normal(0, 1, (RUN, 9)).round(4).tolist()
             payload = orjson.dumps({"seq": seq, "rate_hz": RATE_HZ, "samples": rows})
             for sensor_id in self.ids:
-                self.probe.client.publish(topics.samples(sensor_id), payload, qos=1)
+                self._last = self.probe.client.publish(topics.samples(sensor_id), payload, qos=1)
             seq += RUN
             self.samples_sent = seq
 
     def stop(self) -> None:
+        """Stop publishing once every run sent is on the broker (a disconnect drops the rest)."""
         self._stop.set()
         self.thread.join(5)
+        if self._last is not None:
+            self._last.wait_for_publish(10)
         self.probe.close()
 
     def expected(self) -> set[tuple[str, int]]:
