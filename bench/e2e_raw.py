@@ -22,6 +22,7 @@ from common.bundle import read_bundle
 from fleet.bundles.builder import build_bundle, normalization_from
 from fleet.bundles.calibration import simulated_calibration
 from fleet.bundles.reference import build_reference_bundle
+from node.inference.onnx_backend import session_options
 from node.model.reference import (
     DILATIONS,
     KERNEL_SIZE,
@@ -150,11 +151,7 @@ def reference_model(out_dir: Path, hidden: int) -> BenchModel:
 
 def session(onnx: bytes, threads: int) -> ort.InferenceSession:
     """An ONNX Runtime session opened as the node's backend opens it."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(onnx, session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def raw_backend(

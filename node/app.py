@@ -148,6 +148,11 @@ class NodeApp:
         self.reporter = ErrorReporter(
             self.node_id, self._publish_qos1, self.metrics, per_second=config.error_reports_per_s
         )
+        windower = SampleWindower(
+            config.hop,
+            keep=SHARE_KEEP_SAMPLES if config.share_group else 0,
+            align=bool(config.share_group),
+        )
         self.share = (
             SensorShare(
                 self.node_id,
@@ -155,17 +160,14 @@ class NodeApp:
                 config.share_group,
                 config.hop,
                 remember=SHARE_KEEP_SAMPLES // config.hop + 4,
+                stream_end=windower.end,
             )
             if config.share_group
             else None
         )
         self.ingest = Ingest(
             self.queue,
-            SampleWindower(
-                config.hop,
-                keep=SHARE_KEEP_SAMPLES if self.share else 0,
-                align=self.share is not None,
-            ),
+            windower,
             self.reporter,
             self.metrics,
             ack_later=self.session.ack_later,

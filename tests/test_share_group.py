@@ -290,12 +290,12 @@ def test_a_node_whose_will_came_back_owns_windows_again_after_its_new_birth() ->
 def test_junk_results_and_statuses_change_nothing_and_the_node_serves_on() -> None:
     """What any client with write access could send: results with a forged or missing node id,
     wrong types, huge or broken payloads; statuses on another node's topic or not parsing."""
-    share = SensorShare("pi-a", "me", GROUP, HOP)
+    windower = SampleWindower(HOP, keep=1000, align=True)
+    share = SensorShare("pi-a", "me", GROUP, HOP, stream_end=windower.end)
     work: queue.Queue[WorkItem] = queue.Queue()
     metrics = NodeMetrics()
     reporter = ErrorReporter("pi-a", lambda *_args: True, metrics)
-    ingest = Ingest(work, SampleWindower(HOP, keep=1000, align=True), reporter, metrics,
-                    share=share)  # fmt: skip
+    ingest = Ingest(work, windower, reporter, metrics, share=share)
 
     def message(topic: str, payload: bytes) -> mqtt.MQTTMessage:
         msg = mqtt.MQTTMessage(topic=topic.encode())

@@ -75,10 +75,13 @@ class SimNode:
         self.metrics = NodeMetrics()
         self.errors: list[str] = []
         reporter = ErrorReporter(node_id, self._report, self.metrics, per_second=1e9)
-        self.share = SensorShare(node_id, self.instance, GROUP, HOP, remember=KEEP // HOP)
+        windower = SampleWindower(HOP, keep=KEEP, align=True)
+        self.share = SensorShare(
+            node_id, self.instance, GROUP, HOP, remember=KEEP // HOP, stream_end=windower.end
+        )
         self.ingest = Ingest(
             self.work,
-            SampleWindower(HOP, keep=KEEP, align=True),
+            windower,
             reporter,
             self.metrics,
             full_wait_s=0,

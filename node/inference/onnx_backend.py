@@ -23,17 +23,24 @@ from schemas.limits import CHANNELS, WINDOW_LENGTH
 from schemas.manifest import Outputs
 
 
+def session_options(threads: int) -> ort.SessionOptions:
+    """How the node opens an ONNX Runtime session: `threads` intra-op threads, sequential."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return options
+
+
 class OnnxBackend(InferenceBackend):
     """A bundle's `model.onnx` on ONNX Runtime's CPU execution provider."""
 
     def __init__(self, model: bytes, outputs: Outputs, options: BackendOptions) -> None:
-        session_options = ort.SessionOptions()
-        session_options.intra_op_num_threads = options.threads
-        session_options.inter_op_num_threads = 1
-        session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         try:
             self._session = ort.InferenceSession(
-                model, sess_options=session_options, providers=["CPUExecutionProvider"]
+                model,
+                sess_options=session_options(options.threads),
+                providers=["CPUExecutionProvider"],
             )
         except Exception as exc:  # ORT raises its own untyped errors
             msg = f"ONNX Runtime cannot load the model: {exc}"

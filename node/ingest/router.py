@@ -76,8 +76,6 @@ class Ingest:
         self._taken: dict[str, _Recent] = {}
         self._closed = False
         self.share = share
-        if share is not None:
-            share.stream_end = windower.end
         self._share_lock = threading.Lock()
         """Share groups decide owners in the order messages came: samples, statuses and results
         one at a time."""

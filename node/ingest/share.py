@@ -98,7 +98,7 @@ class SensorShare:
         self.hop = hop
         self.remember = remember
         """Windows per sensor whose owner is remembered (cover the samples the node keeps)."""
-        self.stream_end = stream_end
+        self._stream_end = stream_end
         """Where a sensor's stream has got to here (the windower's end), for join points."""
         self._live: set[str] = set()
         self._mismatched: set[str] = set()
@@ -185,7 +185,7 @@ class SensorShare:
         """Window `start` of `sensor_id` was cut here: remember its owner; True when it is this
         node."""
         owner = self.owner_of(sensor_id, start)
-        owners = self._state(sensor_id).owners
+        owners = self._sensors.setdefault(sensor_id, _Sensor()).owners
         owners.append((start, owner))
         if len(owners) > self.remember:
             owners.popleft()
@@ -197,29 +197,18 @@ class SensorShare:
         if state is not None and seq > state.last_by.get(node_id, -1):
             state.last_by[node_id] = seq
 
-    def owns(self, sensor_id: str) -> list[int]:
-        """The remembered windows of `sensor_id` this node owns (for tests and telemetry)."""
-        state = self._sensors.get(sensor_id)
-        return [] if state is None else [s for s, o in state.owners if o == self.node_id]
-
     # -- inside ---------------------------------------------------------------------------
-
-    def _state(self, sensor_id: str) -> _Sensor:
-        state = self._sensors.get(sensor_id)
-        if state is None:  # `seen` makes it first; this is for callers that skip it
-            state = self._sensors[sensor_id] = _Sensor()
-        return state
 
     def _record_join(self, node_id: str) -> None:
         """`node_id` came online now: it holds no sample of the windows already begun."""
         for sensor_id, state in self._sensors.items():
-            end = self.stream_end(sensor_id)
+            end = self._stream_end(sensor_id)
             if end is not None:
                 state.joined[node_id] = -(-end // self.hop) * self.hop
 
-    def _reassign(self, gone: str) -> list[Reassigned | Mismatch]:
+    def _reassign(self, gone: str) -> list[Reassigned]:
         """`gone` left the group: its windows without a result go to their next owners."""
-        notes: list[Reassigned | Mismatch] = []
+        notes: list[Reassigned] = []
         for sensor_id, state in self._sensors.items():
             done = state.last_by.get(gone, -1)
             mine: list[int] = []
