@@ -31,8 +31,10 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY common/ common/
 COPY schemas/ schemas/
+COPY runtime/ runtime/
 COPY node/ node/
 COPY fleet/ fleet/
+COPY demo/ demo/
 
 # One resolver run for the project and, when given, Hailo's wheel, so pip picks versions that suit
 # both (HailoRT's wheels pin numpy < 2). Dependencies come from pyproject.toml only: no extras, no

@@ -10,10 +10,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from common.errors import EdgeError
+
 INSTALL_HINT = "pip install -e '.[bench]'"
 
 
-class PlotUnavailableError(RuntimeError):
+class PlotUnavailableError(EdgeError, RuntimeError):
     """matplotlib is not installed."""
 
 

@@ -22,8 +22,8 @@ from common.bundle import read_bundle
 from fleet.bundles.builder import build_bundle, normalization_from
 from fleet.bundles.calibration import simulated_calibration
 from fleet.bundles.reference import build_reference_bundle
-from node.inference.onnx_backend import session_options
-from node.model.reference import (
+from runtime.onnx_backend import session_options
+from runtime.reference import (
     DILATIONS,
     KERNEL_SIZE,
     ReferenceWeights,

@@ -32,9 +32,9 @@ from hailo_standin.bundles import hailo_bundle  # noqa: E402
 from common.bundle import Bundle, read_bundle  # noqa: E402
 from fleet.bundles.reference import build_reference_bundle  # noqa: E402
 from fleet.simulate.imu_signals import calibration_set  # noqa: E402
-from node.inference.backend import BackendOptions  # noqa: E402
-from node.inference.hailo_backend import HailoBackend  # noqa: E402
-from node.inference.normalize import Normalizer  # noqa: E402
+from runtime.backend import BackendOptions  # noqa: E402
+from runtime.hailo_backend import HailoBackend  # noqa: E402
+from runtime.normalize import Normalizer  # noqa: E402
 
 
 def per_window_us(run: Any, windows: np.ndarray, batch: int, seconds: float = 1.5) -> float:

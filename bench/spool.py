@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 
+from common.mqtt.address import BrokerAddress
 from common.mqtt.session import MqttSession, SessionSettings
-from node.config import BrokerAddress
 from node.local_broker import LocalBroker
 from node.mqtt.outbox import Outbox
 from node.mqtt.spool import Spool

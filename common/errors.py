@@ -1,10 +1,8 @@
-"""The root of every error the system raises on purpose, and the errors of the shared parts."""
+"""The errors of the shared parts (bundle format, signing), under the project's one root."""
 
 from __future__ import annotations
 
-
-class EdgeError(Exception):
-    """Root of every error the node, the fleet tools and their shared parts raise on purpose."""
+from schemas.errors import EdgeError
 
 
 class BundleError(EdgeError):
@@ -13,3 +11,6 @@ class BundleError(EdgeError):
 
 class ModelContractError(BundleError):
     """The model file's inputs/outputs do not match the contract or its manifest."""
+
+
+__all__ = ["BundleError", "EdgeError", "ModelContractError"]

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common.errors import EdgeError
+from common.logs import configure_logging
 from common.mqtt.connection import Credentials, add_broker_arguments, connection_from_args
 from fleet.settings import ENV_PREFIX, FleetBrokerSettings
-from node.errors import NodeError
-from node.logs import configure_logging
 
 if TYPE_CHECKING:
     from common.bundle import Bundle
@@ -555,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
             connection = connection_from_args(args, FleetBrokerSettings)
             args.broker, args.mqtt_protocol = connection, connection.protocol
         return commands[args.command](args)
-    except (NodeError, ValueError, ConnectionError, OSError) as exc:
+    except (EdgeError, ValueError, ConnectionError, OSError) as exc:
         print(f"imu-fleet: {exc}", file=sys.stderr)
         return 1
 

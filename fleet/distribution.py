@@ -14,9 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common.bundle import parse_bundle, sha256_hex
+from common.errors import BundleError
 from common.mqtt.connection import Connection
 from common.mqtt.session import MqttSession
-from node.errors import BundleError
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import ArtifactManifest

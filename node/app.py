@@ -17,7 +17,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 import orjson
@@ -28,10 +27,10 @@ from common.bundle import Bundle, read_bundle
 from common.http import parse_listen
 from common.mqtt.session import MqttSession
 from common.signing import load_trust, verify_manifest
+from common.version import software_version
 from node.config import NodeConfig, default_spool_dir, default_state_dir
 from node.errors import ConfigError
 from node.identity import default_node_id
-from node.inference.pipeline import BatchResult, ModelPipeline, load_model, open_pipeline
 from node.inference.recovery import BackendRecovery
 from node.inference.watchdog import InferenceWatchdog, auto_deadline_s
 from node.inference.worker import WorkItem
@@ -49,6 +48,7 @@ from node.reporting import ErrorReporter
 from node.results import ResultPublisher
 from node.supervisor import Supervisor, Watched
 from node.telemetry import TelemetryLoop
+from runtime.pipeline import BatchResult, ModelPipeline, load_model, open_pipeline
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import (
@@ -88,14 +88,6 @@ def _started_later(status: NodeStatus, started_at: float, instance: str) -> bool
 def client_id_for(node_id: str) -> str:
     """The MQTT client id of a node: stable, so a restarted node resumes its session."""
     return f"imu-node-{node_id}"
-
-
-def software_version() -> str:
-    """The installed package version."""
-    try:
-        return version("imu-edge")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 class NodeApp:

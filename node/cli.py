@@ -8,17 +8,19 @@ import os
 import signal
 import sys
 import threading
+from importlib.metadata import entry_points
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import orjson
 
+from common.errors import EdgeError
+from common.logs import configure_logging
 from common.mqtt.connection import NoPasswordFlag, add_broker_arguments, connection_from_args
 from node.config import ENV_PREFIX, NodeConfig, load_config
-from node.errors import ConfigError, NodeError
+from node.errors import ConfigError
 from node.identity import default_node_id, hardware_identity
-from node.logs import configure_logging
 
 logger = logging.getLogger("node")
 
@@ -85,6 +87,21 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in NodeConfig.model_fields if hasattr(args, name)}
 
 
+COMMANDS_ENTRY_POINTS = "imu_edge.node_commands"
+"""Entry-point group of commands other packages add to `imu-node` (the demo adds `demo`): each
+is a function taking the subparsers, which adds its parser with `set_defaults(handler=...)`."""
+
+
+def _add_plugin_commands(sub: argparse._SubParsersAction[Any]) -> None:
+    for entry in entry_points(group=COMMANDS_ENTRY_POINTS):
+        try:
+            register = entry.load()
+        except ImportError as exc:  # an image built without that package: no such command
+            logger.debug("imu-node %s is not installed here: %s", entry.name, exc)
+            continue
+        register(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full `imu-node` argument parser."""
     parser = argparse.ArgumentParser(
@@ -100,30 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--log-format", choices=["json", "text"], default="json", help="log lines (json)"
     )
-
-    demo = sub.add_parser(
-        "demo", help="embedded broker + node + simulated sensors, with live results"
-    )
-    demo.add_argument(
-        "--duration", type=float, default=None, help="seconds (default: until Ctrl-C)"
-    )
-    demo.add_argument("--sensors", type=int, default=4, help="simulated sensors (4)")
-    demo.add_argument("--rate", type=float, default=100.0, help="samples/s per sensor (100)")
-    demo.add_argument(
-        "--mode", choices=["samples", "window"], default="samples",
-        help="sensors send sample runs (node windows them) or whole windows (samples)",
-    )  # fmt: skip
-    demo.add_argument("--broker", default=None, help="use this broker instead of an embedded one")
-    demo.add_argument(
-        "--embedded", choices=["auto", "mosquitto", "amqtt"], default="auto",
-        help="which local broker to start: mosquitto if installed, else amqtt (auto)",
-    )  # fmt: skip
-    demo.add_argument("--model", type=Path, default=None, help="bundle (default: reference model)")
-    demo.add_argument("--hop", type=int, default=50, help="samples between windows (50)")
-    demo.add_argument(
-        "--http", default=None, metavar="HOST:PORT",
-        help="also serve /healthz, /readyz, /metrics, POST /infer (e.g. 127.0.0.1:9108)",
-    )  # fmt: skip
 
     ident = sub.add_parser("id", help="print this machine's default node id and its source")
     ident.add_argument("--json", action="store_true", help="machine-readable output")
@@ -142,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_node_options(doctor)
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
     _add_check(sub)
+    _add_plugin_commands(sub)
     return parser
 
 
@@ -193,37 +187,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {
         "run": _run,
-        "demo": _demo,
         "id": _identity,
         "config": _config,
         "doctor": _config,
         "check": _check,
     }
     try:
-        return commands[args.command](args)
+        handler = getattr(args, "handler", None) or commands[args.command]
+        return int(handler(args))
     except ConfigError as exc:
         print(f"imu-node: {exc}", file=sys.stderr)
         return 2
-    except NodeError as exc:
+    except EdgeError as exc:
         print(f"imu-node: {exc}", file=sys.stderr)
         return 1
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from node.demo import run_demo  # noqa: PLC0415 (pulls in the simulator)
-
-    configure_logging("WARNING", json_lines=False)
-    return run_demo(
-        duration=args.duration,
-        sensors=args.sensors,
-        rate_hz=args.rate,
-        mode=args.mode,
-        broker=args.broker,
-        model=args.model,
-        hop=args.hop,
-        embedded=args.embedded,
-        http=args.http,
-    )
 
 
 def _identity(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from pydantic_settings import (
 from common.http import is_loopback, parse_listen
 from common.mqtt.connection import BrokerSettings, load_layered
 from node.errors import ConfigError
-from node.inference.backend import BackendOptions
+from runtime.backend import BackendOptions
 from schemas.topics import is_valid_id
 
 ENV_PREFIX = "IMU_NODE_"

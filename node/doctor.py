@@ -22,12 +22,12 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from common.bundle import Bundle, read_bundle
+from common.errors import EdgeError
 from node.config import NodeConfig, default_spool_dir
-from node.errors import NodeError
 from node.identity import default_node_id, hardware_identity
-from node.inference.hailo_backend import ACCEPTS, import_hailo
-from node.inference.pipeline import load_model
 from node.mqtt.spool import spooled_bytes
+from runtime.hailo_backend import ACCEPTS, import_hailo
+from runtime.pipeline import load_model
 
 DRIVER_VERSION_FILE = Path("/sys/module/hailo_pci/version")
 DEVICE_NODE = Path("/dev/hailo0")
@@ -106,7 +106,7 @@ def _hailort(ctx: _Context) -> Iterator[Check]:
     wants_hailo = ctx.config.backend == "hailo"
     try:
         ctx.hailo = import_hailo()
-    except NodeError as exc:
+    except EdgeError as exc:
         level = Level.FAIL if wants_hailo else Level.SKIP
         reason = str(exc.__cause__ or exc)
         yield Check("HailoRT library", level, f"hailo_platform not importable: {reason}",
@@ -240,7 +240,7 @@ def _bundle(ctx: _Context) -> Iterator[Check]:
         return
     try:
         ctx.bundle = read_bundle(ctx.config.model)
-    except NodeError as exc:
+    except EdgeError as exc:
         yield Check("model bundle", Level.FAIL, str(exc), "rebuild or re-download the bundle")
         return
     manifest = ctx.bundle.manifest
@@ -269,7 +269,7 @@ def _golden(ctx: _Context) -> Iterator[Check]:
     for backend in backends:
         try:
             pipeline = load_model(ctx.bundle, backend, ctx.config.backend_options())
-        except NodeError as exc:
+        except EdgeError as exc:
             yield Check(f"golden check ({backend})", Level.FAIL, str(exc),
                         "it does not reproduce its goldens: recompile or rebuild")  # fmt: skip
             continue

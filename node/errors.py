@@ -1,39 +1,13 @@
-"""The node's exception hierarchy: one root, structured fields, `raise ... from` at boundaries.
-
-The root and the bundle errors are the shared ones (common/errors.py): `except NodeError` also
-catches what the bundle reader and signing raise.
-"""
+"""The node's own errors. Everything raised on purpose derives from the one root, `EdgeError`
+(schemas/errors.py); the model runtime's errors are in runtime/errors.py."""
 
 from __future__ import annotations
 
-from common.errors import BundleError, EdgeError, ModelContractError
-
-NodeError = EdgeError
-"""Root of every error the node raises on purpose (the shared root)."""
+from common.errors import EdgeError
 
 
-class ConfigError(NodeError):
+class ConfigError(EdgeError):
     """The configuration is invalid; the message says which setting and how to fix it."""
 
 
-class GoldenCheckError(BundleError):
-    """A freshly loaded model did not reproduce its golden vectors."""
-
-
-class BackendError(NodeError):
-    """An inference backend failed to load or to run a batch."""
-
-
-class BackendUnavailableError(BackendError):
-    """The requested backend cannot run on this machine (missing package or device)."""
-
-
-__all__ = [
-    "BackendError",
-    "BackendUnavailableError",
-    "BundleError",
-    "ConfigError",
-    "GoldenCheckError",
-    "ModelContractError",
-    "NodeError",
-]
+__all__ = ["ConfigError"]

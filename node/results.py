@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from node.inference.pipeline import BatchResult, ModelPipeline
 from node.inference.worker import WorkItem
 from node.metrics import NodeMetrics
+from runtime.pipeline import BatchResult, ModelPipeline
 from schemas import SCHEMA_VERSION, topics
 from schemas.codec import encode_dict
 

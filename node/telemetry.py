@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import psutil
 
-from node.inference.pipeline import ModelPipeline
 from node.metrics import NodeMetrics
 from node.mqtt.spool import SpoolStats
 from node.supervisor import thread_running
+from runtime.pipeline import ModelPipeline
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import LatencySummary, Telemetry

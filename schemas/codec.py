@@ -24,6 +24,7 @@ import orjson
 from numpy.typing import ArrayLike, NDArray
 from pydantic import BaseModel, ValidationError
 
+from schemas.errors import EdgeError
 from schemas.limits import (
     BINARY_CONTENT_TYPE,
     BINARY_WINDOW_BYTES,
@@ -110,7 +111,7 @@ Move sensors to headered frames.
 """The "Binary frames" section of docs/topics.md: the frame layout and how a node reads it."""
 
 
-class InputRejectedError(ValueError):
+class InputRejectedError(EdgeError, ValueError):
     """A sensor message that breaks the contract, with a kind and a reason a person can act on."""
 
     def __init__(self, kind: ErrorKind, reason: str) -> None:

@@ -1,8 +1,17 @@
-"""Readable summaries of pydantic validation errors, for people rather than programs."""
+"""The root of every error the project raises on purpose, and readable summaries of pydantic
+validation errors for people rather than programs.
+
+The root lives here, on the lowest floor, so that every layer (schemas, common, runtime, node,
+fleet) can derive from it: the CLIs catch `EdgeError` and print one line.
+"""
 
 from __future__ import annotations
 
 from pydantic import ValidationError
+
+
+class EdgeError(Exception):
+    """Root of every error the node, the fleet tools and their shared parts raise on purpose."""
 
 
 def describe_validation_error(exc: ValidationError, what: str = "input") -> str:

@@ -34,7 +34,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from common.mqtt.connection import BrokerAddress
+from common.mqtt.address import BrokerAddress
 from node.local_broker import free_port, wait_for_port
 
 logger = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from common.bundle import Bundle, read_bundle
-from common.mqtt.connection import BrokerAddress
+from common.mqtt.address import BrokerAddress
 from fleet.bundles.reference import build_reference_bundle
 from node.app import NodeApp
 from node.config import load_config

@@ -14,10 +14,11 @@ from conftest import NodeFactory, Probe, subprocess_env, unique
 from hailo_standin import faults
 from test_node_e2e import window_json as window
 
+from common.errors import ModelContractError
 from node.app import NodeApp
 from node.config import load_config
-from node.errors import BackendUnavailableError, ModelContractError
 from node.local_broker import LocalBroker
+from runtime.errors import BackendUnavailableError
 from schemas import topics
 from schemas.messages import NodeStatus
 

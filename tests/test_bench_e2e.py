@@ -18,7 +18,7 @@ from bench import e2e
 from bench.e2e_load import sensor_ids
 from node.inference.workers import shard_of
 from node.local_broker import LocalBroker
-from node.model.reference import build_reference_onnx, make_reference_weights
+from runtime.reference import build_reference_onnx, make_reference_weights
 
 TINY = [
     "--raw-seconds", "0.1", "--rate", "100", "--seconds", "0.3", "--burst", "60",

@@ -27,19 +27,20 @@ from common.bundle import (
     read_bundle,
     write_bundle,
 )
+from common.errors import BundleError, ModelContractError
 from fleet.bundles.builder import build_bundle, load_normalization
 from fleet.bundles.calibration import load_calibration
 from fleet.bundles.inspect import describe_bundle
 from fleet.bundles.kmeans import kmeans
 from fleet.bundles.reference import build_reference_bundle
 from fleet.simulate.imu_signals import calibration_set
-from node.errors import BackendError, BundleError, GoldenCheckError, ModelContractError
-from node.inference import pipeline as pipeline_module
-from node.inference.backend import BackendOptions, InferenceBackend
-from node.inference.normalize import Normalizer
-from node.inference.onnx_backend import OnnxBackend
-from node.inference.pipeline import load_model
-from node.model.reference import build_reference_onnx, make_reference_weights, reference_forward
+from runtime import pipeline as pipeline_module
+from runtime.backend import BackendOptions, InferenceBackend
+from runtime.errors import BackendError, GoldenCheckError
+from runtime.normalize import Normalizer
+from runtime.onnx_backend import OnnxBackend
+from runtime.pipeline import load_model
+from runtime.reference import build_reference_onnx, make_reference_weights, reference_forward
 from schemas.limits import CHANNEL_ORDER, CHANNELS, LATENT_DIM, WINDOW_LENGTH
 from schemas.manifest import Normalization
 

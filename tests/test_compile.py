@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from common.bundle import Bundle, read_bundle
+from common.errors import BundleError
 from fleet.bundles.calibration import CalibrationSet, simulated_calibration
 from fleet.bundles.reference import build_reference_bundle
 from fleet.compile import (
@@ -28,10 +29,9 @@ from fleet.compile import (
     compile_bundle,
 )
 from fleet.compile.dfc_api import end_node_names, model_script, net_name_for, to_nhwc
-from node.errors import BundleError
-from node.inference.backend import BackendOptions
-from node.inference.normalize import Normalizer
-from node.inference.pipeline import load_model
+from runtime.backend import BackendOptions
+from runtime.normalize import Normalizer
+from runtime.pipeline import load_model
 
 # The stand-in packages (hailo_sdk_client, hailo_standin) live outside the installed project, so
 # their folder goes on sys.path before they are imported. conftest.py does this too, but this

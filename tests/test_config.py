@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from common.mqtt.connection import BrokerAddress
+from common.mqtt.address import BrokerAddress
 from node.config import NodeConfig, load_config
 from node.errors import ConfigError
 from node.identity import IdentitySource, default_node_id, hardware_identity

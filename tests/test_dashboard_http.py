@@ -18,7 +18,7 @@ from conftest import Probe, unique, wait_until
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from test_dashboard_view import model_state, result, rollout, status, telemetry
 
-from common.mqtt.connection import BrokerAddress
+from common.mqtt.address import BrokerAddress
 from fleet.dashboard.auth import check_listen
 from node.local_broker import LocalBroker
 from schemas import topics

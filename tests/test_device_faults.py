@@ -25,17 +25,17 @@ from test_node_e2e import window_json as window
 from common.bundle import Bundle, read_bundle
 from node.app import NodeApp
 from node.config import load_config
-from node.errors import BackendError
-from node.inference.backend import (
+from node.local_broker import LocalBroker
+from runtime.backend import (
     BackendInfo,
     BackendOptions,
     FloatArray,
     InferenceBackend,
     InferenceOutput,
 )
-from node.inference.onnx_backend import OnnxBackend
-from node.inference.pipeline import ModelPipeline, cosine_similarity
-from node.local_broker import LocalBroker
+from runtime.errors import BackendError
+from runtime.onnx_backend import OnnxBackend
+from runtime.pipeline import ModelPipeline, cosine_similarity
 from schemas import topics
 
 HAILO = pytest.mark.parametrize("backend", ["hailo"], indirect=True)
@@ -310,7 +310,7 @@ def test_closing_a_backend_with_a_stuck_call_returns_within_seconds(
     hailo_bundle_path: Path,
 ) -> None:
     """SIGTERM during a hung call: close() aborts the call instead of waiting on it."""
-    from node.inference.hailo_backend import CLOSE_WAIT_S, HailoBackend
+    from runtime.hailo_backend import CLOSE_WAIT_S, HailoBackend
 
     bundle = read_bundle(hailo_bundle_path)
     backend = HailoBackend(bundle, BackendOptions(timeout_ms=30_000))

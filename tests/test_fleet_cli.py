@@ -13,12 +13,12 @@ import pytest
 from conftest import Probe, unique
 
 from common.bundle import read_bundle
+from common.errors import BundleError
 from common.signing import generate_keys, load_public_key, verify_manifest
 from fleet import pki
 from fleet.bundles.builder import parse_expiry
 from fleet.bundles.reference import build_reference_bundle
 from fleet.cli import build_parser, main
-from node.errors import BundleError
 from node.local_broker import LocalBroker
 from schemas.codec import decode_any_window
 

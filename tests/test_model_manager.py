@@ -20,7 +20,7 @@ from fleet.desired import desired_for, desired_topic, scoped
 from fleet.distribution import publish_bundle
 from node.app import NodeApp
 from node.local_broker import LocalBroker
-from node.model.reference import build_reference_onnx
+from runtime.reference import build_reference_onnx
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import DesiredModel

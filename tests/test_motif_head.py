@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.typing import NDArray
 
-from node.inference.motif_head import MotifHead, softmax, squared_distances
+from runtime.motif_head import MotifHead, softmax, squared_distances
 from schemas.limits import LATENT_DIM, MOTIF_COUNT
 from schemas.manifest import Manifest
 

@@ -17,6 +17,7 @@ import numpy as np
 import orjson
 import pytest
 
+from common.errors import BundleError
 from fleet.bundles.calibration import load_calibration
 from fleet.recording import (
     RecordedMessage,
@@ -34,7 +35,6 @@ from fleet.recording import (
     replay,
     subscription_filters,
 )
-from node.errors import BundleError
 from node.local_broker import LocalBroker
 from schemas import topics
 from schemas.limits import BINARY_WINDOW_BYTES, CHANNELS, WINDOW_LENGTH

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from node.errors import BackendError
 from node.inference.recovery import BACKOFF_FIRST_S, BackendRecovery
+from runtime.errors import BackendError
 from schemas.messages import ErrorKind
 
 

@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from node.model.reference import (
+from runtime.reference import (
     REFERENCE_SEED,
     ReferenceWeights,
     build_reference_onnx,

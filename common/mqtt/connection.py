@@ -21,7 +21,6 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
-from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -31,46 +30,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from common.mqtt.address import BrokerAddress
+from common.mqtt.session import SessionSettings
 from schemas.errors import describe_validation_error
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerAddress:
-    """A parsed `mqtt://host:port` or `mqtts://host:port` URL."""
-
-    host: str
-    port: int
-    tls: bool
-
-    @classmethod
-    def parse(cls, url: str) -> BrokerAddress:
-        """Parse a broker URL; raises ValueError saying what a valid one looks like."""
-        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
-        if parts.scheme not in {"mqtt", "mqtts", "tcp", "ssl"} or not parts.hostname:
-            msg = f"broker URL {url!r} must look like mqtt://HOST:PORT or mqtts://HOST:PORT"
-            raise ValueError(msg)
-        if parts.username or parts.password:
-            msg = (  # without the URL: it holds a secret
-                f"the broker URL for {parts.hostname} carries credentials: use username and "
-                "password_file (or the *_PASSWORD environment variable) instead"
-            )
-            raise ValueError(msg)
-        tls = parts.scheme in {"mqtts", "ssl"}
-        try:
-            port = parts.port
-        except ValueError as exc:
-            msg = f"broker URL {url!r} has an invalid port"
-            raise ValueError(msg) from exc
-        if port is None:
-            port = 8883 if tls else 1883
-        elif port == 0:
-            msg = f"broker URL {url!r} has port 0; give the broker's port (1883, 8883, ...)"
-            raise ValueError(msg)
-        return cls(host=parts.hostname, port=port, tls=tls)
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,10 +61,8 @@ class Connection:
             return broker
         return cls(BrokerAddress.parse(broker), protocol)
 
-    def session_settings(self, client_id: str, **extra: Any) -> Any:
+    def session_settings(self, client_id: str, **extra: Any) -> SessionSettings:
         """Settings for an `MqttSession` with this connection's address and credentials."""
-        from common.mqtt.session import SessionSettings  # noqa: PLC0415 (session imports us)
-
         c = self.credentials
         return SessionSettings(
             address=self.address,

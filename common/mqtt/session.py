@@ -27,7 +27,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential_jitter
 
-from common.mqtt.connection import BrokerAddress
+from common.errors import EdgeError
+from common.mqtt.address import BrokerAddress
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ Handler = Callable[[mqtt.MQTTMessage], None]
 CONNACK_TIMEOUT_S = 10.0
 
 
-class ConnectRefusedError(ConnectionError):
+class ConnectRefusedError(EdgeError, ConnectionError):
     """The broker answered CONNECT with a failure reason code."""
 
 

@@ -25,14 +25,14 @@ from numpy.typing import NDArray
 from pydantic import TypeAdapter, ValidationError
 
 from common.bundle import Bundle, file_entries, npy_bytes, write_bundle
+from common.errors import BundleError, ModelContractError
 from common.signing import load_private_key, sign_manifest
 from fleet.bundles.calibration import CalibrationSet, load_calibration, simulated_calibration
 from fleet.bundles.kmeans import kmeans
-from node.errors import BundleError, ModelContractError
-from node.inference.backend import BackendOptions
-from node.inference.motif_head import squared_distances
-from node.inference.normalize import Normalizer
-from node.inference.onnx_backend import OnnxBackend
+from runtime.backend import BackendOptions
+from runtime.motif_head import squared_distances
+from runtime.normalize import Normalizer
+from runtime.onnx_backend import OnnxBackend
 from schemas.errors import describe_validation_error
 from schemas.limits import CHANNEL_ORDER, CHANNELS, LATENT_DIM, MOTIF_COUNT, WINDOW_LENGTH
 from schemas.manifest import (

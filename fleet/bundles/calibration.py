@@ -17,6 +17,7 @@ import numpy as np
 import orjson
 from numpy.typing import NDArray
 
+from common.errors import BundleError
 from fleet.recording import (
     RecordingError,
     is_recording_header,
@@ -24,7 +25,6 @@ from fleet.recording import (
     open_recording,
     recording_windows,
 )
-from node.errors import BundleError
 from schemas.codec import InputRejectedError, decode_window
 from schemas.limits import CHANNELS, MOTIF_COUNT, WINDOW_LENGTH
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-from node.inference.motif_head import squared_distances
+from runtime.motif_head import squared_distances
 
 FloatArray = NDArray[np.float32]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fleet.bundles.builder import build_bundle, normalization_from
 from fleet.bundles.calibration import simulated_calibration
-from node.model.reference import REFERENCE_SEED, build_reference_onnx, make_reference_weights
+from runtime.reference import REFERENCE_SEED, build_reference_onnx, make_reference_weights
 
 REFERENCE_NAME = "tcn-reference"
 REFERENCE_VERSION = "1.0.0"

@@ -19,8 +19,8 @@ from typing import Any, Final
 import numpy as np
 import onnx
 
-from node.errors import BundleError
-from node.inference.backend import FloatArray
+from common.errors import BundleError
+from runtime.backend import FloatArray
 from schemas.limits import CHANNELS, LATENT_DIM, WINDOW_LENGTH
 
 CALIBRATION_BATCH: Final = 8

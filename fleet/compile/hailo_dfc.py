@@ -54,10 +54,10 @@ from fleet.compile.dfc_api import (
     translate,
 )
 from fleet.models.validate import Agreement, agreement
-from node.inference.backend import BackendOptions, FloatArray
-from node.inference.normalize import Normalizer
-from node.inference.onnx_backend import OnnxBackend
-from node.inference.pipeline import cosine_similarity
+from runtime.backend import BackendOptions, FloatArray
+from runtime.normalize import Normalizer
+from runtime.onnx_backend import OnnxBackend
+from runtime.pipeline import cosine_similarity
 from schemas.limits import CHANNELS, WINDOW_LENGTH
 from schemas.manifest import HefInfo
 

@@ -18,6 +18,7 @@ from typing import Any, Final
 
 import orjson
 
+from common.errors import EdgeError
 from fleet.dashboard.view import DashboardView
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class Stream:
     lagged: bool = False
 
 
-class TooManyClientsError(RuntimeError):
+class TooManyClientsError(EdgeError, RuntimeError):
     """Every SSE slot is taken."""
 
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.bundle import Bundle
+from common.errors import EdgeError
 from fleet.bundles.calibration import CalibrationSet, simulated_calibration
-from node.errors import NodeError
-from node.inference.backend import BACKENDS, BackendOptions, FloatArray
-from node.inference.hailo_backend import find_devices, import_hailo
-from node.inference.pipeline import ModelPipeline, cosine_similarity, load_model
+from runtime.backend import BackendOptions, FloatArray
+from runtime.pipeline import ModelPipeline, cosine_similarity, load_model
+from runtime.registry import BACKENDS
 
 logger = logging.getLogger(__name__)
 
@@ -63,22 +63,10 @@ class BackendParity:
 def available_backends(bundle: Bundle) -> dict[str, str]:
     """Backend name -> "" when it can run this bundle here, else the reason it cannot."""
     found: dict[str, str] = {}
-    for name in BACKENDS:
-        if name == "onnx":
-            found[name] = "" if bundle.onnx is not None else "bundle has no model.onnx"
-        elif name == "hailo":
-            found[name] = _hailo_unavailable(bundle)
+    for name, kind in BACKENDS.items():
+        usable, why = kind.probe(bundle)
+        found[name] = "" if usable else why
     return found
-
-
-def _hailo_unavailable(bundle: Bundle) -> str:
-    if bundle.hef is None:
-        return "bundle has no model.hef"
-    try:
-        import_hailo()
-    except NodeError:
-        return "hailo_platform is not installed"
-    return "" if find_devices() else "no Hailo device found"
 
 
 def validate_bundle(
@@ -89,7 +77,7 @@ def validate_bundle(
     """The parity table for every backend this machine has (unavailable ones say why)."""
     if bundle.onnx is None:
         msg = "parity needs the bundle's ONNX twin as the reference, and it has no model.onnx"
-        raise NodeError(msg)
+        raise EdgeError(msg)
     calib = calibration or simulated_calibration(32)
     options = options or BackendOptions()
     reference = load_model(bundle, "onnx", options)
@@ -124,14 +112,14 @@ def _measure(
     bundle: Bundle, name: str, options: BackendOptions, expected: _Reference
 ) -> BackendParity:
     try:
-        pipeline = ModelPipeline(bundle, BACKENDS[name](bundle, options))
-    except NodeError as exc:
+        pipeline = ModelPipeline(bundle, BACKENDS[name].open(bundle, options))
+    except EdgeError as exc:
         return BackendParity(name, f"failed to load: {exc}")
     try:
         golden = agreement(pipeline.run(expected.golden_inputs).latent, expected.golden_latents)
         calibration = agreement(pipeline.run(expected.calib_inputs).latent, expected.calib_latents)
         check = pipeline.golden_check()
-    except NodeError as exc:
+    except EdgeError as exc:
         return BackendParity(name, f"failed to run: {exc}", pipeline.info.device)
     finally:
         pipeline.close()

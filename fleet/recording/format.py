@@ -28,7 +28,7 @@ from typing import IO, Any, Final, cast
 
 import orjson
 
-from node.errors import NodeError
+from common.errors import EdgeError
 
 logger = logging.getLogger("fleet.recording")
 
@@ -48,7 +48,7 @@ _NOT_JSON: Final = object()
 """What `_loads` returns for bytes that are not JSON (`None` is JSON `null`)."""
 
 
-class RecordingError(NodeError):
+class RecordingError(EdgeError):
     """A file that is not a readable recording; the message says which file, line and why."""
 
 

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from common.errors import EdgeError
 from common.mqtt.connection import Connection
 from common.mqtt.session import MqttSession
 from common.signing import load_private_key, sign_desired
@@ -31,7 +32,6 @@ from fleet.rollout.health import cohort_figures, judge
 from fleet.rollout.presence import Presence, presence_session
 from fleet.rollout.records import RolloutBook, superseded
 from fleet.rollout.view import FleetView, NodeView
-from node.errors import NodeError
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import (
@@ -69,7 +69,7 @@ MAX_DEFAULT_SOAK_S = 600.0
 """...and never longer than this, whatever a node says its interval is (`--soak` may)."""
 
 
-class RolloutError(NodeError):
+class RolloutError(EdgeError):
     """A rollout cannot start or continue; the message says why."""
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from common.mqtt.connection import BrokerAddress
+from common.mqtt.address import BrokerAddress
 from common.mqtt.session import MqttSession, SessionSettings
 
 logger = logging.getLogger(__name__)

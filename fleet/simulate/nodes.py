@@ -39,22 +39,22 @@ import psutil
 
 from common.bundle import DEFAULT_MAX_BUNDLE_BYTES as MAX_BUNDLE_BYTES
 from common.bundle import read_bundle
-from common.mqtt.connection import BrokerAddress
+from common.errors import EdgeError
+from common.mqtt.address import BrokerAddress
 from common.mqtt.session import SessionSettings
 from common.signing import load_trust, verify_manifest
+from common.version import software_version
 from fleet.simulate.netloop import LoopSession, NetLoop
 from fleet.simulate.shared_models import SharedModels
-from node.app import software_version
-from node.errors import NodeError
-from node.inference.backend import (
-    FloatArray,
-)
-from node.inference.pipeline import ModelPipeline
 from node.metrics import NodeMetrics
 from node.model.fetch import FetchPolicy
 from node.model.manager import ManagerSettings, ModelManager
 from node.reporting import ErrorReporter
 from node.telemetry import latency_summary
+from runtime.backend import (
+    FloatArray,
+)
+from runtime.pipeline import ModelPipeline
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import ErrorKind, NodeState, NodeStatus, Telemetry
@@ -137,9 +137,9 @@ class _SimNode:
         try:
             if degraded == "errors":
                 msg = f"simulated: {pipeline.ref.version} fails every window"
-                raise NodeError(msg)
+                raise EdgeError(msg)
             pipeline.run(window)
-        except NodeError as exc:
+        except EdgeError as exc:
             self.reporter.report(ErrorKind.INFERENCE, f"golden window failed: {exc}")
         else:
             latency_ms = (time.perf_counter() - started) * 1000

@@ -9,17 +9,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.bundle import Bundle, sha256_hex
+from common.errors import EdgeError
 from common.mqtt.session import MqttSession
-from node.errors import NodeError
-from node.inference.backend import (
+from node.model.fetch import FetchPolicy, cache_path, fetch_bundle
+from runtime.backend import (
     BackendInfo,
     BackendOptions,
     FloatArray,
     InferenceBackend,
     InferenceOutput,
 )
-from node.inference.pipeline import ModelPipeline, load_model
-from node.model.fetch import FetchPolicy, cache_path, fetch_bundle
+from runtime.pipeline import ModelPipeline, load_model
 from schemas.messages import DesiredModel
 
 
@@ -46,7 +46,7 @@ class _Flight:
     """One fetch under way, and its refusal if it failed."""
 
     done: threading.Event = field(default_factory=threading.Event)
-    error: NodeError | None = None
+    error: EdgeError | None = None
 
 
 class SharedModels:
@@ -55,7 +55,7 @@ class SharedModels:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
-        self._loaded: dict[str, ModelPipeline | NodeError] = {}
+        self._loaded: dict[str, ModelPipeline | EdgeError] = {}
         self._flights: dict[str, _Flight] = {}
 
     def load(self, bundle: Bundle) -> ModelPipeline:
@@ -67,10 +67,10 @@ class SharedModels:
             if (entry := self._loaded.get(key)) is None:
                 try:
                     entry = load_model(bundle, "onnx", BackendOptions())
-                except NodeError as exc:
+                except EdgeError as exc:
                     entry = exc
                 self._loaded[key] = entry
-        if isinstance(entry, NodeError):
+        if isinstance(entry, EdgeError):
             raise type(entry)(*entry.args)
         return ModelPipeline(entry.bundle, _Borrowed(entry.backend))
 
@@ -103,7 +103,7 @@ class SharedModels:
                 desired, session, cache_dir, max_bytes=max_bytes, timeout_s=timeout_s,
                 policy=policy,
             )  # fmt: skip
-        except NodeError as exc:
+        except EdgeError as exc:
             flight.error = exc
             raise
         finally:

@@ -21,9 +21,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from common.mqtt.session import MqttSession
-from node.inference.pipeline import ModelPipeline
 from node.metrics import NodeMetrics
 from node.mqtt.outbox import Outbox
+from runtime.pipeline import ModelPipeline
 from schemas.messages import ErrorKind
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.bundle import Bundle
-from node.inference.pipeline import ModelPipeline
+from runtime.pipeline import ModelPipeline
 from schemas.messages import ErrorKind
 
 logger = logging.getLogger(__name__)

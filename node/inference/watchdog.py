@@ -21,8 +21,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from node.inference.pipeline import ModelPipeline
 from node.supervisor import thread_running
+from runtime.pipeline import ModelPipeline
 
 logger = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from node.errors import BackendError
-from node.inference.backend import FloatArray
-from node.inference.pipeline import BatchResult, ModelPipeline
+from runtime.backend import FloatArray
+from runtime.errors import BackendError
+from runtime.pipeline import BatchResult, ModelPipeline
 
 logger = logging.getLogger(__name__)
 

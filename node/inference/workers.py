@@ -33,7 +33,6 @@ from collections import deque
 from contextlib import AbstractContextManager
 from typing import Literal
 
-from node.inference.pipeline import ModelPipeline
 from node.inference.worker import (
     _STOP,
     FailureSink,
@@ -44,13 +43,13 @@ from node.inference.worker import (
     WorkItem,
     _no_recovery,
 )
+from runtime.pipeline import ModelPipeline
+from runtime.registry import shares_session
 
 logger = logging.getLogger(__name__)
 
 MAX_AUTO_WORKERS = 4
 """`workers = "auto"` uses at most this many (one per CPU core below it)."""
-CONCURRENT_BACKENDS = frozenset({"onnx"})
-"""Backends whose pipeline several workers may call at once."""
 
 WorkersSetting = int | Literal["auto"]
 
@@ -60,7 +59,7 @@ def resolve_workers(
 ) -> int:
     """How many workers serve: `auto` is one per core (at most 4, and `threads` cores each) on
     ONNX Runtime, and 1 on an accelerator, whose backend keeps its own jobs in flight."""
-    if backend not in CONCURRENT_BACKENDS:
+    if not shares_session(backend):
         if setting != "auto" and setting > 1:
             logger.warning(
                 "workers = %d ignored: the %s backend is driven by one worker (it keeps its own "
@@ -316,6 +315,6 @@ class WorkerPool:
             return self._recover(failed, exc, since)
 
     def _serial(self, pipeline: ModelPipeline) -> AbstractContextManager[object]:
-        if pipeline.info.name in CONCURRENT_BACKENDS:
+        if shares_session(pipeline.info.name):
             return contextlib.nullcontext()
         return self._backend_lock

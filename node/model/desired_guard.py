@@ -37,8 +37,8 @@ from pathlib import Path
 
 import orjson
 
+from common.errors import EdgeError
 from common.signing import SignatureError, TrustStore, verify_desired
-from node.errors import NodeError
 from schemas.messages import DesiredModel
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ MAX_AHEAD_S = 3600.0
 """A message issued further in the future than this (by the node's clock) is refused."""
 
 
-class DesiredRefusedError(NodeError):
+class DesiredRefusedError(EdgeError):
     """A desired-state message the node will not act on; the reason says why."""
 
 

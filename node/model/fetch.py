@@ -31,8 +31,8 @@ import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
 from common.bundle import sha256_hex
+from common.errors import BundleError
 from common.mqtt.session import MqttSession
-from node.errors import BundleError
 from schemas import topics
 from schemas.manifest import SEMVER
 from schemas.messages import ArtifactManifest, DesiredModel

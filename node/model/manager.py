@@ -30,15 +30,15 @@ import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
 from common.bundle import Bundle, read_bundle, sha256_hex
+from common.errors import EdgeError
 from common.mqtt.session import MqttSession
 from common.signing import Trust, trust_store, verify_desired, verify_manifest
-from node.errors import NodeError
-from node.inference.pipeline import ModelPipeline
 from node.model.desired_guard import DesiredGuard, DesiredRefusedError, Scope
 from node.model.fetch import FetchPolicy, add_to_cache, fetch_bundle
 from node.model.versions import is_older
 from node.reporting import ErrorReporter
 from node.supervisor import thread_running
+from runtime.pipeline import ModelPipeline
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import (
@@ -53,7 +53,7 @@ from schemas.messages import (
 logger = logging.getLogger(__name__)
 
 Loader = Callable[[Bundle], ModelPipeline]
-"""Open, warm up and golden-check a bundle on this node's backend (raises NodeError)."""
+"""Open, warm up and golden-check a bundle on this node's backend (raises EdgeError)."""
 Swap = Callable[[ModelPipeline], ModelPipeline]
 """Serve a new model from the next batch on; returns the one it replaces."""
 
@@ -77,7 +77,7 @@ class Fetch(Protocol):
 _LEVELS = ("node", "group", "fleet")
 
 
-class RefusedError(NodeError):
+class RefusedError(EdgeError):
     """A desired model this node will not run; the reason says why."""
 
 
@@ -273,7 +273,7 @@ class ModelManager:
             self._verify(desired, bundle)
             self._report(ModelLifecycle.WARMING, target=target)
             pipeline = self._loader(bundle)  # contract, warm-up and golden check
-        except NodeError as exc:
+        except EdgeError as exc:
             self._refuse(target, exc)
             return
         old = self._swap(pipeline)
@@ -309,7 +309,7 @@ class ModelManager:
             if trusted is not None:
                 verify_desired(desired, trusted)
 
-    def _refuse(self, target: ModelRef, exc: NodeError) -> None:
+    def _refuse(self, target: ModelRef, exc: EdgeError) -> None:
         reason = str(exc)
         logger.error("refused %s %s: %s", target.name, target.version, reason)
         self._report(ModelLifecycle.FAILED, target=target, error=reason)

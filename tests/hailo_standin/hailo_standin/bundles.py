@@ -9,8 +9,8 @@ from common.bundle import Bundle
 from fleet.bundles.builder import with_hef
 from fleet.bundles.calibration import simulated_calibration
 from hailo_standin.fake_hef import make_hef
-from node.inference.backend import BackendOptions
-from node.inference.pipeline import load_model
+from runtime.backend import BackendOptions
+from runtime.pipeline import load_model
 from schemas.manifest import HefInfo
 
 

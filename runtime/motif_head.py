@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from node.inference.backend import FloatArray
+from runtime.backend import FloatArray
 from schemas.manifest import LinearHead, Manifest, PrototypeHead
 
 AnyFloatArray = NDArray[np.floating[Any]]

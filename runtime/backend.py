@@ -1,4 +1,4 @@
-"""The backend interface every accelerator implements, and the registry that picks one.
+"""The backend interface every accelerator implements, and what each declares for the registry.
 
 A backend turns a batch of normalised windows (n, 100, 9) into latents (n, 64) and, when the model
 has them, motif logits (n, 12). It is opened from a verified bundle, describes itself for status
@@ -15,7 +15,6 @@ import numpy as np
 from numpy.typing import NDArray
 
 from common.bundle import Bundle
-from node.errors import BackendUnavailableError
 
 FloatArray = NDArray[np.float32]
 
@@ -82,55 +81,21 @@ class InferenceBackend(ABC):
 
 
 BackendFactory = Callable[[Bundle, BackendOptions], InferenceBackend]
-
-
-def _open_onnx(bundle: Bundle, options: BackendOptions) -> InferenceBackend:
-    from node.inference.onnx_backend import OnnxBackend  # noqa: PLC0415 (keeps import light)
-
-    return OnnxBackend.from_bundle(bundle, options)
-
-
-def _open_hailo(bundle: Bundle, options: BackendOptions) -> InferenceBackend:
-    from node.inference.hailo_backend import HailoBackend  # noqa: PLC0415 (optional SDK)
-
-    return HailoBackend(bundle, options)
-
-
-BACKENDS: dict[str, BackendFactory] = {"onnx": _open_onnx, "hailo": _open_hailo}
-"""Explicit registry: backend name -> factory."""
+Probe = Callable[[Bundle], tuple[bool, str]]
+"""Can this backend run `bundle` on this machine, and why (or why not), in a few words."""
 
 
 @dataclass(frozen=True, slots=True)
-class BackendChoice:
-    """Which backend to open and why (status and telemetry say it)."""
+class BackendKind:
+    """What a backend declares of itself for the registry (runtime/registry.py)."""
 
     name: str
-    reason: str
-
-
-def choose_backend(requested: str, bundle: Bundle) -> BackendChoice:
-    """Resolve `auto`: Hailo when the bundle has a HEF, HailoRT imports and a device is present."""
-    if requested != "auto":
-        return BackendChoice(requested, "requested")
-    if bundle.hef is None:
-        return BackendChoice("onnx", "auto: the bundle has no HEF")
-    from node.inference.hailo_backend import find_devices, import_hailo  # noqa: PLC0415
-
-    try:
-        import_hailo()
-    except BackendUnavailableError:
-        return BackendChoice("onnx", "auto: hailo_platform is not installed")
-    devices = find_devices()
-    if not devices:
-        return BackendChoice("onnx", "auto: no Hailo device found")
-    return BackendChoice("hailo", f"auto: Hailo device {devices[0]}")
-
-
-def open_backend(name: str, bundle: Bundle, options: BackendOptions) -> InferenceBackend:
-    """Open the named backend on a bundle; raises BackendUnavailableError for unknown names."""
-    try:
-        factory = BACKENDS[name]
-    except KeyError:
-        msg = f"unknown backend {name!r}; available here: {', '.join(sorted(BACKENDS))}"
-        raise BackendUnavailableError(msg) from None
-    return factory(bundle, options)
+    open: BackendFactory
+    """Load a verified bundle's model on this backend."""
+    probe: Probe
+    """Whether it can run a bundle here; `auto` takes the first kind whose probe says yes."""
+    shares_session: bool
+    """True when one loaded model takes calls from several threads at once (the node's
+    workers then share it); False for a device that keeps its own jobs in flight."""
+    options: tuple[str, ...]
+    """The `BackendOptions` fields this backend reads."""

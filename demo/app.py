@@ -19,7 +19,7 @@ import orjson
 import paho.mqtt.client as mqtt
 
 from common.bundle import read_bundle
-from common.mqtt.connection import BrokerAddress
+from common.mqtt.address import BrokerAddress
 from common.mqtt.session import MqttSession, SessionSettings
 from fleet.bundles.reference import ensure_reference_bundle
 from fleet.simulate.sensors import SensorMode, SensorSimulator

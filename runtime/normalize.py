@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from node.inference.backend import FloatArray
+from runtime.backend import FloatArray
 from schemas.manifest import Normalization
 
 

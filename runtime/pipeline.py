@@ -13,18 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.bundle import Bundle
-from node.errors import BackendError, GoldenCheckError
-from node.inference.backend import (
-    BackendChoice,
-    BackendInfo,
-    BackendOptions,
-    FloatArray,
-    InferenceBackend,
-    choose_backend,
-    open_backend,
-)
-from node.inference.motif_head import MotifHead
-from node.inference.normalize import Normalizer
+from runtime.backend import BackendInfo, BackendOptions, FloatArray, InferenceBackend
+from runtime.errors import BackendError, GoldenCheckError
+from runtime.motif_head import MotifHead
+from runtime.normalize import Normalizer
+from runtime.registry import BackendChoice, choose_backend, open_backend
 from schemas.messages import ModelRef
 
 logger = logging.getLogger(__name__)

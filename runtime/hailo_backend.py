@@ -34,14 +34,16 @@ from typing import Any
 import numpy as np
 
 from common.bundle import Bundle
-from node.errors import BackendError, BackendUnavailableError, ModelContractError, NodeError
-from node.inference.backend import (
+from common.errors import EdgeError, ModelContractError
+from runtime.backend import (
     BackendInfo,
+    BackendKind,
     BackendOptions,
     FloatArray,
     InferenceBackend,
     InferenceOutput,
 )
+from runtime.errors import BackendError, BackendUnavailableError
 from schemas.limits import CHANNELS, LATENT_DIM, MOTIF_COUNT, WINDOW_LENGTH
 
 logger = logging.getLogger(__name__)
@@ -314,7 +316,7 @@ class HailoBackend(InferenceBackend):
                 jobs.append((job, state))
             for job, state in jobs:
                 self._wait(job, state, timeout)
-        except NodeError:
+        except EdgeError:
             raise
         except Exception as exc:
             raise _backend_error(exc) from exc
@@ -437,9 +439,9 @@ def hailo_status(exc: BaseException) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _backend_error(exc: BaseException) -> NodeError:
+def _backend_error(exc: BaseException) -> EdgeError:
     """Map a HailoRT exception (Python or raw C++) to our error with a hint."""
-    if isinstance(exc, NodeError):
+    if isinstance(exc, EdgeError):
         return exc
     name = type(exc).__name__
     status = hailo_status(exc)
@@ -451,3 +453,26 @@ def _backend_error(exc: BaseException) -> NodeError:
             f"Hailo device timed out ({detail}); check `hailortcli fw-control identify`"
         )
     return BackendError(f"HailoRT error {name}: {detail}")
+
+
+def _probe(bundle: Bundle) -> tuple[bool, str]:
+    if bundle.hef is None:
+        return False, "the bundle has no HEF"
+    try:
+        import_hailo()
+    except BackendUnavailableError:
+        return False, "hailo_platform is not installed"
+    devices = find_devices()
+    if not devices:
+        return False, "no Hailo device found"
+    return True, f"Hailo device {devices[0]}"
+
+
+KIND = BackendKind(
+    name="hailo",
+    open=HailoBackend,
+    probe=_probe,
+    shares_session=False,  # HailoRT's InferModel is driven from one thread, with jobs in flight
+    options=("timeout_ms", "max_jobs", "frames_per_job", "batch_size"),
+)
+"""HailoRT's declaration for the registry."""

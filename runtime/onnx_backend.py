@@ -11,14 +11,16 @@ import numpy as np
 import onnxruntime as ort
 
 from common.bundle import Bundle
-from node.errors import BackendError, ModelContractError
-from node.inference.backend import (
+from common.errors import ModelContractError
+from runtime.backend import (
     BackendInfo,
+    BackendKind,
     BackendOptions,
     FloatArray,
     InferenceBackend,
     InferenceOutput,
 )
+from runtime.errors import BackendError
 from schemas.limits import CHANNELS, WINDOW_LENGTH
 from schemas.manifest import Outputs
 
@@ -136,3 +138,19 @@ class OnnxBackend(InferenceBackend):
     def close(self) -> None:
         """Drop the session."""
         self._closed = True
+
+
+def _probe(bundle: Bundle) -> tuple[bool, str]:
+    if bundle.onnx is None:
+        return False, "the bundle has no model.onnx"
+    return True, "ONNX Runtime on the CPU"
+
+
+KIND = BackendKind(
+    name="onnx",
+    open=OnnxBackend.from_bundle,
+    probe=_probe,
+    shares_session=True,  # measured: one session shared by the workers is as fast as one each
+    options=("threads",),
+)
+"""ONNX Runtime's declaration for the registry."""
