@@ -47,7 +47,7 @@ from bench.e2e_plot import PlotUnavailableError, plot_latency, require_matplotli
 from bench.e2e_raw import BenchModel, best_raw, model_from_path, raw_suite, reference_model
 from bench.e2e_report import print_report, ratios
 from fleet.simulate.imu_signals import calibration_set
-from node.local_broker import LocalBroker
+from node.tools.local_broker import LocalBroker
 
 EXAMPLES = """\
 examples:

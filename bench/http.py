@@ -27,7 +27,7 @@ import orjson
 from bench.e2e_raw import model_from_path, percentiles, raw_backend
 from fleet.bundles.reference import build_reference_bundle
 from fleet.simulate.imu_signals import calibration_set
-from node.local_broker import LocalBroker, free_port, wait_for_port
+from node.tools.local_broker import LocalBroker, free_port, wait_for_port
 
 
 def post_windows(port: int, bodies: list[bytes], latencies: list[float]) -> None:

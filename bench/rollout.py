@@ -19,7 +19,7 @@ from fleet.bundles.reference import build_reference_bundle
 from fleet.distribution import publish_bundle
 from fleet.rollout.controller import Controller
 from fleet.simulate.nodes import SimulatedFleet, raise_open_files
-from node.local_broker import LocalBroker
+from node.tools.local_broker import LocalBroker
 from schemas.messages import RolloutRecord
 
 

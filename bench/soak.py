@@ -28,7 +28,7 @@ from bench.e2e import Progress
 from bench.e2e_load import client
 from bench.e2e_nodes import NodeGroup, NodeSettings, peak_rss_mb
 from bench.e2e_raw import reference_model
-from node.local_broker import LocalBroker
+from node.tools.local_broker import LocalBroker
 from schemas import topics
 
 

@@ -21,9 +21,9 @@ import paho.mqtt.client as mqtt
 
 from common.mqtt.address import BrokerAddress
 from common.mqtt.session import MqttSession, SessionSettings
-from node.local_broker import LocalBroker
 from node.mqtt.outbox import Outbox
 from node.mqtt.spool import Spool
+from node.tools.local_broker import LocalBroker
 from schemas import SCHEMA_VERSION, topics
 from schemas.codec import encode_dict
 

@@ -29,7 +29,7 @@ from fleet.bundles.reference import build_reference_bundle
 from fleet.desired import desired_for, desired_topic
 from fleet.distribution import publish_bundle
 from fleet.simulate.imu_signals import calibration_set
-from node.local_broker import LocalBroker
+from node.tools.local_broker import LocalBroker
 from schemas import topics
 from schemas.codec import encode
 

@@ -25,7 +25,7 @@ from fleet.bundles.reference import ensure_reference_bundle
 from fleet.simulate.sensors import SensorMode, SensorSimulator
 from node.app import NodeApp
 from node.config import load_config
-from node.local_broker import BrokerKind, LocalBroker
+from node.tools.local_broker import BrokerKind, LocalBroker
 from schemas import topics
 from schemas.manifest import PrototypeHead
 

@@ -39,8 +39,6 @@ from node.ingest.router import Ingest
 from node.ingest.share import SensorShare
 from node.ingest.windower import SampleWindower
 from node.metrics import NodeMetrics
-from node.model.fetch import FetchPolicy
-from node.model.manager import ManagerSettings, ModelManager
 from node.mqtt.journal import Journal
 from node.mqtt.outbox import Outbox
 from node.mqtt.spool import Spool
@@ -48,6 +46,8 @@ from node.reporting import ErrorReporter
 from node.results import ResultPublisher
 from node.supervisor import Supervisor, Watched
 from node.telemetry import TelemetryLoop
+from node.updates.fetch import FetchPolicy
+from node.updates.manager import ManagerSettings, ModelManager
 from runtime.pipeline import BatchResult, ModelPipeline, load_model, open_pipeline
 from schemas import topics
 from schemas.codec import encode

@@ -222,7 +222,7 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _doctor(config: NodeConfig, *, as_json: bool) -> int:
-    from node.doctor import Level, format_report, run_checks  # noqa: PLC0415
+    from node.tools.doctor import Level, format_report, run_checks  # noqa: PLC0415
 
     configure_logging("ERROR", json_lines=False)
     checks = run_checks(config)
@@ -238,7 +238,7 @@ def _doctor(config: NodeConfig, *, as_json: bool) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from node.check import CheckPlan, Targets, format_report, progress_bar, run_check  # noqa: PLC0415
+    from node.tools.check import CheckPlan, Targets, format_report, progress_bar, run_check  # noqa: PLC0415
 
     if args.rate <= 0 or args.duration <= 0 or args.sensors < 1:
         print("imu-node check: --rate and --duration must be > 0, --sensors >= 1", file=sys.stderr)

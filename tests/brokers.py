@@ -35,7 +35,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from common.mqtt.address import BrokerAddress
-from node.local_broker import free_port, wait_for_port
+from node.tools.local_broker import free_port, wait_for_port
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from common.mqtt.address import BrokerAddress
 from fleet.bundles.reference import build_reference_bundle
 from node.app import NodeApp
 from node.config import load_config
-from node.local_broker import LocalBroker
+from node.tools.local_broker import LocalBroker
 from schemas import topics
 
 STANDIN = Path(__file__).resolve().parent / "hailo_standin"

@@ -17,7 +17,7 @@ from test_node_e2e import window_json as window
 from common.errors import ModelContractError
 from node.app import NodeApp
 from node.config import load_config
-from node.local_broker import LocalBroker
+from node.tools.local_broker import LocalBroker
 from runtime.errors import BackendUnavailableError
 from schemas import topics
 from schemas.messages import NodeStatus

@@ -17,7 +17,7 @@ import pytest
 from bench import e2e
 from bench.e2e_load import sensor_ids
 from node.inference.workers import shard_of
-from node.local_broker import LocalBroker
+from node.tools.local_broker import LocalBroker
 from runtime.reference import build_reference_onnx, make_reference_weights
 
 TINY = [

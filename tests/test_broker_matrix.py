@@ -32,7 +32,7 @@ from test_node_e2e import window_json
 
 from node.app import NodeApp
 from node.config import load_config
-from node.local_broker import LocalBroker
+from node.tools.local_broker import LocalBroker
 from schemas import topics
 
 YES = "yes"

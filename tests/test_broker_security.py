@@ -43,7 +43,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from fleet import pki
-from node.local_broker import free_port, wait_for_port
+from node.tools.local_broker import free_port, wait_for_port
 
 COMPOSE = Path(__file__).resolve().parents[1] / "compose"
 NOT_AUTHORIZED: Final = 135

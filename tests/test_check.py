@@ -12,7 +12,7 @@ import pytest
 from conftest import NodeFactory, Probe, subprocess_env
 from hailo_standin import faults
 
-from node.local_broker import LocalBroker
+from node.tools.local_broker import LocalBroker
 from schemas import topics
 
 HAILO = pytest.mark.parametrize("backend", ["hailo"], indirect=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from node.local_broker import free_port, wait_for_port
+from node.tools.local_broker import free_port, wait_for_port
 
 COMPOSE = Path(__file__).resolve().parents[1] / "compose"
 

@@ -27,7 +27,7 @@ from fleet.bundles.reference import build_reference_bundle
 from fleet.desired import cleared, desired_for, desired_topic, scoped
 from fleet.distribution import publish_bundle
 from node.app import NodeApp
-from node.local_broker import LocalBroker
+from node.tools.local_broker import LocalBroker
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import DesiredModel
@@ -428,7 +428,7 @@ def test_a_fifo_inside_the_root_cannot_hold_the_manager(
 ) -> None:
     import os
 
-    from node.model.fetch import FetchError, cache_path
+    from node.updates.fetch import FetchError, cache_path
 
     root = tmp_path / "bundles"
     root.mkdir()

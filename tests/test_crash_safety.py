@@ -25,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from test_lifecycle import persistent_broker
 from test_node_e2e import raw_window
 
-from node.local_broker import LocalBroker
+from node.tools.local_broker import LocalBroker
 from schemas import topics
 
 RATE_HZ = 150.0

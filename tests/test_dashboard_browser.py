@@ -19,7 +19,7 @@ from fleet.distribution import publish_bundle
 from fleet.rollout.controller import Controller
 from fleet.simulate.nodes import SimulatedFleet
 from fleet.simulate.sensors import SensorSimulator
-from node.local_broker import LocalBroker
+from node.tools.local_broker import LocalBroker
 from schemas import topics
 from schemas.codec import encode
 from schemas.manifest import Manifest

@@ -20,7 +20,7 @@ from test_dashboard_view import model_state, result, rollout, status, telemetry
 
 from common.mqtt.address import BrokerAddress
 from fleet.dashboard.auth import check_listen
-from node.local_broker import LocalBroker
+from node.tools.local_broker import LocalBroker
 from schemas import topics
 
 TOKEN = "s3cret-token-for-tests"

@@ -41,7 +41,7 @@ from common.http import is_loopback, parse_listen
 from common.signing import generate_keys
 from fleet.pki.site import add_client, init_site
 from node.config import ENV_PREFIX, NodeConfig
-from node.local_broker import free_port, wait_for_port
+from node.tools.local_broker import free_port, wait_for_port
 from tests.conftest import require_program
 
 ROOT = Path(__file__).resolve().parents[1]

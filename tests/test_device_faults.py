@@ -25,7 +25,7 @@ from test_node_e2e import window_json as window
 from common.bundle import Bundle, read_bundle
 from node.app import NodeApp
 from node.config import load_config
-from node.local_broker import LocalBroker
+from node.tools.local_broker import LocalBroker
 from runtime.backend import (
     BackendInfo,
     BackendOptions,

@@ -19,7 +19,7 @@ from fleet import pki
 from fleet.bundles.builder import parse_expiry
 from fleet.bundles.reference import build_reference_bundle
 from fleet.cli import build_parser, main
-from node.local_broker import LocalBroker
+from node.tools.local_broker import LocalBroker
 from schemas.codec import decode_any_window
 
 

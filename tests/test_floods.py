@@ -13,7 +13,7 @@ import pytest
 from conftest import NodeFactory, Probe, unique
 from test_node_e2e import raw_window
 
-from node.local_broker import LocalBroker
+from node.tools.local_broker import LocalBroker
 from schemas import topics
 
 pytestmark = pytest.mark.parametrize("backend", ["onnx"], indirect=True)

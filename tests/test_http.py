@@ -19,7 +19,7 @@ from common.http import parse_listen
 from node.app import NodeApp
 from node.config import load_config
 from node.errors import ConfigError
-from node.local_broker import LocalBroker
+from node.tools.local_broker import LocalBroker
 from schemas import topics
 from schemas.limits import BINARY_CONTENT_TYPE, MAX_WINDOW_BYTES
 

@@ -19,8 +19,8 @@ from test_node_e2e import raw_window
 
 from node.app import NodeApp
 from node.inference.worker import WorkItem
-from node.local_broker import LocalBroker, free_port
 from node.mqtt.spool import SpoolStats
+from node.tools.local_broker import LocalBroker, free_port
 from schemas import topics
 from schemas.messages import ErrorKind, NodeStatus
 

@@ -19,7 +19,7 @@ from fleet.bundles.reference import build_reference_bundle
 from fleet.desired import desired_for, desired_topic, scoped
 from fleet.distribution import publish_bundle
 from node.app import NodeApp
-from node.local_broker import LocalBroker
+from node.tools.local_broker import LocalBroker
 from runtime.reference import build_reference_onnx
 from schemas import topics
 from schemas.codec import encode
@@ -309,7 +309,7 @@ def test_node_override_wins_over_group(
 
 def test_a_damaged_cached_bundle_is_replaced(tmp_path: Path, versions: dict[str, Path]) -> None:
     from common.bundle import sha256_hex
-    from node.model.fetch import add_to_cache, cache_path
+    from node.updates.fetch import add_to_cache, cache_path
 
     data = versions["1.1.0"].read_bytes()
     target = cache_path(tmp_path, "tcn-reference", "1.1.0", sha256_hex(data))

@@ -29,7 +29,7 @@ from test_node_e2e import raw_window
 
 from common.mqtt.connection import Connection
 from fleet.dashboard.app import Dashboard, DashboardSettings
-from node.local_broker import LocalBroker, free_port
+from node.tools.local_broker import LocalBroker, free_port
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import DesiredModel, NodeOutcome, RolloutRecord

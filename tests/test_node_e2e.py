@@ -16,7 +16,7 @@ from hailo_standin import faults
 from paho.mqtt.enums import CallbackAPIVersion
 
 from common.bundle import Bundle
-from node.local_broker import LocalBroker
+from node.tools.local_broker import LocalBroker
 from schemas import topics
 from schemas.limits import BINARY_CONTENT_TYPE
 from schemas.messages import ErrorReport, MotifResult, NodeModelState, NodeStatus, Telemetry

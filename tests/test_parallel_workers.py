@@ -27,7 +27,7 @@ from node import app as node_app
 from node.app import NodeApp
 from node.inference.worker import WorkItem
 from node.inference.workers import ShardedQueue, resolve_workers, shard_of
-from node.local_broker import LocalBroker
+from node.tools.local_broker import LocalBroker
 from schemas import topics
 from schemas.codec import encode
 

@@ -35,7 +35,7 @@ from fleet.recording import (
     replay,
     subscription_filters,
 )
-from node.local_broker import LocalBroker
+from node.tools.local_broker import LocalBroker
 from schemas import topics
 from schemas.limits import BINARY_WINDOW_BYTES, CHANNELS, WINDOW_LENGTH
 from tests.conftest import Probe, Received, unique

@@ -19,7 +19,7 @@ from fleet.distribution import publish_bundle
 from fleet.rollout.controller import Controller, RolloutError, plan_waves
 from fleet.rollout.records import newer, superseded
 from node.app import NodeApp
-from node.local_broker import LocalBroker
+from node.tools.local_broker import LocalBroker
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import (

@@ -26,7 +26,7 @@ from fleet.desired import desired_for, publish_desired
 from fleet.distribution import publish_bundle
 from fleet.rollout.controller import Controller, RolloutError
 from fleet.simulate.nodes import Degradation, SimulatedFleet
-from node.local_broker import LocalBroker
+from node.tools.local_broker import LocalBroker
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import (

@@ -23,7 +23,7 @@ import pytest
 from conftest import Probe, subprocess_env, unique
 
 from node.ingest.share import rendezvous_owner
-from node.local_broker import LocalBroker
+from node.tools.local_broker import LocalBroker
 from schemas import topics
 
 RATE_HZ = 250.0

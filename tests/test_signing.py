@@ -18,7 +18,7 @@ from common.signing import (
 from fleet.bundles.builder import sign_bundle
 from node.app import NodeApp
 from node.config import load_config
-from node.local_broker import LocalBroker
+from node.tools.local_broker import LocalBroker
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ from fleet.bundles.reference import build_reference_bundle
 from fleet.desired import desired_for, desired_topic
 from fleet.distribution import publish_bundle
 from fleet.simulate.nodes import SIMULATED, SimulatedFleet, simulate_nodes
-from node.local_broker import LocalBroker, free_port
-from node.model import fetch
+from node.tools.local_broker import LocalBroker, free_port
+from node.updates import fetch
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import DesiredModel, Telemetry

@@ -47,10 +47,10 @@ from common.version import software_version
 from fleet.simulate.netloop import LoopSession, NetLoop
 from fleet.simulate.shared_models import SharedModels
 from node.metrics import NodeMetrics
-from node.model.fetch import FetchPolicy
-from node.model.manager import ManagerSettings, ModelManager
 from node.reporting import ErrorReporter
 from node.telemetry import latency_summary
+from node.updates.fetch import FetchPolicy
+from node.updates.manager import ManagerSettings, ModelManager
 from runtime.backend import (
     FloatArray,
 )

@@ -11,7 +11,7 @@ from pathlib import Path
 from common.bundle import Bundle, sha256_hex
 from common.errors import EdgeError
 from common.mqtt.session import MqttSession
-from node.model.fetch import FetchPolicy, cache_path, fetch_bundle
+from node.updates.fetch import FetchPolicy, cache_path, fetch_bundle
 from runtime.backend import (
     BackendInfo,
     BackendOptions,

@@ -9,7 +9,7 @@ golden mismatch) are reported there and on the errors topic, and the active mode
 Desired state is declarative: a target already serving, or the very message already handled (a
 retained replay on reconnect), changes nothing; a refused target is retried only when the fleet
 issues a new desired-state message for it. Before a message counts at all, the DesiredGuard
-(node/model/desired_guard.py) checks its signature, scope, expiry and freshness; a refused one
+(node/updates/desired_guard.py) checks its signature, scope, expiry and freshness; a refused one
 changes nothing. The model state names the desired state followed (`following`), so a pin is
 visible. The manager thread survives any failure of one update (it is reported), and
 `is_alive()` lets the node's readiness see a thread that died anyway.
@@ -33,11 +33,11 @@ from common.bundle import Bundle, read_bundle, sha256_hex
 from common.errors import EdgeError
 from common.mqtt.session import MqttSession
 from common.signing import Trust, trust_store, verify_desired, verify_manifest
-from node.model.desired_guard import DesiredGuard, DesiredRefusedError, Scope
-from node.model.fetch import FetchPolicy, add_to_cache, fetch_bundle
-from node.model.versions import is_older
 from node.reporting import ErrorReporter
 from node.supervisor import thread_running
+from node.updates.desired_guard import DesiredGuard, DesiredRefusedError, Scope
+from node.updates.fetch import FetchPolicy, add_to_cache, fetch_bundle
+from node.updates.versions import is_older
 from runtime.pipeline import ModelPipeline
 from schemas import topics
 from schemas.codec import encode

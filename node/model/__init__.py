@@ -1,1 +1,0 @@
-"""Model artefacts: the built-in reference TCN encoder used by tests and the demo."""
