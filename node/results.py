@@ -12,11 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from node.inference.worker import WorkItem
 from node.metrics import NodeMetrics
+from node.reporting import ErrorReporter
+from node.work import WorkItem
 from runtime.pipeline import BatchResult, ModelPipeline
 from schemas import SCHEMA_VERSION, topics
 from schemas.codec import encode_dict
+from schemas.messages import ErrorKind
 
 Publisher = Callable[[str, bytes, "Callable[[], None] | None"], bool]
 """(topic, payload, on_safe): queue a QoS 1 message; False when it could not be queued."""
@@ -31,9 +33,11 @@ class ResultPublisher:
         publish: Publisher,
         metrics: NodeMetrics,
         *,
+        reporter: ErrorReporter | None = None,
         unsent_reason: str = "outbox_full",
     ) -> None:
         self._node_id = node_id
+        self._reporter = reporter
         self._publish = publish
         self._metrics = metrics
         self._unsent_reason = unsent_reason
@@ -75,3 +79,21 @@ class ResultPublisher:
         self._metrics.batch_done(len(batch), latencies, published)
         for reply, message in replies:  # after counting: a caller may scrape /metrics next
             reply.set_result(message)
+
+    def failed(self, batch: list[WorkItem], exc: Exception) -> None:
+        """The model failed on a batch: each window is counted, reported (or its `/infer` caller
+        gets the error) and acknowledged, not sent to the backend again forever."""
+        for item in batch:
+            self._metrics.window_dropped("inference_failed")
+            if item.reply is not None:
+                item.reply.set_exception(exc)
+                continue
+            if self._reporter is not None:
+                self._reporter.report(
+                    ErrorKind.INFERENCE,
+                    f"backend failed on this window: {exc}",
+                    sensor_id=item.sensor_id,
+                    seq=item.seq,
+                )
+            if item.done is not None:
+                item.done()

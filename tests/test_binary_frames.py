@@ -26,12 +26,12 @@ from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
 from fleet.simulate.sensors import SensorSimulator
-from node.inference.worker import WorkItem
 from node.ingest.router import Ingest
 from node.ingest.windower import SampleWindower
 from node.metrics import NodeMetrics
 from node.reporting import ErrorReporter
 from node.tools.local_broker import LocalBroker
+from node.work import WorkItem
 from schemas import topics
 from schemas.codec import (
     BINARY_FRAMES_SECTION,

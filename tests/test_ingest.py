@@ -8,11 +8,11 @@ import orjson
 import paho.mqtt.client as mqtt
 from test_windower import stream
 
-from node.inference.worker import WorkItem
 from node.ingest.router import Ingest
 from node.ingest.windower import SampleWindower
 from node.metrics import NodeMetrics
 from node.reporting import ErrorReporter
+from node.work import WorkItem
 from schemas import topics
 from schemas.messages import ErrorKind
 

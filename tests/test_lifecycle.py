@@ -18,9 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_node_e2e import raw_window
 
 from node.app import NodeApp
-from node.inference.worker import WorkItem
 from node.mqtt.spool import SpoolStats
 from node.tools.local_broker import LocalBroker, free_port
+from node.work import WorkItem
 from schemas import topics
 from schemas.messages import ErrorKind, NodeStatus
 

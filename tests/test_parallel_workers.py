@@ -25,9 +25,9 @@ from fleet.desired import desired_for, desired_topic
 from fleet.distribution import publish_bundle
 from node import app as node_app
 from node.app import NodeApp
-from node.inference.worker import WorkItem
 from node.inference.workers import ShardedQueue, resolve_workers, shard_of
 from node.tools.local_broker import LocalBroker
+from node.work import WorkItem
 from schemas import topics
 from schemas.codec import encode
 

@@ -15,12 +15,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.inference.worker import WorkItem
 from node.ingest.router import Ingest
 from node.ingest.share import Mismatch, Reassigned, SensorShare, rendezvous_owner
 from node.ingest.windower import SampleWindower
 from node.metrics import NodeMetrics
 from node.reporting import ErrorReporter
+from node.work import WorkItem
 from schemas.codec import encode
 from schemas.messages import NodeState, NodeStatus
 

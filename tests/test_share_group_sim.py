@@ -23,12 +23,12 @@ import paho.mqtt.client as mqtt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from node.inference.worker import WorkItem
 from node.ingest.router import Ingest
 from node.ingest.share import SensorShare
 from node.ingest.windower import SampleWindower
 from node.metrics import NodeMetrics
 from node.reporting import ErrorReporter
+from node.work import WorkItem
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import NodeState, NodeStatus

@@ -26,12 +26,17 @@ from common.http import (
     TlsHandshakeHandler,
     bearer_matches,
     json_reply,
+    parse_listen,
+    read_token_file,
     send_reply,
     server_class,
+    server_tls_context,
 )
 from node.api.prometheus import CONTENT_TYPE, NodeSources, metrics_registry, render
-from node.inference.worker import WorkItem
+from node.config import NodeConfig
+from node.errors import ConfigError
 from node.supervisor import thread_running
+from node.work import WorkItem
 from schemas.codec import InputRejectedError, decode_any_window
 from schemas.limits import MAX_WINDOW_BYTES
 
@@ -216,3 +221,39 @@ def _handler_for(api: NodeHttp) -> type[BaseHTTPRequestHandler]:
 def _not_found(path: str) -> Reply:
     reason = f"no {path}; try /healthz, /readyz, /metrics or POST /infer"
     return json_reply(HTTPStatus.NOT_FOUND, {"error": "not_found", "reason": reason})
+
+
+def open_node_http(
+    config: NodeConfig,
+    sources: NodeSources,
+    work: queue.Queue[WorkItem],
+    ready: Callable[[], dict[str, bool]],
+) -> NodeHttp:
+    """The node's HTTP server as `config` asks (listen address, token file, TLS); ConfigError
+    saying which setting to fix when it cannot be opened."""
+    assert config.http_listen is not None
+    try:
+        token = (
+            read_token_file(config.http_token_file, "http_token_file")
+            if config.http_token_file is not None
+            else None
+        )
+        tls = (
+            server_tls_context(config.http_tls_cert, config.http_tls_key)
+            if config.http_tls_cert is not None and config.http_tls_key is not None
+            else None
+        )
+        return NodeHttp(
+            parse_listen(config.http_listen),
+            sources,
+            work,
+            ready=ready,
+            infer_timeout_s=config.http_infer_timeout_s,
+            token=token,
+            tls=tls,
+        )
+    except ValueError as exc:  # an unreadable or empty token file
+        raise ConfigError(str(exc)) from None
+    except OSError as exc:  # a taken port, an unreadable token, a bad TLS key
+        msg = f"cannot serve HTTP on {config.http_listen}: {exc}; check the http_* settings"
+        raise ConfigError(msg) from exc

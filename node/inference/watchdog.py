@@ -34,7 +34,7 @@ DEVICE_TIMEOUT_FACTOR = 2.5
 """Auto deadline on an accelerator: this many device timeouts (one try and its retry fit)."""
 
 Busy = Callable[[], "tuple[float, ModelPipeline] | None"]
-StallHandler = Callable[[ModelPipeline, float, float], None]
+StallHandler = Callable[[ModelPipeline, float, float], object]
 """(pipeline, seconds running, deadline seconds)."""
 
 
@@ -45,6 +45,31 @@ def auto_deadline_s(pipeline: ModelPipeline, max_batch: int, device_timeout_ms: 
     if pipeline.info.name != "onnx":
         deadline = max(deadline, DEVICE_TIMEOUT_FACTOR * device_timeout_ms / 1000)
     return round(deadline, 3)
+
+
+def deadline_policy(
+    deadline_ms: int, max_batch: int, device_timeout_ms: int
+) -> Callable[[ModelPipeline], float]:
+    """The deadline of a call on a pipeline: `deadline_ms` when set, else `auto_deadline_s`."""
+    if deadline_ms:
+        return lambda _pipeline: deadline_ms / 1000
+    return lambda pipeline: auto_deadline_s(pipeline, max_batch, device_timeout_ms)
+
+
+def stall_reason(pipeline: ModelPipeline, elapsed: float, deadline: float) -> str:
+    """What the errors topic says of a call past its deadline."""
+    return (
+        f"an inference call on {pipeline.info.name} has run {elapsed:.2f} s (deadline "
+        f"{deadline:.2f} s); aborting it and rebuilding the backend"
+    )
+
+
+def stuck_reason(pipeline: ModelPipeline, elapsed: float, deadline: float) -> str:
+    """What the errors topic says of a call that an abort did not free (the node exits)."""
+    return (
+        f"an inference call on {pipeline.info.name} still runs {elapsed:.2f} s after the "
+        f"watchdog aborted it (deadline {deadline:.2f} s); exiting for a restart"
+    )
 
 
 class InferenceWatchdog:

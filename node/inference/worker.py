@@ -22,13 +22,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
+from node.work import STOP, FailureSink, ResultSink, WorkItem
 from runtime.backend import FloatArray
 from runtime.errors import BackendError
 from runtime.pipeline import BatchResult, ModelPipeline
@@ -36,29 +35,6 @@ from runtime.pipeline import BatchResult, ModelPipeline
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class WorkItem:
-    """One window waiting for inference."""
-
-    sensor_id: str
-    seq: int | None
-    t0: float | None
-    t1: float | None
-    x: FloatArray
-    received_ns: int
-    """`time.perf_counter_ns()` when the message arrived."""
-    reply: Future[dict[str, Any]] | None = None
-    """Set for a window from `POST /infer`: the result goes here instead of to MQTT."""
-    done: Callable[[], None] | None = None
-    """Called once the window's fate is safe: its result acknowledged by the broker or on disk,
-    or its failure reported. Releases the sensor message's acknowledgement (node/ingest/acks.py)."""
-
-
-_STOP = WorkItem("", None, None, None, np.empty((0, 0), np.float32), 0)
-"""Sentinel that wakes the worker for shutdown."""
-
-ResultSink = Callable[[list[WorkItem], BatchResult, ModelPipeline], None]
-FailureSink = Callable[[list[WorkItem], Exception], None]
 Recover = Callable[[ModelPipeline, Exception, float], "ModelPipeline | None"]
 """Given the pipeline that failed, why, and when (monotonic) the failed call began: a rebuilt
 pipeline to retry the batch on, or None."""
@@ -141,12 +117,14 @@ class InferenceWorker:
         recover: Recover = _no_recovery,
         name: str = "inference-worker",
         serial: Serial = _concurrent,
+        on_served: Callable[[], None] = lambda: None,
     ) -> None:
         self._slot = pipeline if isinstance(pipeline, ModelSlot) else ModelSlot(pipeline)
         self._queue = work
         self._on_results = on_results
         self._on_failure = on_failure
         self._recover = recover
+        self._on_served = on_served
         self._serial = serial
         self._max_batch = max_batch
         self._batch_wait_s = batch_wait_s
@@ -199,7 +177,7 @@ class InferenceWorker:
         drained = self._queue.empty()
         self._stop.set()
         with contextlib.suppress(queue.Full):
-            self._queue.put(_STOP, timeout=max(deadline - time.monotonic(), 0.1))
+            self._queue.put(STOP, timeout=max(deadline - time.monotonic(), 0.1))
         self._thread.join(max(deadline - time.monotonic(), 0.5))
         return drained and not self._thread.is_alive()
 
@@ -212,7 +190,7 @@ class InferenceWorker:
 
     def _next_batch(self) -> list[WorkItem]:
         first = self._queue.get()
-        if first is _STOP:
+        if first is STOP:
             return []
         batch = [first]
         deadline = time.monotonic() + self._batch_wait_s
@@ -226,7 +204,7 @@ class InferenceWorker:
                 )
             except queue.Empty:
                 break
-            if item is _STOP:
+            if item is STOP:
                 self._stop.set()
                 break
             batch.append(item)
@@ -255,6 +233,7 @@ class InferenceWorker:
                 self._log_failure(batch, again)
                 self._on_failure(batch, again)
                 return
+        self._on_served()
         try:
             self._on_results(batch, result, pipeline)
         except Exception:  # the worker must outlive a bug or a full disk downstream

@@ -23,6 +23,7 @@ session use two cores where one worker with two intra-op threads cannot (docs/pe
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import queue
@@ -30,19 +31,13 @@ import threading
 import time
 import zlib
 from collections import deque
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Literal
 
-from node.inference.worker import (
-    _STOP,
-    FailureSink,
-    InferenceWorker,
-    ModelSlot,
-    Recover,
-    ResultSink,
-    WorkItem,
-    _no_recovery,
-)
+from node.inference.worker import InferenceWorker, ModelSlot, Recover, _no_recovery
+from node.supervisor import Supervisor, Watched
+from node.work import STOP, FailureSink, ResultSink, WorkItem
 from runtime.pipeline import ModelPipeline
 from runtime.registry import shares_session
 
@@ -100,12 +95,12 @@ class ShardedQueue(queue.Queue[WorkItem]):
     def shard_sizes(self) -> list[int]:
         """Windows waiting per shard."""
         with self.mutex:
-            return [sum(item is not _STOP for item in shard) for shard in self._shards]
+            return [sum(item is not STOP for item in shard) for shard in self._shards]
 
     def shard_size(self, index: int) -> int:
         """Windows waiting in one shard."""
         with self.mutex:
-            return sum(item is not _STOP for item in self._shards[index])
+            return sum(item is not STOP for item in self._shards[index])
 
     def get_from(self, index: int, block: bool = True, timeout: float | None = None) -> WorkItem:
         """The oldest item of shard `index` (blocking as `queue.Queue.get`)."""
@@ -128,7 +123,7 @@ class ShardedQueue(queue.Queue[WorkItem]):
                         raise queue.Empty
                     ready.wait(remaining)
             item = shard.popleft()
-            if item is not _STOP:
+            if item is not STOP:
                 self._count -= 1
                 self.not_full.notify()
             return item
@@ -160,7 +155,7 @@ class ShardedQueue(queue.Queue[WorkItem]):
     def _get(self) -> WorkItem:  # queue.Queue.get (not a worker): the fullest shard
         shard = max(self._shards, key=len)
         item = shard.popleft()
-        if item is not _STOP:
+        if item is not STOP:
             self._count -= 1
         return item
 
@@ -202,7 +197,7 @@ class WorkerPool:
 
     def __init__(
         self,
-        pipeline: ModelPipeline,
+        pipeline: ModelPipeline | ModelSlot,
         count: int,
         on_results: ResultSink,
         on_failure: FailureSink,
@@ -211,11 +206,12 @@ class WorkerPool:
         max_batch: int = 8,
         batch_wait_s: float = 0.0,
         recover: Recover = _no_recovery,
+        on_served: Callable[[], None] = lambda: None,
     ) -> None:
         if count < 1:
             msg = f"at least one inference worker, not {count}"
             raise ValueError(msg)
-        self.slot = ModelSlot(pipeline)
+        self.slot = pipeline if isinstance(pipeline, ModelSlot) else ModelSlot(pipeline)
         self._recover = recover
         self._recover_lock = threading.Lock()
         self._backend_lock = threading.Lock()
@@ -232,6 +228,7 @@ class WorkerPool:
                     max_batch=max_batch,
                     batch_wait_s=batch_wait_s,
                     recover=recover,
+                    on_served=on_served,
                 )
             )
             return
@@ -249,6 +246,7 @@ class WorkerPool:
                     recover=self._recover_one_at_a_time,
                     name=f"inference-worker-{index + 1}",
                     serial=self._serial,
+                    on_served=on_served,
                 )
             )
 
@@ -283,6 +281,22 @@ class WorkerPool:
         """The oldest running backend call of any worker (what the watchdog judges), or None."""
         calls = [call for worker in self.workers if (call := worker.busy()) is not None]
         return min(calls, key=lambda call: call[0]) if calls else None
+
+    def watches(self) -> list[Watched]:
+        """One supervised thread per worker ("inference worker" when there is one)."""
+        if len(self.workers) == 1:
+            return [Watched("inference worker", self.workers[0].is_alive)]
+        return [
+            Watched(f"inference worker {index + 1}", worker.is_alive)
+            for index, worker in enumerate(self.workers)
+        ]
+
+    def watch_progress(self, supervisor: Supervisor) -> None:
+        """With several workers, each one's progress too: one stuck worker stalls its sensors
+        while the others serve."""
+        if len(self.workers) > 1:
+            for index, watched in enumerate(self.watches()):
+                supervisor.watch_progress(watched.name, functools.partial(self.progress, index))
 
     def progress(self, index: int) -> tuple[int, int, bool]:
         """(windows waiting for worker `index`, windows it finished, a backend call running)."""

@@ -28,12 +28,12 @@ import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
 from common.mqtt.session import Ack, no_ack
-from node.inference.worker import WorkItem
 from node.ingest.acks import AckLedger
 from node.ingest.share import Reassigned, SensorShare
 from node.ingest.windower import Discontinuity, SampleWindower
 from node.metrics import NodeMetrics
 from node.reporting import ErrorReporter
+from node.work import WorkItem
 from schemas.codec import (
     DecodedSamples,
     InputRejectedError,
@@ -49,6 +49,9 @@ MAX_RESULT_BYTES = 64 * 1024
 """Results read for where a sensor's windows have got to (about 1.1 KB each)."""
 FULL_WAIT_S = 1.0
 """How long a window waits for room in a full queue before it is dropped (and reported)."""
+SHARE_KEEP_SAMPLES = 1000
+"""Share group: samples a node keeps from before each sensor's next window (10 s at 100 Hz), to
+serve the windows a member that went away left without a result."""
 
 
 class Ingest:
@@ -365,3 +368,29 @@ def _content_type(message: mqtt.MQTTMessage) -> str | None:
     properties = getattr(message, "properties", None)
     value = getattr(properties, "ContentType", None) if properties is not None else None
     return value if isinstance(value, str) else None
+
+
+def node_ingest(
+    member: tuple[str, str],
+    hop: int,
+    share_group: str | None,
+    *,
+    work: queue.Queue[WorkItem],
+    reporter: ErrorReporter,
+    metrics: NodeMetrics,
+    ack_later: Callable[[mqtt.MQTTMessage], Ack],
+) -> Ingest:
+    """A node's ingest: windows every `hop` samples; in a share group (as `member`, the node id
+    and instance), aligned to the group's grid and keeping samples to serve a lost member's."""
+    keep = SHARE_KEEP_SAMPLES if share_group else 0
+    windower = SampleWindower(hop, keep=keep, align=bool(share_group))
+    share = None
+    if share_group:
+        share = SensorShare(
+            *member,
+            share_group,
+            hop,
+            remember=SHARE_KEEP_SAMPLES // hop + 4,
+            stream_end=windower.end,
+        )
+    return Ingest(work, windower, reporter, metrics, ack_later=ack_later, share=share)

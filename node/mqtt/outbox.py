@@ -66,6 +66,15 @@ class Outbox:
         self._thread: threading.Thread | None = None
         session.on_connected(self._wake.set)
 
+    @classmethod
+    def open(cls, session: MqttSession, spool_dir: Path | None, spool_max_mb: int) -> Outbox:
+        """An outbox with a spool of `spool_max_mb` in `spool_dir` (none for 0) and a journal of
+        results in flight beside it. The spool takes a lock: `stop()` releases it."""
+        if not spool_max_mb or spool_dir is None:
+            return cls(session, None)
+        spool = Spool(spool_dir, spool_max_mb * 2**20)
+        return cls(session, spool, Journal(spool.folder / "inflight"))
+
     def publish(
         self, topic: str, payload: bytes, on_safe: Callable[[], None] | None = None
     ) -> bool:
@@ -93,6 +102,16 @@ class Outbox:
                 on_safe()
             return True
         return False
+
+    def publish_at_most_once(
+        self, topic: str, payload: bytes, on_safe: Callable[[], None] | None = None
+    ) -> bool:
+        """Hand a message to the socket at QoS 0 (`results_qos = 0`), never spooled; `on_safe`
+        is called at once. False without a connection (the caller counts it)."""
+        sent = self.session.is_connected and self.session.publish(topic, payload, qos=0)
+        if sent and on_safe is not None:
+            on_safe()
+        return sent
 
     def _await(self, info: mqtt.MQTTMessageInfo, on_safe: Callable[[], None]) -> None:
         """Call `on_safe` when the PUBACK for `info.mid` arrives (or has already arrived)."""

@@ -32,13 +32,15 @@ from pydantic import ValidationError
 from common.bundle import Bundle, read_bundle, sha256_hex
 from common.errors import EdgeError
 from common.mqtt.session import MqttSession
-from common.signing import Trust, trust_store, verify_desired, verify_manifest
+from common.signing import Trust, load_trust, trust_store, verify_desired, verify_manifest
+from node.config import NodeConfig, default_state_dir
+from node.errors import ConfigError
 from node.reporting import ErrorReporter
 from node.supervisor import thread_running
 from node.updates.desired_guard import DesiredGuard, DesiredRefusedError, Scope
 from node.updates.fetch import FetchPolicy, add_to_cache, fetch_bundle
 from node.updates.versions import is_older
-from runtime.pipeline import ModelPipeline
+from runtime.pipeline import ModelPipeline, open_pipeline
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import (
@@ -94,6 +96,22 @@ class ManagerSettings:
     state_file: Path | None = None
     """Where the desired-state history survives restarts (None: memory only)."""
     fetch_policy: FetchPolicy | None = None
+
+    @classmethod
+    def for_node(cls, config: NodeConfig, node_id: str) -> ManagerSettings:
+        """The settings a node's configuration gives (the trusted keys are read here)."""
+        return cls(
+            node_id=node_id,
+            group=config.group,
+            cache_dir=config.cache_dir,
+            max_bundle_bytes=config.max_bundle_bytes,
+            trusted_key=load_trust(config.trust_key) if config.trust_key else None,
+            state_file=(config.state_dir or default_state_dir(node_id)) / "desired-history.json",
+            fetch_timeout_s=config.fetch_timeout_s,
+            fetch_policy=FetchPolicy(
+                file_root=config.file_url_root, total_timeout_s=config.fetch_timeout_s
+            ),
+        )
 
 
 class ModelManager:
@@ -366,3 +384,26 @@ def _parse_time(value: str) -> float:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=dt.UTC)
     return parsed.timestamp()
+
+
+def open_model(config: NodeConfig, bundle: Bundle) -> ModelPipeline:
+    """Load a bundle on the node's configured backend (with its fallback), golden-checked."""
+    pipeline, _ = open_pipeline(
+        bundle, config.backend, config.backend_options(), fallback=config.fallback
+    )
+    return pipeline
+
+
+def open_configured_model(config: NodeConfig) -> tuple[ModelPipeline, str]:
+    """The model a node starts with (`model`, checked against `trust_key`), and why its backend
+    was chosen; ConfigError when none is configured."""
+    if config.model is None:
+        msg = "no model: pass --model BUNDLE (build one with `imu-fleet bundle create`)"
+        raise ConfigError(msg)
+    bundle = read_bundle(config.model)
+    if config.trust_key is not None:
+        verify_manifest(bundle.manifest, load_trust(config.trust_key))
+    pipeline, choice = open_pipeline(
+        bundle, config.backend, config.backend_options(), fallback=config.fallback
+    )
+    return pipeline, choice.reason
