@@ -241,10 +241,13 @@ def best_raw(suites: list[dict[str, Any]]) -> dict[str, Any]:
     busy with other work during one pass does not flatter the node): the best batch-1 rate at 1
     or 2 intra-op threads, and the best of two parallel 1-thread calls."""
     intra = max(
-        ((suite[key]["threads"], suite[key]["windows_per_s"])
-         for suite in suites for key in ("batch1_1thread", "batch1_2threads")),
+        (
+            (suite[key]["threads"], suite[key]["windows_per_s"])
+            for suite in suites
+            for key in ("batch1_1thread", "batch1_2threads")
+        ),
         key=lambda pair: float(pair[1]),
-    )  # fmt: skip
+    )
     parallel = max(
         suite[key]["windows_per_s"]
         for suite in suites

@@ -102,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         reference = read_bundle(build_reference_bundle(Path(tmp) / "ref.tar"))
         bundle = hailo_bundle(reference, Path(tmp) / "ref-hailo.tar")
     windows = Normalizer(bundle.manifest.normalization).apply(raw)
-    print(f"{'device ms/job':>13} {'queue':>5} {'batch':>5} {'asked':>7} {'plan':>7} "
-          f"{'minimal us/win':>14} {'backend us/win':>14} {'ratio':>6}")  # fmt: skip
+    print(
+        f"{'device ms/job':>13} {'queue':>5} {'batch':>5} {'asked':>7} {'plan':>7} "
+        f"{'minimal us/win':>14} {'backend us/win':>14} {'ratio':>6}"
+    )
     for device_ms in (float(v) for v in args.device_ms.split(",")):
         for queue in (int(v) for v in args.queue_sizes.split(",")):
             faults.set_faults(latency_ms=device_ms, async_queue_size=queue)
@@ -117,9 +119,11 @@ def main(argv: list[str] | None = None) -> int:
                     plan = backend.plan
                     ours = per_window_us(backend.infer, windows, batch)
                     backend.close()
-                    print(f"{device_ms:>13g} {plan.queue_size:>5} {batch:>5} "
-                          f"{f'{frames}x{jobs}':>7} {f'{plan.frames_per_job}x{plan.max_jobs}':>7} "
-                          f"{minimal:>14.0f} {ours:>14.0f} {ours / minimal:>6.2f}")  # fmt: skip
+                    print(
+                        f"{device_ms:>13g} {plan.queue_size:>5} {batch:>5} "
+                        f"{f'{frames}x{jobs}':>7} {f'{plan.frames_per_job}x{plan.max_jobs}':>7} "
+                        f"{minimal:>14.0f} {ours:>14.0f} {ours / minimal:>6.2f}"
+                    )
     faults.reset()
     return 0
 

@@ -60,11 +60,24 @@ def main(argv: list[str] | None = None) -> int:
         model = model_from_path(bundle, Path(tmp))
         raw = raw_backend(model.onnx, model.normalised(np.asarray(windows)), batch=1)
         node = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "run", "--broker", broker.url, "--node-id",
-             "bench-http", "--model", str(bundle), "--log-level", "WARNING",
-             "--http", f"127.0.0.1:{port}"],
+            [
+                sys.executable,
+                "-m",
+                "node.cli",
+                "run",
+                "--broker",
+                broker.url,
+                "--node-id",
+                "bench-http",
+                "--model",
+                str(bundle),
+                "--log-level",
+                "WARNING",
+                "--http",
+                f"127.0.0.1:{port}",
+            ],
             env={**os.environ, "XDG_STATE_HOME": tmp},
-        )  # fmt: skip
+        )
         try:
             wait_for_port(port, 30)
             post_windows(port, bodies[:100], [])  # warm up
@@ -91,14 +104,18 @@ def main(argv: list[str] | None = None) -> int:
             node.wait(30)
 
     def line(name: str, ms: dict[str, float], rate: float) -> str:
-        return (f"{name:<28} p50 {ms['p50']:6.2f}  p95 {ms['p95']:6.2f}  p99 {ms['p99']:6.2f} ms"
-                f"   {rate:7.0f} windows/s")  # fmt: skip
+        return (
+            f"{name:<28} p50 {ms['p50']:6.2f}  p95 {ms['p95']:6.2f}  p99 {ms['p99']:6.2f} ms"
+            f"   {rate:7.0f} windows/s"
+        )
 
     print(line("raw ONNX Runtime, batch 1", raw["call_ms"], raw["windows_per_s"]))
     print(line("POST /infer, 1 client", percentiles(serial), serial_rate))
     print(line(f"POST /infer, {args.clients} clients", percentiles(parallel), parallel_rate))
-    print(f"ratio to raw: 1 client {serial_rate / raw['windows_per_s']:.2f}x, "
-          f"{args.clients} clients {parallel_rate / raw['windows_per_s']:.2f}x")  # fmt: skip
+    print(
+        f"ratio to raw: 1 client {serial_rate / raw['windows_per_s']:.2f}x, "
+        f"{args.clients} clients {parallel_rate / raw['windows_per_s']:.2f}x"
+    )
     return 0
 
 

@@ -28,8 +28,9 @@ def one_run(count: int, waves: list[int], folder: Path) -> dict[str, object]:
     new = build_reference_bundle(folder / f"new-{count}.tar", version="1.1.0", seed=8)
     with LocalBroker("mosquitto") as broker:
         publish_bundle(new, broker.url)
-        fleet = SimulatedFleet(broker.url, base, count=count, cache_dir=folder / f"c{count}",
-                               telemetry_interval_s=10.0)  # fmt: skip
+        fleet = SimulatedFleet(
+            broker.url, base, count=count, cache_dir=folder / f"c{count}", telemetry_interval_s=10.0
+        )
         started = time.monotonic()
         fleet.start(timeout_s=300)
         connected = time.monotonic() - started
@@ -47,8 +48,14 @@ def one_run(count: int, waves: list[int], folder: Path) -> dict[str, object]:
             time.sleep(0.2)
         time.sleep(0.5)
         began = time.monotonic()
-        record = controller.start("tcn-reference", "1.1.0", group=fleet.groups[0], canary=1,
-                                  waves=waves, wave_timeout_s=600)  # fmt: skip
+        record = controller.start(
+            "tcn-reference",
+            "1.1.0",
+            group=fleet.groups[0],
+            canary=1,
+            waves=waves,
+            wave_timeout_s=600,
+        )
         final = controller.run(record)
         total = time.monotonic() - began
         wave_times = [round(t - began, 2) for t, e in events if e.endswith("passed")]

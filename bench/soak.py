@@ -102,14 +102,27 @@ def main(argv: list[str] | None = None) -> int:
             progress(f"{size} node(s) up; {args.sensors} sensors, {args.minutes:g} min")
             sensors = subprocess.Popen(
                 [
-                    sys.executable, "-m", "fleet.cli", "simulate", "sensors",
-                    "--broker", broker.url, "--sensors", str(args.sensors),
-                    "--rate", str(args.rate), "--interval", str(args.interval),
-                    "--mode", "samples", "--duration", str(args.minutes * 60),
+                    sys.executable,
+                    "-m",
+                    "fleet.cli",
+                    "simulate",
+                    "sensors",
+                    "--broker",
+                    broker.url,
+                    "--sensors",
+                    str(args.sensors),
+                    "--rate",
+                    str(args.rate),
+                    "--interval",
+                    str(args.interval),
+                    "--mode",
+                    "samples",
+                    "--duration",
+                    str(args.minutes * 60),
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+            )
             series: list[dict[str, Any]] = []
             t0 = time.monotonic()
             end = t0 + args.minutes * 60

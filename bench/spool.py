@@ -125,10 +125,14 @@ def main(argv: list[str] | None = None) -> int:
             sub.disconnect()
 
     print(f"{n} results of {size:.0f} bytes; spool on disk {on_disk:.1f} MiB")
-    print(f"keep one offline:   spool {spool_us:6.1f} us   paho memory {paho_us:6.1f} us"
-          f"   ratio {spool_us / paho_us:.2f}x")  # fmt: skip
-    print(f"deliver after:      spool replay {n / replay_s:8.0f}/s   direct publish "
-          f"{n / direct_s:8.0f}/s   ratio {direct_s / replay_s:.2f}x")  # fmt: skip
+    print(
+        f"keep one offline:   spool {spool_us:6.1f} us   paho memory {paho_us:6.1f} us"
+        f"   ratio {spool_us / paho_us:.2f}x"
+    )
+    print(
+        f"deliver after:      spool replay {n / replay_s:8.0f}/s   direct publish "
+        f"{n / direct_s:8.0f}/s   ratio {direct_s / replay_s:.2f}x"
+    )
     return 0
 
 

@@ -51,15 +51,29 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp, LocalBroker("mosquitto") as broker:
         folder = Path(tmp)
         base = build_reference_bundle(folder / "v0.tar", version="1.0.0")
-        versions = [build_reference_bundle(folder / f"v{i}.tar", version=f"1.{i}.0", seed=7 + i)
-                    for i in range(1, args.swaps + 1)]  # fmt: skip
+        versions = [
+            build_reference_bundle(folder / f"v{i}.tar", version=f"1.{i}.0", seed=7 + i)
+            for i in range(1, args.swaps + 1)
+        ]
         for path in versions:
             publish_bundle(path, broker.url)
         node = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "run", "--broker", broker.url, "--node-id", NODE,
-             "--model", str(base), "--log-level", "WARNING"],
+            [
+                sys.executable,
+                "-m",
+                "node.cli",
+                "run",
+                "--broker",
+                broker.url,
+                "--node-id",
+                NODE,
+                "--model",
+                str(base),
+                "--log-level",
+                "WARNING",
+            ],
             env={**os.environ, "XDG_CACHE_HOME": str(folder / "cache")},
-        )  # fmt: skip
+        )
         try:
             report = measure(broker.url, windows, versions, args.rate)
         finally:
@@ -69,10 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n== latency during hot swaps ({args.swaps} swaps at {args.rate:g} windows/s) ==")
     for name, values in (("steady", steady), ("during swap", swapping)):
         p = percentiles(values)
-        print(f"{name:<12} {len(values):>6} results  p50 {p['p50']:6.2f}  p95 {p['p95']:6.2f}  "
-              f"p99 {p['p99']:6.2f}  max {p['max']:6.2f} ms")  # fmt: skip
-    print(f"sent {report['sent']}, results {report['received']}, lost {report['lost']}, "
-          f"served twice {report['twice']}, swap durations s: {report['durations']}")  # fmt: skip
+        print(
+            f"{name:<12} {len(values):>6} results  p50 {p['p50']:6.2f}  p95 {p['p95']:6.2f}  "
+            f"p99 {p['p99']:6.2f}  max {p['max']:6.2f} ms"
+        )
+    print(
+        f"sent {report['sent']}, results {report['received']}, lost {report['lost']}, "
+        f"served twice {report['twice']}, swap durations s: {report['durations']}"
+    )
     return 0
 
 
@@ -99,8 +117,10 @@ def measure(url: str, windows: np.ndarray, versions: list[Path], rate: float) ->
     pub = client(url, "bench-swap-pub", "5")
     time.sleep(3.0)  # node start-up
     total = int(rate * (4 + 4 * len(versions)))
-    payloads = [orjson.dumps({"x": windows[i % len(windows)], "seq": i},
-                             option=orjson.OPT_SERIALIZE_NUMPY) for i in range(total)]  # fmt: skip
+    payloads = [
+        orjson.dumps({"x": windows[i % len(windows)], "seq": i}, option=orjson.OPT_SERIALIZE_NUMPY)
+        for i in range(total)
+    ]
     swap_at = {int(rate * (3 + 4 * k)): path for k, path in enumerate(versions)}
     start = time.perf_counter()
     for i, payload in enumerate(payloads):

@@ -95,7 +95,11 @@ def publish_bundle(
     finally:
         session.stop()
     logger.info(
-        "published %s %s: %d bytes in %d chunks of %d", name, version, len(data),
-        len(manifest.chunks), chunk_size,
-    )  # fmt: skip
+        "published %s %s: %d bytes in %d chunks of %d",
+        name,
+        version,
+        len(data),
+        len(manifest.chunks),
+        chunk_size,
+    )
     return manifest

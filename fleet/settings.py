@@ -7,9 +7,11 @@ same values from `IMU_FLEET_*` variables (`IMU_FLEET_PASSWORD` for the password)
 
 from __future__ import annotations
 
+import argparse
+
 from pydantic_settings import SettingsConfigDict
 
-from common.mqtt.connection import BrokerSettings
+from common.mqtt.connection import BrokerSettings, add_broker_arguments
 
 ENV_PREFIX = "IMU_FLEET_"
 
@@ -20,3 +22,8 @@ class FleetBrokerSettings(BrokerSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, extra="forbid", frozen=True, validate_default=True
     )
+
+
+def broker_options(parser: argparse.ArgumentParser) -> None:
+    """Add the connection flags every broker-facing `imu-fleet` command takes."""
+    add_broker_arguments(parser, ENV_PREFIX)

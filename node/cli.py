@@ -174,9 +174,10 @@ def _add_check(sub: Any) -> None:
     check.add_argument("--max-rss-mb", type=float, default=512.0, help="memory target (512)")
     check.add_argument("--max-temp-c", type=float, default=85.0, help="temperature target (85)")
     check.add_argument(
-        "--require-all", action="store_true",
+        "--require-all",
+        action="store_true",
         help="fail when a target could not be measured (e.g. no temperature sensor)",
-    )  # fmt: skip
+    )
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_broker_arguments(check, ENV_PREFIX)

@@ -465,14 +465,17 @@ class RolloutGates(_Outbound):
         default=1.5, ge=1, description="p95 latency allowed, as a multiple of the reference"
     )
     p95_floor_ms: float = Field(
-        default=10.0, ge=0,
+        default=10.0,
+        ge=0,
         description="p95 below this always passes: well inside the 50 ms target, differences are "
         "noise (thread hand-overs, a busy moment)",
-    )  # fmt: skip
+    )
     min_results_ratio: float = Field(
-        default=0.95, ge=0, le=1,
+        default=0.95,
+        ge=0,
+        le=1,
         description="Results per window in, as a share of the node's own ratio before the move",
-    )  # fmt: skip
+    )
 
 
 class NodeHealth(_Outbound):

@@ -49,9 +49,10 @@ class DashboardCollector(Collector):
 
     def _nodes(self) -> Iterator[Metric]:
         online = GaugeMetricFamily(
-            "imu_fleet_node_online", "1 while the node's retained status says online, else 0",
+            "imu_fleet_node_online",
+            "1 while the node's retained status says online, else 0",
             labels=["node_id"],
-        )  # fmt: skip
+        )
         info = GaugeMetricFamily(
             "imu_fleet_node_info",
             "Always 1: the node's active model version, backend and model lifecycle state",
@@ -68,9 +69,10 @@ class DashboardCollector(Collector):
 
     def _rollouts(self) -> Iterator[Metric]:
         info = GaugeMetricFamily(
-            "imu_fleet_rollout_info", "Always 1: the version a rollout moves to and its state",
+            "imu_fleet_rollout_info",
+            "Always 1: the version a rollout moves to and its state",
             labels=["rollout_id", "version", "state"],
-        )  # fmt: skip
+        )
         wave = GaugeMetricFamily(
             "imu_fleet_rollout_wave", "Wave in progress (1-based)", labels=["rollout_id"]
         )

@@ -60,9 +60,13 @@ def cmd_publish(args: argparse.Namespace) -> int:
         print(f"\rchunks {done}/{total}", end="", file=sys.stderr, flush=True)
 
     manifest = publish_bundle(
-        args.bundle, args.broker, chunk_size=args.chunk_size, url=args.url,
-        protocol=args.mqtt_protocol, progress=progress,
-    )  # fmt: skip
+        args.bundle,
+        args.broker,
+        chunk_size=args.chunk_size,
+        url=args.url,
+        protocol=args.mqtt_protocol,
+        progress=progress,
+    )
     print(
         f"\npublished {manifest.name} {manifest.version}: {manifest.bundle_size} bytes in "
         f"{len(manifest.chunks)} retained chunks, sha256 {manifest.bundle_sha256[:16]}..."
@@ -81,10 +85,12 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         if not args.no_gates:
             gates = controller.default_gates(
                 controller.targets(args.group),
-                soak_s=args.soak, max_error_rate=args.max_error_rate,
-                max_p95_ratio=args.max_p95_ratio, p95_floor_ms=args.p95_floor_ms,
+                soak_s=args.soak,
+                max_error_rate=args.max_error_rate,
+                max_p95_ratio=args.max_p95_ratio,
+                p95_floor_ms=args.p95_floor_ms,
                 min_results_ratio=args.min_results_ratio,
-            )  # fmt: skip
+            )
         record = controller.start(
             args.name,
             args.version,
@@ -97,15 +103,19 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         )
         left_out = {n: f for n, f in pins.items() if n not in record.nodes}
         if left_out and not args.clear_pins:
-            print(f"warning: {len(left_out)} nodes are pinned by a node-level desired state and "
-                  "stay on it whatever this rollout does (--clear-pins, or `imu-fleet unpin`):",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"warning: {len(left_out)} nodes are pinned by a node-level desired state and "
+                "stay on it whatever this rollout does (--clear-pins, or `imu-fleet unpin`):",
+                file=sys.stderr,
+            )
             for node_id, pin in sorted(left_out.items()):
                 by = f" by {pin.rollout_id}" if pin.rollout_id else ""
                 print(f"  {node_id}: {pin.version} set {_ago(pin.issued_at)}{by}", file=sys.stderr)
         if args.detach:
-            print(f"{record.rollout_id}: planned; a running `imu-fleet controller` drives it "
-                  f"(`imu-fleet status {record.rollout_id}`)")  # fmt: skip
+            print(
+                f"{record.rollout_id}: planned; a running `imu-fleet controller` drives it "
+                f"(`imu-fleet status {record.rollout_id}`)"
+            )
             return 0
         final = controller.run(record)
     print(format_record(final, detailed=True))
@@ -125,8 +135,9 @@ def cmd_control(args: argparse.Namespace) -> int:
             return 1
         if args.command in ("rollback", "resume"):  # refuse now, not after a half-done job
             moved = [n for n, o in record.nodes.items() if o.state is not NodeRolloutState.PENDING]
-            controller.require_key_for(moved if args.command == "rollback" else list(record.nodes),
-                                       args.command)  # fmt: skip
+            controller.require_key_for(
+                moved if args.command == "rollback" else list(record.nodes), args.command
+            )
         if active and controller.is_driven(record):  # a live controller is running it: ask
             send_command(controller.session, record, args.command)
             print(
@@ -165,8 +176,10 @@ def cmd_unpin(args: argparse.Namespace) -> int:
             return 0
         controller.unpin(targets)
     print(f"cleared the node-level desired state of {len(targets)} nodes: {', '.join(targets)}")
-    print("they follow their group's (or the fleet's) desired state again; "
-          "`imu-fleet nodes` shows what each follows")  # fmt: skip
+    print(
+        "they follow their group's (or the fleet's) desired state again; "
+        "`imu-fleet nodes` shows what each follows"
+    )
     return 0
 
 
@@ -177,9 +190,12 @@ def cmd_controller(args: argparse.Namespace) -> int:
     from fleet.rollout.service import ControllerService, serve  # noqa: PLC0415
 
     service = ControllerService(
-        args.broker, protocol=args.mqtt_protocol, name=args.name, sign_key=args.sign_key,
+        args.broker,
+        protocol=args.mqtt_protocol,
+        name=args.name,
+        sign_key=args.sign_key,
         poll_s=args.poll,
-    )  # fmt: skip
+    )
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, lambda *_: service.request_stop())
     print(f"controller {service.controller_id} running; SIGTERM stops it", flush=True)
@@ -200,8 +216,12 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"no rollout {args.rollout!r}", file=sys.stderr)
                 return 1
         if args.json:
-            print(json.dumps([{**r.model_dump(mode="json"), "failures": r.failures}
-                              for r in records], indent=2))  # fmt: skip
+            print(
+                json.dumps(
+                    [{**r.model_dump(mode="json"), "failures": r.failures} for r in records],
+                    indent=2,
+                )
+            )
             return 0
         if not records:
             print("no rollouts on the broker")

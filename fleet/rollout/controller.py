@@ -251,10 +251,12 @@ class Controller:
         if self._sign_key is not None:
             return
         strict = sorted(
-            n for n in node_ids
-            if (v := self.view.get(n)) is not None and v.model is not None
+            n
+            for n in node_ids
+            if (v := self.view.get(n)) is not None
+            and v.model is not None
             and v.model.signatures_required
-        )  # fmt: skip
+        )
         if strict:
             shown = ", ".join(strict[:5]) + (
                 f" and {len(strict) - 5} more" if len(strict) > 5 else ""
@@ -285,9 +287,10 @@ class Controller:
         self.require_key_for(node_ids, "unpin")
         for node_id in node_ids:
             self.session.publish(
-                desired_topic("node", node_id), clear_payload("node", node_id, self._sign_key),
+                desired_topic("node", node_id),
+                clear_payload("node", node_id, self._sign_key),
                 retain=True,
-            )  # fmt: skip
+            )
         self.session.wait_published(10)
         return node_ids
 
@@ -322,13 +325,15 @@ class Controller:
         record = record.model_copy(update=update)
         self.book.put(record)
         if command == "rollback":
-            return self._roll_back(record, f"rollback requested (taken over from {gone})",
-                                   RolloutState.ROLLED_BACK)  # fmt: skip
+            return self._roll_back(
+                record, f"rollback requested (taken over from {gone})", RolloutState.ROLLED_BACK
+            )
         state = {"resume": RolloutState.RUNNING, "pause": RolloutState.PAUSED}.get(
             command, RolloutState.ABORTED
         )
-        saved = self._save(record.model_copy(update={"state": state}),
-                           f"taken over from {gone} to {command}")  # fmt: skip
+        saved = self._save(
+            record.model_copy(update={"state": state}), f"taken over from {gone} to {command}"
+        )
         return self.run(saved) if state is RolloutState.RUNNING else saved
 
     def _run_wave(self, record: RolloutRecord) -> RolloutRecord:
@@ -387,8 +392,10 @@ class Controller:
         )  # this controller did not see the soak's beginning: it soaks again
         if record.soak_until is None or taken_mid_soak:
             until = time.time() + gates.soak_s
-            record = self._save(record.model_copy(update={"soak_until": until}),
-                                f"wave {record.wave + 1}: soaking {gates.soak_s:g} s")  # fmt: skip
+            record = self._save(
+                record.model_copy(update={"soak_until": until}),
+                f"wave {record.wave + 1}: soaking {gates.soak_s:g} s",
+            )
         assert record.soak_until is not None
         until, start = record.soak_until, record.soak_until - gates.soak_s
         record = self._wait(record, lambda: True, until, f"wave {record.wave + 1}: soaking")
@@ -436,8 +443,9 @@ class Controller:
         deadline = until + max(record.gates.soak_s, 3 * max(intervals, default=0.0), 2.0)
 
         def late() -> bool:
-            return any(not any(t.ts >= until for t in self.view.soak_reports(n, start)[1])
-                       for n in active)  # fmt: skip
+            return any(
+                not any(t.ts >= until for t in self.view.soak_reports(n, start)[1]) for n in active
+            )
 
         return self._wait(record, late, deadline, f"wave {record.wave + 1}: waiting for reports")
 
@@ -562,9 +570,10 @@ class Controller:
             nodes[node_id] = outcome.model_copy(
                 update={"state": NodeRolloutState.ROLLING_BACK, "failed": failed}
             )
-        record = self._save(record.model_copy(update={"nodes": nodes, "state": state,
-                                                      "reason": reason}),
-                            f"stopped: {reason}; rolling {len(moved)} nodes back")  # fmt: skip
+        record = self._save(
+            record.model_copy(update={"nodes": nodes, "state": state, "reason": reason}),
+            f"stopped: {reason}; rolling {len(moved)} nodes back",
+        )
         deadline = time.monotonic() + record.wave_timeout_s
         while True:
             record, waiting = self._confirm_rollback(record)

@@ -28,11 +28,16 @@ from schemas.messages import ErrorKind, NodeHealth, RolloutGates, Telemetry
 
 INPUT_ERRORS = frozenset(
     {
-        ErrorKind.MALFORMED, ErrorKind.INVALID, ErrorKind.NON_FINITE, ErrorKind.OVERSIZED,
-        ErrorKind.BAD_TOPIC, ErrorKind.SEQUENCE_GAP, ErrorKind.SEQUENCE_RESET,
+        ErrorKind.MALFORMED,
+        ErrorKind.INVALID,
+        ErrorKind.NON_FINITE,
+        ErrorKind.OVERSIZED,
+        ErrorKind.BAD_TOPIC,
+        ErrorKind.SEQUENCE_GAP,
+        ErrorKind.SEQUENCE_RESET,
         ErrorKind.SHUTTING_DOWN,
     }
-)  # fmt: skip
+)
 """Errors about what sensors sent, not about what the node did with it."""
 
 

@@ -124,14 +124,17 @@ class ControllerService:
     def _take(self, record: RolloutRecord) -> None:
         command = take_over_command(record)
         logger.info(
-            "%s has no live controller (was %s): taking it over", record.rollout_id,
+            "%s has no live controller (was %s): taking it over",
+            record.rollout_id,
             record.controller,
-        )  # fmt: skip
+        )
         self.stats.takeovers += 1
         thread = threading.Thread(
-            target=self._drive, args=(record, command), name=f"rollout-{record.rollout_id}",
+            target=self._drive,
+            args=(record, command),
+            name=f"rollout-{record.rollout_id}",
             daemon=True,
-        )  # fmt: skip
+        )
         with self._lock:
             self._driving[record.rollout_id] = thread
         thread.start()
@@ -172,32 +175,38 @@ class _ServiceCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         service, stats = self.service, self.service.stats
         yield GaugeMetricFamily(
-            "imu_fleet_controller_connected", "1 while connected to the broker",
+            "imu_fleet_controller_connected",
+            "1 while connected to the broker",
             value=int(service.controller.session.is_connected),
-        )  # fmt: skip
+        )
         yield GaugeMetricFamily(
-            "imu_fleet_controller_rollouts_driving", "Rollouts this service drives now",
+            "imu_fleet_controller_rollouts_driving",
+            "Rollouts this service drives now",
             value=len(service.driving()),
-        )  # fmt: skip
+        )
         yield CounterMetricFamily(
-            "imu_fleet_controller_takeovers", "Rollouts taken over from a gone controller",
+            "imu_fleet_controller_takeovers",
+            "Rollouts taken over from a gone controller",
             value=stats.takeovers,
-        )  # fmt: skip
+        )
         yield CounterMetricFamily(
-            "imu_fleet_controller_handed_over", "Rollouts another controller took from this one",
+            "imu_fleet_controller_handed_over",
+            "Rollouts another controller took from this one",
             value=stats.handed_over,
-        )  # fmt: skip
+        )
         finished = CounterMetricFamily(
-            "imu_fleet_controller_rollouts_finished", "Rollouts driven to an end, by final state",
+            "imu_fleet_controller_rollouts_finished",
+            "Rollouts driven to an end, by final state",
             labels=["state"],
-        )  # fmt: skip
+        )
         for state in RolloutState:
             finished.add_metric([state.value], stats.finished.get(state, 0))
         yield finished
         records = GaugeMetricFamily(
-            "imu_fleet_controller_rollouts", "Rollout records on the broker, by state",
+            "imu_fleet_controller_rollouts",
+            "Rollout records on the broker, by state",
             labels=["state"],
-        )  # fmt: skip
+        )
         counts = Counter(r.state for r in service.controller.records())
         for state in RolloutState:
             records.add_metric([state.value], counts.get(state, 0))
@@ -247,15 +256,19 @@ class _Handler(TlsHandshakeHandler, BaseHTTPRequestHandler):
         if self.path == "/healthz":
             healthy = self.service.controller.session.is_connected
             status = HTTPStatus.OK if healthy else HTTPStatus.SERVICE_UNAVAILABLE
-            reply = json_reply(status, {"broker_connected": healthy,
-                                        "driving": self.service.driving()})  # fmt: skip
+            reply = json_reply(
+                status, {"broker_connected": healthy, "driving": self.service.driving()}
+            )
         elif self.path != "/metrics":
             reply = json_reply(HTTPStatus.NOT_FOUND, {"error": "GET /metrics or /healthz"})
         elif self.secret is not None and not bearer_matches(
             self.headers.get("Authorization"), self.secret
         ):
-            reply = json_reply(HTTPStatus.UNAUTHORIZED, {"error": "bearer token required"},
-                               **{"WWW-Authenticate": "Bearer"})  # fmt: skip
+            reply = json_reply(
+                HTTPStatus.UNAUTHORIZED,
+                {"error": "bearer token required"},
+                **{"WWW-Authenticate": "Bearer"},
+            )
         else:
             reply = Reply(HTTPStatus.OK, generate_latest(self.registry), CONTENT_TYPE_LATEST)
         send_reply(self, reply)
@@ -269,8 +282,11 @@ def _handler(
     registry: CollectorRegistry, service: ControllerService, token: str | None
 ) -> type[_Handler]:
     """A handler class bound to this service (http.server makes one instance per request)."""
-    attributes = {"registry": registry, "service": service,
-                  "secret": token.encode() if token else None}  # fmt: skip
+    attributes = {
+        "registry": registry,
+        "service": service,
+        "secret": token.encode() if token else None,
+    }
     return type("ServiceHandler", (_Handler,), attributes)
 
 

@@ -87,23 +87,38 @@ class _SimNode:
         self.reporter = ErrorReporter(node_id, self._publish_qos1, self.metrics)
         self.manager = ModelManager(
             ManagerSettings(
-                node_id, group, fleet.cache_dir, MAX_BUNDLE_BYTES, fleet.trusted,
+                node_id,
+                group,
+                fleet.cache_dir,
+                MAX_BUNDLE_BYTES,
+                fleet.trusted,
                 fetch_policy=fleet.fetch_policy,
             ),
-            session=self.session, reporter=self.reporter, loader=fleet.models.load,
-            swap=self._swap, active=self.pipeline, fetch=fleet.models.fetch,
-        )  # fmt: skip
+            session=self.session,
+            reporter=self.reporter,
+            loader=fleet.models.load,
+            swap=self._swap,
+            active=self.pipeline,
+            fetch=fleet.models.fetch,
+        )
 
     def status(self, state: NodeState, reason: str | None = None) -> bytes:
         """A NodeStatus payload for this node."""
         return encode(
             NodeStatus(
-                state=state, node_id=self.node_id, instance=self.instance, ts=time.time(),
-                software_version=software_version(), backend=self.pipeline.info.name,
-                backend_reason=SIMULATED, model=self.pipeline.ref, group=self.group,
-                host=socket.gethostname(), reason=reason,
+                state=state,
+                node_id=self.node_id,
+                instance=self.instance,
+                ts=time.time(),
+                software_version=software_version(),
+                backend=self.pipeline.info.name,
+                backend_reason=SIMULATED,
+                model=self.pipeline.ref,
+                group=self.group,
+                host=socket.gethostname(),
+                reason=reason,
             )
-        )  # fmt: skip
+        )
 
     def _announce(self) -> None:
         """On every connection: retained birth and model state (network thread)."""
@@ -149,16 +164,28 @@ class _SimNode:
         interval = self.metrics.take_interval()
         windows_in, done, published, dropped, errors = self.metrics.totals()
         return Telemetry(
-            node_id=self.node_id, ts=time.time(), interval_s=round(interval.seconds, 3),
+            node_id=self.node_id,
+            ts=time.time(),
+            interval_s=round(interval.seconds, 3),
             uptime_s=round(time.monotonic() - self.metrics.started, 3),
-            backend=pipeline.info.name, backend_reason=SIMULATED, model=pipeline.ref,
-            windows_in=windows_in, windows_done=done, results_published=published,
+            backend=pipeline.info.name,
+            backend_reason=SIMULATED,
+            model=pipeline.ref,
+            windows_in=windows_in,
+            windows_done=done,
+            results_published=published,
             windows_per_s=round(interval.windows_done / max(interval.seconds, 1e-9), 3),
             latency_ms=latency_summary(interval.latencies_ms),
-            batch_mean=1.0 if interval.windows_done else None, queue_depth=0, queue_capacity=0,
-            dropped=dropped, errors=errors, cpu_percent=None, rss_mb=rss_mb, peak_rss_mb=peak_mb,
+            batch_mean=1.0 if interval.windows_done else None,
+            queue_depth=0,
+            queue_capacity=0,
+            dropped=dropped,
+            errors=errors,
+            cpu_percent=None,
+            rss_mb=rss_mb,
+            peak_rss_mb=peak_mb,
             temperature_c=None,
-        )  # fmt: skip
+        )
 
 
 class SimulatedFleet:
@@ -217,8 +244,10 @@ class SimulatedFleet:
         net = self._net = NetLoop(self.address)
         for first in range(0, count, CONNECT_BATCH):
             ids = self.node_ids[first : first + CONNECT_BATCH]
-            batch = [_SimNode(n, self.groups[i % len(self.groups)], self, net)
-                     for i, n in enumerate(ids, first)]  # fmt: skip
+            batch = [
+                _SimNode(n, self.groups[i % len(self.groups)], self, net)
+                for i, n in enumerate(ids, first)
+            ]
             self._nodes.extend(batch)
             for node in batch:
                 node.manager.attach()
@@ -322,10 +351,17 @@ def simulate_nodes(
 ) -> int:
     """`imu-fleet simulate nodes`: run `count` nodes for `duration` s (None: until Ctrl-C)."""
     fleet = SimulatedFleet(
-        broker, bundle, count=count, prefix=prefix, groups=groups, cache_dir=cache_dir,
-        telemetry_interval_s=telemetry_interval_s, protocol=protocol, trust_key=trust_key,
+        broker,
+        bundle,
+        count=count,
+        prefix=prefix,
+        groups=groups,
+        cache_dir=cache_dir,
+        telemetry_interval_s=telemetry_interval_s,
+        protocol=protocol,
+        trust_key=trust_key,
         degrade=degrade,
-    )  # fmt: skip
+    )
     try:
         fleet.start(progress)
         fleet.run_for(duration)

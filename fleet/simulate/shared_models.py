@@ -100,9 +100,13 @@ class SharedModels:
                 raise type(flight.error)(*flight.error.args)
         try:
             return fetch_bundle(
-                desired, session, cache_dir, max_bytes=max_bytes, timeout_s=timeout_s,
+                desired,
+                session,
+                cache_dir,
+                max_bytes=max_bytes,
+                timeout_s=timeout_s,
                 policy=policy,
-            )  # fmt: skip
+            )
         except EdgeError as exc:
             flight.error = exc
             raise

@@ -115,13 +115,15 @@ class NodeCollector(Collector):
         yield from self._mqtt(s.session, s.outbox)
         healthy, rebuilds, stalls = s.backend_health()
         yield GaugeMetricFamily(
-            "imu_node_backend_healthy", "1 while the backend serves, 0 while it is rebuilt",
+            "imu_node_backend_healthy",
+            "1 while the backend serves, 0 while it is rebuilt",
             value=int(healthy),
-        )  # fmt: skip
+        )
         yield CounterMetricFamily(
-            "imu_node_backend_rebuilds", "Backend failures answered by a rebuild or a fallback",
+            "imu_node_backend_rebuilds",
+            "Backend failures answered by a rebuild or a fallback",
             value=rebuilds,
-        )  # fmt: skip
+        )
         yield CounterMetricFamily(
             "imu_node_watchdog_stalls", "Inference calls that ran past their deadline", value=stalls
         )

@@ -131,15 +131,19 @@ class NodeHttp:
         except InputRejectedError as exc:
             return json_reply(HTTPStatus.BAD_REQUEST, {"error": exc.kind, "reason": exc.reason})
         reply: Future[dict[str, Any]] = Future()
-        item = WorkItem(HTTP_SENSOR_ID, window.seq, window.t0, None, window.x,
-                        time.perf_counter_ns(), reply)  # fmt: skip
+        item = WorkItem(
+            HTTP_SENSOR_ID, window.seq, window.t0, None, window.x, time.perf_counter_ns(), reply
+        )
         try:
             self._work.put_nowait(item)
         except queue.Full:
             self.sources.metrics.window_dropped("queue_full")
             reason = f"node over capacity (queue of {self._work.maxsize} full); retry shortly"
-            return json_reply(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "busy", "reason": reason},
-                              **{"Retry-After": "1"})  # fmt: skip
+            return json_reply(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                {"error": "busy", "reason": reason},
+                **{"Retry-After": "1"},
+            )
         self.sources.metrics.window_accepted()
         try:
             result = reply.result(self._timeout)
@@ -187,8 +191,12 @@ def _handler_for(api: NodeHttp) -> type[BaseHTTPRequestHandler]:
             if int(length) > MAX_WINDOW_BYTES:
                 self.close_connection = True  # the body is not read
                 reason = f"body of {length} bytes; a window is at most {MAX_WINDOW_BYTES}"
-                self._send(json_reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                      {"error": "oversized", "reason": reason}))  # fmt: skip
+                self._send(
+                    json_reply(
+                        HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                        {"error": "oversized", "reason": reason},
+                    )
+                )
                 return
             body = self.rfile.read(int(length))
             media_type = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip()

@@ -116,8 +116,10 @@ class Journal:
         if entries:
             logger.info(
                 "journal %s: %d results in flight and %d settled from an earlier run",
-                self.folder, len(found.in_flight), len(found.settled),
-            )  # fmt: skip
+                self.folder,
+                len(found.in_flight),
+                len(found.settled),
+            )
         self._left = []
         return found
 
@@ -196,8 +198,10 @@ class Journal:
                 logger.warning(
                     "journal %s is past %d bytes: %d results in flight lose their record (a "
                     "crash now would run their windows again)",
-                    self.folder, self._max_bytes, segment.outstanding,
-                )  # fmt: skip
+                    self.folder,
+                    self._max_bytes,
+                    segment.outstanding,
+                )
             del self._segments[path]
             path.unlink(missing_ok=True)
             total -= segment.size

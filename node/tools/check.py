@@ -326,20 +326,37 @@ def _verdicts(report: CheckReport, targets: Targets) -> list[Verdict]:
         )
     )
     if report.rss_mb is None:
-        verdicts.append(Verdict("memory (RSS)", "not measured", "no telemetry from the node",
-                                f"< {targets.max_rss_mb:g} MB"))  # fmt: skip
+        verdicts.append(
+            Verdict(
+                "memory (RSS)",
+                "not measured",
+                "no telemetry from the node",
+                f"< {targets.max_rss_mb:g} MB",
+            )
+        )
     else:
         outcome = "pass" if report.rss_mb < targets.max_rss_mb else "fail"
-        verdicts.append(Verdict("memory (RSS)", outcome, f"{report.rss_mb:.1f} MB",
-                                f"< {targets.max_rss_mb:g} MB"))  # fmt: skip
+        verdicts.append(
+            Verdict(
+                "memory (RSS)", outcome, f"{report.rss_mb:.1f} MB", f"< {targets.max_rss_mb:g} MB"
+            )
+        )
     if report.temperature_c is None:
-        verdicts.append(Verdict("temperature", "not measured", "no sensor reported",
-                                f"< {targets.max_temp_c:g} C"))  # fmt: skip
+        verdicts.append(
+            Verdict(
+                "temperature", "not measured", "no sensor reported", f"< {targets.max_temp_c:g} C"
+            )
+        )
     else:
         outcome = "pass" if report.temperature_c < targets.max_temp_c else "fail"
-        verdicts.append(Verdict("temperature", outcome,
-                                f"{report.temperature_c:.1f} C ({report.temperature_source})",
-                                f"< {targets.max_temp_c:g} C"))  # fmt: skip
+        verdicts.append(
+            Verdict(
+                "temperature",
+                outcome,
+                f"{report.temperature_c:.1f} C ({report.temperature_source})",
+                f"< {targets.max_temp_c:g} C",
+            )
+        )
     return verdicts
 
 

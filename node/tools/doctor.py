@@ -96,8 +96,12 @@ def _software(ctx: _Context) -> Iterator[Check]:
         source = hardware_identity()
         level = Level.WARN if source.kind == "machine-id" else Level.OK
         node_id = ctx.config.node_id or "(derived)"
-        yield Check("node id", level, f"{node_id}, hardware identity from {source.kind}",
-                    "cloned SD cards share /etc/machine-id: set node_id in the config")  # fmt: skip
+        yield Check(
+            "node id",
+            level,
+            f"{node_id}, hardware identity from {source.kind}",
+            "cloned SD cards share /etc/machine-id: set node_id in the config",
+        )
     except RuntimeError as exc:
         yield Check("node id", Level.FAIL, str(exc), "set node_id in the config")
 
@@ -109,24 +113,40 @@ def _hailort(ctx: _Context) -> Iterator[Check]:
     except EdgeError as exc:
         level = Level.FAIL if wants_hailo else Level.SKIP
         reason = str(exc.__cause__ or exc)
-        yield Check("HailoRT library", level, f"hailo_platform not importable: {reason}",
-                    "sudo apt install hailo-all; venv with --system-site-packages")  # fmt: skip
+        yield Check(
+            "HailoRT library",
+            level,
+            f"hailo_platform not importable: {reason}",
+            "sudo apt install hailo-all; venv with --system-site-packages",
+        )
         return
     library = str(getattr(ctx.hailo, "__version__", "?"))
     yield Check("HailoRT library", Level.OK, f"hailo_platform {library}")
     driver = _read(DRIVER_VERSION_FILE)
     if not driver:
-        yield Check("HailoRT driver", Level.WARN, f"no {DRIVER_VERSION_FILE} (driver not loaded?)",
-                    "sudo modprobe hailo_pci; check `dmesg | grep -i hailo`")  # fmt: skip
+        yield Check(
+            "HailoRT driver",
+            Level.WARN,
+            f"no {DRIVER_VERSION_FILE} (driver not loaded?)",
+            "sudo modprobe hailo_pci; check `dmesg | grep -i hailo`",
+        )
     elif driver.split(".")[:2] != library.split(".")[:2]:
-        yield Check("HailoRT driver", Level.FAIL, f"driver {driver} vs library {library}",
-                    "library and driver must match: sudo apt install --reinstall hailo-all "
-                    "(or the pinned pair), then reboot")  # fmt: skip
+        yield Check(
+            "HailoRT driver",
+            Level.FAIL,
+            f"driver {driver} vs library {library}",
+            "library and driver must match: sudo apt install --reinstall hailo-all "
+            "(or the pinned pair), then reboot",
+        )
     else:
         yield Check("HailoRT driver", Level.OK, f"hailo_pci {driver} matches the library")
     if DEVICE_NODE.exists() and not os.access(DEVICE_NODE, os.R_OK | os.W_OK):
-        yield Check("device node", Level.FAIL, f"{DEVICE_NODE} is not read/writable by this user",
-                    "add a udev rule or group for /dev/hailo* (docs/hardware.md)")  # fmt: skip
+        yield Check(
+            "device node",
+            Level.FAIL,
+            f"{DEVICE_NODE} is not read/writable by this user",
+            "add a udev rule or group for /dev/hailo* (docs/hardware.md)",
+        )
 
 
 def _device(ctx: _Context) -> Iterator[Check]:
@@ -139,8 +159,12 @@ def _device(ctx: _Context) -> Iterator[Check]:
     else:
         error = ""
     if not found:
-        yield Check("Hailo devices", Level.FAIL, f"none found {error}".strip(),
-                    "check the HAT, `lspci | grep Hailo`, `dmesg | grep -i hailo`")  # fmt: skip
+        yield Check(
+            "Hailo devices",
+            Level.FAIL,
+            f"none found {error}".strip(),
+            "check the HAT, `lspci | grep Hailo`, `dmesg | grep -i hailo`",
+        )
         return
     yield Check("Hailo devices", Level.OK, ", ".join(found))
     try:
@@ -148,16 +172,27 @@ def _device(ctx: _Context) -> Iterator[Check]:
             board = device.control.identify()
             arch = str(getattr(board.device_architecture, "name", board.device_architecture))
             ctx.device_arch = arch.upper()
-            yield Check("architecture", Level.OK,
-                        f"{ctx.device_arch}, firmware {board.firmware_version}, "
-                        f"serial {str(board.serial_number).strip() or 'n/a'}")  # fmt: skip
+            yield Check(
+                "architecture",
+                Level.OK,
+                f"{ctx.device_arch}, firmware {board.firmware_version}, "
+                f"serial {str(board.serial_number).strip() or 'n/a'}",
+            )
             temp = float(device.control.get_chip_temperature().ts0_temperature)
             level = Level.WARN if temp >= HOT_C else Level.OK
-            yield Check("chip temperature", level, f"{temp:.1f} C",
-                        "improve cooling (heatsink, fan, airflow)")  # fmt: skip
+            yield Check(
+                "chip temperature",
+                level,
+                f"{temp:.1f} C",
+                "improve cooling (heatsink, fan, airflow)",
+            )
     except Exception as exc:
-        yield Check("device control", Level.FAIL, str(exc),
-                    "another process may hold the device: `sudo lsof /dev/hailo0`")  # fmt: skip
+        yield Check(
+            "device control",
+            Level.FAIL,
+            str(exc),
+            "another process may hold the device: `sudo lsof /dev/hailo0`",
+        )
 
 
 HAILORTCLI_TIMEOUT_S = 15.0
@@ -168,8 +203,12 @@ def _hailortcli(ctx: _Context) -> Iterator[Check]:
     tool = shutil.which("hailortcli")
     if tool is None:
         level = Level.WARN if ctx.config.backend == "hailo" else Level.SKIP
-        yield Check("hailortcli", level, "not installed (comes with hailo-all)",
-                    "sudo apt install hailo-all")  # fmt: skip
+        yield Check(
+            "hailortcli",
+            level,
+            "not installed (comes with hailo-all)",
+            "sudo apt install hailo-all",
+        )
         return
     for args, fix in (
         (["scan"], "no device on the bus: check the HAT, `lspci | grep Hailo`, `dmesg`"),
@@ -178,9 +217,12 @@ def _hailortcli(ctx: _Context) -> Iterator[Check]:
         name = f"hailortcli {' '.join(args)}"
         try:
             done = subprocess.run(
-                [tool, *args], capture_output=True, text=True, timeout=HAILORTCLI_TIMEOUT_S,
+                [tool, *args],
+                capture_output=True,
+                text=True,
+                timeout=HAILORTCLI_TIMEOUT_S,
                 check=False,
-            )  # fmt: skip
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             yield Check(name, Level.FAIL, f"did not finish: {exc}", fix)
             continue
@@ -218,18 +260,30 @@ def _broker(ctx: _Context) -> Iterator[Check]:
         client.loop_start()
         answered.wait(5)
     except OSError as exc:
-        yield Check("broker", Level.FAIL, f"{address}: {exc}",
-                    "is the broker running and reachable? check host, port, firewall")  # fmt: skip
+        yield Check(
+            "broker",
+            Level.FAIL,
+            f"{address}: {exc}",
+            "is the broker running and reachable? check host, port, firewall",
+        )
         return
     finally:
         client.disconnect()
         client.loop_stop()
     if not outcome:
-        yield Check("broker", Level.FAIL, f"{address}: no answer in 5 s",
-                    "wrong port or a TLS/plain mismatch (mqtt:// vs mqtts://)")  # fmt: skip
+        yield Check(
+            "broker",
+            Level.FAIL,
+            f"{address}: no answer in 5 s",
+            "wrong port or a TLS/plain mismatch (mqtt:// vs mqtts://)",
+        )
     elif outcome[0] != "Success":
-        yield Check("broker", Level.FAIL, f"{address} refused: {outcome[0]}",
-                    "check username/password (IMU_NODE_PASSWORD) and the broker's ACL")  # fmt: skip
+        yield Check(
+            "broker",
+            Level.FAIL,
+            f"{address} refused: {outcome[0]}",
+            "check username/password (IMU_NODE_PASSWORD) and the broker's ACL",
+        )
     else:
         yield Check("broker", Level.OK, f"{address} accepted MQTT {ctx.config.mqtt_protocol}")
 
@@ -249,15 +303,22 @@ def _bundle(ctx: _Context) -> Iterator[Check]:
         "model bundle", Level.OK, f"{manifest.name} {manifest.version} ({files}), hashes ok"
     )
     if manifest.signature is None:
-        yield Check("signature", Level.WARN, "unsigned",
-                    "sign bundles with the fleet key before rolling them out")  # fmt: skip
+        yield Check(
+            "signature",
+            Level.WARN,
+            "unsigned",
+            "sign bundles with the fleet key before rolling them out",
+        )
     else:
         yield Check("signature", Level.OK, f"ed25519 key {manifest.signature.key_id}")
     if manifest.hef is not None and ctx.device_arch is not None:
         fits = manifest.hef.hw_arch in ACCEPTS.get(ctx.device_arch, set())
-        yield Check("HEF fits device", Level.OK if fits else Level.FAIL,
-                    f"HEF for {manifest.hef.hw_arch} on {ctx.device_arch}",
-                    f"compile for this chip: --hw-arch {ctx.device_arch.lower()}")  # fmt: skip
+        yield Check(
+            "HEF fits device",
+            Level.OK if fits else Level.FAIL,
+            f"HEF for {manifest.hef.hw_arch} on {ctx.device_arch}",
+            f"compile for this chip: --hw-arch {ctx.device_arch.lower()}",
+        )
 
 
 def _golden(ctx: _Context) -> Iterator[Check]:
@@ -270,14 +331,21 @@ def _golden(ctx: _Context) -> Iterator[Check]:
         try:
             pipeline = load_model(ctx.bundle, backend, ctx.config.backend_options())
         except EdgeError as exc:
-            yield Check(f"golden check ({backend})", Level.FAIL, str(exc),
-                        "it does not reproduce its goldens: recompile or rebuild")  # fmt: skip
+            yield Check(
+                f"golden check ({backend})",
+                Level.FAIL,
+                str(exc),
+                "it does not reproduce its goldens: recompile or rebuild",
+            )
             continue
         report = pipeline.golden_check()
         pipeline.close()
-        yield Check(f"golden check ({backend})", Level.OK,
-                    f"{report.count} windows, min cosine {report.min_cosine:.5f}, "
-                    f"max abs error {report.max_abs_error:.2g}")  # fmt: skip
+        yield Check(
+            f"golden check ({backend})",
+            Level.OK,
+            f"{report.count} windows, min cosine {report.min_cosine:.5f}, "
+            f"max abs error {report.max_abs_error:.2g}",
+        )
 
 
 def _spool(ctx: _Context) -> Iterator[Check]:
@@ -292,15 +360,23 @@ def _spool(ctx: _Context) -> Iterator[Check]:
         return
     existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
     if not os.access(existing, os.W_OK):
-        yield Check("result spool", Level.FAIL, f"{existing} is not writable by this user",
-                    f"create {folder} for the node's user, or set spool_dir")  # fmt: skip
+        yield Check(
+            "result spool",
+            Level.FAIL,
+            f"{existing} is not writable by this user",
+            f"create {folder} for the node's user, or set spool_dir",
+        )
         return
     waiting = spooled_bytes(folder)
     free_mb = shutil.disk_usage(existing).free / 2**20
     found = f"{folder}, {waiting / 2**20:.1f} MB waiting, {free_mb:,.0f} MB free"
     if free_mb < config.spool_max_mb:
-        yield Check("result spool", Level.WARN, found,
-                    f"spool_max_mb is {config.spool_max_mb}: free disk or lower it")  # fmt: skip
+        yield Check(
+            "result spool",
+            Level.WARN,
+            found,
+            f"spool_max_mb is {config.spool_max_mb}: free disk or lower it",
+        )
         return
     yield Check("result spool", Level.OK, found)
 

@@ -301,9 +301,13 @@ class ModelManager:
         self._active_size = desired.bundle_size
         self._report(ModelLifecycle.ACTIVE)
         logger.info(
-            "now serving %s %s (was %s %s), update took %.2f s", target.name, target.version,
-            old.ref.name, old.ref.version, time.monotonic() - started,
-        )  # fmt: skip
+            "now serving %s %s (was %s %s), update took %.2f s",
+            target.name,
+            target.version,
+            old.ref.name,
+            old.ref.version,
+            time.monotonic() - started,
+        )
 
     def _verify(self, desired: DesiredModel, bundle: Bundle) -> None:
         manifest = bundle.manifest
@@ -332,9 +336,10 @@ class ModelManager:
         logger.error("refused %s %s: %s", target.name, target.version, reason)
         self._report(ModelLifecycle.FAILED, target=target, error=reason)
         self._reporter.report(
-            ErrorKind.MODEL, f"{target.name} {target.version} refused: {reason}",
+            ErrorKind.MODEL,
+            f"{target.name} {target.version} refused: {reason}",
             topic=topics.node_model(self.settings.node_id),
-        )  # fmt: skip
+        )
 
     def _report(
         self,

@@ -1,0 +1,152 @@
+"""`imu-fleet simulate sensors|nodes`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from common.cli import Command, arg
+from common.mqtt.connection import Credentials
+from fleet.settings import broker_options
+
+DEGRADE_MODES = ("errors", "latency", "crash")
+
+
+def _sensors(args: argparse.Namespace) -> int:
+    from fleet.simulate.sensors import SensorSimulator  # noqa: PLC0415
+
+    simulator = SensorSimulator(
+        args.broker,
+        sensors=args.sensors,
+        rate_hz=args.rate,
+        mode=args.mode,
+        interval_s=args.interval,
+        hop=args.hop,
+        prefix=args.prefix,
+        seed=args.seed,
+        protocol=args.mqtt_protocol,
+        encoding=args.encoding,
+    )
+    print(
+        f"publishing {args.sensors} sensors ({', '.join(simulator.sensor_ids[:3])}"
+        f"{', ...' if args.sensors > 3 else ''}) at {args.rate:g} Hz as {args.mode} to "
+        f"{args.broker}; Ctrl-C to stop",
+        file=sys.stderr,
+    )
+
+    def progress(stats: object) -> None:
+        print(f"\r{stats}", end="", file=sys.stderr, flush=True)
+
+    try:
+        simulator.run_for(args.duration, progress)
+    except KeyboardInterrupt:
+        simulator.stop()
+    print(file=sys.stderr)
+    return 0
+
+
+def _nodes(args: argparse.Namespace) -> int:
+    from fleet.simulate.nodes import simulate_nodes  # noqa: PLC0415
+
+    def connected(done: int, total: int) -> None:
+        print(f"\rconnected {done}/{total}", end="", file=sys.stderr, flush=True)
+
+    if args.broker.credentials != Credentials():
+        msg = "simulated nodes do not log in: run them against an open test broker"
+        raise ValueError(msg)
+    degrade = {}
+    for item in args.degrade:
+        version, _, mode = item.partition("=")
+        if mode not in DEGRADE_MODES:
+            msg = f"--degrade {item!r}: give VERSION={'|'.join(DEGRADE_MODES)}"
+            raise ValueError(msg)
+        degrade[version] = mode
+    return simulate_nodes(
+        str(args.broker.address),
+        args.bundle,
+        args.count,
+        prefix=args.prefix,
+        groups=args.groups,
+        telemetry_interval_s=args.telemetry_interval,
+        trust_key=args.trust_key,
+        protocol=args.mqtt_protocol,
+        duration=args.duration,
+        progress=connected,
+        degrade=degrade,
+    )
+
+
+SENSORS = Command(
+    "sensors",
+    "publish simulated IMU sensors in real time",
+    _sensors,
+    args=[
+        arg("--sensors", type=int, default=4, help="how many sensors (4)"),
+        arg("--rate", type=float, default=100.0, help="samples/s per sensor (100)"),
+        arg(
+            "--mode",
+            choices=["samples", "window"],
+            default="samples",
+            help="publish sample runs on imu/ID/samples or whole windows on imu/ID/window",
+        ),
+        arg("--hop", type=int, default=50, help="window mode: samples per window (50)"),
+        arg(
+            "--encoding",
+            choices=["json", "binary"],
+            default="json",
+            help="window mode: JSON windows, or binary frames with their seq in the header "
+            "(docs/topics.md, Binary frames)",
+        ),
+        arg("--interval", type=float, default=0.1, help="seconds between messages"),
+        arg("--prefix", default="sim", help="sensor ids are PREFIX-000, ... (sim)"),
+        arg("--duration", type=float, default=None, help="seconds (default: forever)"),
+        arg("--seed", type=int, default=0, help="seed of the simulated signals (0)"),
+    ],
+    shared=broker_options,
+    examples=[
+        "imu-fleet simulate sensors --broker mqtt://127.0.0.1:1883 --sensors 8 --rate 100 "
+        "--mode window --encoding binary"
+    ],
+)
+
+NODES = Command(
+    "nodes",
+    "run N lightweight nodes (real MQTT clients, the real model manager) for rollouts",
+    _nodes,
+    description="Each simulated node connects on its own, publishes birth/will, telemetry and "
+    "model state, and follows desired state with the same model manager code as a real node "
+    "(fetch, verify, load, golden check, swap); inference is shared per version.",
+    args=[
+        arg("--count", type=int, required=True, help="how many nodes"),
+        arg("--bundle", type=Path, required=True, help="the model they start on"),
+        arg("--prefix", default="sim", help="node ids are PREFIX-0000, ... (sim)"),
+        arg("--groups", type=int, default=1, help="spread over PREFIX-g0.. (1)"),
+        arg("--duration", type=float, default=None, help="seconds (default: forever)"),
+        arg("--trust-key", type=Path, help="fleet public key the nodes require"),
+        arg(
+            "--telemetry-interval",
+            type=float,
+            default=5.0,
+            help="seconds between a node's telemetry messages (5)",
+        ),
+        arg(
+            "--degrade",
+            action="append",
+            default=[],
+            metavar="VERSION=MODE",
+            help="make nodes serving VERSION degrade once it is active, to try health gates: "
+            "errors (every window fails), latency (+80 ms), crash (restart every interval)",
+        ),
+    ],
+    shared=broker_options,
+    examples=[
+        "imu-fleet simulate nodes --count 1000 --bundle tcn-reference-1.0.0.tar \\\n"
+        "      --telemetry-interval 10 --degrade 1.4.0=errors"
+    ],
+)
+
+COMMANDS = [
+    Command("simulate", "simulate sensors or fleet nodes", children=[SENSORS, NODES], dest="what")
+]
+"""The simulation commands of `imu-fleet`."""
