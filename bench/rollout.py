@@ -20,7 +20,7 @@ from fleet.distribution import publish_bundle
 from fleet.rollout.controller import Controller
 from fleet.simulate.nodes import SimulatedFleet, raise_open_files
 from node.tools.local_broker import LocalBroker
-from schemas.messages import RolloutRecord
+from schemas.control import RolloutRecord
 
 
 def one_run(count: int, waves: list[int], folder: Path) -> dict[str, object]:

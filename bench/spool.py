@@ -20,7 +20,8 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from common.mqtt.address import BrokerAddress
-from common.mqtt.session import MqttSession, SessionSettings
+from common.mqtt.client import SessionSettings
+from common.mqtt.session import MqttSession
 from node.mqtt.outbox import Outbox
 from node.mqtt.spool import Spool
 from node.tools.local_broker import LocalBroker

@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from common.errors import BundleError
+from schemas.control import DesiredModel
 from schemas.manifest import Manifest, Signature
-from schemas.messages import DesiredModel
 
 PRIVATE_NAME = "fleet.key"
 PUBLIC_NAME = "fleet.pub"

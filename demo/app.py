@@ -20,7 +20,8 @@ import paho.mqtt.client as mqtt
 
 from common.bundle import read_bundle
 from common.mqtt.address import BrokerAddress
-from common.mqtt.session import MqttSession, SessionSettings
+from common.mqtt.client import SessionSettings
+from common.mqtt.session import MqttSession
 from fleet.bundles.reference import ensure_reference_bundle
 from fleet.simulate.sensors import SensorMode, SensorSimulator
 from node.app import NodeApp

@@ -12,7 +12,7 @@ from common.mqtt.session import MqttSession
 from common.signing import load_private_key, sign_desired
 from schemas import topics
 from schemas.codec import encode
-from schemas.messages import DesiredModel
+from schemas.control import DesiredModel
 
 
 def desired_for(

@@ -19,7 +19,7 @@ from common.mqtt.connection import Connection
 from common.mqtt.session import MqttSession
 from schemas import topics
 from schemas.codec import encode
-from schemas.messages import ArtifactManifest
+from schemas.control import ArtifactManifest
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,33 @@ import orjson
 from pydantic import BaseModel
 
 from schemas.codec import BINARY_FRAMES_SECTION
+from schemas.control import ArtifactManifest, ControllerPresence, DesiredModel, RolloutRecord
 from schemas.manifest import Manifest
-from schemas.messages import ALL_MESSAGES, WindowMessage
+from schemas.messages import (
+    ErrorReport,
+    MotifResult,
+    NodeModelState,
+    NodeStatus,
+    SamplesMessage,
+    Telemetry,
+    WindowMessage,
+)
 from schemas.topics import CATALOGUE
+
+ALL_MESSAGES: tuple[type[BaseModel], ...] = (
+    WindowMessage,
+    SamplesMessage,
+    MotifResult,
+    NodeStatus,
+    Telemetry,
+    ErrorReport,
+    NodeModelState,
+    DesiredModel,
+    ArtifactManifest,
+    RolloutRecord,
+    ControllerPresence,
+)
+"""Every message model, in topic-tree order (for JSON Schema export)."""
 
 logger = logging.getLogger(__name__)
 

@@ -44,13 +44,7 @@ from schemas.limits import (
     MOTIF_COUNT,
     WINDOW_LENGTH,
 )
-from schemas.messages import (
-    ErrorKind,
-    ModelRef,
-    MotifResult,
-    SamplesMessage,
-    WindowMessage,
-)
+from schemas.messages import ErrorKind, ModelRef, MotifResult, SamplesMessage, WindowMessage
 
 PROPERTY = settings(
     max_examples=300,

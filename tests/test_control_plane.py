@@ -30,7 +30,7 @@ from node.app import NodeApp
 from node.tools.local_broker import LocalBroker
 from schemas import topics
 from schemas.codec import encode
-from schemas.messages import DesiredModel
+from schemas.control import DesiredModel
 
 pytestmark = pytest.mark.parametrize("backend", ["onnx"], indirect=True)
 

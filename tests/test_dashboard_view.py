@@ -12,8 +12,8 @@ from fleet.dashboard.metrics import DashboardCollector, metrics_registry, render
 from fleet.dashboard.view import DashboardView, Limits, Reject, classify, motif_name
 from schemas import topics
 from schemas.codec import encode
+from schemas.control import DesiredModel, NodeOutcome, NodeRolloutState, RolloutRecord, RolloutState
 from schemas.messages import (
-    DesiredModel,
     ErrorKind,
     ErrorReport,
     LatencySummary,
@@ -21,12 +21,8 @@ from schemas.messages import (
     ModelRef,
     MotifResult,
     NodeModelState,
-    NodeOutcome,
-    NodeRolloutState,
     NodeState,
     NodeStatus,
-    RolloutRecord,
-    RolloutState,
     Telemetry,
 )
 

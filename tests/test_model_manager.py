@@ -23,7 +23,7 @@ from node.tools.local_broker import LocalBroker
 from runtime.reference import build_reference_onnx
 from schemas import topics
 from schemas.codec import encode
-from schemas.messages import DesiredModel
+from schemas.control import DesiredModel
 
 ONNX_ONLY = pytest.mark.parametrize("backend", ["onnx"], indirect=True)
 

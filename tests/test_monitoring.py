@@ -32,7 +32,7 @@ from fleet.dashboard.app import Dashboard, DashboardSettings
 from node.tools.local_broker import LocalBroker, free_port
 from schemas import topics
 from schemas.codec import encode
-from schemas.messages import DesiredModel, NodeOutcome, RolloutRecord
+from schemas.control import DesiredModel, NodeOutcome, RolloutRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "compose" / "prometheus"

@@ -22,18 +22,8 @@ from node.app import NodeApp
 from node.tools.local_broker import LocalBroker
 from schemas import topics
 from schemas.codec import encode
-from schemas.messages import (
-    DesiredModel,
-    ModelLifecycle,
-    ModelRef,
-    NodeModelState,
-    NodeOutcome,
-    NodeRolloutState,
-    NodeState,
-    NodeStatus,
-    RolloutRecord,
-    RolloutState,
-)
+from schemas.control import DesiredModel, NodeOutcome, NodeRolloutState, RolloutRecord, RolloutState
+from schemas.messages import ModelLifecycle, ModelRef, NodeModelState, NodeState, NodeStatus
 
 ONNX_ONLY = pytest.mark.parametrize("backend", ["onnx"], indirect=True)
 

@@ -29,17 +29,8 @@ from fleet.simulate.nodes import Degradation, SimulatedFleet
 from node.tools.local_broker import LocalBroker
 from schemas import topics
 from schemas.codec import encode
-from schemas.messages import (
-    ModelLifecycle,
-    ModelRef,
-    NodeModelState,
-    NodeRolloutState,
-    NodeState,
-    NodeStatus,
-    RolloutGates,
-    RolloutRecord,
-    RolloutState,
-)
+from schemas.control import NodeRolloutState, RolloutGates, RolloutRecord, RolloutState
+from schemas.messages import ModelLifecycle, ModelRef, NodeModelState, NodeState, NodeStatus
 
 NEW = "1.4.0"
 INTERVAL_S = 0.3

@@ -6,7 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fleet.rollout.health import cohort_figures, figures, judge
-from schemas.messages import LatencySummary, RolloutGates, Telemetry
+from schemas.control import RolloutGates
+from schemas.messages import LatencySummary, Telemetry
 
 GATES = RolloutGates(soak_s=10)
 

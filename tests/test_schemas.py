@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 from schemas import SCHEMA_VERSION, topics
+from schemas.export import ALL_MESSAGES, schema_documents, topics_document, write_schemas
 from schemas.export import main as export_main
-from schemas.export import schema_documents, topics_document, write_schemas
 from schemas.limits import (
     CHANNEL_ORDER,
     CHANNELS,
@@ -28,7 +28,6 @@ from schemas.limits import (
 )
 from schemas.manifest import Manifest
 from schemas.messages import (
-    ALL_MESSAGES,
     ErrorKind,
     ErrorReport,
     LatencySummary,

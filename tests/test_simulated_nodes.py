@@ -20,7 +20,8 @@ from node.tools.local_broker import LocalBroker, free_port
 from node.updates import fetch
 from schemas import topics
 from schemas.codec import encode
-from schemas.messages import DesiredModel, Telemetry
+from schemas.control import DesiredModel
+from schemas.messages import Telemetry
 
 COUNT = 20
 FleetFactory = Callable[..., SimulatedFleet]

@@ -31,7 +31,7 @@ from pydantic_settings import (
 )
 
 from common.mqtt.address import BrokerAddress
-from common.mqtt.session import SessionSettings
+from common.mqtt.client import SessionSettings
 from schemas.errors import describe_validation_error
 
 

@@ -13,58 +13,33 @@ from __future__ import annotations
 import logging
 import random
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential_jitter
 
-from common.errors import EdgeError
-from common.mqtt.address import BrokerAddress
+from common.mqtt.client import (
+    Ack,
+    ConnectRefusedError,
+    SessionCounters,
+    SessionSettings,
+    loop_writes,
+    no_ack,
+    paho_client,
+)
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[mqtt.MQTTMessage], None]
 CONNACK_TIMEOUT_S = 10.0
-
-
-class ConnectRefusedError(EdgeError, ConnectionError):
-    """The broker answered CONNECT with a failure reason code."""
-
-
-@dataclass(frozen=True, slots=True)
-class SessionSettings:
-    """How to reach and talk to the broker."""
-
-    address: BrokerAddress
-    client_id: str
-    protocol: str = "5"
-    keepalive_s: int = 30
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    will: tuple[str, bytes] | None = None
-    """Retained QoS 1 last will: (topic, payload)."""
-    max_pending_publishes: int = 10_000
-    session_expiry_s: int = 0
-    """MQTT 5: how long the broker keeps the session (and queued QoS 1 input) after a drop,
-    also across a restart of a broker with persistence. 0 for tools; a node keeps 300 s so a
-    short outage loses no window. The client id must then be unique to this process."""
-    backoff_initial_s: float = 0.2
-    backoff_max_s: float = 30.0
-    manual_ack: bool = False
-    """Acknowledge QoS 1 messages only when told (`ack_later`); routes added with
-    `deferred_ack=False` are still acknowledged as soon as their handler returns."""
 
 
 @dataclass(slots=True)
@@ -74,30 +49,12 @@ class _Route:
     qos: int
 
 
-Ack = Callable[[], None]
-"""Acknowledges one received QoS 1 message, once; a no-op after the connection it came on."""
-
 FLAP_S = 5.0
 """A connection that drops sooner than this after CONNACK counts as a flap: the next attempt
 waits, longer each time (e.g. two processes taking one client id from each other)."""
 
 SESSION_TAKEN_OVER = 142
 """MQTT 5 DISCONNECT reason: another connection with this client id took the session."""
-
-
-@dataclass
-class SessionCounters:
-    """Connection-level counters for telemetry."""
-
-    connects: int = 0
-    disconnects: int = 0
-    publish_dropped: int = 0
-    publish_refused: int = 0
-    """QoS 1 publishes the broker acknowledged with a failure reason (e.g. 135, not
-    authorized by its ACL): delivered nowhere."""
-    handler_errors: int = 0
-    last_error: str | None = None
-    connected_since: float | None = field(default=None)
 
 
 class MqttSession:
@@ -387,28 +344,7 @@ class MqttSession:
     # -- paho callbacks (network thread) --------------------------------------------------
 
     def _make_client(self) -> mqtt.Client:
-        s = self.settings
-        v5 = s.protocol == "5"
-        client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=s.client_id,
-            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
-            clean_session=None if v5 else True,
-            reconnect_on_failure=False,
-            manual_ack=s.manual_ack,
-        )
-        client.max_queued_messages_set(s.max_pending_publishes)
-        if s.username is not None:
-            client.username_pw_set(s.username, s.password)
-        if s.address.tls:
-            client.tls_set(
-                ca_certs=s.ca_file,
-                certfile=s.cert_file,
-                keyfile=s.key_file,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
-        if s.will is not None:
-            client.will_set(s.will[0], s.will[1], qos=1, retain=True)
+        client = paho_client(self.settings)
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_publish = self._handle_publish
@@ -417,7 +353,7 @@ class MqttSession:
         # the packet and wakes the loop (paho's external-loop mode), instead of writing itself
         # while holding paho's message lock (two threads on one socket; a lock-order deadlock
         # with callbacks that publish).
-        client.on_socket_register_write = _loop_writes
+        client.on_socket_register_write = loop_writes
         client.on_unsubscribe = self._handle_unsubscribe
         return client
 
@@ -556,11 +492,3 @@ class MqttSession:
                     client.ack(message.mid, message.qos)
 
         return call
-
-
-def _loop_writes(client: mqtt.Client, userdata: Any, sock: Any) -> None:
-    """Nothing to do: `_pump`'s `client.loop()` writes whatever is queued."""
-
-
-def no_ack() -> None:
-    """Nothing to acknowledge (QoS 0, or a session that acknowledges by itself)."""

@@ -19,272 +19,36 @@ import copy
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any, Final
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from fleet.dashboard.rows import (
+    ACTIVE_ROLLOUT_STATES,
+    SCHEMAS,
+    SUBSCRIPTIONS,
+    Counters,
+    Kind,
+    Limits,
+    NodeRow,
+    Reject,
+    RolloutRow,
+    SensorRow,
+    classify,
+    cut,
+    motif_name,
+    num,
+)
 from fleet.rollout.records import newer
-from schemas import topics
+from schemas.control import RolloutRecord
 from schemas.messages import (
     ErrorReport,
     ModelRef,
     MotifResult,
     NodeModelState,
     NodeStatus,
-    RolloutRecord,
-    RolloutState,
     Telemetry,
 )
-
-ACTIVE_ROLLOUT_STATES: Final = frozenset({RolloutState.RUNNING, RolloutState.PAUSED})
-SUBSCRIPTIONS: Final = (
-    topics.NODES_STATUS_FILTER,
-    topics.NODES_MODEL_FILTER,
-    topics.NODES_TELEMETRY_FILTER,
-    topics.node_errors("+"),
-    topics.ROLLOUTS_FILTER,
-    topics.MOTIFS_FILTER,
-)
-"""Every topic filter the dashboard reads: all within the read-only dashboard role's grants."""
-
-
-class Kind(StrEnum):
-    """What a subscribed topic carries."""
-
-    STATUS = "status"
-    MODEL = "model"
-    TELEMETRY = "telemetry"
-    ERRORS = "errors"
-    ROLLOUT = "rollout"
-    RESULT = "result"
-
-
-class Reject(StrEnum):
-    """Why a message was dropped (the `reason` label of the rejected-payloads counter)."""
-
-    BAD_TOPIC = "bad_topic"
-    """A topic not of a subscribed shape, or whose id is not a valid id."""
-    OVERSIZED = "oversized"
-    MALFORMED = "malformed"
-    """Not JSON."""
-    INVALID = "invalid"
-    """JSON that breaks the message's schema."""
-    MISMATCH = "mismatch"
-    """The id inside the payload differs from the one in the topic."""
-    STALE = "stale"
-    """A rollout record older than the one held (a superseded controller's late write)."""
-    OVER_CAPACITY = "over_capacity"
-    """A new node or rollout while every slot holds a live one."""
-
-
-_SCHEMAS: Final[dict[Kind, type[BaseModel]]] = {
-    Kind.STATUS: NodeStatus,
-    Kind.MODEL: NodeModelState,
-    Kind.TELEMETRY: Telemetry,
-    Kind.ERRORS: ErrorReport,
-    Kind.ROLLOUT: RolloutRecord,
-    Kind.RESULT: MotifResult,
-}
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """How much the dashboard holds at most."""
-
-    max_nodes: int = 1000
-    max_sensors: int = 500
-    max_rollouts: int = 50
-    ethogram_length: int = 120
-    """Results kept per sensor (the ethogram's span: 120 windows at 2/s is one minute)."""
-    max_payload_bytes: int = 64 * 1024
-    """Largest node report or result read; a result is ~1.5 KB, telemetry ~1 KB."""
-    max_rollout_bytes: int = 1024 * 1024
-    """Largest rollout record read (a 1,000-node rollout is ~300 KB)."""
-    max_rollout_nodes: int = 2000
-    """Nodes of one rollout shown; the rest are counted."""
-    max_pending_results: int = 5000
-    """Results held between two updates of the pages; older ones are dropped from the update
-    (they stay in the ethograms)."""
-    label_cache: int = 64
-    """(model name, version) -> motif names remembered from model states."""
-    text_chars: int = 200
-    """Longest string kept from a message (ids are at most 64 by their pattern)."""
-
-
-def classify(topic: str) -> tuple[Kind, str] | None:
-    """The kind of a subscribed topic and the node, sensor or rollout id in it."""
-    parts = topic.split("/")
-    if len(parts) == 3 and parts[0] == "imu" and parts[2] == "motifs":
-        kind, ident = Kind.RESULT, parts[1]
-    elif len(parts) == 4 and parts[:2] == ["fleet", "nodes"] and parts[3] in _NODE_KINDS:
-        kind, ident = _NODE_KINDS[parts[3]], parts[2]
-    elif len(parts) == 3 and parts[:2] == ["fleet", "rollouts"]:
-        kind, ident = Kind.ROLLOUT, parts[2]
-    else:
-        return None
-    return (kind, ident) if topics.is_valid_id(ident) else None
-
-
-_NODE_KINDS: Final = {
-    "status": Kind.STATUS,
-    "model": Kind.MODEL,
-    "telemetry": Kind.TELEMETRY,
-    "errors": Kind.ERRORS,
-}
-
-
-def motif_name(labels: tuple[str, ...] | None, index: int) -> str:
-    """The name of motif `index`: the bundle's label, else `motif N`."""
-    return labels[index] if labels is not None else f"motif {index}"
-
-
-def _cut(value: object, limit: int) -> str | None:
-    if value is None:
-        return None
-    text = str(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _num(value: float | None, digits: int = 3) -> float | None:
-    return None if value is None else round(float(value), digits)
-
-
-@dataclass(slots=True)
-class NodeRow:
-    """What the page shows of one node (strings already cut to display length)."""
-
-    node_id: str
-    seen: float = 0.0
-    state: str | None = None
-    """online, stopping, offline, stopped; None before a status arrived."""
-    status_ts: float | None = None
-    group: str | None = None
-    host: str | None = None
-    software_version: str | None = None
-    reason: str | None = None
-    backend: str | None = None
-    model_name: str | None = None
-    model_version: str | None = None
-    model_state: str | None = None
-    model_target: str | None = None
-    model_error: str | None = None
-    labels: tuple[str, ...] | None = None
-    telemetry_ts: float | None = None
-    interval_s: float | None = None
-    windows_per_s: float | None = None
-    p95_ms: float | None = None
-    queue_depth: int | None = None
-    queue_capacity: int | None = None
-    temperature_c: float | None = None
-    accelerator_temperature_c: float | None = None
-    rss_mb: float | None = None
-    dropped: int | None = None
-    errors: int | None = None
-    last_error: dict[str, Any] | None = None
-
-    @property
-    def online(self) -> bool:
-        """True while the node's retained status says online."""
-        return self.state == "online"
-
-    def as_json(self) -> dict[str, Any]:
-        """The row as the page reads it."""
-        return {
-            "node_id": self.node_id,
-            "state": self.state,
-            "status_ts": self.status_ts,
-            "group": self.group,
-            "host": self.host,
-            "software_version": self.software_version,
-            "reason": self.reason,
-            "backend": self.backend,
-            "model": {
-                "name": self.model_name,
-                "version": self.model_version,
-                "state": self.model_state,
-                "target": self.model_target,
-                "error": self.model_error,
-                "labels": list(self.labels) if self.labels else None,
-            },
-            "telemetry_ts": self.telemetry_ts,
-            "interval_s": self.interval_s,
-            "windows_per_s": self.windows_per_s,
-            "p95_ms": self.p95_ms,
-            "queue_depth": self.queue_depth,
-            "queue_capacity": self.queue_capacity,
-            "temperature_c": self.temperature_c,
-            "accelerator_temperature_c": self.accelerator_temperature_c,
-            "rss_mb": self.rss_mb,
-            "dropped": self.dropped,
-            "errors": self.errors,
-            "last_error": self.last_error,
-        }
-
-
-@dataclass(slots=True)
-class RolloutRow:
-    """What the page shows of one rollout."""
-
-    head: RolloutRecord
-    """The record without its per-node parts: what `newer` needs to order two writes."""
-    waves: list[list[dict[str, str | None]]]
-    hidden_nodes: int
-    failures: int
-
-    @property
-    def active(self) -> bool:
-        """Running or paused."""
-        return self.head.state in ACTIVE_ROLLOUT_STATES
-
-    @property
-    def current_wave(self) -> int:
-        """The wave in progress, 1-based (the last one once the rollout is over)."""
-        return max(1, min(self.head.wave + 1, len(self.waves)))
-
-    def as_json(self, limit: int) -> dict[str, Any]:
-        """The rollout as the page reads it (wave 1-based)."""
-        h = self.head
-        return {
-            "rollout_id": h.rollout_id,
-            "name": _cut(h.desired.name, limit),
-            "version": _cut(h.desired.version, limit),
-            "group": _cut(h.group, limit),
-            "state": h.state.value,
-            "wave": self.current_wave,
-            "waves_total": len(self.waves),
-            "waves": self.waves,
-            "hidden_nodes": self.hidden_nodes,
-            "failures": self.failures,
-            "max_failures": h.max_failures,
-            "command": h.command,
-            "created_at": h.created_at,
-            "updated_at": h.updated_at,
-            "reason": _cut(h.reason, limit),
-        }
-
-
-@dataclass(slots=True)
-class SensorRow:
-    """One sensor's recent results: (n, ts, motif, confidence, name) per window."""
-
-    sensor_id: str
-    node_id: str
-    model: str
-    ethogram: deque[tuple[int, float, int, float, str]]
-    results: int = 0
-
-
-@dataclass
-class Counters:
-    """What the view has seen and refused since start."""
-
-    messages: dict[str, int] = field(default_factory=lambda: dict.fromkeys(Kind, 0))
-    rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(Reject, 0))
-    evicted: dict[str, int] = field(
-        default_factory=lambda: {"node": 0, "sensor": 0, "rollout": 0, "result": 0}
-    )
 
 
 class DashboardView:
@@ -335,7 +99,7 @@ class DashboardView:
                 return None
             return Reject.MALFORMED
         try:
-            message = _SCHEMAS[kind].model_validate_json(payload)
+            message = SCHEMAS[kind].model_validate_json(payload)
         except ValidationError as exc:
             errors = exc.errors(include_url=False, include_context=False, include_input=False)
             return Reject.MALFORMED if errors[0]["type"] == "json_invalid" else Reject.INVALID
@@ -358,10 +122,10 @@ class DashboardView:
         t = self.limits.text_chars
         if isinstance(message, NodeStatus):
             row.state, row.status_ts = message.state.value, message.ts
-            row.group, row.host = _cut(message.group, t), _cut(message.host, t)
-            row.software_version = _cut(message.software_version, t)
-            row.reason = _cut(message.reason, t)
-            row.backend = _cut(message.backend, t) or row.backend
+            row.group, row.host = cut(message.group, t), cut(message.host, t)
+            row.software_version = cut(message.software_version, t)
+            row.reason = cut(message.reason, t)
+            row.backend = cut(message.backend, t) or row.backend
             if message.model is not None and row.model_state is None:
                 row.model_name, row.model_version = self._ref(message.model)
         elif isinstance(message, NodeModelState):
@@ -372,8 +136,8 @@ class DashboardView:
             row.last_error = {
                 "ts": message.ts,
                 "kind": message.kind.value,
-                "reason": _cut(message.reason, t),
-                "sensor_id": _cut(message.sensor_id, t),
+                "reason": cut(message.reason, t),
+                "sensor_id": cut(message.sensor_id, t),
                 "suppressed": message.suppressed,
             }
         self._dirty_nodes.add(ident)
@@ -381,7 +145,7 @@ class DashboardView:
 
     def _ref(self, ref: ModelRef) -> tuple[str | None, str | None]:
         t = self.limits.text_chars
-        return _cut(ref.name, t), _cut(ref.version, t)
+        return cut(ref.name, t), cut(ref.version, t)
 
     def _model_state(self, row: NodeRow, message: NodeModelState) -> None:
         t = self.limits.text_chars
@@ -390,12 +154,12 @@ class DashboardView:
             self._ref(message.active) if message.active else (None, None)
         )
         row.model_target = (
-            f"{_cut(message.target.name, t)} {_cut(message.target.version, t)}"
+            f"{cut(message.target.name, t)} {cut(message.target.version, t)}"
             if message.target
             else None
         )
-        row.model_error = _cut(message.last_error, t)
-        row.backend = _cut(message.backend, t) or row.backend
+        row.model_error = cut(message.last_error, t)
+        row.backend = cut(message.backend, t) or row.backend
         row.labels = tuple(message.motif_labels) if message.motif_labels else None
         if row.labels and message.active is not None:
             key = (message.active.name, message.active.version)
@@ -405,14 +169,14 @@ class DashboardView:
                 self._labels.popitem(last=False)
 
     def _telemetry(self, row: NodeRow, message: Telemetry) -> None:
-        row.telemetry_ts, row.interval_s = message.ts, _num(message.interval_s)
-        row.backend = _cut(message.backend, self.limits.text_chars)
-        row.windows_per_s = _num(message.windows_per_s, 2)
-        row.p95_ms = _num(message.latency_ms.p95, 2)
+        row.telemetry_ts, row.interval_s = message.ts, num(message.interval_s)
+        row.backend = cut(message.backend, self.limits.text_chars)
+        row.windows_per_s = num(message.windows_per_s, 2)
+        row.p95_ms = num(message.latency_ms.p95, 2)
         row.queue_depth, row.queue_capacity = message.queue_depth, message.queue_capacity
-        row.temperature_c = _num(message.temperature_c, 1)
-        row.accelerator_temperature_c = _num(message.accelerator_temperature_c, 1)
-        row.rss_mb = _num(message.rss_mb, 1)
+        row.temperature_c = num(message.temperature_c, 1)
+        row.accelerator_temperature_c = num(message.accelerator_temperature_c, 1)
+        row.rss_mb = num(message.rss_mb, 1)
         row.dropped = sum(message.dropped.values())
         row.errors = sum(message.errors.values())
         if row.model_state is None and message.model is not None:
@@ -483,9 +247,9 @@ class DashboardView:
                 outcome = record.nodes.get(node_id)
                 cells.append(
                     {
-                        "node_id": _cut(node_id, 64),
+                        "node_id": cut(node_id, 64),
                         "state": outcome.state.value if outcome else None,
-                        "error": _cut(outcome.error, t) if outcome else None,
+                        "error": cut(outcome.error, t) if outcome else None,
                     }
                 )
                 shown += 1
@@ -505,8 +269,8 @@ class DashboardView:
         motif = result.top_motif
         name = motif_name(labels, motif)
         confidence = round(result.motif_scores[motif], 4)
-        model = f"{_cut(result.model.name, t)} {_cut(result.model.version, t)}"
-        node_id = _cut(result.node_id, 64) or ""
+        model = f"{cut(result.model.name, t)} {cut(result.model.version, t)}"
+        node_id = cut(result.node_id, 64) or ""
         row = self._sensors.get(sensor_id)
         if row is None:
             if len(self._sensors) >= self.limits.max_sensors:
@@ -648,3 +412,6 @@ class DashboardView:
                 "ethogram_entries": sum(len(s.ethogram) for s in self._sensors.values()),
                 "pending_results": len(self._pending),
             }
+
+
+__all__ = ["SUBSCRIPTIONS", "DashboardView", "Limits", "Reject", "classify", "motif_name"]

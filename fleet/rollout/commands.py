@@ -16,13 +16,8 @@ from contextlib import contextmanager
 from fleet.distribution import publish_bundle
 from fleet.rollout.controller import Controller, RolloutError, send_command
 from fleet.rollout.view import NodeView
-from schemas.messages import (
-    NodeHealth,
-    NodeModelState,
-    NodeRolloutState,
-    RolloutRecord,
-    RolloutState,
-)
+from schemas.control import NodeHealth, NodeRolloutState, RolloutRecord, RolloutState
+from schemas.messages import NodeModelState
 
 SETTLE_S = 1.5
 """Time for retained node, artifact and rollout messages to arrive after subscribing."""

@@ -20,57 +20,32 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from common.errors import EdgeError
 from common.mqtt.connection import Connection
 from common.mqtt.session import MqttSession
-from common.signing import load_private_key, sign_desired
-from fleet.desired import clear_payload, desired_topic, scoped
-from fleet.rollout.health import cohort_figures, judge
+from common.signing import load_private_key
+from fleet.desired import clear_payload, desired_topic
 from fleet.rollout.presence import Presence, presence_session
-from fleet.rollout.records import RolloutBook, superseded
-from fleet.rollout.view import FleetView, NodeView
+from fleet.rollout.records import RolloutBook
+from fleet.rollout.view import FleetView
+from fleet.rollout.waves import (
+    HEARTBEAT_S,
+    MAX_DEFAULT_SOAK_S,
+    SOAK_INTERVALS,
+    Progress,
+    RolloutError,
+    WaveDriver,
+)
 from schemas import topics
 from schemas.codec import encode
-from schemas.messages import (
-    ArtifactManifest,
-    DesiredModel,
-    FollowedDesired,
-    ModelLifecycle,
-    NodeOutcome,
-    NodeRolloutState,
-    RolloutGates,
-    RolloutRecord,
-    RolloutState,
-)
+from schemas.control import ArtifactManifest, DesiredModel, NodeOutcome, RolloutGates, RolloutRecord
+from schemas.messages import FollowedDesired
 
 logger = logging.getLogger(__name__)
 
-Progress = Callable[[RolloutRecord, str], None]
-HEARTBEAT_S = 5.0
-"""A running controller republishes its record at least this often."""
-PAUSE_POLL_S = 0.2
-"""How often a paused controller looks for the operator's next command."""
 STALE_S = 3 * HEARTBEAT_S
 """A running record not updated for this long has lost its controller."""
-_MOVED = (
-    NodeRolloutState.UPDATING,
-    NodeRolloutState.ACTIVE,
-    NodeRolloutState.FAILED,
-    NodeRolloutState.ROLLING_BACK,
-)
-BASELINE_S = 600.0
-"""A moved node's own telemetry before the move, at most this far back, is its reference."""
-SOAK_INTERVALS = 3
-"""A wave soaks this many of its nodes' telemetry intervals unless told otherwise."""
-MAX_DEFAULT_SOAK_S = 600.0
-"""...and never longer than this, whatever a node says its interval is (`--soak` may)."""
-
-
-class RolloutError(EdgeError):
-    """A rollout cannot start or continue; the message says why."""
 
 
 def plan_waves(node_ids: list[str], canary: int, percents: list[int]) -> list[list[str]]:
@@ -89,7 +64,7 @@ def plan_waves(node_ids: list[str], canary: int, percents: list[int]) -> list[li
     return waves
 
 
-class Controller:
+class Controller(WaveDriver):
     """Runs rollouts over one MQTT session.
 
     Make one with `Controller.connect` (which sets the presence will) and `close` it when done.
@@ -143,11 +118,6 @@ class Controller:
         self.session.stop()
 
     # -- what the broker knows --------------------------------------------------------------
-
-    @property
-    def _owner(self) -> str | None:
-        """What this controller writes as a record's `controller` (None without presence)."""
-        return self.controller_id if self.presence.announces else None
 
     def is_driven(self, record: RolloutRecord) -> bool:
         """True while a live controller drives `record` (else anyone may take it over)."""
@@ -245,28 +215,6 @@ class Controller:
 
     # -- signatures and pins ------------------------------------------------------------------
 
-    def require_key_for(self, node_ids: list[str] | Iterable[str], action: str) -> None:
-        """Refuse up front to send unsigned desired states to nodes that take only signed ones
-        (they would refuse each, and a rollback would only look done)."""
-        if self._sign_key is not None:
-            return
-        strict = sorted(
-            n
-            for n in node_ids
-            if (v := self.view.get(n)) is not None
-            and v.model is not None
-            and v.model.signatures_required
-        )
-        if strict:
-            shown = ", ".join(strict[:5]) + (
-                f" and {len(strict) - 5} more" if len(strict) > 5 else ""
-            )
-            msg = (
-                f"cannot {action} {shown} without signing: they take only signed desired states "
-                "(trust_key); pass --sign-key with the fleet key"
-            )
-            raise RolloutError(msg)
-
     def pins(
         self, group: str | None = None, *, exclude: set[str] | None = None
     ) -> dict[str, FollowedDesired]:
@@ -294,382 +242,6 @@ class Controller:
         self.session.wait_published(10)
         return node_ids
 
-    # -- running ----------------------------------------------------------------------------
-
-    def run(self, record: RolloutRecord) -> RolloutRecord:
-        """Drive a rollout to its end; returns the final record."""
-        while record.state in (RolloutState.RUNNING, RolloutState.PAUSED):
-            record = self._obey(record)
-            if record.state is RolloutState.PAUSED:  # wait for resume/abort, still heart-beating
-                if self._due(record):
-                    record = self._save(record, "paused")
-                time.sleep(PAUSE_POLL_S)
-                continue
-            if record.state is not RolloutState.RUNNING:
-                continue
-            if record.wave >= len(record.waves):
-                record = self._finish(record)
-                break
-            record = self._run_wave(record)
-        return record
-
-    def take_over(self, record: RolloutRecord, command: str) -> RolloutRecord:
-        """Act on a rollout whose controller is gone: resume, pause, abort or roll back here.
-
-        The take-over and the command go out as one write: a write of the old controller that
-        lands late can then only be replaced by this one, never by an earlier state of ours.
-        """
-        self._applied[record.rollout_id] = command  # the old controller's last command is spent
-        gone = record.controller or "a controller without presence"
-        update = {"command": command, "epoch": record.epoch + 1, "controller": self._owner}
-        record = record.model_copy(update=update)
-        self.book.put(record)
-        if command == "rollback":
-            return self._roll_back(
-                record, f"rollback requested (taken over from {gone})", RolloutState.ROLLED_BACK
-            )
-        state = {"resume": RolloutState.RUNNING, "pause": RolloutState.PAUSED}.get(
-            command, RolloutState.ABORTED
-        )
-        saved = self._save(
-            record.model_copy(update={"state": state}), f"taken over from {gone} to {command}"
-        )
-        return self.run(saved) if state is RolloutState.RUNNING else saved
-
-    def _run_wave(self, record: RolloutRecord) -> RolloutRecord:
-        index = record.wave
-        wave = record.waves[index]
-        moving = [n for n in wave if record.nodes[n].state is NodeRolloutState.PENDING]
-        if moving and record.gates is not None:
-            record = self._await_baseline(record, moving)
-            if record.state is not RolloutState.RUNNING:
-                return record
-        # the record names who moves, and what each goes back to, before any node is told
-        record = self._mark_moving(record, moving)
-        record = self._save(record, f"wave {index + 1}/{len(record.waves)}: {len(wave)} nodes")
-        # every updating node is told (again): a controller that died between its record and
-        # its desired states left some untold; telling a node twice changes nothing
-        for node_id in [n for n in wave if record.nodes[n].state is NodeRolloutState.UPDATING]:
-            self.session.publish(
-                desired_topic("node", node_id),
-                encode(scoped(record.desired, "node", node_id, self._sign_key)),
-                retain=True,
-            )
-        deadline = time.monotonic() + record.wave_timeout_s
-        last_save = time.monotonic()
-        while True:
-            record = self._obey(record)
-            if record.state is not RolloutState.RUNNING:
-                return record
-            record, changed = self._collect(record, wave, expired=time.monotonic() > deadline)
-            if record.failures > record.max_failures:
-                reason = f"{record.failures} nodes failed (budget {record.max_failures})"
-                return self._roll_back(record, reason, RolloutState.FAILED)
-            pending = [n for n in wave if record.nodes[n].state is NodeRolloutState.UPDATING]
-            if not pending:
-                if record.gates is not None:
-                    record = self._soak(record, wave)
-                    if record.state is not RolloutState.RUNNING:
-                        return record
-                    if record.failures > record.max_failures:
-                        reason = f"{record.failures} nodes failed (budget {record.max_failures})"
-                        return self._roll_back(record, reason, RolloutState.FAILED)
-                record = record.model_copy(update={"wave": index + 1, "soak_until": None})
-                return self._save(record, f"wave {index + 1} passed")
-            if changed or time.monotonic() - last_save > HEARTBEAT_S:
-                record = self._save(record, f"wave {index + 1}: {len(pending)} nodes pending")
-                last_save = time.monotonic()
-            self.view.wait_changed(0.5)
-
-    def _soak(self, record: RolloutRecord, wave: list[str]) -> RolloutRecord:
-        """Let the wave's active nodes serve for the soak, then judge each against its own
-        numbers before the move and the nodes not moved yet (fleet/rollout/health.py)."""
-        gates = record.gates
-        assert gates is not None
-        taken_mid_soak = (
-            record.soak_until is not None
-            and record.soak_until - gates.soak_s < self._watching_since
-        )  # this controller did not see the soak's beginning: it soaks again
-        if record.soak_until is None or taken_mid_soak:
-            until = time.time() + gates.soak_s
-            record = self._save(
-                record.model_copy(update={"soak_until": until}),
-                f"wave {record.wave + 1}: soaking {gates.soak_s:g} s",
-            )
-        assert record.soak_until is not None
-        until, start = record.soak_until, record.soak_until - gates.soak_s
-        record = self._wait(record, lambda: True, until, f"wave {record.wave + 1}: soaking")
-        if record.state is not RolloutState.RUNNING:
-            return record
-        record = self._await_reports(record, wave, until)
-        if record.state is not RolloutState.RUNNING:
-            return record
-        unmoved = [n for n, o in record.nodes.items() if o.state is NodeRolloutState.PENDING]
-        cohort = cohort_figures([self.view.soak_reports(n, start)[1] for n in unmoved])
-        nodes = dict(record.nodes)
-        for node_id in wave:
-            outcome = nodes[node_id]
-            if outcome.state is not NodeRolloutState.ACTIVE:
-                continue
-            view = self.view.get(node_id)
-            moved = outcome.moved_at or start
-            prior, soak = self.view.soak_reports(node_id, start)
-            verdict = judge(
-                gates,
-                before=self.view.telemetry_between(node_id, moved - BASELINE_S, moved),
-                soak=soak,
-                prior=prior,
-                cohort=cohort,
-                went_offline=view is None or view.last_offline >= start or not view.online,
-            )
-            update: dict[str, object] = {"health": verdict}
-            if not verdict.passed:
-                update.update(state=NodeRolloutState.FAILED, failed=True, error=verdict.reason)
-            nodes[node_id] = outcome.model_copy(update=update)
-        failed = sum(not o.health.passed for n in wave if (o := nodes[n]).health is not None)
-        event = f"wave {record.wave + 1}: soak over, {failed} failed its gates"
-        return self._save(record.model_copy(update={"nodes": nodes}), event)
-
-    def _await_reports(self, record: RolloutRecord, wave: list[str], until: float) -> RolloutRecord:
-        """Wait until each active node of the wave has reported on the whole soak (a report
-        about time after its start, stamped after its end): a busy node, broker or controller
-        delivers them late. At most another soak, or three of the wave's telemetry intervals
-        (2 s or more); a node still silent then is judged on what it sent."""
-        assert record.gates is not None
-        start = until - record.gates.soak_s
-        active = [n for n in wave if record.nodes[n].state is NodeRolloutState.ACTIVE]
-        views = [self.view.get(n) for n in active]
-        intervals = [v.telemetry.interval_s for v in views if v is not None and v.telemetry]
-        deadline = until + max(record.gates.soak_s, 3 * max(intervals, default=0.0), 2.0)
-
-        def late() -> bool:
-            return any(
-                not any(t.ts >= until for t in self.view.soak_reports(n, start)[1]) for n in active
-            )
-
-        return self._wait(record, late, deadline, f"wave {record.wave + 1}: waiting for reports")
-
-    def _wait(
-        self, record: RolloutRecord, busy: Callable[[], bool], deadline: float, event: str
-    ) -> RolloutRecord:
-        """Wait while `busy()` holds, until `deadline` (wall clock), obeying operator commands
-        and writing the record's heartbeat (`event`); check the returned record's state: a
-        command may have stopped the rollout."""
-        while busy() and time.time() < deadline:
-            record = self._obey(record)
-            if record.state is not RolloutState.RUNNING:
-                return record
-            if self._due(record):
-                record = self._save(record, event)
-            self.view.wait_changed(min(0.5, max(0.0, deadline - time.time())))
-        return record
-
-    def _collect(
-        self, record: RolloutRecord, wave: list[str], *, expired: bool
-    ) -> tuple[RolloutRecord, bool]:
-        nodes = dict(record.nodes)
-        changed = False
-        target = record.desired.version
-        for node_id in wave:
-            outcome = nodes[node_id]
-            if outcome.state is not NodeRolloutState.UPDATING:
-                continue
-            view = self.view.get(node_id)
-            state, error = _progress_of(view, target)
-            if state is NodeRolloutState.UPDATING and expired:
-                state, error = NodeRolloutState.FAILED, "no active report within the wave timeout"
-            if state is not NodeRolloutState.UPDATING:
-                nodes[node_id] = outcome.model_copy(update={"state": state, "error": error})
-                changed = True
-        return record.model_copy(update={"nodes": nodes}), changed
-
-    def _mark_moving(self, record: RolloutRecord, node_ids: list[str]) -> RolloutRecord:
-        """The nodes as updating, each with the model to restore on a rollback."""
-        nodes, now = dict(record.nodes), time.time()
-        for node_id in node_ids:
-            previous = self._previous_of(self.view.get(node_id), record)
-            nodes[node_id] = nodes[node_id].model_copy(
-                update={"state": NodeRolloutState.UPDATING, "previous": previous, "moved_at": now}
-            )
-        return record.model_copy(update={"nodes": nodes})
-
-    def _await_baseline(self, record: RolloutRecord, node_ids: list[str]) -> RolloutRecord:
-        """Before moving nodes, wait (three of their telemetry intervals, 2 s or more) until
-        each has two reports: its own numbers are what the soak compares it with."""
-        views = [self.view.get(n) for n in node_ids]
-        intervals = [v.telemetry.interval_s for v in views if v is not None and v.telemetry]
-        deadline = time.time() + max(2.0, 3 * max(intervals, default=0.0))
-
-        def missing() -> bool:
-            return any(len(self.view.telemetry_between(n, 0.0, math.inf)) < 2 for n in node_ids)
-
-        event = f"wave {record.wave + 1}: reading the nodes' baseline"
-        return self._wait(record, missing, deadline, event)
-
-    def _previous_of(self, view: NodeView | None, record: RolloutRecord) -> DesiredModel | None:
-        """What the node runs now, to restore on a rollback (None when unknown, or when it
-        already runs the new version: a controller that died mid-wave moved it)."""
-        state = view.model if view else None
-        if state is None or state.active is None or state.active_sha256 is None:
-            return None
-        if state.active.version == record.desired.version:
-            return None
-        rollout_id = record.rollout_id
-        return self._sign(
-            DesiredModel(
-                name=state.active.name,
-                version=state.active.version,
-                bundle_sha256=state.active_sha256,
-                bundle_size=state.active_size or 0,
-                rollback=True,
-                rollout_id=rollout_id,
-                issued_at=time.time(),
-            )
-        )
-
-    def _finish(self, record: RolloutRecord) -> RolloutRecord:
-        level, target = ("group", record.group) if record.group else ("fleet", "")
-        self.session.publish(
-            desired_topic(level, target or ""),
-            encode(scoped(record.desired, level, target or "", self._sign_key)),
-            retain=True,
-        )
-        kept_back = []
-        for node_id, outcome in record.nodes.items():
-            if (outcome.failed or outcome.state is NodeRolloutState.FAILED) and outcome.previous:
-                # failed within the budget: it stays on what it ran, pinned (visible as a pin)
-                payload = encode(scoped(outcome.previous, "node", node_id, self._sign_key))
-                kept_back.append(node_id)
-            else:
-                payload = clear_payload("node", node_id, self._sign_key)
-            self.session.publish(desired_topic("node", node_id), payload, retain=True)
-        event = f"succeeded: {level} desired is now {record.desired.version}"
-        update: dict[str, object] = {"state": RolloutState.SUCCEEDED}
-        if kept_back:
-            event += f"; {len(kept_back)} failed nodes pinned to their previous model: " + (
-                ", ".join(sorted(kept_back))
-            )
-            update["reason"] = event
-        return self._save(record.model_copy(update=update), event)
-
-    def _roll_back(self, record: RolloutRecord, reason: str, state: RolloutState) -> RolloutRecord:
-        """Restore every moved node's previous model, then wait (up to the wave timeout) until
-        each reports it active again: only those count as rolled back; the record names the
-        others. Refused up front when nodes take only signed states and there is no key."""
-        moved = [n for n, o in record.nodes.items() if o.state in _MOVED]
-        self.require_key_for(moved, "roll back")
-        nodes = dict(record.nodes)
-        for node_id in moved:
-            outcome = record.nodes[node_id]
-            if outcome.previous is not None:
-                payload = encode(scoped(outcome.previous, "node", node_id, self._sign_key))
-            else:  # nothing known to restore: drop the override
-                payload = clear_payload("node", node_id, self._sign_key)
-            self.session.publish(desired_topic("node", node_id), payload, retain=True)
-            failed = outcome.failed or outcome.state is NodeRolloutState.FAILED
-            nodes[node_id] = outcome.model_copy(
-                update={"state": NodeRolloutState.ROLLING_BACK, "failed": failed}
-            )
-        record = self._save(
-            record.model_copy(update={"nodes": nodes, "state": state, "reason": reason}),
-            f"stopped: {reason}; rolling {len(moved)} nodes back",
-        )
-        deadline = time.monotonic() + record.wave_timeout_s
-        while True:
-            record, waiting = self._confirm_rollback(record)
-            if not waiting or time.monotonic() > deadline:
-                break
-            if self._due(record):
-                record = self._save(record, f"rollback: {len(waiting)} nodes not back yet")
-            self.view.wait_changed(0.5)
-        back = len(moved) - len(waiting)
-        summary = f"{reason}; rolled back {back} of {len(moved)} moved nodes"
-        if waiting:
-            summary += f"; not confirmed: {', '.join(sorted(waiting))}"
-        return self._save(record.model_copy(update={"reason": summary}), f"stopped: {summary}")
-
-    def _confirm_rollback(self, record: RolloutRecord) -> tuple[RolloutRecord, list[str]]:
-        """Mark as rolled back the nodes that report their previous model active again (or a
-        model other than the new one, when none was known); returns the others."""
-        nodes, waiting = dict(record.nodes), []
-        for node_id, outcome in record.nodes.items():
-            if outcome.state is not NodeRolloutState.ROLLING_BACK:
-                continue
-            view = self.view.get(node_id)
-            state = view.model if view else None
-            active = state.active if state else None  # what it serves, also after a refusal
-            heading = state.target if state and state.state is not ModelLifecycle.FAILED else None
-            back = (
-                active is not None
-                and active.version != record.desired.version
-                and (outcome.previous is None or active.version == outcome.previous.version)
-                and (heading is None or heading.version != record.desired.version)
-            )
-            if back:
-                nodes[node_id] = outcome.model_copy(update={"state": NodeRolloutState.ROLLED_BACK})
-            else:
-                waiting.append(node_id)
-        return record.model_copy(update={"nodes": nodes}), waiting
-
-    def _obey(self, record: RolloutRecord) -> RolloutRecord:
-        """Apply a command an operator set on the retained record."""
-        latest = self.record(record.rollout_id)
-        if latest is not None and superseded(latest, record, self.controller_id):
-            self._hand_over(latest)
-        command = latest.command if latest else None
-        if command is None or command == self._applied.get(record.rollout_id):
-            return record
-        self._applied[record.rollout_id] = command
-        record = record.model_copy(update={"command": command})
-        if command == "pause":
-            return self._save(record.model_copy(update={"state": RolloutState.PAUSED}), "paused")
-        if command == "resume":
-            return self._save(record.model_copy(update={"state": RolloutState.RUNNING}), "resumed")
-        if command == "abort":
-            return self._save(record.model_copy(update={"state": RolloutState.ABORTED}), "aborted")
-        return self._roll_back(record, "rollback requested", RolloutState.ROLLED_BACK)
-
-    # -- publishing -------------------------------------------------------------------------
-
-    def _save(self, record: RolloutRecord, event: str) -> RolloutRecord:
-        record = record.model_copy(update={"updated_at": time.time(), "controller": self._owner})
-        record, newer = self.book.save(record, self.controller_id)
-        if newer is not None:
-            self._hand_over(newer)
-        self.session.publish(topics.rollout(record.rollout_id), encode(record), retain=True)
-        logger.info("%s: %s", record.rollout_id, event)
-        if self._progress is not None:
-            self._progress(record, event)
-        self._last_saved[record.rollout_id] = time.monotonic()
-        return record
-
-    def _due(self, record: RolloutRecord) -> bool:
-        """True when `record` needs its heartbeat write."""
-        return time.monotonic() - self._last_saved.get(record.rollout_id, 0.0) > HEARTBEAT_S
-
-    def _hand_over(self, latest: RolloutRecord) -> None:
-        """Stop driving: republish the newer record (a late write of ours must not stay the
-        retained state) and raise."""
-        self.session.publish(topics.rollout(latest.rollout_id), encode(latest), retain=True)
-        msg = f"{latest.rollout_id} was taken over by {latest.controller}; stopping here"
-        raise RolloutError(msg)
-
-    def _sign(self, desired: DesiredModel) -> DesiredModel:
-        return sign_desired(desired, self._sign_key) if self._sign_key else desired
-
-
-def _progress_of(view: NodeView | None, version: str) -> tuple[NodeRolloutState, str | None]:
-    """Where a node stands on the way to `version`, from its own reports."""
-    state = view.model if view else None
-    if state is None:
-        return NodeRolloutState.UPDATING, None
-    if state.state is ModelLifecycle.ACTIVE and state.active and state.active.version == version:
-        online = view is not None and view.online
-        return (NodeRolloutState.ACTIVE, None) if online else (NodeRolloutState.UPDATING, None)
-    if state.state is ModelLifecycle.FAILED and state.target and state.target.version == version:
-        return NodeRolloutState.FAILED, state.last_error
-    return NodeRolloutState.UPDATING, None
-
 
 def send_command(session: MqttSession, record: RolloutRecord, command: str) -> None:
     """Ask the running controller to pause, resume, abort or roll back (retained record).
@@ -684,3 +256,6 @@ def send_command(session: MqttSession, record: RolloutRecord, command: str) -> N
 def is_stale(record: RolloutRecord, now: float | None = None) -> bool:
     """True when a running record's controller stopped heart-beating."""
     return (now or time.time()) - record.updated_at > STALE_S
+
+
+__all__ = ["Controller", "RolloutError", "is_stale", "plan_waves", "send_command"]

@@ -24,7 +24,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from schemas.messages import ErrorKind, NodeHealth, RolloutGates, Telemetry
+from schemas.control import NodeHealth, RolloutGates
+from schemas.messages import ErrorKind, Telemetry
 
 INPUT_ERRORS = frozenset(
     {

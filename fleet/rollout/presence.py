@@ -20,7 +20,7 @@ from common.mqtt.connection import Connection
 from common.mqtt.session import MqttSession
 from schemas import topics
 from schemas.codec import encode
-from schemas.messages import ControllerPresence
+from schemas.control import ControllerPresence
 
 
 def presence_will(controller_id: str) -> tuple[str, bytes]:

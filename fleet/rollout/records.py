@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from common.mqtt.session import MqttSession
 from schemas import topics
-from schemas.messages import ArtifactManifest, RolloutRecord
+from schemas.control import ArtifactManifest, RolloutRecord
 
 
 def ownership(record: RolloutRecord) -> tuple[int, str]:

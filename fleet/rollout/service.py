@@ -42,7 +42,7 @@ from common.http import (
 )
 from common.mqtt.connection import Connection
 from fleet.rollout.controller import Controller, RolloutError
-from schemas.messages import RolloutRecord, RolloutState
+from schemas.control import RolloutRecord, RolloutState
 
 logger = logging.getLogger(__name__)
 

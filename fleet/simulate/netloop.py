@@ -21,7 +21,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from common.mqtt.address import BrokerAddress
-from common.mqtt.session import MqttSession, SessionSettings
+from common.mqtt.client import SessionSettings
+from common.mqtt.session import MqttSession
 
 logger = logging.getLogger(__name__)
 

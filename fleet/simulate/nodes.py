@@ -41,7 +41,7 @@ from common.bundle import DEFAULT_MAX_BUNDLE_BYTES as MAX_BUNDLE_BYTES
 from common.bundle import read_bundle
 from common.errors import EdgeError
 from common.mqtt.address import BrokerAddress
-from common.mqtt.session import SessionSettings
+from common.mqtt.client import SessionSettings
 from common.signing import load_trust, verify_manifest
 from common.version import software_version
 from fleet.simulate.netloop import LoopSession, NetLoop

@@ -20,7 +20,7 @@ from runtime.backend import (
     InferenceOutput,
 )
 from runtime.pipeline import ModelPipeline, load_model
-from schemas.messages import DesiredModel
+from schemas.control import DesiredModel
 
 
 class _Borrowed(InferenceBackend):

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from common.mqtt.session import Ack
+from common.mqtt.client import Ack
 
 
 @dataclass(slots=True)

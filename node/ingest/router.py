@@ -27,7 +27,7 @@ import orjson
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
-from common.mqtt.session import Ack, no_ack
+from common.mqtt.client import Ack, no_ack
 from node.ingest.acks import AckLedger
 from node.ingest.share import Reassigned, SensorShare
 from node.ingest.windower import Discontinuity, SampleWindower

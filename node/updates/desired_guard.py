@@ -39,7 +39,7 @@ import orjson
 
 from common.errors import EdgeError
 from common.signing import SignatureError, TrustStore, verify_desired
-from schemas.messages import DesiredModel
+from schemas.control import DesiredModel
 
 logger = logging.getLogger(__name__)
 

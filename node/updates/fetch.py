@@ -34,8 +34,8 @@ from common.bundle import sha256_hex
 from common.errors import BundleError
 from common.mqtt.session import MqttSession
 from schemas import topics
+from schemas.control import ArtifactManifest, DesiredModel
 from schemas.manifest import SEMVER
-from schemas.messages import ArtifactManifest, DesiredModel
 from schemas.topics import is_valid_id
 
 logger = logging.getLogger(__name__)

@@ -43,14 +43,8 @@ from node.updates.versions import is_older
 from runtime.pipeline import ModelPipeline, open_pipeline
 from schemas import topics
 from schemas.codec import encode
-from schemas.messages import (
-    DesiredModel,
-    ErrorKind,
-    FollowedDesired,
-    ModelLifecycle,
-    ModelRef,
-    NodeModelState,
-)
+from schemas.control import DesiredModel
+from schemas.messages import ErrorKind, FollowedDesired, ModelLifecycle, ModelRef, NodeModelState
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,263 @@
+"""What the dashboard holds and shows: the kinds of message it reads, why it refuses one, its
+limits, and the rows the page draws (nodes, rollouts, sensors), each cut to display length."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Final
+
+from pydantic import BaseModel
+
+from schemas import topics
+from schemas.control import RolloutRecord, RolloutState
+from schemas.messages import ErrorReport, MotifResult, NodeModelState, NodeStatus, Telemetry
+
+ACTIVE_ROLLOUT_STATES: Final = frozenset({RolloutState.RUNNING, RolloutState.PAUSED})
+SUBSCRIPTIONS: Final = (
+    topics.NODES_STATUS_FILTER,
+    topics.NODES_MODEL_FILTER,
+    topics.NODES_TELEMETRY_FILTER,
+    topics.node_errors("+"),
+    topics.ROLLOUTS_FILTER,
+    topics.MOTIFS_FILTER,
+)
+"""Every topic filter the dashboard reads: all within the read-only dashboard role's grants."""
+
+
+class Kind(StrEnum):
+    """What a subscribed topic carries."""
+
+    STATUS = "status"
+    MODEL = "model"
+    TELEMETRY = "telemetry"
+    ERRORS = "errors"
+    ROLLOUT = "rollout"
+    RESULT = "result"
+
+
+class Reject(StrEnum):
+    """Why a message was dropped (the `reason` label of the rejected-payloads counter)."""
+
+    BAD_TOPIC = "bad_topic"
+    """A topic not of a subscribed shape, or whose id is not a valid id."""
+    OVERSIZED = "oversized"
+    MALFORMED = "malformed"
+    """Not JSON."""
+    INVALID = "invalid"
+    """JSON that breaks the message's schema."""
+    MISMATCH = "mismatch"
+    """The id inside the payload differs from the one in the topic."""
+    STALE = "stale"
+    """A rollout record older than the one held (a superseded controller's late write)."""
+    OVER_CAPACITY = "over_capacity"
+    """A new node or rollout while every slot holds a live one."""
+
+
+SCHEMAS: Final[dict[Kind, type[BaseModel]]] = {
+    Kind.STATUS: NodeStatus,
+    Kind.MODEL: NodeModelState,
+    Kind.TELEMETRY: Telemetry,
+    Kind.ERRORS: ErrorReport,
+    Kind.ROLLOUT: RolloutRecord,
+    Kind.RESULT: MotifResult,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How much the dashboard holds at most."""
+
+    max_nodes: int = 1000
+    max_sensors: int = 500
+    max_rollouts: int = 50
+    ethogram_length: int = 120
+    """Results kept per sensor (the ethogram's span: 120 windows at 2/s is one minute)."""
+    max_payload_bytes: int = 64 * 1024
+    """Largest node report or result read; a result is ~1.5 KB, telemetry ~1 KB."""
+    max_rollout_bytes: int = 1024 * 1024
+    """Largest rollout record read (a 1,000-node rollout is ~300 KB)."""
+    max_rollout_nodes: int = 2000
+    """Nodes of one rollout shown; the rest are counted."""
+    max_pending_results: int = 5000
+    """Results held between two updates of the pages; older ones are dropped from the update
+    (they stay in the ethograms)."""
+    label_cache: int = 64
+    """(model name, version) -> motif names remembered from model states."""
+    text_chars: int = 200
+    """Longest string kept from a message (ids are at most 64 by their pattern)."""
+
+
+def classify(topic: str) -> tuple[Kind, str] | None:
+    """The kind of a subscribed topic and the node, sensor or rollout id in it."""
+    parts = topic.split("/")
+    if len(parts) == 3 and parts[0] == "imu" and parts[2] == "motifs":
+        kind, ident = Kind.RESULT, parts[1]
+    elif len(parts) == 4 and parts[:2] == ["fleet", "nodes"] and parts[3] in _NODE_KINDS:
+        kind, ident = _NODE_KINDS[parts[3]], parts[2]
+    elif len(parts) == 3 and parts[:2] == ["fleet", "rollouts"]:
+        kind, ident = Kind.ROLLOUT, parts[2]
+    else:
+        return None
+    return (kind, ident) if topics.is_valid_id(ident) else None
+
+
+_NODE_KINDS: Final = {
+    "status": Kind.STATUS,
+    "model": Kind.MODEL,
+    "telemetry": Kind.TELEMETRY,
+    "errors": Kind.ERRORS,
+}
+
+
+def motif_name(labels: tuple[str, ...] | None, index: int) -> str:
+    """The name of motif `index`: the bundle's label, else `motif N`."""
+    return labels[index] if labels is not None else f"motif {index}"
+
+
+def cut(value: object, limit: int) -> str | None:
+    if value is None:
+        return None
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def num(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+@dataclass(slots=True)
+class NodeRow:
+    """What the page shows of one node (strings already cut to display length)."""
+
+    node_id: str
+    seen: float = 0.0
+    state: str | None = None
+    """online, stopping, offline, stopped; None before a status arrived."""
+    status_ts: float | None = None
+    group: str | None = None
+    host: str | None = None
+    software_version: str | None = None
+    reason: str | None = None
+    backend: str | None = None
+    model_name: str | None = None
+    model_version: str | None = None
+    model_state: str | None = None
+    model_target: str | None = None
+    model_error: str | None = None
+    labels: tuple[str, ...] | None = None
+    telemetry_ts: float | None = None
+    interval_s: float | None = None
+    windows_per_s: float | None = None
+    p95_ms: float | None = None
+    queue_depth: int | None = None
+    queue_capacity: int | None = None
+    temperature_c: float | None = None
+    accelerator_temperature_c: float | None = None
+    rss_mb: float | None = None
+    dropped: int | None = None
+    errors: int | None = None
+    last_error: dict[str, Any] | None = None
+
+    @property
+    def online(self) -> bool:
+        """True while the node's retained status says online."""
+        return self.state == "online"
+
+    def as_json(self) -> dict[str, Any]:
+        """The row as the page reads it."""
+        return {
+            "node_id": self.node_id,
+            "state": self.state,
+            "status_ts": self.status_ts,
+            "group": self.group,
+            "host": self.host,
+            "software_version": self.software_version,
+            "reason": self.reason,
+            "backend": self.backend,
+            "model": {
+                "name": self.model_name,
+                "version": self.model_version,
+                "state": self.model_state,
+                "target": self.model_target,
+                "error": self.model_error,
+                "labels": list(self.labels) if self.labels else None,
+            },
+            "telemetry_ts": self.telemetry_ts,
+            "interval_s": self.interval_s,
+            "windows_per_s": self.windows_per_s,
+            "p95_ms": self.p95_ms,
+            "queue_depth": self.queue_depth,
+            "queue_capacity": self.queue_capacity,
+            "temperature_c": self.temperature_c,
+            "accelerator_temperature_c": self.accelerator_temperature_c,
+            "rss_mb": self.rss_mb,
+            "dropped": self.dropped,
+            "errors": self.errors,
+            "last_error": self.last_error,
+        }
+
+
+@dataclass(slots=True)
+class RolloutRow:
+    """What the page shows of one rollout."""
+
+    head: RolloutRecord
+    """The record without its per-node parts: what `newer` needs to order two writes."""
+    waves: list[list[dict[str, str | None]]]
+    hidden_nodes: int
+    failures: int
+
+    @property
+    def active(self) -> bool:
+        """Running or paused."""
+        return self.head.state in ACTIVE_ROLLOUT_STATES
+
+    @property
+    def current_wave(self) -> int:
+        """The wave in progress, 1-based (the last one once the rollout is over)."""
+        return max(1, min(self.head.wave + 1, len(self.waves)))
+
+    def as_json(self, limit: int) -> dict[str, Any]:
+        """The rollout as the page reads it (wave 1-based)."""
+        h = self.head
+        return {
+            "rollout_id": h.rollout_id,
+            "name": cut(h.desired.name, limit),
+            "version": cut(h.desired.version, limit),
+            "group": cut(h.group, limit),
+            "state": h.state.value,
+            "wave": self.current_wave,
+            "waves_total": len(self.waves),
+            "waves": self.waves,
+            "hidden_nodes": self.hidden_nodes,
+            "failures": self.failures,
+            "max_failures": h.max_failures,
+            "command": h.command,
+            "created_at": h.created_at,
+            "updated_at": h.updated_at,
+            "reason": cut(h.reason, limit),
+        }
+
+
+@dataclass(slots=True)
+class SensorRow:
+    """One sensor's recent results: (n, ts, motif, confidence, name) per window."""
+
+    sensor_id: str
+    node_id: str
+    model: str
+    ethogram: deque[tuple[int, float, int, float, str]]
+    results: int = 0
+
+
+@dataclass
+class Counters:
+    """What the view has seen and refused since start."""
+
+    messages: dict[str, int] = field(default_factory=lambda: dict.fromkeys(Kind, 0))
+    rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(Reject, 0))
+    evicted: dict[str, int] = field(
+        default_factory=lambda: {"node": 0, "sensor": 0, "rollout": 0, "result": 0}
+    )
