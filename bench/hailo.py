@@ -26,12 +26,11 @@ STANDIN = Path(__file__).resolve().parents[1] / "tests" / "hailo_standin"
 sys.path.insert(0, str(STANDIN))
 
 import hailo_platform as hp  # noqa: E402 (the stand-in, from the path above)
-from hailo_standin import faults  # noqa: E402
-from hailo_standin.bundles import hailo_bundle  # noqa: E402
-
 from common.bundle import Bundle, read_bundle  # noqa: E402
 from fleet.bundles.reference import build_reference_bundle  # noqa: E402
 from fleet.simulate.imu_signals import calibration_set  # noqa: E402
+from hailo_standin import faults  # noqa: E402
+from hailo_standin.bundles import hailo_bundle  # noqa: E402
 from runtime.backend import BackendOptions  # noqa: E402
 from runtime.hailo_backend import HailoBackend  # noqa: E402
 from runtime.normalize import Normalizer  # noqa: E402

@@ -1,5 +1,6 @@
 """Shared fixtures: a real mosquitto per test session, the reference bundle, nodes, MQTT probes.
 
+Helpers that tests import by name (Probe, wait_until, unique, ...) are in tests/helpers/.
 Node tests run once per backend (`backend` fixture): on ONNX Runtime, and "on Hailo" through the
 `hailo_platform` stand-in in tests/hailo_standin (put on sys.path here, and on PYTHONPATH for
 nodes started as subprocesses), with a bundle whose stand-in HEF runs the same ONNX twin.
@@ -7,45 +8,115 @@ nodes started as subprocesses), with a bundle whose stand-in HEF runs the same O
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
+import subprocess
 import sys
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
-import paho.mqtt.client as mqtt
+import psutil
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from common.bundle import Bundle, read_bundle
-from common.mqtt.address import BrokerAddress
 from fleet.bundles.reference import build_reference_bundle
 from node.app import NodeApp
 from node.config import load_config
 from node.tools.local_broker import LocalBroker
 from schemas import topics
 
-STANDIN = Path(__file__).resolve().parent / "hailo_standin"
-sys.path.insert(0, str(STANDIN))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "hailo_standin"))
 
-from hailo_standin import faults  # noqa: E402 (needs the path above)
-from hailo_standin.bundles import hailo_bundle  # noqa: E402
-from hailo_standin.fake_hef import parse_hef  # noqa: E402
+from hailo_standin import faults
+from hailo_standin.bundles import hailo_bundle
+from helpers.mqtt import Probe
+from helpers.nodes import NodeFactory
+from helpers.waiting import unique
 
 BACKENDS = ("onnx", "hailo")
 
+INTEGRATION_FIXTURES = frozenset(
+    {"broker", "probe", "start_node", "secure_broker", "site", "rabbit", "cluster"}
+)
+"""Fixtures that start a broker, a node or another program: a test using one (directly or
+through another fixture) is an integration test."""
+INTEGRATION_SOURCE = re.compile(
+    r"\bsubprocess\b|LocalBroker\(|RabbitCluster|require_program|sys\.executable|playwright"
+    r"|^from bench\b",
+    re.MULTILINE,
+)
+"""A test module that starts programs itself (or drives a browser): all of it is integration."""
+LEFTOVER_WAIT_S = 5.0
 
-def unique(prefix: str) -> str:
-    """A fresh id for sensors and nodes, so tests on one broker never see each other."""
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Declare the tier marker (tests get it automatically, below)."""
+    config.addinivalue_line(
+        "markers",
+        "integration: needs a broker, a subprocess, a browser or a cluster (not in the fast tier;"
+        " set automatically by tests/conftest.py)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that needs a real broker, a process, a browser or a cluster
+    `integration`; `scripts/test --fast` runs the others (`-m "not integration"`)."""
+    starts_programs: dict[Path, bool] = {}
+    for item in items:
+        path = Path(str(item.fspath))
+        if path not in starts_programs:
+            starts_programs[path] = bool(INTEGRATION_SOURCE.search(path.read_text()))
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if starts_programs[path] or fixtures & INTEGRATION_FIXTURES:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_nothing(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In the fast tier (IMU_TEST_TIER=fast), a test that starts a process fails, saying it
+    belongs in the full tier: the automatic marking cannot go wrong silently."""
+    if os.environ.get("IMU_TEST_TIER") != "fast":
+        return
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        pytest.fail(
+            f"{request.node.nodeid} starts a process in the fast tier: give it a fixture of "
+            "INTEGRATION_FIXTURES or import subprocess in its module (tests/conftest.py)"
+        )
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """No test may leave a process behind: whatever is still a child of this run a few seconds
+    after the last test is killed, listed, and fails the run."""
+    me = psutil.Process()
+    deadline = time.monotonic() + LEFTOVER_WAIT_S
+    left = me.children(recursive=True)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = [child for child in me.children(recursive=True) if child.is_running()]
+    if not left:
+        return
+    names = []
+    for child in left:
+        with contextlib.suppress(psutil.Error):
+            names.append(f"{child.pid} {' '.join(child.cmdline())[:160]}")
+            child.kill()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(
+            f"FAILED: {len(names)} process(es) outlived the tests (killed now):", red=True
+        )
+        for name in names:
+            reporter.write_line(f"  {name}", red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -102,157 +173,12 @@ def serving_bundle_path(backend: str, reference_bundle_path: Path, hailo_bundle_
     return hailo_bundle_path if backend == "hailo" else reference_bundle_path
 
 
-def latent_tolerance(backend: str, bundle_path: Path) -> float:
-    """How far a node's latent may be from ONNX Runtime's: 1e-4, or one uint8 step on Hailo."""
-    if backend != "hailo":
-        return 1e-4
-    hef = read_bundle(bundle_path).hef
-    assert hef is not None
-    return max(stream.qp_scale for stream in parse_hef(hef).outputs)
-
-
-def subprocess_env(backend: str) -> dict[str, str]:
-    """Environment for a node started as a subprocess on `backend`."""
-    env = dict(os.environ)
-    if backend == "hailo":
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(STANDIN), env.get("PYTHONPATH")]))
-    return env
-
-
-@dataclass
-class Received:
-    """One message a probe saw."""
-
-    topic: str
-    payload: bytes
-    retain: bool
-
-    def json(self) -> Any:
-        """The payload parsed as JSON."""
-        return orjson.loads(self.payload)
-
-
-def require_program(name: str, package: str | None = None) -> str:
-    """The path of a real program a test drives (Prometheus, Chromium, ...). Where it is not
-    installed the test is skipped, except under CI (`CI` set), where `scripts/test` installs it
-    and its absence is a failure."""
-    path = shutil.which(name)
-    if path is None:
-        reason = f"{name} is not installed (apt-get install -y {package or name})"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return path
-
-
-def wait_until(done: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll `done` every 50 ms; fails the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            pytest.fail(f"waited {timeout} s for {what}")
-        time.sleep(0.05)
-
-
-class Probe:
-    """An MQTT 5 test client that records everything on its subscriptions."""
-
-    def __init__(self, url: str, protocol: str = "5", *, session_expiry_s: int = 0) -> None:
-        """Connect; with `session_expiry_s` (MQTT 5) the broker keeps the session and queues
-        messages for it while the probe is away, and paho resumes it on reconnect."""
-        self.messages: list[Received] = []
-        self._cv = threading.Condition()
-        self._subscribed = threading.Event()
-        address = BrokerAddress.parse(url)
-        version = MQTTProtocolVersion.MQTTv5 if protocol == "5" else MQTTProtocolVersion.MQTTv311
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, unique("probe"), protocol=version)
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = lambda *args: self._subscribed.set()
-        self.client.on_connect = self._on_connect
-        self._filters: list[str] = []
-        self.client.reconnect_delay_set(0.1, 1)
-        properties = None
-        if session_expiry_s:
-            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = session_expiry_s
-        clean_start = False if session_expiry_s else mqtt.MQTT_CLEAN_START_FIRST_ONLY
-        self.client.connect(
-            address.host, address.port, clean_start=clean_start, properties=properties
-        )
-        self.client.loop_start()
-
-    def subscribe(self, *filters: str) -> Probe:
-        """Subscribe (QoS 1) and wait for the SUBACK."""
-        for topic_filter in filters:
-            self._filters.append(topic_filter)
-            self._subscribed.clear()
-            self.client.subscribe(topic_filter, qos=1)
-            assert self._subscribed.wait(5), f"no SUBACK for {topic_filter}"
-        return self
-
-    def _on_connect(self, client: Any, userdata: Any, flags: Any, *_: Any) -> None:
-        """A broker that lost the session (restarted without saving it): subscribe again."""
-        if not flags.session_present:
-            for topic_filter in self._filters:
-                client.subscribe(topic_filter, qos=1)
-
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
-        """Publish and wait until the broker has it."""
-        self.client.publish(topic, payload, qos=qos, retain=retain).wait_for_publish(5)
-
-    def _on_message(self, client: Any, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        with self._cv:
-            self.messages.append(Received(message.topic, bytes(message.payload), message.retain))
-            self._cv.notify_all()
-
-    def on(self, topic_filter: str) -> list[Received]:
-        """Messages so far whose topic matches `topic_filter`."""
-        with self._cv:
-            return [m for m in self.messages if mqtt.topic_matches_sub(topic_filter, m.topic)]
-
-    def wait_for(
-        self,
-        topic_filter: str,
-        count: int = 1,
-        timeout: float = 10.0,
-        where: Callable[[Received], bool] = lambda m: True,
-    ) -> list[Received]:
-        """Block until `count` matching messages arrived; fails the test on timeout."""
-        deadline = time.monotonic() + timeout
-
-        def matching() -> list[Received]:
-            return [
-                m
-                for m in self.messages
-                if mqtt.topic_matches_sub(topic_filter, m.topic) and where(m)
-            ]
-
-        with self._cv:
-            while len(found := matching()) < count:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    pytest.fail(
-                        f"waited {timeout} s for {count} message(s) on {topic_filter}, "
-                        f"got {len(found)}"
-                    )
-                self._cv.wait(remaining)
-            return found
-
-    def close(self) -> None:
-        """Disconnect."""
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 @pytest.fixture
 def probe(broker: LocalBroker) -> Iterator[Probe]:
     """A recording MQTT client on the session broker."""
     client = Probe(broker.url)
     yield client
     client.close()
-
-
-NodeFactory = Callable[..., NodeApp]
 
 
 @pytest.fixture

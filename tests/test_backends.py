@@ -10,11 +10,15 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import NodeFactory, Probe, subprocess_env, unique
-from hailo_standin import faults
 from test_node_e2e import window_json as window
 
 from common.errors import ModelContractError
+from hailo_standin import faults
+from helpers.mqtt import Probe
+from helpers.nodes import NodeFactory
+from helpers.processes import stop_process
+from helpers.programs import subprocess_env
+from helpers.waiting import unique
 from node.app import NodeApp
 from node.config import load_config
 from node.tools.local_broker import LocalBroker
@@ -67,8 +71,7 @@ def test_auto_without_hailo_platform_serves_on_onnx_and_says_why(
     try:
         birth = probe.wait_for(topics.node_status(node_id), timeout=30)[0]
     finally:
-        process.terminate()
-        process.wait(30)
+        stop_process(process, timeout=30)
     status = NodeStatus.model_validate_json(birth.payload)
     assert status.backend == "onnx"
     assert status.backend_reason == "auto: hailo_platform is not installed"
@@ -269,11 +272,10 @@ def test_hot_swap_on_hailo_holds_both_models_on_one_chip(
     broker: LocalBroker, start_node: NodeFactory, hailo_bundle_path: Path, probe: Probe,
     tmp_path: Path,
 ) -> None:  # fmt: skip
-    from hailo_standin.bundles import hailo_bundle
-
     from common.bundle import read_bundle
     from fleet.bundles.reference import build_reference_bundle
     from fleet.desired import desired_for, desired_topic
+    from hailo_standin.bundles import hailo_bundle
     from schemas.codec import encode
 
     newer = read_bundle(build_reference_bundle(tmp_path / "v110.tar", version="1.1.0", seed=8))

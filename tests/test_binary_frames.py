@@ -17,7 +17,6 @@ import numpy as np
 import orjson
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import NodeFactory, Probe, unique, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -26,6 +25,9 @@ from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
 from fleet.simulate.sensors import SensorSimulator
+from helpers.mqtt import Probe
+from helpers.nodes import NodeFactory
+from helpers.waiting import unique, wait_until
 from node.ingest.router import Ingest
 from node.ingest.windower import SampleWindower
 from node.metrics import NodeMetrics

@@ -24,12 +24,13 @@ from typing import Any
 
 import orjson
 import pytest
-from brokers import WAIT_S, Client, Protocol, RabbitCluster, rabbitmq_installed
-from conftest import require_program, unique
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from test_node_e2e import window_json
 
+from helpers.brokers import WAIT_S, Client, Protocol, RabbitCluster, rabbitmq_installed
+from helpers.programs import require_program
+from helpers.waiting import unique
 from node.app import NodeApp
 from node.config import load_config
 from node.tools.local_broker import LocalBroker

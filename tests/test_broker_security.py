@@ -43,6 +43,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from fleet import pki
+from helpers.processes import stop_process
 from node.tools.local_broker import free_port, wait_for_port
 
 COMPOSE = Path(__file__).resolve().parents[1] / "compose"
@@ -155,8 +156,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
     finally:
         for session in running.sessions.values():
             session.close()
-        process.terminate()
-        process.wait(10)
+        stop_process(process, timeout=10)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,9 +9,12 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import NodeFactory, Probe, subprocess_env
-from hailo_standin import faults
 
+from hailo_standin import faults
+from helpers.mqtt import Probe
+from helpers.nodes import NodeFactory
+from helpers.processes import stop_process
+from helpers.programs import subprocess_env
 from node.tools.local_broker import LocalBroker
 from schemas import topics
 
@@ -37,8 +40,7 @@ def test_check_passes_against_a_demo_node(broker: LocalBroker, probe: Probe) -> 
         done = check("--broker", broker.url, "--node", "demo-node", "--rate", "40",
                      "--duration", "6", "--json")  # fmt: skip
     finally:
-        demo.terminate()
-        demo.wait(30)
+        stop_process(demo, timeout=30)
     assert done.returncode == 0, done.stdout + done.stderr
     report = orjson.loads(done.stdout)
     outcomes = {v["target"]: v["outcome"] for v in report["verdicts"]}

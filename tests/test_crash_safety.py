@@ -20,11 +20,14 @@ from pathlib import Path
 import orjson
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import Probe, subprocess_env, unique
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from test_lifecycle import persistent_broker
 from test_node_e2e import raw_window
 
+from helpers.mqtt import Probe
+from helpers.processes import stop_process
+from helpers.programs import subprocess_env
+from helpers.waiting import unique
 from node.tools.local_broker import LocalBroker
 from schemas import topics
 
@@ -158,8 +161,7 @@ def test_a_node_killed_mid_stream_and_restarted_loses_no_acknowledged_window(
         assert lost == 0
         assert not twice  # results in flight were journaled: their windows are not run again
     finally:
-        second.send_signal(signal.SIGTERM)
-        second.wait(30)
+        stop_process(second, signal.SIGTERM, 30)
         sensor.close()
         dashboard.close()
 
@@ -215,8 +217,7 @@ def test_a_node_killed_during_a_broker_outage_delivers_what_it_spooled(
     finally:
         for process in (first, second):
             if process is not None and process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                process.wait(30)
+                stop_process(process, signal.SIGTERM, 30)
         dashboard.close()
         own.stop()
 
@@ -269,8 +270,7 @@ def test_a_broker_killed_mid_stream_loses_nothing_it_had_handed_on(
         assert not twice & acked_before_kill
     finally:
         if node.poll() is None:
-            node.send_signal(signal.SIGTERM)
-            node.wait(30)
+            stop_process(node, signal.SIGTERM, 30)
         if sensor is not None:
             sensor.close()
         dashboard.close()

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import NodeFactory, Probe, require_program, unique, wait_until
 
 from common.bundle import read_bundle, write_bundle
 from common.mqtt.connection import Connection
@@ -19,6 +18,10 @@ from fleet.distribution import publish_bundle
 from fleet.rollout.controller import Controller
 from fleet.simulate.nodes import SimulatedFleet
 from fleet.simulate.sensors import SensorSimulator
+from helpers.mqtt import Probe
+from helpers.nodes import NodeFactory
+from helpers.programs import require_program
+from helpers.waiting import unique, wait_until
 from node.tools.local_broker import LocalBroker
 from schemas import topics
 from schemas.codec import encode

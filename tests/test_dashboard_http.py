@@ -14,12 +14,13 @@ import orjson
 import paho.mqtt.client as mqtt
 import psutil
 import pytest
-from conftest import Probe, unique, wait_until
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from test_dashboard_view import model_state, result, rollout, status, telemetry
 
 from common.mqtt.address import BrokerAddress
 from fleet.dashboard.auth import check_listen
+from helpers.mqtt import Probe
+from helpers.waiting import unique, wait_until
 from node.tools.local_broker import LocalBroker
 from schemas import topics
 

@@ -40,9 +40,10 @@ from packaging.version import Version
 from common.http import is_loopback, parse_listen
 from common.signing import generate_keys
 from fleet.pki.site import add_client, init_site
+from helpers.processes import stop_process
+from helpers.programs import require_program
 from node.config import ENV_PREFIX, NodeConfig
 from node.tools.local_broker import free_port, wait_for_port
-from tests.conftest import require_program
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose"
@@ -728,8 +729,7 @@ def test_broker_healthcheck_passes_only_for_a_broker_that_refuses_anonymous_clie
         try:
             assert (check(port) == 0) is healthy, f"anonymous={anonymous}"
         finally:
-            process.terminate()
-            process.wait(timeout=10)
+            stop_process(process, timeout=10)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         dead = probe.getsockname()[1]

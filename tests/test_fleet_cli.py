@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Probe, unique
 
 from common.bundle import read_bundle
 from common.errors import BundleError
@@ -19,6 +18,8 @@ from fleet import pki
 from fleet.bundles.builder import parse_expiry
 from fleet.bundles.reference import build_reference_bundle
 from fleet.cli import build_parser, main
+from helpers.mqtt import Probe
+from helpers.waiting import unique
 from node.tools.local_broker import LocalBroker
 from schemas.codec import decode_any_window
 

@@ -10,9 +10,11 @@ import time
 
 import orjson
 import pytest
-from conftest import NodeFactory, Probe, unique
 from test_node_e2e import raw_window
 
+from helpers.mqtt import Probe
+from helpers.nodes import NodeFactory
+from helpers.waiting import unique
 from node.tools.local_broker import LocalBroker
 from schemas import topics
 

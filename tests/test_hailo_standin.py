@@ -43,7 +43,6 @@ from hailo_platform.pyhailort.pyhailort import (  # noqa: E402
 )
 from hailo_standin import faults  # noqa: E402
 from hailo_standin.fake_hef import make_hef  # noqa: E402
-
 from runtime.reference import build_reference_onnx  # noqa: E402
 
 INPUT, OUTPUT = "tcn/input_layer1", "tcn/fc1"

@@ -10,12 +10,15 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from conftest import NodeFactory, Probe, latent_tolerance, unique, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from test_node_e2e import onnx_reference, raw_window
 
 from common.bundle import Bundle
 from common.http import parse_listen
+from helpers.mqtt import Probe
+from helpers.nodes import NodeFactory
+from helpers.programs import latent_tolerance
+from helpers.waiting import unique, wait_until
 from node.app import NodeApp
 from node.config import load_config
 from node.errors import ConfigError

@@ -13,10 +13,13 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import NodeFactory, Probe, subprocess_env, unique, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from test_node_e2e import raw_window
 
+from helpers.mqtt import Probe
+from helpers.nodes import NodeFactory
+from helpers.programs import subprocess_env
+from helpers.waiting import unique, wait_until
 from node.app import NodeApp
 from node.mqtt.spool import SpoolStats
 from node.tools.local_broker import LocalBroker, free_port
@@ -120,10 +123,7 @@ def test_node_reconnects_and_resubscribes_after_a_broker_restart(
         probe.close()
 
         own.stop()
-        deadline = time.monotonic() + 10
-        while app.session.is_connected and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not app.session.is_connected
+        wait_until(lambda: not app.session.is_connected, what="the node to see the broker go")
         own = LocalBroker("mosquitto", port=own.port).start()
 
         assert app.session.wait_connected(30), "node did not reconnect"

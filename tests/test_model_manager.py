@@ -9,7 +9,6 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import NodeFactory, Probe, unique
 from test_node_e2e import raw_window
 
 from common.bundle import file_entries, read_bundle, write_bundle
@@ -18,6 +17,9 @@ from fleet.bundles.builder import sign_bundle
 from fleet.bundles.reference import build_reference_bundle
 from fleet.desired import desired_for, desired_topic, scoped
 from fleet.distribution import publish_bundle
+from helpers.mqtt import Probe
+from helpers.nodes import NodeFactory
+from helpers.waiting import unique
 from node.app import NodeApp
 from node.tools.local_broker import LocalBroker
 from runtime.reference import build_reference_onnx

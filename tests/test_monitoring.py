@@ -24,11 +24,14 @@ from typing import Any
 import orjson
 import pytest
 import yaml
-from conftest import NodeFactory, Probe, require_program, unique, wait_until
 from test_node_e2e import raw_window
 
 from common.mqtt.connection import Connection
 from fleet.dashboard.app import Dashboard, DashboardSettings
+from helpers.mqtt import Probe
+from helpers.nodes import NodeFactory
+from helpers.programs import require_program
+from helpers.waiting import unique, wait_until
 from node.tools.local_broker import LocalBroker, free_port
 from schemas import topics
 from schemas.codec import encode
@@ -302,7 +305,6 @@ def test_prometheus_scrapes_a_node_and_every_query_has_data(
     request: pytest.FixtureRequest,
 ) -> None:
     require_program("prometheus")
-    began = time.monotonic()
     stack = ExitStack()
     request.addfinalizer(stack.close)
     scraped = scraped_processes(start_node, broker, tmp_path, stack)
@@ -368,4 +370,3 @@ def test_prometheus_scrapes_a_node_and_every_query_has_data(
         concrete = expr.replace("$node", node_id).replace("$__rate_interval", RATE_INTERVAL)
         values = [float(sample["value"][1]) for sample in prometheus.query(concrete)]
         assert any(math.isfinite(v) for v in values), f"panel {title!r} has no data: {expr}"
-    assert time.monotonic() - began < 60

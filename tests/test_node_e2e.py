@@ -11,11 +11,14 @@ import onnxruntime as ort
 import orjson
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import NodeFactory, Probe, latent_tolerance, unique, wait_until
-from hailo_standin import faults
 from paho.mqtt.enums import CallbackAPIVersion
 
 from common.bundle import Bundle
+from hailo_standin import faults
+from helpers.mqtt import Probe
+from helpers.nodes import NodeFactory
+from helpers.programs import latent_tolerance
+from helpers.waiting import unique, wait_until
 from node.tools.local_broker import LocalBroker
 from schemas import topics
 from schemas.limits import BINARY_CONTENT_TYPE

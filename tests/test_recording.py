@@ -35,10 +35,11 @@ from fleet.recording import (
     replay,
     subscription_filters,
 )
+from helpers.mqtt import Probe, Received
+from helpers.waiting import unique
 from node.tools.local_broker import LocalBroker
 from schemas import topics
 from schemas.limits import BINARY_WINDOW_BYTES, CHANNELS, WINDOW_LENGTH
-from tests.conftest import Probe, Received, unique
 
 WINDOWS = 14
 """JSON windows in the shared recording (the motif head needs at least 12)."""
@@ -299,9 +300,8 @@ def test_gzip_recording(broker: LocalBroker, tmp_path: Path) -> None:
 
 
 def test_record_stops_on_duration_and_on_stop(broker: LocalBroker, tmp_path: Path) -> None:
-    began = time.monotonic()
     stats = record(broker.url, [topics.window(unique("idle"))], tmp_path / "a.jsonl", duration=0.5)
-    assert 0.5 <= time.monotonic() - began < 5
+    assert stats.elapsed >= 0.5  # it returned by itself, after the duration
     assert stats.messages == 0
     assert list(read_recording(tmp_path / "a.jsonl")) == []
 

@@ -11,13 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import NodeFactory, Probe, unique, wait_until
 
 from common.bundle import file_entries, read_bundle, write_bundle
 from fleet.bundles.reference import build_reference_bundle
 from fleet.distribution import publish_bundle
 from fleet.rollout.controller import Controller, RolloutError, plan_waves
 from fleet.rollout.records import newer, superseded
+from helpers.mqtt import Probe
+from helpers.nodes import NodeFactory
+from helpers.waiting import unique, wait_until
 from node.app import NodeApp
 from node.tools.local_broker import LocalBroker
 from schemas import topics
@@ -90,14 +92,17 @@ def fleet(start_node: NodeFactory, tmp_path: Path, count: int, **settings: objec
 
 
 def wait_known(controller: Controller, nodes: list[NodeApp], timeout: float = 10) -> None:
-    """Until the controller has seen every node's birth and model state."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """Until the controller has seen every node's birth and model state, and the retained
+    manifests of the published versions."""
+
+    def known() -> bool:
         views = [controller.view.get(n.node_id) for n in nodes]
-        if all(v is not None and v.online and v.model is not None for v in views):
-            return
-        time.sleep(0.05)
-    pytest.fail("the controller never saw every node")
+        return all(v is not None and v.online and v.model is not None for v in views) and all(
+            controller.artifact("tcn-reference", version) is not None
+            for version in ("1.1.0", "1.3.0")
+        )
+
+    wait_until(known, timeout, "the controller to see every node and the published versions")
 
 
 def active_versions(nodes: list[NodeApp]) -> list[str]:
@@ -112,7 +117,6 @@ def test_rollout_moves_every_wave_then_sets_the_group(
     nodes = fleet(start_node, tmp_path, 4)
     group = nodes[0].config.group
     wait_known(controller, nodes)
-    time.sleep(0.3)  # the retained artifact manifests
     record = controller.start("tcn-reference", "1.1.0", group=group, canary=1, waves=[50, 100],
                               wave_timeout_s=30)  # fmt: skip
     assert [len(w) for w in record.waves] == [1, 1, 2]
@@ -138,7 +142,6 @@ def test_failing_canary_stops_the_rollout_and_the_fleet_stays(
 ) -> None:
     nodes = fleet(start_node, tmp_path, 3)
     wait_known(controller, nodes)
-    time.sleep(0.3)
     record = controller.start("tcn-reference", "1.3.0", group=nodes[0].config.group, canary=1,
                               wave_timeout_s=30)  # fmt: skip
     final = controller.run(record)
@@ -158,15 +161,12 @@ def test_a_failure_after_the_canary_rolls_moved_nodes_back(
     refusing = start_node(group=group, node_id=unique("z"), cache_dir=tmp_path / "z",
                           max_bundle_bytes=2048)  # fmt: skip
     wait_known(controller, [healthy, refusing])
-    time.sleep(0.3)
     record = controller.start("tcn-reference", "1.1.0", group=group, canary=1, waves=[100],
                               wave_timeout_s=30)  # fmt: skip
     assert record.waves == [[healthy.node_id], [refusing.node_id]]
     final = controller.run(record)
     assert final.state is RolloutState.FAILED
-    deadline = time.monotonic() + 20
-    while healthy.worker.pipeline.ref.version != "1.0.0" and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: healthy.worker.pipeline.ref.version == "1.0.0", 20, "the rollback")
     assert active_versions([healthy, refusing]) == ["1.0.0", "1.0.0"]  # back where it was
 
 
@@ -177,7 +177,6 @@ def test_a_restarted_controller_resumes_from_the_retained_record(
     nodes = fleet(start_node, tmp_path, 3)
     first = Controller.connect(broker.url, client_id=unique("ctl-a"))
     wait_known(first, nodes)
-    time.sleep(0.3)
     record = first.start("tcn-reference", "1.1.0", group=nodes[0].config.group, canary=1,
                          waves=[100], wave_timeout_s=30)  # fmt: skip
     record = first._run_wave(record)  # the canary wave, then the controller "dies"
@@ -186,9 +185,7 @@ def test_a_restarted_controller_resumes_from_the_retained_record(
     first.session.stop()  # gone without withdrawing its presence, as if hung
 
     second = Controller.connect(broker.url, client_id=unique("ctl-b"))
-    deadline = time.monotonic() + 10
-    while second.record(record.rollout_id) is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: second.record(record.rollout_id) is not None)
     kept = second.record(record.rollout_id)
     assert kept is not None
     assert kept.wave == 1
@@ -311,11 +308,16 @@ def test_a_controller_whose_rollout_was_taken_over_stops_and_keeps_its_hands_off
         assert not runner.is_alive()
         assert len(outcome) == 1
         assert f"taken over by {second.controller_id}" in str(outcome[0])
-        time.sleep(0.5)
-        final = second.record(record.rollout_id)
-        assert final is not None
-        assert (final.controller, final.epoch, final.state) == (
-            second.controller_id, 1, RolloutState.PAUSED)  # fmt: skip
+
+        def settled() -> bool:  # the first's late write replaced by the second's again
+            final = second.record(record.rollout_id)
+            return final is not None and (final.controller, final.epoch, final.state) == (
+                second.controller_id,
+                1,
+                RolloutState.PAUSED,
+            )
+
+        wait_until(settled, what="the second controller's record to stay the retained one")
     finally:
         first.close()
         second.close()
@@ -337,13 +339,13 @@ def test_rollout_over_a_hundred_simulated_nodes_completes(
     try:
         fleet_.start()
         group = f"{prefix}-g0"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            seen = [controller.view.get(n) for n in fleet_.node_ids]
-            if all(v is not None and v.online and v.model is not None for v in seen):
-                break
-            time.sleep(0.1)
-        time.sleep(0.3)
+
+        def seen() -> bool:
+            views = [controller.view.get(n) for n in fleet_.node_ids]
+            return all(v is not None and v.online and v.model is not None for v in views)
+
+        wait_until(seen, 30, "the controller to see 100 simulated nodes")
+        wait_until(lambda: controller.artifact("tcn-reference", "1.1.0") is not None)
         record = controller.start("tcn-reference", "1.1.0", group=group, canary=1,
                                   waves=[10, 50, 100], wave_timeout_s=60)  # fmt: skip
         assert [len(w) for w in record.waves] == [1, 9, 40, 50]
@@ -364,15 +366,19 @@ def test_pause_holds_the_rollout_and_resume_finishes_it(
 
     nodes = fleet(start_node, tmp_path, 2)
     wait_known(controller, nodes)
-    time.sleep(0.3)
     record = controller.start("tcn-reference", "1.1.0", group=nodes[0].config.group, canary=1,
                               waves=[100], wave_timeout_s=30)  # fmt: skip
     send_command(controller.session, record, "pause")
-    time.sleep(0.3)
+
+    def told() -> bool:
+        seen = controller.record(record.rollout_id)
+        return seen is not None and seen.command == "pause"
+
+    wait_until(told, what="the pause command on the retained record")
     outcome: list[object] = []
     runner = threading.Thread(target=lambda: outcome.append(controller.run(record)))
     runner.start()
-    time.sleep(1.0)
+    time.sleep(1.0)  # long enough for a wave to start, were the pause not obeyed
     assert runner.is_alive()
     paused = controller.record(record.rollout_id)
     assert paused is not None

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Probe, unique, wait_until
 
 from common.bundle import read_bundle
 from common.signing import generate_keys
@@ -26,6 +25,9 @@ from fleet.desired import desired_for, publish_desired
 from fleet.distribution import publish_bundle
 from fleet.rollout.controller import Controller, RolloutError
 from fleet.simulate.nodes import Degradation, SimulatedFleet
+from helpers.mqtt import Probe
+from helpers.processes import stop_process
+from helpers.waiting import unique, wait_until
 from node.tools.local_broker import LocalBroker
 from schemas import topics
 from schemas.codec import encode
@@ -134,7 +136,7 @@ def test_a_healthy_version_passes_every_gate_with_the_figures_recorded(
         fleet.stop()
 
 
-def test_a_healthy_rollout_over_a_thousand_simulated_nodes_with_a_soak_stays_under_30_s(
+def test_a_healthy_rollout_over_a_thousand_simulated_nodes_with_a_soak_succeeds(
     broker: LocalBroker, reference_bundle_path: Path, new_bundle: Path, controller: Controller,
     tmp_path: Path,
 ) -> None:  # fmt: skip
@@ -170,11 +172,9 @@ def test_a_healthy_rollout_over_a_thousand_simulated_nodes_with_a_soak_stays_und
         assert len(judged) == 1000
         running = {v.model.active.version for n in node_ids
                    if (v := controller.view.get(n)) and v.model and v.model.active}  # fmt: skip
-        assert running == {NEW}
-        assert took < 30
+        assert running == {NEW}  # the time it took is a figure of bench.rollout, not a test
     finally:
-        simulator.send_signal(signal.SIGINT)
-        simulator.wait(60)
+        stop_process(simulator, signal.SIGINT, 60)
         log.close()
 
 
@@ -218,8 +218,7 @@ def test_a_killed_controller_service_hands_the_rollout_to_another_with_no_comman
     finally:
         for service in services:
             if service.poll() is None:
-                service.send_signal(signal.SIGTERM)
-                service.wait(20)
+                stop_process(service, signal.SIGTERM, 20)
         for log in logs:
             log.close()
         probe.close()

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import subprocess_env, wait_until
 from test_broker_security import SecureBroker, broker  # noqa: F401 (the secure broker fixture)
 from test_node_e2e import raw_window
 
+from helpers.programs import subprocess_env
+from helpers.waiting import wait_until
 from node.app import NodeApp
 from node.config import load_config
 from node.errors import ConfigError

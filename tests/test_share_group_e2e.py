@@ -20,8 +20,11 @@ import numpy as np
 import orjson
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import Probe, subprocess_env, unique
 
+from helpers.mqtt import Probe
+from helpers.processes import stop_process
+from helpers.programs import subprocess_env
+from helpers.waiting import unique
 from node.ingest.share import rendezvous_owner
 from node.tools.local_broker import LocalBroker
 from schemas import topics
@@ -220,6 +223,5 @@ def test_a_node_alone_in_its_group_serves_at_once(
         dashboard.wait_for("imu/+/motifs", len(expected), timeout=15)
         assert {(r["sensor_id"], r["seq"]) for r in results(dashboard)} == expected
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        stop_process(proc, signal.SIGTERM, 30)
         dashboard.close()

@@ -9,8 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import NodeFactory, Probe, wait_until
 
+from helpers.mqtt import Probe
+from helpers.nodes import NodeFactory
+from helpers.waiting import wait_until
 from node.supervisor import Supervisor, Watched
 from schemas import topics
 

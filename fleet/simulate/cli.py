@@ -74,6 +74,7 @@ def _nodes(args: argparse.Namespace) -> int:
         duration=args.duration,
         progress=connected,
         degrade=degrade,
+        give_up_s=args.give_up_after or None,
     )
 
 
@@ -137,6 +138,13 @@ NODES = Command(
             metavar="VERSION=MODE",
             help="make nodes serving VERSION degrade once it is active, to try health gates: "
             "errors (every window fails), latency (+80 ms), crash (restart every interval)",
+        ),
+        arg(
+            "--give-up-after",
+            type=float,
+            default=60.0,
+            metavar="SECONDS",
+            help="exit (status 1) when no node has reached the broker for this long; 0: never (60)",
         ),
     ],
     shared=broker_options,

@@ -24,7 +24,9 @@ restarts the node every telemetry interval (offline, then a new instance from ze
 from __future__ import annotations
 
 import logging
+import os
 import resource
+import signal
 import socket
 import tempfile
 import threading
@@ -33,7 +35,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import psutil
 
@@ -63,6 +65,12 @@ logger = logging.getLogger(__name__)
 
 SIMULATED = "simulated node: no sensor input, one golden window per telemetry interval"
 """`backend_reason` in every simulated node's status and telemetry."""
+STEP_S = 0.2
+"""How often waiting loops look whether they were interrupted."""
+STOP_WAIT_S = 10.0
+"""How long stopping may wait for the nodes' model managers and last messages, in all."""
+GIVE_UP_S = 60.0
+"""`simulate nodes` exits when no node has reached the broker for this long."""
 CONNECT_BATCH = 50
 """Nodes started at once before waiting for their CONNACKs."""
 Degradation = Literal["errors", "latency", "crash"]
@@ -232,6 +240,7 @@ class SimulatedFleet:
         self._nodes: list[_SimNode] = []
         self._net: NetLoop | None = None
         self._stopped = threading.Event()
+        self._interrupted = threading.Event()
         self._telemetry = threading.Thread(target=self._telemetry_loop, daemon=True)
 
     def start(
@@ -253,11 +262,15 @@ class SimulatedFleet:
                 node.manager.attach()
                 node.session.start()
             for node in batch:
-                left = max(0.0, started + timeout_s - time.monotonic())
-                if not node.session.wait_connected(left):
-                    done = sum(n.session.is_connected for n in self._nodes)
-                    msg = f"{done}/{count} nodes connected to {self.broker} after {timeout_s:g} s"
-                    raise TimeoutError(msg)
+                while not node.session.wait_connected(STEP_S):
+                    if self._interrupted.is_set():
+                        return
+                    if time.monotonic() > started + timeout_s:
+                        done = sum(n.session.is_connected for n in self._nodes)
+                        msg = (
+                            f"{done}/{count} nodes connected to {self.broker} after {timeout_s:g} s"
+                        )
+                        raise TimeoutError(msg)
             if progress is not None:
                 progress(len(self._nodes), count)
         self._telemetry.start()
@@ -267,17 +280,34 @@ class SimulatedFleet:
         """Active model version -> how many nodes serve it."""
         return dict(Counter(node.pipeline.ref.version for node in self._nodes))
 
-    def run_for(self, seconds: float | None) -> None:
-        """Serve for `seconds` (None: until `stop()`), logging version counts as they change."""
+    @property
+    def interrupted(self) -> bool:
+        """True once `interrupt()` was called."""
+        return self._interrupted.is_set()
+
+    def interrupt(self) -> None:
+        """Make `start` and `run_for` return at once (a signal handler may call this)."""
+        self._interrupted.set()
+
+    def run_for(self, seconds: float | None, give_up_s: float | None = None) -> str | None:
+        """Serve for `seconds` (None: until `stop()` or `interrupt()`), logging version counts as
+        they change. With `give_up_s`, return early when no node has been connected for that
+        long (a broker that stays gone): the reason, else None."""
         end = None if seconds is None else time.monotonic() + seconds
         last: dict[str, int] = {}
-        while not self._stopped.is_set():
+        last_connected = time.monotonic()
+        while not self._stopped.is_set() and not self._interrupted.is_set():
             if (current := self.versions()) != last:
                 logger.info("active versions: %s", current)
                 last = current
+            if any(node.session.is_connected for node in self._nodes):
+                last_connected = time.monotonic()
+            elif give_up_s is not None and time.monotonic() - last_connected > give_up_s:
+                return f"no node has reached {self.broker} for {give_up_s:g} s: giving up"
             left = 1.0 if end is None else min(1.0, end - time.monotonic())
-            if left <= 0 or self._stopped.wait(left):
-                return
+            if left <= 0 or self._interrupted.wait(left):
+                return None
+        return None
 
     def stop(self, reason: str = "stopped") -> None:
         """Retained `stopped` status from every node, then clean disconnects (idempotent)."""
@@ -286,8 +316,11 @@ class SimulatedFleet:
         self._stopped.set()
         if self._telemetry.is_alive():
             self._telemetry.join(5)
+        deadline = time.monotonic() + STOP_WAIT_S
+        for node in self._nodes:  # all at once: a fetch in progress may hold one for a while
+            node.manager.request_stop()
         for node in self._nodes:
-            node.manager.stop()
+            node.manager.stop(max(0.0, deadline - time.monotonic()))
             if node.session.is_connected:
                 payload = node.status(NodeState.STOPPED, reason)
                 node.session.publish(topics.node_status(node.node_id), payload, retain=True)
@@ -348,8 +381,11 @@ def simulate_nodes(
     duration: float | None = None,
     progress: Callable[[int, int], None] | None = None,
     degrade: dict[str, Degradation] | None = None,
+    give_up_s: float | None = GIVE_UP_S,
 ) -> int:
-    """`imu-fleet simulate nodes`: run `count` nodes for `duration` s (None: until Ctrl-C)."""
+    """`imu-fleet simulate nodes`: run `count` nodes for `duration` s (None: until SIGINT or
+    SIGTERM, which stop them cleanly within about `STOP_WAIT_S`; a second signal exits at once).
+    Exit status 1 when the broker stayed gone for `give_up_s`."""
     fleet = SimulatedFleet(
         broker,
         bundle,
@@ -362,11 +398,31 @@ def simulate_nodes(
         trust_key=trust_key,
         degrade=degrade,
     )
+    signals = _stop_on_signals(fleet)
+    gave_up = None
     try:
         fleet.start(progress)
-        fleet.run_for(duration)
-    except KeyboardInterrupt:
-        logger.info("interrupted")
+        gave_up = fleet.run_for(duration, give_up_s)
     finally:
-        fleet.stop()
+        fleet.stop("interrupted" if fleet.interrupted else gave_up or "stopped")
+        for number, previous in signals.items():
+            signal.signal(number, previous)
+    if gave_up is not None:
+        logger.error("%s", gave_up)
+        return 1
     return 0
+
+
+def _stop_on_signals(fleet: SimulatedFleet) -> dict[int, Any]:
+    """SIGINT and SIGTERM interrupt the fleet (it then stops cleanly); a second one exits at
+    once. Returns the handlers they replaced (only the main thread may set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handle(number: int, _frame: object) -> None:
+        if fleet.interrupted:
+            os._exit(128 + number)
+        logger.info("signal %d: stopping the simulated nodes (again to exit at once)", number)
+        fleet.interrupt()
+
+    return {number: signal.signal(number, handle) for number in (signal.SIGINT, signal.SIGTERM)}

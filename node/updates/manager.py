@@ -156,11 +156,15 @@ class ModelManager:
             self._session.route(topic, self._handler(level, topic))
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop the manager thread (an update in progress finishes first)."""
+    def request_stop(self) -> None:
+        """Ask the manager thread to stop, without waiting (see `stop`)."""
         self._stop.set()
         self._wake.set()
-        self._thread.join(30)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the manager thread (an update in progress finishes first, within `timeout`)."""
+        self.request_stop()
+        self._thread.join(timeout)
         if self._previous is not None:
             self._previous.close()
             self._previous = None

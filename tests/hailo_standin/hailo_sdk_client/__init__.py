@@ -50,7 +50,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import orjson
-from hailo_standin.fake_hef import make_hef
 from onnx import numpy_helper
 
 from hailo_sdk_client._errors import (
@@ -74,6 +73,7 @@ from hailo_sdk_client._support import (
     onnx_session,
     run_windows,
 )
+from hailo_standin.fake_hef import make_hef
 
 __version__ = "3.33.0"
 

@@ -7,8 +7,9 @@ import re
 
 import numpy as np
 import onnxruntime as ort
-from hailo_standin.fake_hef import uint8_quantization
 from numpy.typing import NDArray
+
+from hailo_standin.fake_hef import uint8_quantization
 
 ENV = "HAILO_SDK_STANDIN"
 FloatArray = NDArray[np.float32]

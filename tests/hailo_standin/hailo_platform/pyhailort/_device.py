@@ -25,8 +25,6 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from hailo_standin import faults
-
 from hailo_platform.pyhailort._common import (
     MODULE,
     DeviceArchitectureTypes,
@@ -41,6 +39,7 @@ from hailo_platform.pyhailort._engine import DeviceContext
 from hailo_platform.pyhailort._hef import load_hef_bytes, parse_hef_bytes
 from hailo_platform.pyhailort._infer_model import InferModel
 from hailo_platform.pyhailort._pyhailort import raw_status
+from hailo_standin import faults
 
 DEVICE_ID = "0000:01:00.0"
 """The PCIe BDF of the stand-in's first chip (`faults.devices` adds 0000:02:00.0, ...)."""

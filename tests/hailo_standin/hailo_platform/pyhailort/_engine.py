@@ -24,8 +24,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
-from hailo_standin import faults
-from hailo_standin.fake_hef import FakeHef, StreamSpec
 
 from hailo_platform.pyhailort._common import (
     MODULE,
@@ -35,6 +33,8 @@ from hailo_platform.pyhailort._common import (
     log,
     status_error,
 )
+from hailo_standin import faults
+from hailo_standin.fake_hef import FakeHef, StreamSpec
 
 PIPELINE_TIMEOUT_S = 10.0
 """HailoRT's pipeline timeout (DEFAULT_VSTREAM_TIMEOUT_MS): when a hung frame is given up."""

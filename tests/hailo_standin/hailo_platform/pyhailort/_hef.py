@@ -13,8 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from hailo_standin.fake_hef import FakeHef, StreamSpec, parse_hef
-
 from hailo_platform.pyhailort._common import (
     MODULE,
     Format,
@@ -26,6 +24,7 @@ from hailo_platform.pyhailort._common import (
     QuantInfo,
     status_error,
 )
+from hailo_standin.fake_hef import FakeHef, StreamSpec, parse_hef
 
 DEFAULT_BOTTLENECK_FPS = 8000.0
 """What `bottleneck_fps()` reports unless the HEF's `extra` says otherwise (arbitrary, fixed)."""

@@ -21,8 +21,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from hailo_standin import faults
-from hailo_standin.fake_hef import FakeHef, StreamSpec
 
 from hailo_platform.pyhailort._common import (
     MODULE,
@@ -47,6 +45,8 @@ from hailo_platform.pyhailort._engine import (
     derived_queue_size,
 )
 from hailo_platform.pyhailort._hef import HEF, stream_order, stream_quant
+from hailo_standin import faults
+from hailo_standin.fake_hef import FakeHef, StreamSpec
 
 ACCEPTS = {"hailo8": {"hailo8", "hailo8r", "hailo8l"}, "hailo8l": {"hailo8l"}}
 """HEF architectures each device accepts (hailo-notes.md section 3, `is_hef_compatible`)."""

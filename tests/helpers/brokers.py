@@ -28,13 +28,13 @@ from types import TracebackType
 from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
-from conftest import unique
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from common.mqtt.address import BrokerAddress
+from helpers.waiting import unique
 from node.tools.local_broker import free_port, wait_for_port
 
 logger = logging.getLogger(__name__)
