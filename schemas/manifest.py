@@ -1,4 +1,4 @@
-"""The model bundle manifest (design.md section 3, public contract).
+"""The model bundle manifest (public contract).
 
 A bundle is one archive holding `manifest.json` and the files it lists (`model.onnx` and/or
 `model.hef`, the golden vectors). The manifest carries everything a node needs to run the model

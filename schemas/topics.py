@@ -1,4 +1,4 @@
-"""The topic tree (design.md section 2), in one place.
+"""The topic tree (the public contract, docs/topics.md), in one place.
 
 Build topic names with the functions here, never with string literals elsewhere, so that a change
 to the tree is one change. `CATALOGUE` lists every topic with its publisher, QoS, retain flag and

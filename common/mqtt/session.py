@@ -358,7 +358,7 @@ class MqttSession:
         return client
 
     def _handle_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        try:  # Nagle's algorithm costs 20-40 ms of p95 latency (design.md section 8)
+        try:  # Nagle's algorithm costs 20-40 ms of p95 latency (docs/architecture.md)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (OSError, AttributeError):
             logger.debug("TCP_NODELAY not available on this socket")
