@@ -1,8 +1,12 @@
 """Read and write model bundles: one uncompressed tar holding `manifest.json` and its files.
 
 A plain tar keeps bundles inspectable with `tar tvf`. Writing is byte-reproducible (fixed order,
-mtime 0, no owner names). Reading verifies every listed file's size and sha256, refuses unlisted
-members, links and oversized archives, and never touches the file system beyond the archive.
+mtime 0, no owner names; `manifest.json` first). Reading is one forward pass that verifies
+before it unpacks: the manifest comes first and, given a trust store, its signature is checked
+before any other member is read; each member must be a plain regular file of exactly the size
+the manifest gives it, inside the archive, and is read in bounded chunks and hashed. Links,
+devices, sparse members (a few KB standing for gigabytes), unlisted, duplicate and oversized
+members are refused, and nothing touches the file system beyond the archive.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import io
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import orjson
@@ -19,6 +24,7 @@ from numpy.typing import NDArray
 from pydantic import ValidationError
 
 from common.errors import BundleError
+from common.signing import Trust, verify_manifest
 from schemas.errors import describe_validation_error
 from schemas.limits import CHANNELS, LATENT_DIM, WINDOW_LENGTH
 from schemas.manifest import FileEntry, Manifest
@@ -27,6 +33,9 @@ from schemas.messages import ModelRef
 MANIFEST_NAME = "manifest.json"
 DEFAULT_MAX_BUNDLE_BYTES = 256 * 1024 * 1024
 """Largest bundle a node accepts unless configured otherwise."""
+MAX_MANIFEST_BYTES = 1024 * 1024
+"""Largest manifest.json read (a real one is a few KB)."""
+READ_CHUNK = 1024 * 1024
 
 
 def sha256_hex(data: bytes) -> str:
@@ -111,63 +120,126 @@ def write_bundle(out: Path, manifest: Manifest, files: dict[str, bytes]) -> None
     tmp.replace(out)
 
 
-def read_bundle(path: Path, *, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -> Bundle:
-    """Read and verify a bundle file; raises BundleError saying what is wrong."""
+def read_bundle(
+    path: Path, *, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES, trust: Trust | None = None
+) -> Bundle:
+    """Read and verify a bundle file; raises BundleError saying what is wrong.
+
+    With `trust`, the manifest's signature is checked before any other member is read."""
     try:
         size = path.stat().st_size
+        stream = path.open("rb")
     except OSError as exc:
         msg = f"cannot read bundle {path}: {exc.strerror}"
         raise BundleError(msg) from exc
     if size > max_bytes:
+        stream.close()
         msg = f"bundle {path} is {size} bytes, over the {max_bytes}-byte limit"
         raise BundleError(msg)
-    return parse_bundle(path.read_bytes(), path=path)
+    with stream:
+        return _read(stream, size, str(path), trust, path)
 
 
-def parse_bundle(data: bytes, *, path: Path | None = None) -> Bundle:
-    """Verify a bundle held in memory."""
+def parse_bundle(
+    data: bytes,
+    *,
+    path: Path | None = None,
+    max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
+    trust: Trust | None = None,
+) -> Bundle:
+    """Verify a bundle held in memory (the same checks as `read_bundle`)."""
     where = str(path) if path else "bundle"
-    members = _tar_members(data, where)
-    if MANIFEST_NAME not in members:
-        msg = f"{where} has no {MANIFEST_NAME}; is it a model bundle?"
+    if len(data) > max_bytes:
+        msg = f"{where} is {len(data)} bytes, over the {max_bytes}-byte limit"
         raise BundleError(msg)
-    try:
-        manifest = Manifest.model_validate_json(members.pop(MANIFEST_NAME))
-    except ValidationError as exc:
-        msg = f"{where}: {describe_validation_error(exc, 'manifest')}"
-        raise BundleError(msg) from exc
-    unlisted = members.keys() - manifest.files.keys()
-    if unlisted:
-        msg = f"{where} holds files its manifest does not list: {sorted(unlisted)}"
-        raise BundleError(msg)
-    for name, entry in manifest.files.items():
-        content = members.get(name)
-        if content is None:
-            msg = f"{where} is missing {name}, which its manifest lists"
-            raise BundleError(msg)
-        if len(content) != entry.size or sha256_hex(content) != entry.sha256:
-            msg = f"{where}: {name} does not match its manifest sha256/size (corrupt or altered)"
-            raise BundleError(msg)
-    return Bundle(manifest=manifest, files=members, path=path)
+    return _read(io.BytesIO(data), len(data), where, trust, path)
 
 
-def _tar_members(data: bytes, where: str) -> dict[str, bytes]:
-    members: dict[str, bytes] = {}
+def _read(
+    stream: BinaryIO, size: int, where: str, trust: Trust | None, path: Path | None
+) -> Bundle:
+    """One pass over the archive: the manifest first (and its signature, with `trust`), then
+    each member streamed within the size its manifest gives it, never past the file's end."""
+    manifest: Manifest | None = None
+    files: dict[str, bytes] = {}
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
             for info in tar:
-                if not info.isfile() or "/" in info.name or info.name.startswith("."):
-                    msg = f"{where}: unexpected member {info.name!r} (only flat regular files)"
+                _check_member(info, size, where)
+                if manifest is None:
+                    manifest = _first_manifest(tar, info, where)
+                    if trust is not None:
+                        verify_manifest(manifest, trust)
+                    continue
+                entry = manifest.files.get(info.name)
+                if entry is None:
+                    msg = f"{where} holds files its manifest does not list: [{info.name!r}]"
                     raise BundleError(msg)
-                if info.name in members:
+                if info.name in files:
                     msg = f"{where}: member {info.name!r} appears twice"
                     raise BundleError(msg)
-                extracted = tar.extractfile(info)
-                members[info.name] = extracted.read() if extracted else b""
+                if info.size != entry.size:
+                    msg = f"{where}: {info.name} does not match its manifest sha256/size"
+                    raise BundleError(msg)
+                content = _content(tar, info)
+                if sha256_hex(content) != entry.sha256:
+                    msg = f"{where}: {info.name} does not match its manifest sha256/size (corrupt"
+                    msg += " or altered)"
+                    raise BundleError(msg)
+                files[info.name] = content
     except tarfile.TarError as exc:
         msg = f"{where} is not a readable bundle archive: {exc}"
         raise BundleError(msg) from exc
-    return members
+    if manifest is None:
+        msg = f"{where} has no {MANIFEST_NAME}; is it a model bundle?"
+        raise BundleError(msg)
+    for name in manifest.files:
+        if name not in files:
+            msg = f"{where} is missing {name}, which its manifest lists"
+            raise BundleError(msg)
+    return Bundle(manifest=manifest, files=files, path=path)
+
+
+def _check_member(info: tarfile.TarInfo, size: int, where: str) -> None:
+    """Only flat, plain regular files whose data lies inside the archive: no link, device,
+    directory, sparse or continued member (a 30 KB sparse member can stand for gigabytes)."""
+    plain = info.type in (tarfile.REGTYPE, tarfile.AREGTYPE) and not info.issparse()
+    if not plain or "/" in info.name or info.name.startswith("."):
+        msg = f"{where}: unexpected member {info.name!r} (only flat regular files)"
+        raise BundleError(msg)
+    if info.offset_data + info.size > size:
+        msg = f"{where}: member {info.name!r} claims {info.size} bytes the archive does not hold"
+        raise BundleError(msg)
+
+
+def _first_manifest(tar: tarfile.TarFile, info: tarfile.TarInfo, where: str) -> Manifest:
+    if info.name != MANIFEST_NAME:
+        msg = (
+            f"{where} has no {MANIFEST_NAME} as its first member (found {info.name!r}); is it a "
+            "model bundle?"
+        )
+        raise BundleError(msg)
+    if info.size > MAX_MANIFEST_BYTES:
+        msg = f"{where}: {MANIFEST_NAME} is {info.size} bytes, over {MAX_MANIFEST_BYTES}"
+        raise BundleError(msg)
+    try:
+        return Manifest.model_validate_json(_content(tar, info))
+    except ValidationError as exc:
+        msg = f"{where}: {describe_validation_error(exc, 'manifest')}"
+        raise BundleError(msg) from exc
+
+
+def _content(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    """A member's bytes, read in bounded chunks (never more than its checked size)."""
+    extracted = tar.extractfile(info)
+    if extracted is None:
+        return b""
+    chunks = []
+    left = info.size
+    while left > 0 and (chunk := extracted.read(min(left, READ_CHUNK))):
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def _load_npy(data: bytes, name: str) -> NDArray[np.float32]:

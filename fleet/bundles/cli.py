@@ -60,12 +60,11 @@ def _sign(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from common.bundle import manifest_bytes, read_bundle  # noqa: PLC0415
-    from common.signing import load_public_key, verify_manifest  # noqa: PLC0415
+    from common.signing import load_trust  # noqa: PLC0415
     from fleet.bundles.inspect import describe_bundle  # noqa: PLC0415
 
-    bundle = read_bundle(args.bundle)
-    if args.trust_key:
-        verify_manifest(bundle.manifest, load_public_key(args.trust_key))
+    trust = load_trust(args.trust_key) if args.trust_key else None
+    bundle = read_bundle(args.bundle, trust=trust)  # the signature before the files
     print(manifest_bytes(bundle.manifest).decode() if args.json else describe_bundle(bundle))
     return 0
 

@@ -44,7 +44,7 @@ from common.bundle import read_bundle
 from common.errors import EdgeError
 from common.mqtt.address import BrokerAddress
 from common.mqtt.client import SessionSettings
-from common.signing import load_trust, verify_manifest
+from common.signing import load_trust
 from common.version import software_version
 from fleet.simulate.netloop import LoopSession, NetLoop
 from fleet.simulate.shared_models import SharedModels
@@ -225,9 +225,7 @@ class SimulatedFleet:
         self.groups = [f"{prefix}-g{k}" for k in range(groups)]
         self.trusted = load_trust(trust_key) if trust_key else None
         self.fetch_policy = FetchPolicy(file_root=file_url_root)
-        self.initial = read_bundle(bundle)
-        if self.trusted is not None:
-            verify_manifest(self.initial.manifest, self.trusted)
+        self.initial = read_bundle(bundle, trust=self.trusted)
         self._temp: tempfile.TemporaryDirectory[str] | None = None
         if cache_dir is None:
             self._temp = tempfile.TemporaryDirectory(prefix="imu-sim-cache-")

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from common.bundle import Bundle, read_bundle, sha256_hex
 from common.errors import EdgeError
 from common.mqtt.session import MqttSession
-from common.signing import Trust, load_trust, trust_store, verify_desired, verify_manifest
+from common.signing import Trust, load_trust, trust_store, verify_desired
 from node.config import NodeConfig, default_state_dir
 from node.errors import ConfigError
 from node.reporting import ErrorReporter
@@ -285,7 +285,9 @@ class ModelManager:
                 policy=self.settings.fetch_policy,
             )
             self._report(ModelLifecycle.VERIFYING, target=target)
-            bundle = read_bundle(path, max_bytes=self.settings.max_bundle_bytes)
+            bundle = read_bundle(  # the signature is checked before the files are read
+                path, max_bytes=self.settings.max_bundle_bytes, trust=self.settings.trusted_key
+            )
             self._verify(desired, bundle)
             self._report(ModelLifecycle.WARMING, target=target)
             pipeline = self._loader(bundle)  # contract, warm-up and golden check
@@ -313,8 +315,6 @@ class ModelManager:
             msg = f"bundle is {manifest.name} {manifest.version}, not the desired one"
             raise RefusedError(msg)
         trusted = self.settings.trusted_key
-        if trusted is not None:
-            verify_manifest(manifest, trusted)
         if manifest.expires_at is not None and _parse_time(manifest.expires_at) < time.time():
             msg = f"{manifest.name} {manifest.version} expired at {manifest.expires_at}"
             raise RefusedError(msg)
@@ -403,9 +403,8 @@ def open_configured_model(config: NodeConfig) -> tuple[ModelPipeline, str]:
     if config.model is None:
         msg = "no model: pass --model BUNDLE (build one with `imu-fleet bundle create`)"
         raise ConfigError(msg)
-    bundle = read_bundle(config.model)
-    if config.trust_key is not None:
-        verify_manifest(bundle.manifest, load_trust(config.trust_key))
+    trust = load_trust(config.trust_key) if config.trust_key is not None else None
+    bundle = read_bundle(config.model, trust=trust)  # signature first, then the files
     pipeline, choice = open_pipeline(
         bundle, config.backend, config.backend_options(), fallback=config.fallback
     )
