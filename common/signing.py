@@ -1,9 +1,11 @@
-"""Ed25519 signatures over bundle manifests.
+"""Ed25519 signatures over bundle manifests and control-plane messages.
 
-The manifest lists the sha256 and size of every file in the bundle, so signing the manifest signs
-the whole bundle. What is signed is the canonical manifest: its JSON with `signature` set to null,
-keys sorted, no whitespace. Keys are PEM files (PKCS#8 private, SubjectPublicKeyInfo public);
-a key id is the first 16 hex digits of the sha256 of the raw 32-byte public key.
+The manifest lists the sha256 and size of every file in the bundle, so signing the manifest
+signs the whole bundle. What is signed is the canonical manifest: its JSON with `signature` set
+to null, keys sorted, no whitespace. Desired states, artifact manifests and rollout records are
+signed the same way (`sign_message`, `verify_message`). Keys are PEM files (PKCS#8 private,
+SubjectPublicKeyInfo public); a key id is the first 16 hex digits of the sha256 of the raw
+32-byte public key.
 
 A node trusts one key or several (`TrustStore`: a PEM file, or a folder of `*.pub` files), so a
 fleet can rotate its key without touching every node twice: add the new public key to the nodes,
@@ -17,6 +19,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol, Self, TypeVar
 
 import orjson
 from cryptography.exceptions import InvalidSignature
@@ -27,6 +30,7 @@ from common.errors import BundleError
 from schemas.control import DesiredModel
 from schemas.manifest import Manifest, Signature
 
+M = TypeVar("M", bound="SignedMessage")
 PRIVATE_NAME = "fleet.key"
 PUBLIC_NAME = "fleet.pub"
 
@@ -171,25 +175,61 @@ def verify_manifest(manifest: Manifest, trusted: Trust) -> None:
         raise SignatureError(msg) from exc
 
 
-def _canonical_desired(desired: DesiredModel) -> bytes:
-    body = desired.model_copy(update={"signature": None, "key_id": None}).model_dump(mode="json")
+class SignedMessage(Protocol):
+    """A control-plane message the fleet signs: desired states, artifact manifests, rollout
+    records. The signature covers the canonical message (JSON, sorted keys, with `signature`
+    and `key_id` null)."""
+
+    signature: str | None
+    key_id: str | None
+
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy with fields replaced (pydantic)."""
+        ...
+
+    def model_dump(self, *, mode: str = "python") -> dict[str, Any]:
+        """The fields as plain data (pydantic)."""
+        ...
+
+
+def _canonical(message: SignedMessage) -> bytes:
+    body = message.model_copy(update={"signature": None, "key_id": None}).model_dump(mode="json")
     return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+
+
+def sign_message(message: M, private: Ed25519PrivateKey) -> M:
+    """`message` signed by the fleet key `private`."""
+    value = base64.b64encode(private.sign(_canonical(message))).decode()
+    return message.model_copy(update={"signature": value, "key_id": key_id(private.public_key())})
+
+
+def verify_message(message: SignedMessage, trusted: Trust, what: str) -> None:
+    """Raise SignatureError (naming `what`) unless `message` is signed by a trusted key."""
+    key = trust_store(trusted).get(message.key_id)
+    if message.signature is None or key is None:
+        msg = f"{what} is not signed by the fleet key"
+        raise SignatureError(msg)
+    try:
+        key.verify(base64.b64decode(message.signature), _canonical(message))
+    except (InvalidSignature, ValueError) as exc:
+        msg = f"{what} has a bad signature (altered after signing)"
+        raise SignatureError(msg) from exc
 
 
 def sign_desired(desired: DesiredModel, private: Ed25519PrivateKey) -> DesiredModel:
     """The desired-state message signed by the fleet (required for rollbacks on strict nodes)."""
-    value = base64.b64encode(private.sign(_canonical_desired(desired))).decode()
-    return desired.model_copy(update={"signature": value, "key_id": key_id(private.public_key())})
+    return sign_message(desired, private)
 
 
 def verify_desired(desired: DesiredModel, trusted: Trust) -> None:
     """Raise SignatureError unless the desired state is signed by a trusted key."""
-    key = trust_store(trusted).get(desired.key_id)
-    if desired.signature is None or key is None:
-        msg = f"desired state for {desired.name} {desired.version} is not signed by the fleet key"
-        raise SignatureError(msg)
-    try:
-        key.verify(base64.b64decode(desired.signature), _canonical_desired(desired))
-    except (InvalidSignature, ValueError) as exc:
-        msg = f"desired state for {desired.name} {desired.version} has a bad signature"
-        raise SignatureError(msg) from exc
+    verify_message(desired, trusted, f"desired state for {desired.name} {desired.version}")
+
+
+def trust_of(private: Ed25519PrivateKey, extra: Path | None = None) -> TrustStore:
+    """What a holder of `private` trusts: its own public key, plus the keys at `extra` (a
+    file, or a folder of `*.pub` during a key rotation)."""
+    keys = [private.public_key()]
+    if extra is not None:
+        keys.extend(load_trust(extra).keys.values())
+    return TrustStore.of(*keys)

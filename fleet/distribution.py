@@ -17,6 +17,7 @@ from common.bundle import parse_bundle, sha256_hex
 from common.errors import BundleError
 from common.mqtt.connection import Connection
 from common.mqtt.session import MqttSession
+from common.signing import load_private_key, sign_message
 from schemas import topics
 from schemas.codec import encode
 from schemas.control import ArtifactManifest
@@ -59,12 +60,19 @@ def publish_bundle(
     protocol: str = "5",
     progress: Callable[[int, int], None] | None = None,
     timeout_s: float = 60.0,
+    sign_key: Path | None = None,
 ) -> ArtifactManifest:
-    """Verify the bundle, publish its chunks and manifest retained (QoS 1), wait for the acks."""
+    """Verify the bundle, publish its chunks and manifest retained (QoS 1), wait for the acks.
+
+    With `sign_key` the artifact manifest is signed: a controller holding the fleet key signs
+    desired states only from a manifest it verified."""
+    key = load_private_key(sign_key) if sign_key is not None else None
     data = path.read_bytes()
     bundle = parse_bundle(data, path=path)
     name, version = bundle.manifest.name, bundle.manifest.version
     manifest = artifact_manifest(data, name, version, chunk_size, url)
+    if key is not None:
+        manifest = sign_message(manifest, key)
     connection = Connection.of(broker, protocol)
     session = MqttSession(
         connection.session_settings(f"imu-fleet-publish-{time.monotonic_ns() % 10**8}")

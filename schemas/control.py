@@ -63,7 +63,9 @@ class DesiredModel(Outbound):
 class ArtifactManifest(Outbound):
     """`fleet/artifacts/{name}/{version}/manifest` (retained): how to reassemble a bundle.
 
-    Chunks are retained raw bytes on `fleet/artifacts/{name}/{version}/chunks/{index}`.
+    Chunks are retained raw bytes on `fleet/artifacts/{name}/{version}/chunks/{index}`. Signed
+    by the fleet key at `imu-fleet publish --sign-key`: a controller with the key signs desired
+    states only from a manifest it verified (docs/security.md).
     """
 
     schema_version: Literal[1] = SCHEMA_VERSION
@@ -77,6 +79,12 @@ class ArtifactManifest(Outbound):
     )
     url: str | None = None
     published_at: Timestamp
+    signature: str | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,  # absent when unsigned: older readers take it
+        description="Base64 Ed25519 signature by a fleet key over the canonical message",
+    )
+    key_id: str | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class RolloutState(StrEnum):
@@ -166,7 +174,8 @@ class RolloutRecord(Outbound):
     """`fleet/rollouts/{rollout_id}` (retained): the plan, progress and outcome of one rollout.
 
     A restarted controller resumes from it; `imu-fleet pause|resume|abort|rollback` set
-    `command`, which the running controller obeys.
+    `command`, which the running controller obeys. Every write is signed by the fleet key when
+    the writer has it, and a controller with the key acts only on records it verified.
     """
 
     schema_version: Literal[1] = SCHEMA_VERSION
@@ -198,6 +207,12 @@ class RolloutRecord(Outbound):
     soak_until: Timestamp | None = Field(
         default=None, description="End of the current wave's soak (a resumed controller waits)"
     )
+    signature: str | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,  # absent when unsigned: older readers take it
+        description="Base64 Ed25519 signature by a fleet key over the canonical message",
+    )
+    key_id: str | None = Field(default=None, exclude_if=lambda value: value is None)
 
     @property
     def failures(self) -> int:

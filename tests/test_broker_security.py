@@ -88,8 +88,9 @@ class SecureBroker:
 
     def session(self, who: str) -> Session:
         """A connected client for `who` (`USERNAME` or `USERNAME@local`), reused across tests."""
-        if who not in self.sessions:
-            self.sessions[who] = connect(self, who)
+        known = self.sessions.get(who)
+        if known is None or known.closed.is_set():  # a login holds one connection: another
+            self.sessions[who] = connect(self, who)  # test's may have taken it over
         return self.sessions[who]
 
     def password(self, username: str) -> str:

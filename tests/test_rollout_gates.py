@@ -236,7 +236,7 @@ def signed_site(broker: LocalBroker, reference: Path, tmp_path: Path) -> tuple[P
     start = sign_bundle(read_bundle(reference), keys / "fleet.key", tmp_path / "start.tar")
     new = build_reference_bundle(tmp_path / "signed.tar", version=SIGNED, seed=8)
     sign_bundle(read_bundle(new), keys / "fleet.key", new)
-    publish_bundle(new, broker.url)
+    publish_bundle(new, broker.url, sign_key=keys / "fleet.key")  # what a keyed controller takes
     assert start.manifest.signature is not None
     return keys, tmp_path / "start.tar"
 
@@ -404,7 +404,7 @@ def test_a_service_taking_over_carries_out_what_the_operator_asked(
     state: RolloutState, command: str | None, expected: str
 ) -> None:
     from fleet.rollout.service import take_over_command
-    from schemas.messages import DesiredModel, NodeOutcome
+    from schemas.control import DesiredModel, NodeOutcome
 
     desired = DesiredModel(name="m", version="1.0.0", bundle_sha256="0" * 64, bundle_size=1,
                            issued_at=1.0)  # fmt: skip

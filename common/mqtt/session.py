@@ -394,8 +394,9 @@ class MqttSession:
         if getattr(code, "value", None) == SESSION_TAKEN_OVER and not self._stop.is_set():
             reason = (
                 f"another connection took over the session of client id "
-                f"{self.settings.client_id!r} (MQTT 5 reason 142): not reconnecting, so that the "
-                "two never take it from each other in a loop"
+                f"{self.settings.client_id!r}, or of this login on a broker that ties sessions to "
+                "logins (MQTT 5 reason 142): not reconnecting, so that the two never take it "
+                "from each other in a loop; give each process its own login"
             )
             self.counters.last_error = reason
             logger.error("%s", reason)

@@ -29,6 +29,15 @@ def _sign_key(what: str = "signs desired states") -> Arg:
     )
 
 
+def _trust_key() -> Arg:
+    return arg(
+        "--trust-key",
+        type=Path,
+        help="more fleet public keys whose signatures to take (a *.pub file or a folder of them, "
+        "during a key rotation); the --sign-key's own is always taken",
+    )
+
+
 GATES = "health gates (per wave, after its nodes are active)"
 
 ROLLOUT = Command(
@@ -105,6 +114,7 @@ ROLLOUT = Command(
             help="plan and leave it to a running `imu-fleet controller`",
         ),
         _sign_key(),
+        _trust_key(),
     ],
     shared=broker_options,
     examples=[
@@ -140,6 +150,7 @@ CONTROLLER = Command(
             help="seconds between looks for rollouts to take over (1)",
         ),
         _sign_key("signs what it publishes"),
+        _trust_key(),
     ],
     shared=broker_options,
     examples=[
@@ -153,7 +164,11 @@ CONTROLS = [
         name,
         text,
         _lazy("cmd_control"),
-        args=[arg("rollout", help="rollout id (see `imu-fleet status`)"), _sign_key()],
+        args=[
+            arg("rollout", help="rollout id (see `imu-fleet status`)"),
+            _sign_key(),
+            _trust_key(),
+        ],
         shared=broker_options,
         examples=[example],
     )
@@ -188,6 +203,7 @@ COMMANDS = [
                 "size limit",
             ),
             arg("--url", help="file:// or http(s):// copy nodes may download instead"),
+            _sign_key("signs the artifact manifest, which a controller with the key requires"),
         ],
         shared=broker_options,
         examples=[
@@ -204,6 +220,11 @@ COMMANDS = [
         args=[
             arg("rollout", nargs="?"),
             arg("--json", action="store_true", help="the records as JSON, for scripts"),
+            arg(
+                "--trust-key",
+                type=Path,
+                help="fleet public key(s): records not signed by one are shown as refused",
+            ),
         ],
         shared=broker_options,
         examples=[

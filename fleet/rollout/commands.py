@@ -30,6 +30,7 @@ def controller_session(args: argparse.Namespace, *, progress: bool = False) -> I
         args.broker,
         protocol=args.mqtt_protocol,
         sign_key=getattr(args, "sign_key", None),
+        trust_key=getattr(args, "trust_key", None),
         progress=_print_event if progress else None,
     )
     try:
@@ -61,6 +62,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         url=args.url,
         protocol=args.mqtt_protocol,
         progress=progress,
+        sign_key=args.sign_key,
     )
     print(
         f"\npublished {manifest.name} {manifest.version}: {manifest.bundle_size} bytes in "
@@ -134,7 +136,7 @@ def cmd_control(args: argparse.Namespace) -> int:
                 moved if args.command == "rollback" else list(record.nodes), args.command
             )
         if active and controller.is_driven(record):  # a live controller is running it: ask
-            send_command(controller.session, record, args.command)
+            send_command(controller.session, record, args.command, controller.signing_key)
             print(
                 f"{record.rollout_id}: asked the running controller to {args.command}; "
                 f"`imu-fleet status {record.rollout_id}` shows what the nodes confirm"
@@ -189,6 +191,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
         protocol=args.mqtt_protocol,
         name=args.name,
         sign_key=args.sign_key,
+        trust_key=args.trust_key,
         poll_s=args.poll,
     )
     for number in (signal.SIGTERM, signal.SIGINT):
@@ -218,13 +221,22 @@ def cmd_status(args: argparse.Namespace) -> int:
                 )
             )
             return 0
-        if not records:
+        refused = [r for r in controller.book.refused() if r.record is not None]
+        if args.rollout:
+            refused = [r for r in refused if r.record and r.record.rollout_id == args.rollout]
+        if not records and not refused:
             print("no rollouts on the broker")
         for record in records:
             active = record.state in (RolloutState.RUNNING, RolloutState.PAUSED)
             driven = controller.is_driven(record) if active else None
             print(format_record(record, detailed=bool(args.rollout), driven=driven))
-    return 0
+        for forged in refused:
+            print(
+                f"REFUSED {forged.topic}: {forged.reason}; no controller with the fleet key acts "
+                "on it (a fleet login without the key wrote it, or it was altered): clear it with "
+                f"`mosquitto_pub -r -n -t {forged.topic}` after finding out who wrote it"
+            )
+    return 1 if refused else 0
 
 
 def format_record(record: RolloutRecord, *, detailed: bool, driven: bool | None = None) -> str:

@@ -21,10 +21,11 @@ import math
 import secrets
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.mqtt.connection import Connection
 from common.mqtt.session import MqttSession
-from common.signing import load_private_key
+from common.signing import TrustStore, load_private_key, load_trust, sign_message, trust_of
 from fleet.desired import clear_payload, desired_topic
 from fleet.rollout.presence import Presence, presence_session
 from fleet.rollout.records import RolloutBook
@@ -41,6 +42,9 @@ from schemas import topics
 from schemas.codec import encode
 from schemas.control import ArtifactManifest, DesiredModel, NodeOutcome, RolloutGates, RolloutRecord
 from schemas.messages import FollowedDesired
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +79,7 @@ class Controller(WaveDriver):
         session: MqttSession,
         *,
         sign_key: Path | None = None,
+        trust_key: Path | None = None,
         progress: Progress | None = None,
     ) -> None:
         self.session = session
@@ -82,8 +87,15 @@ class Controller(WaveDriver):
         self.controller_id = self.presence.controller_id
         self.view = FleetView(session)
         self._sign_key = load_private_key(sign_key) if sign_key else None
+        self.trust: TrustStore | None = None
+        """Whose signatures this controller takes on artifact manifests and rollout records:
+        its own key's and `trust_key`'s. None (no key): it signs nothing and checks nothing."""
+        if self._sign_key is not None:
+            self.trust = trust_of(self._sign_key, trust_key)
+        elif trust_key is not None:
+            self.trust = load_trust(trust_key)
         self._progress = progress
-        self.book = RolloutBook(session)
+        self.book = RolloutBook(session, self.trust)
         self._applied: dict[str, str | None] = {}
         self._watching_since = time.time()
         """When this controller began to receive the fleet's telemetry."""
@@ -98,18 +110,24 @@ class Controller(WaveDriver):
         protocol: str = "5",
         client_id: str | None = None,
         sign_key: Path | None = None,
+        trust_key: Path | None = None,
         progress: Progress | None = None,
         timeout_s: float = 10.0,
     ) -> Controller:
         """A controller on its own connected session, announcing itself with a presence will."""
         session = presence_session(broker, protocol=protocol, client_id=client_id)
-        controller = cls(session, sign_key=sign_key, progress=progress)
+        controller = cls(session, sign_key=sign_key, trust_key=trust_key, progress=progress)
         session.start()
         if not session.wait_connected(timeout_s):
             session.stop()
             msg = f"cannot connect to {broker} within {timeout_s:g} s"
             raise ConnectionError(msg)
         return controller
+
+    @property
+    def signing_key(self) -> Ed25519PrivateKey | None:
+        """The fleet key this controller signs with (None: it signs nothing)."""
+        return self._sign_key
 
     def close(self) -> None:
         """Withdraw the presence, deliver what is queued and disconnect."""
@@ -158,6 +176,14 @@ class Controller(WaveDriver):
         `gates` (see `default_gates`) make every wave soak and judge its nodes' health; None
         passes a wave as soon as its nodes report the version active."""
         artifact = self.book.artifact(name, version)
+        refused = self.book.refused(topics.artifact_manifest(name, version))
+        if artifact is None and refused:
+            msg = (
+                f"{refused[0].reason}: this controller signs desired states only from a manifest "
+                f"its key signed. Publish the bundle again with `imu-fleet publish BUNDLE "
+                "--sign-key KEY`"
+            )
+            raise RolloutError(msg)
         if artifact is None:
             msg = f"{name} {version} is not published: run `imu-fleet publish BUNDLE` first"
             raise RolloutError(msg)
@@ -243,13 +269,21 @@ class Controller(WaveDriver):
         return node_ids
 
 
-def send_command(session: MqttSession, record: RolloutRecord, command: str) -> None:
+def send_command(
+    session: MqttSession,
+    record: RolloutRecord,
+    command: str,
+    key: Ed25519PrivateKey | None = None,
+) -> None:
     """Ask the running controller to pause, resume, abort or roll back (retained record).
 
     Stamped now, so that the controller takes it even if it wrote the record again after
-    `record` was read (it keeps only the command from it; its own state wins).
+    `record` was read (it keeps only the command from it; its own state wins). Signed with the
+    fleet `key`: a controller that has the key acts only on commands signed by it.
     """
     updated = record.model_copy(update={"command": command, "updated_at": time.time()})
+    if key is not None:
+        updated = sign_message(updated, key)
     session.publish(topics.rollout(record.rollout_id), encode(updated), retain=True)
 
 

@@ -8,14 +8,19 @@ write, never replaces a newer one.
 
 from __future__ import annotations
 
+import logging
 import threading
+from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
 from common.mqtt.session import MqttSession
+from common.signing import SignatureError, SignedMessage, Trust, verify_message
 from schemas import topics
 from schemas.control import ArtifactManifest, RolloutRecord
+
+logger = logging.getLogger(__name__)
 
 
 def ownership(record: RolloutRecord) -> tuple[int, str]:
@@ -38,12 +43,27 @@ def superseded(latest: RolloutRecord, ours: RolloutRecord, controller_id: str) -
     return ownership(latest) > (ours.epoch, controller_id)
 
 
-class RolloutBook:
-    """Rollout records and artifact manifests as the broker retains them (thread-safe)."""
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A retained message the book would not take: what it claimed and why it was refused."""
 
-    def __init__(self, session: MqttSession) -> None:
+    topic: str
+    reason: str
+    record: RolloutRecord | None = None
+
+
+class RolloutBook:
+    """Rollout records and artifact manifests as the broker retains them (thread-safe).
+
+    With `trust`, a record or manifest is taken only when a trusted fleet key signed it; the
+    others (a fleet login without the key wrote them, or they were altered) are kept apart in
+    `refused()`, never acted on."""
+
+    def __init__(self, session: MqttSession, trust: Trust | None = None) -> None:
         self._records: dict[str, RolloutRecord] = {}
         self._artifacts: dict[tuple[str, str], ArtifactManifest] = {}
+        self._refused: dict[str, Refused] = {}
+        self._trust = trust
         self._lock = threading.Lock()
         session.route(topics.ROLLOUTS_FILTER, self._on_record)
         session.route(topics.artifact("+", "+", "manifest"), self._on_artifact)
@@ -59,9 +79,18 @@ class RolloutBook:
             return sorted(self._records.values(), key=lambda r: r.created_at, reverse=True)
 
     def artifact(self, name: str, version: str) -> ArtifactManifest | None:
-        """The published manifest of a version, once its retained message has arrived."""
+        """The published manifest of a version, once its retained message has arrived (and,
+        with a trust store, only when it verified)."""
         with self._lock:
             return self._artifacts.get((name, version))
+
+    def refused(self, topic: str | None = None) -> list[Refused]:
+        """Records and manifests on the broker that are not signed by a trusted key (all, or
+        the one on `topic`)."""
+        with self._lock:
+            if topic is not None:
+                return [self._refused[topic]] if topic in self._refused else []
+            return list(self._refused.values())
 
     def put(self, record: RolloutRecord) -> None:
         """Take `record` as the current state of its rollout."""
@@ -92,6 +121,8 @@ class RolloutBook:
             record = RolloutRecord.model_validate_json(message.payload)
         except ValidationError:
             return
+        if not self._trusted(message.topic, record, f"rollout record {record.rollout_id}", record):
+            return
         with self._lock:
             known = self._records.get(record.rollout_id)
             if known is None or newer(record, known):
@@ -102,5 +133,32 @@ class RolloutBook:
             manifest = ArtifactManifest.model_validate_json(message.payload)
         except ValidationError:
             return
+        what = f"the artifact manifest of {manifest.name} {manifest.version}"
+        if not self._trusted(message.topic, manifest, what):
+            return
         with self._lock:
             self._artifacts[(manifest.name, manifest.version)] = manifest
+
+    def _trusted(
+        self,
+        topic: str,
+        message: SignedMessage,
+        what: str,
+        record: RolloutRecord | None = None,
+    ) -> bool:
+        """True when no trust store is set or a trusted key signed `message`; else it is kept
+        in `refused()` (and logged once per topic)."""
+        if self._trust is None:
+            return True
+        try:
+            verify_message(message, self._trust, what)
+        except SignatureError as exc:
+            with self._lock:
+                first = topic not in self._refused
+                self._refused[topic] = Refused(topic, str(exc), record)
+            if first:
+                logger.error("ignored %s on %s: %s", what, topic, exc)
+            return False
+        with self._lock:
+            self._refused.pop(topic, None)
+        return True

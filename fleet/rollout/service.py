@@ -72,11 +72,12 @@ class ControllerService:
         protocol: str = "5",
         name: str | None = None,
         sign_key: Path | None = None,
+        trust_key: Path | None = None,
         poll_s: float = POLL_S,
     ) -> None:
         client_id = f"imu-fleet-controller-{name}" if name else None
         self.controller = Controller.connect(
-            broker, protocol=protocol, client_id=client_id, sign_key=sign_key
+            broker, protocol=protocol, client_id=client_id, sign_key=sign_key, trust_key=trust_key
         )
         self.poll_s = poll_s
         self.stats = ServiceStats()
@@ -202,6 +203,19 @@ class _ServiceCollector(Collector):
         for state in RolloutState:
             finished.add_metric([state.value], stats.finished.get(state, 0))
         yield finished
+        refused = GaugeMetricFamily(
+            "imu_fleet_controller_refused_messages",
+            "Retained rollout records and artifact manifests on the broker that no trusted fleet "
+            "key signed: never acted on (a fleet login without the key, or an alteration)",
+            labels=["kind"],
+        )
+        kinds = Counter(
+            "record" if r.record is not None else "artifact"
+            for r in service.controller.book.refused()
+        )
+        for kind in ("record", "artifact"):
+            refused.add_metric([kind], kinds.get(kind, 0))
+        yield refused
         records = GaugeMetricFamily(
             "imu_fleet_controller_rollouts",
             "Rollout records on the broker, by state",

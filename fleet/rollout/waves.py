@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from common.errors import EdgeError
 from common.mqtt.session import MqttSession
-from common.signing import sign_desired
+from common.signing import sign_desired, sign_message
 from fleet.desired import clear_payload, desired_topic, scoped
 from fleet.rollout.health import cohort_figures, judge
 from fleet.rollout.presence import Presence
@@ -431,10 +431,16 @@ class WaveDriver:
     # -- publishing -------------------------------------------------------------------------
 
     def _save(self, record: RolloutRecord, event: str) -> RolloutRecord:
+        if self.session.taken_over.is_set():  # another process logged in as us: stop driving
+            msg = f"{record.rollout_id}: {self.session.counters.last_error}"
+            raise RolloutError(msg)
         record = record.model_copy(update={"updated_at": time.time(), "controller": self._owner})
         record, newer = self.book.save(record, self.controller_id)
         if newer is not None:
             self._hand_over(newer)
+        if self._sign_key is not None:  # others act only on records a fleet key signed
+            record = sign_message(record, self._sign_key)
+            self.book.put(record)
         self.session.publish(topics.rollout(record.rollout_id), encode(record), retain=True)
         logger.info("%s: %s", record.rollout_id, event)
         if self._progress is not None:
