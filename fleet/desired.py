@@ -14,6 +14,9 @@ from schemas import topics
 from schemas.codec import encode
 from schemas.control import DesiredModel
 
+DESIRED_TTL_S = 3600.0
+"""A signed desired state expires an hour after it is issued unless renewed."""
+
 
 def desired_for(
     bundle_path: Path,
@@ -62,8 +65,13 @@ def scoped(
     """`desired` issued now for one topic: scope and target set, signed when a key is given.
 
     Nodes refuse a signed message on any other topic, and one older than what they already
-    followed on this topic (docs/security.md), so every publication is issued afresh."""
+    followed on this topic (docs/security.md), so every publication is issued afresh. A signed
+    one expires after `expires_in_s` (`DESIRED_TTL_S` unless given): the controller service
+    renews the current ones (fleet/rollout/renewal.py), and a node whose order expired without
+    a renewal reports a stale control plane."""
     desired_topic(level, target)  # validates the level
+    if key is not None and expires_in_s is None:
+        expires_in_s = DESIRED_TTL_S
     now = time.time()
     body = desired.model_copy(
         update={

@@ -293,6 +293,7 @@ class NodeApp:
             queue_capacity=self.queue.maxsize,
             pipeline=lambda: self.worker.pipeline,
             backend_health=self._backend_health,
+            stale_since=lambda: self.manager.state.stale_since,
         )
         return open_node_http(self.config, sources, self.queue, self.readiness)
 

@@ -83,6 +83,14 @@ class NodeConfig(BrokerSettings):
     fetch_timeout_s: float = Field(
         120.0, gt=0, le=3600, description="Longest a bundle download (URL or artifact) may take"
     )
+    desired_fresh_s: float = Field(
+        900.0,
+        ge=60,
+        le=7 * 86400,
+        description="With a trust key: a signed desired state on a topic this node has no record "
+        "of (new, re-imaged) is taken only when issued within this many seconds; the controller "
+        "service renews current ones more often than that",
+    )
     backend: Literal["auto", "hailo", "onnx"] = Field(
         "auto",
         description="hailo, onnx, or auto: Hailo when the bundle has a HEF and a device is found",

@@ -288,6 +288,13 @@ class ErrorKind(StrEnum):
     SHARE_GROUP = "share_group"
     """A share group could not serve some windows (their samples were older than a node kept
     when it took them over), or a member does not fit the group (another hop)."""
+    CONTROL_PLANE_STALE = "control_plane_stale"
+    """The signed desired state this node follows expired without a renewal, or the one on a
+    topic was too old to take: the fleet's controller service is not renewing it (a freeze, or
+    it is down). The node keeps serving what it has."""
+    MODEL_OUTPUT = "model_output"
+    """The model returned a non-finite latent or motif score for a window: refused, never
+    published."""
 
 
 class ErrorReport(Outbound):
@@ -357,6 +364,13 @@ class NodeModelState(Outbound):
         description="The active bundle's motif names (manifest `motif_labels`), in index order: "
         "a result's `top_motif` from this node and model is named by them",
     )
+    stale_since: Timestamp | None = Field(
+        default=None,
+        exclude_if=lambda since: since is None,  # absent while fresh: older readers take it
+        description="Since when the node's control plane is stale: the signed desired state it "
+        "follows expired without a renewal, or a current one was too old to take (null: fresh)",
+    )
+    stale_reason: str | None = Field(default=None, exclude_if=lambda reason: reason is None)
     signatures_required: bool = Field(
         default=False,
         exclude_if=lambda required: not required,  # absent when false: older readers take it

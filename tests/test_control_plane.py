@@ -27,7 +27,7 @@ from fleet.desired import cleared, desired_for, desired_topic, scoped
 from fleet.distribution import publish_bundle
 from helpers.mqtt import Probe
 from helpers.nodes import NodeFactory
-from helpers.waiting import unique
+from helpers.waiting import unique, wait_until
 from node.app import NodeApp
 from node.tools.local_broker import LocalBroker
 from schemas import topics
@@ -442,3 +442,95 @@ def test_a_fifo_inside_the_root_cannot_hold_the_manager(
     model_failure(probe, app, "is not a regular file")  # refused at once, not read from
     with pytest.raises(FetchError, match="not a valid name"):
         cache_path(tmp_path, "../../etc", "1.0.0", "0" * 64)
+
+
+# -- freshness: orders expire, a freeze shows, old captures are refused ----------------------------
+
+
+def stale_state(probe: Probe, app: NodeApp, *, stale: bool, timeout: float = 30) -> dict:
+    """The first model state saying the control plane is stale (or, with `stale` False, fresh
+    again after having been stale)."""
+
+    def matches(m: object) -> bool:
+        return (m.json().get("stale_since") is not None) == stale  # type: ignore[attr-defined]
+
+    return probe.wait_for(topics.node_model(app.node_id), where=matches, timeout=timeout)[-1].json()
+
+
+def test_an_order_that_expires_unrenewed_makes_the_node_report_a_stale_control_plane(
+    strict: tuple[NodeApp, str], probe: Probe, signed: dict[str, Path], keys: Path
+) -> None:
+    app, sensor = strict
+    key = load_private_key(keys / "fleet.key")
+    order = scoped(desired_for(signed["1.1.0"]), "node", app.node_id, key, expires_in_s=4)
+    put(probe, app, order)
+    active(probe, app, "1.1.0")
+    errors = probe.wait_for(
+        topics.node_errors(app.node_id), where=lambda m: m.json()["kind"] == "control_plane_stale"
+    )
+    assert "without a renewal" in errors[0].json()["reason"]
+    state = stale_state(probe, app, stale=True)
+    assert "expired" in state["stale_reason"]
+    assert serves(probe, sensor, 7) == "1.1.0"  # it keeps serving what it has
+    put(probe, app, scoped(desired_for(signed["1.1.0"]), "node", app.node_id, key))  # renewed
+    probe.messages.clear()
+    assert "stale_since" not in stale_state(probe, app, stale=False)
+
+
+def test_a_node_with_no_memory_refuses_a_captured_order_older_than_its_window(
+    strict: tuple[NodeApp, str], probe: Probe, signed: dict[str, Path], keys: Path
+) -> None:
+    """The red team's re-imaged node took a 20-minute-old captured rollback. A node has no
+    record of a scope until it took a message there; then only recent ones count."""
+    app, sensor = strict
+    key = load_private_key(keys / "fleet.key")
+    captured = scoped(desired_for(signed["1.1.0"]), "group", app.config.group, key)
+    old = captured.issued_at - 20 * 60
+    captured = sign_desired(
+        captured.model_copy(update={"issued_at": old, "expires_at": old + 3600}), key
+    )
+    put(probe, app, captured)
+    assert "too old to take" in refusal(probe, app, "more than 900 s ago")["reason"]
+    assert serves(probe, sensor, 8) == "1.0.0"
+    assert "too old" in stale_state(probe, app, stale=True)["stale_reason"]
+    put(probe, app, signed_clear(app, keys, "group"))
+
+
+def test_the_controller_service_renews_current_orders_and_nothing_else(
+    broker: LocalBroker, probe: Probe, signed: dict[str, Path], keys: Path, backend: str
+) -> None:
+    from fleet.rollout.service import ControllerService
+
+    key = load_private_key(keys / "fleet.key")
+    group, other, gone = unique("grp"), unique("grp"), unique("grp")
+    current = scoped(desired_for(signed["1.1.0"]), "group", group, key)
+    older = scoped(desired_for(signed["1.0.0"]), "group", other, key)
+    newest = scoped(desired_for(signed["1.2.0"]), "group", other, key)
+    unsigned = scoped(desired_for(signed["1.2.0"]), "group", gone, None)
+    probe.subscribe(topics.group_desired(group), topics.group_desired(other))
+    probe.publish(topics.group_desired(group), encode(current), retain=True)
+    probe.publish(topics.group_desired(other), encode(newest), retain=True)
+    probe.publish(topics.group_desired(gone), encode(unsigned), retain=True)
+    service = ControllerService(broker.url, sign_key=keys / "fleet.key", poll_s=0.2, renew_s=1.0)
+    runner = threading.Thread(target=service.run, daemon=True)
+    runner.start()
+    try:
+        assert service.renewer is not None
+        wait_until(lambda: service.renewer is not None and service.renewer.renewed >= 2)
+        probe.publish(topics.group_desired(other), encode(older), retain=True)  # re-retained
+        renewed = probe.wait_for(topics.group_desired(group), 2)[-1].json()
+        assert renewed["issued_at"] > current.issued_at
+        assert (renewed["version"], renewed["scope"], renewed["target"]) == (
+            "1.1.0",
+            "group",
+            group,
+        )
+        wait_until(lambda: service.renewer is not None and service.renewer.renewed >= 4, 15)
+        others = [m.json() for m in probe.on(topics.group_desired(other)) if m.json()]
+        assert others[-1]["version"] == "1.2.0"  # the re-retained 1.0.0 was never renewed
+    finally:
+        service.request_stop()
+        runner.join(5)
+        service.close()
+        for topic in (group, other, gone):
+            probe.publish(topics.group_desired(topic), b"", retain=True)

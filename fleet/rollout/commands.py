@@ -310,6 +310,8 @@ def _node_json(view: NodeView) -> dict[str, object]:
         "pinned": following is not None and following.scope == "node",
         "drift": drift,
         "last_error": model.last_error if model else None,
+        "stale_since": model.stale_since if model else None,
+        "stale_reason": model.stale_reason if model else None,
     }
 
 
@@ -319,7 +321,7 @@ def format_nodes(nodes: list[NodeView]) -> str:
         f"{'node':<24} {'online':<7} {'group':<12} {'model':<28} {'state':<11} "
         f"{'backend':<8} {'win/s':>7} {'p95 ms':>7}  {'follows (node-level = a pin)':<24} drift"
     ]
-    drifting = 0
+    drifting = stale = 0
     for view in nodes:
         model = view.model
         active = f"{model.active.name} {model.active.version}" if model and model.active else "-"
@@ -328,6 +330,9 @@ def format_nodes(nodes: list[NodeView]) -> str:
         p95 = telemetry.latency_ms.p95 if telemetry and telemetry.latency_ms.p95 else None
         follows, drift = _follows(model)
         drifting += drift != "-"
+        if model is not None and model.stale_since is not None:
+            stale += 1
+            drift = f"{drift}; STALE since {_ago(model.stale_since)}"
         lines.append(
             f"{view.node_id:<24} {'yes' if view.online else 'no':<7} {view.group or '-':<12} "
             f"{active:<28} {model.state if model else '-':<11} "
@@ -338,6 +343,11 @@ def format_nodes(nodes: list[NodeView]) -> str:
         f"{len(nodes)} nodes, {sum(v.online for v in nodes)} online, {drifting} not running "
         "what they follow; follows = the desired state a node obeys (node-level = a pin)"
     )
+    if stale:
+        lines.append(
+            f"{stale} nodes have a STALE control plane: what they follow expired without a "
+            "renewal (is `imu-fleet controller` running? docs/operations.md#control-plane-stale)"
+        )
     return "\n".join(lines)
 
 

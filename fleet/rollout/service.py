@@ -1,6 +1,7 @@
 """`imu-fleet controller`: a long-running service that drives every open rollout.
 
-It watches the retained rollout records and takes over each running or paused rollout that no
+It renews the fleet's current signed desired states before they expire (fleet/rollout/renewal.py),
+and it watches the retained rollout records and takes over each running or paused rollout that no
 live controller drives: one whose controller's presence is gone (a killed `imu-fleet rollout`, a
 `--detach`ed one, another service that died) or that stopped heart-beating. Several services may
 run at once (one per site, or two for redundancy): the take-over epochs of the records decide
@@ -42,6 +43,7 @@ from common.http import (
 )
 from common.mqtt.connection import Connection
 from fleet.rollout.controller import Controller, RolloutError
+from fleet.rollout.renewal import RENEW_S, Renewer
 from schemas.control import RolloutRecord, RolloutState
 
 logger = logging.getLogger(__name__)
@@ -74,12 +76,20 @@ class ControllerService:
         sign_key: Path | None = None,
         trust_key: Path | None = None,
         poll_s: float = POLL_S,
+        renew_s: float = RENEW_S,
     ) -> None:
         client_id = f"imu-fleet-controller-{name}" if name else None
         self.controller = Controller.connect(
             broker, protocol=protocol, client_id=client_id, sign_key=sign_key, trust_key=trust_key
         )
         self.poll_s = poll_s
+        key, trust = self.controller.signing_key, self.controller.trust
+        self.renewer = (
+            Renewer(self.controller.session, key, trust, renew_s)
+            if key is not None and trust is not None
+            else None
+        )
+        """Keeps the current signed desired states from expiring (with a key only)."""
         self.stats = ServiceStats()
         self._driving: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
@@ -102,6 +112,8 @@ class ControllerService:
             for record in self.controller.records():
                 if self._wants(record):
                     self._take(record)
+            if self.renewer is not None:
+                self.renewer.renew_due()
 
     def request_stop(self) -> None:
         """Make `run()` return (safe from a signal handler)."""
@@ -203,6 +215,11 @@ class _ServiceCollector(Collector):
         for state in RolloutState:
             finished.add_metric([state.value], stats.finished.get(state, 0))
         yield finished
+        yield CounterMetricFamily(
+            "imu_fleet_controller_desired_renewed",
+            "Signed desired states issued again before they expired",
+            value=service.renewer.renewed if service.renewer is not None else 0,
+        )
         refused = GaugeMetricFamily(
             "imu_fleet_controller_refused_messages",
             "Retained rollout records and artifact manifests on the broker that no trusted fleet "

@@ -57,6 +57,8 @@ class NodeSources:
     pipeline: Callable[[], ModelPipeline]
     backend_health: Callable[[], tuple[bool, int, int]] = lambda: (True, 0, 0)
     """(healthy, rebuilds and fallbacks, watchdog stalls)."""
+    stale_since: Callable[[], float | None] = lambda: None
+    """Since when the control plane is stale (node/updates/freshness.py), None while fresh."""
 
 
 class NodeCollector(Collector):
@@ -113,6 +115,12 @@ class NodeCollector(Collector):
             "imu_node_queue_capacity", "Size of the inference queue", value=s.queue_capacity
         )
         yield from self._mqtt(s.session, s.outbox)
+        yield GaugeMetricFamily(
+            "imu_node_control_plane_stale",
+            "1 while the signed desired state the node follows has expired without a renewal "
+            "(or the current one was too old to take): nobody steers the node",
+            value=int(s.stale_since() is not None),
+        )
         healthy, rebuilds, stalls = s.backend_health()
         yield GaugeMetricFamily(
             "imu_node_backend_healthy",

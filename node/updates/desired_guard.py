@@ -11,8 +11,11 @@ names for update systems:
   when it last saw that scope cleared (an empty retained message), on disk so that a restart
   does not forget; an older message there is a replay and is refused. The same message again
   (a retained redelivery on reconnect) is not a replay;
-- **freeze**: messages can carry `expires_at`; an expired one is refused, so a captured message
-  cannot be replayed after its time;
+- **freeze**: signed messages carry `expires_at` (the controller service renews current ones);
+  an expired one is refused, and one followed that expires makes the node report a stale
+  control plane (`StaleDesiredError`, errors kind `control_plane_stale`, status, metric);
+- **a node without memory** (new, re-imaged) takes a signed message only when it was issued
+  within `FRESH_S`: a captured order older than that is refused;
 - **clears** are orders too: with a trust key only a signed clear (`cleared: true`, dated by the
   fleet) counts, never an empty retained message; without one, an empty message clears and is
   dated by the node's clock;
@@ -45,10 +48,24 @@ logger = logging.getLogger(__name__)
 
 MAX_AHEAD_S = 3600.0
 """A message issued further in the future than this (by the node's clock) is refused."""
+FRESH_S = 900.0
+"""A node with no memory of a scope (new, or re-imaged) takes a signed message there only when
+it was issued within this many seconds: the controller service renews current ones every few
+minutes, so an older one is a captured order replayed."""
 
 
 class DesiredRefusedError(EdgeError):
     """A desired-state message the node will not act on; the reason says why."""
+
+    stale: bool = False
+    """True when the refusal is about age (expired, or too old to take): the control plane is
+    stale, whoever published the message."""
+
+
+class StaleDesiredError(DesiredRefusedError):
+    """A desired state refused for its age: expired, or older than the freshness window."""
+
+    stale = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +99,10 @@ class DesiredGuard:
         trust: TrustStore | None,
         state_file: Path | None,
         clock: Callable[[], float] = time.time,
+        fresh_s: float = FRESH_S,
     ) -> None:
         self._trust = trust
+        self._fresh_s = fresh_s
         self._file = state_file
         self._clock = clock
         self._lock = threading.Lock()
@@ -148,9 +167,10 @@ class DesiredGuard:
         if desired.expires_at is not None and desired.expires_at <= self._clock():
             msg = (
                 f"desired state for {desired.name} {desired.version} expired at "
-                f"{_iso(desired.expires_at)}"
+                f"{_iso(desired.expires_at)}: the fleet's controller service renews current "
+                "desired states; check that it runs (`imu-fleet controller`)"
             )
-            raise DesiredRefusedError(msg)
+            raise StaleDesiredError(msg)
 
     def _check_fresh(self, scope: Scope, desired: DesiredModel, raw: bytes | None) -> None:
         if desired.issued_at > self._clock() + MAX_AHEAD_S:
@@ -162,6 +182,15 @@ class DesiredGuard:
             raise DesiredRefusedError(msg)
         seen = self._seen.get(scope.key)
         if seen is None:
+            if self._trust is not None and desired.issued_at < self._clock() - self._fresh_s:
+                msg = (
+                    f"desired state for {desired.name} {desired.version} on {scope} was issued "
+                    f"at {_iso(desired.issued_at)}, more than {self._fresh_s:g} s ago, and this "
+                    "node has no record of that topic (new or re-imaged): too old to take, as a "
+                    "captured order would be. The controller service renews current ones; check "
+                    "that it runs (`imu-fleet controller`)"
+                )
+                raise StaleDesiredError(msg)
             return
         newest = float(seen["issued_at"] or 0.0)
         if desired.issued_at > newest:

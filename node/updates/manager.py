@@ -37,8 +37,10 @@ from node.config import NodeConfig, default_state_dir
 from node.errors import ConfigError
 from node.reporting import ErrorReporter
 from node.supervisor import thread_running
-from node.updates.desired_guard import DesiredGuard, DesiredRefusedError, Scope
+from node.updates.desired_guard import FRESH_S, DesiredGuard, DesiredRefusedError, Scope
 from node.updates.fetch import FetchPolicy, add_to_cache, fetch_bundle
+from node.updates.freshness import CHECK_S as FRESHNESS_CHECK_S
+from node.updates.freshness import Freshness
 from node.updates.versions import is_older
 from runtime.pipeline import ModelPipeline, open_pipeline
 from schemas import topics
@@ -90,6 +92,9 @@ class ManagerSettings:
     state_file: Path | None = None
     """Where the desired-state history survives restarts (None: memory only)."""
     fetch_policy: FetchPolicy | None = None
+    desired_fresh_s: float = FRESH_S
+    """A signed desired state on a topic this node has no record of is taken only when issued
+    within this many seconds."""
 
     @classmethod
     def for_node(cls, config: NodeConfig, node_id: str) -> ManagerSettings:
@@ -105,6 +110,7 @@ class ManagerSettings:
             fetch_policy=FetchPolicy(
                 file_root=config.file_url_root, total_timeout_s=config.fetch_timeout_s
             ),
+            desired_fresh_s=config.desired_fresh_s,
         )
 
 
@@ -134,8 +140,11 @@ class ModelManager:
         self._desired: dict[str, DesiredModel | None] = dict.fromkeys(_LEVELS)
         trusted = settings.trusted_key
         self._guard = DesiredGuard(
-            trust_store(trusted) if trusted is not None else None, settings.state_file
+            trust_store(trusted) if trusted is not None else None,
+            settings.state_file,
+            fresh_s=settings.desired_fresh_s,
         )
+        self._freshness = Freshness()
         self._active_key, self._active_size = self._remember(active)
         self._last_desired: DesiredModel | None = None
         self._state = self._report(ModelLifecycle.ACTIVE, publish=False)
@@ -211,9 +220,14 @@ class ModelManager:
             except DesiredRefusedError as exc:
                 logger.error("desired state on %s refused: %s", topic, exc)
                 self._reporter.report(ErrorKind.DESIRED_REFUSED, str(exc), topic=topic)
+                if exc.stale:
+                    with self._lock:
+                        self._freshness.refused(level, str(exc))
+                    self._wake.set()
                 return
             with self._lock:
                 self._desired[level] = desired
+                self._freshness.admitted(level)
             self._wake.set()
 
         return on_desired
@@ -225,9 +239,12 @@ class ModelManager:
 
     def _followed(self) -> tuple[str, DesiredModel] | None:
         with self._lock:
-            return next(
-                ((level, d) for level in _LEVELS if (d := self._desired[level]) is not None), None
-            )
+            return self._followed_unlocked()
+
+    def _followed_unlocked(self) -> tuple[str, DesiredModel] | None:
+        return next(
+            ((level, d) for level in _LEVELS if (d := self._desired[level]) is not None), None
+        )
 
     def _following(self) -> FollowedDesired | None:
         followed = self._followed()
@@ -246,10 +263,11 @@ class ModelManager:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait()
+            self._wake.wait(FRESHNESS_CHECK_S)
             self._wake.clear()
             if self._stop.is_set():
                 return
+            self._check_freshness()
             desired = self.effective()
             if desired is None:
                 self._report_following()
@@ -264,6 +282,23 @@ class ModelManager:
             except Exception as exc:  # one bad update must not end the thread (MemoryError too)
                 logger.exception("model update for %s %s failed", desired.name, desired.version)
                 self._refuse(desired.ref, RefusedError(f"update failed unexpectedly: {exc!r}"))
+
+    def _check_freshness(self) -> None:
+        """Report a control plane that turned stale (once), and any change of it in the state."""
+        with self._lock:
+            before = self._freshness.since
+            turned = self._freshness.update(self._followed_unlocked())
+            changed = before != self._freshness.since
+        if turned:
+            reason = self._freshness.reason or "stale"
+            logger.error("control plane stale: %s", reason)
+            self._reporter.report(
+                ErrorKind.CONTROL_PLANE_STALE,
+                reason,
+                topic=topics.node_model(self.settings.node_id),
+            )
+        if changed:
+            self._report(self._state.state, target=self._state.target, error=self._state.last_error)
 
     def _report_following(self) -> None:
         if self._state.following != self._following():
@@ -362,6 +397,8 @@ class ModelManager:
             following=self._following(),
             motif_labels=self._active.bundle.manifest.motif_labels,
             signatures_required=self.settings.trusted_key is not None,
+            stale_since=self._freshness.since,
+            stale_reason=self._freshness.reason,
         )
         if publish:
             self.publish_state()
