@@ -11,10 +11,12 @@ from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from node.metrics import NodeMetrics
 from node.reporting import ErrorReporter
 from node.work import WorkItem
+from runtime.errors import BackendError
 from runtime.pipeline import BatchResult, ModelPipeline
 from schemas import SCHEMA_VERSION, topics
 from schemas.codec import encode_dict
@@ -46,6 +48,11 @@ class ResultPublisher:
     def __call__(self, batch: list[WorkItem], result: BatchResult, model: ModelPipeline) -> None:
         """Publish one result per window; counts latency and publication."""
         ref = {"name": model.ref.name, "version": model.ref.version}
+        finite: NDArray[np.bool_] = np.asarray(
+            np.isfinite(result.latent).all(axis=1) & np.isfinite(result.scores).all(axis=1)
+        )
+        if not finite.all():  # a model error, never published as null
+            batch, result = self._refuse_non_finite(batch, result, finite, model)
         top = np.argmax(result.scores, axis=1)
         latencies: list[float] = []
         replies: list[tuple[Future[dict[str, Any]], dict[str, Any]]] = []
@@ -97,3 +104,31 @@ class ResultPublisher:
                 )
             if item.done is not None:
                 item.done()
+
+    def _refuse_non_finite(
+        self,
+        batch: list[WorkItem],
+        result: BatchResult,
+        finite: NDArray[np.bool_],
+        model: ModelPipeline,
+    ) -> tuple[list[WorkItem], BatchResult]:
+        """Refuse the windows whose latent or scores are not finite; the rest go on."""
+        reason = (
+            f"{model.ref.name} {model.ref.version} returned a non-finite latent or motif score for "
+            "this window: not published (the model is faulty for such input: roll back or fix it)"
+        )
+        for item, ok in zip(batch, finite, strict=True):
+            if ok:
+                continue
+            self._metrics.window_dropped("model_output")
+            if item.reply is not None:
+                item.reply.set_exception(BackendError(reason))
+                continue
+            if self._reporter is not None:
+                self._reporter.report(
+                    ErrorKind.MODEL_OUTPUT, reason, sensor_id=item.sensor_id, seq=item.seq
+                )
+            if item.done is not None:
+                item.done()
+        kept = [item for item, ok in zip(batch, finite, strict=True) if ok]
+        return kept, BatchResult(latent=result.latent[finite], scores=result.scores[finite])

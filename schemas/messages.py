@@ -292,6 +292,9 @@ class ErrorKind(StrEnum):
     """The signed desired state this node follows expired without a renewal, or the one on a
     topic was too old to take: the fleet's controller service is not renewing it (a freeze, or
     it is down). The node keeps serving what it has."""
+    RETAINED_INPUT = "retained_input"
+    """A window or sample run published retained: every node subscribing later would serve it
+    again, so it is ignored (clear it with an empty retained message)."""
     MODEL_OUTPUT = "model_output"
     """The model returned a non-finite latent or motif score for a window: refused, never
     published."""

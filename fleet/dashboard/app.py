@@ -80,7 +80,7 @@ class Dashboard:
         return self.session.is_connected
 
     def _on_message(self, message: mqtt.MQTTMessage) -> None:
-        self.view.ingest(message.topic, bytes(message.payload))
+        self.view.ingest(message.topic, bytes(message.payload), retained=message.retain)
 
     def _health(self) -> dict[str, Any]:
         return {

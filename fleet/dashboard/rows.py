@@ -53,6 +53,8 @@ class Reject(StrEnum):
     """A rollout record older than the one held (a superseded controller's late write)."""
     OVER_CAPACITY = "over_capacity"
     """A new node or rollout while every slot holds a live one."""
+    RETAINED = "retained"
+    """A result published retained: not a live result of any window."""
 
 
 SCHEMAS: Final[dict[Kind, type[BaseModel]]] = {

@@ -72,10 +72,18 @@ class DashboardView:
 
     # -- input --------------------------------------------------------------------------------
 
-    def ingest(self, topic: str, payload: bytes, now: float | None = None) -> Reject | None:
-        """Take one message; returns why it was dropped, or None when it was used."""
+    def ingest(
+        self, topic: str, payload: bytes, now: float | None = None, *, retained: bool = False
+    ) -> Reject | None:
+        """Take one message; returns why it was dropped, or None when it was used. A retained
+        result is nobody's live result (a node or anyone with write access left it there): it is
+        never shown."""
         now = time.time() if now is None else now
-        reason = self._ingest(topic, payload, now)
+        found = classify(topic)
+        if retained and found is not None and found[0] is Kind.RESULT:
+            reason: Reject | None = Reject.RETAINED
+        else:
+            reason = self._ingest(topic, payload, now)
         if reason is not None:
             with self._lock:
                 self.counters.rejected[reason] += 1

@@ -97,7 +97,7 @@ class Ingest:
         received = time.perf_counter_ns()
         ack = self._ack_later(message)
         sensor_id = self._sensor_id(message)
-        if sensor_id is None:
+        if sensor_id is None or self._retained(message, sensor_id):
             ack()  # reported: acknowledged, or the broker would send it again forever
             return
         payload = bytes(message.payload)
@@ -123,7 +123,7 @@ class Ingest:
         received = time.perf_counter_ns()
         ack = self._ack_later(message)
         sensor_id = self._sensor_id(message)
-        if sensor_id is None:
+        if sensor_id is None or self._retained(message, sensor_id):
             ack()
             return
         try:
@@ -217,7 +217,7 @@ class Ingest:
 
     def on_result(self, message: mqtt.MQTTMessage) -> None:
         """A result on `imu/{sensor_id}/motifs`: where a sensor's served windows have got to."""
-        if self.share is None:
+        if self.share is None or message.retain:  # a retained result is nobody's live one
             return
         parsed = parse_sensor_topic(message.topic)
         if parsed is None or len(message.payload) > MAX_RESULT_BYTES:
@@ -277,6 +277,22 @@ class Ingest:
             )
             return None
         return parsed.sensor_id
+
+    def _retained(self, message: mqtt.MQTTMessage, sensor_id: str) -> bool:
+        """A retained window or run is replayed to every node that subscribes later: ignored,
+        counted and reported."""
+        if not message.retain:
+            return False
+        self._metrics.window_dropped("retained")
+        self._reporter.report(
+            ErrorKind.RETAINED_INPUT,
+            "a retained sensor message: every node subscribing later would serve it again, so "
+            f"it is ignored; sensors publish without retain (clear it: mosquitto_pub -r -n -t "
+            f"{message.topic})",
+            topic=message.topic,
+            sensor_id=sensor_id,
+        )
+        return True
 
     def _check_window_seq(self, sensor_id: str, seq: int, topic: str) -> None:
         last = self._last_window_seq.get(sensor_id)
