@@ -7,6 +7,7 @@ worth a traceback, and a bearer token is compared in constant time.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import logging
@@ -14,6 +15,7 @@ import socket
 import ssl
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -95,11 +97,88 @@ def send_reply(handler: BaseHTTPRequestHandler, reply: Reply, *, close: bool = F
     handler.wfile.write(reply.body)
 
 
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """What one server lets clients hold."""
+
+    max_connections: int = 64
+    """Connections served at once; the next ones are closed at accept."""
+    max_per_client: int = 8
+    """Connections one client address may hold at once."""
+    request_deadline_s: float = 10.0
+    """Longest the TLS handshake, or reading one request (line, headers, body), may take as a
+    whole, however slowly the bytes trickle in (a per-read timeout alone does not stop a client
+    sending a byte every few seconds)."""
+    allowed_hosts: frozenset[str] | None = None
+    """When set, a request whose Host header names another host is refused (421): servers on
+    loopback without a token answer only to their loopback names, so a page on another site
+    cannot reach them through DNS rebinding."""
+
+
+LOOPBACK_NAMES: frozenset[str] = frozenset({"localhost", "127.0.0.1", "::1"})
+"""The Host names a loopback-only server without a token answers to."""
+
+
+def host_of(header: str | None) -> str:
+    """The host name of a Host header, without its port (and brackets of an IPv6 literal)."""
+    value = (header or "").strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class _Deadlines:
+    """One thread per server that cuts off requests past their deadline (SHUT_RDWR makes the
+    handler's blocked read return)."""
+
+    def __init__(self, name: str) -> None:
+        self._due: dict[Any, float] = {}
+        self._lock = threading.Lock()
+        self.expired = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"{name}-deadlines", daemon=True)
+        self._thread.start()
+
+    def arm(self, sock: Any, seconds: float) -> None:
+        with self._lock:
+            self._due[sock] = time.monotonic() + seconds
+
+    def disarm(self, sock: Any) -> None:
+        with self._lock:
+            self._due.pop(sock, None)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            now = time.monotonic()
+            with self._lock:
+                late = [sock for sock, due in self._due.items() if due <= now]
+                for sock in late:
+                    del self._due[sock]
+            for sock in late:
+                self.expired += 1
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
 class TlsThreadingServer(ThreadingHTTPServer):
-    """A threading HTTP server that wraps accepted sockets in TLS when `tls` is set."""
+    """A threading HTTP server that wraps accepted sockets in TLS when `tls` is set, caps
+    connections overall and per client, and bounds the time to read a request (`limits`)."""
 
     daemon_threads = True
     tls: ssl.SSLContext | None = None
+    limits: HttpLimits = HttpLimits()
+
+    def server_activate(self) -> None:
+        """Listen, and start the bookkeeping of connections and deadlines."""
+        super().server_activate()
+        self._held: dict[str, int] = {}
+        self._held_lock = threading.Lock()
+        self.refused = 0
+        """Connections closed at accept: over the overall or the per-client cap."""
+        self.deadlines = _Deadlines(type(self).__name__)
 
     def get_request(self) -> tuple[Any, Any]:
         """Accept; with TLS the handshake runs later on the request's own thread."""
@@ -108,11 +187,51 @@ class TlsThreadingServer(ThreadingHTTPServer):
             sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, address
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve on a thread, unless the caps are reached: then close at once."""
+        peer = str(client_address[0])
+        with self._held_lock:
+            total = sum(self._held.values())
+            if (
+                total >= self.limits.max_connections
+                or self._held.get(peer, 0) >= self.limits.max_per_client
+            ):
+                self.refused += 1
+                refused = True
+            else:
+                self._held[peer] = self._held.get(peer, 0) + 1
+                refused = False
+        if refused:
+            logger.warning("http: refused a connection from %s (connection caps)", peer)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve, then give the connection's place back."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.deadlines.disarm(request)
+            peer = str(client_address[0])
+            with self._held_lock:
+                left = self._held.get(peer, 1) - 1
+                if left:
+                    self._held[peer] = left
+                else:
+                    self._held.pop(peer, None)
+
+    def server_close(self) -> None:
+        """Close the socket and stop the deadline thread."""
+        super().server_close()
+        if hasattr(self, "deadlines"):
+            self.deadlines.stop()
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that fails its TLS handshake or drops the line is not worth a traceback;
         anything else is a bug and is logged with one."""
         error = sys.exc_info()[1]
-        if isinstance(error, ssl.SSLError | ConnectionError | TimeoutError):
+        if isinstance(error, ssl.SSLError | ConnectionError | TimeoutError | OSError):
             logger.debug("http request from %s failed: %s", client_address, error)
         else:
             logger.error("http request from %s failed", client_address, exc_info=error)
@@ -158,13 +277,54 @@ def server_class(host: str) -> type[TlsThreadingServer]:
 
 
 class TlsHandshakeHandler(BaseHTTPRequestHandler):
-    """A request handler that finishes a deferred TLS handshake on its own thread."""
+    """A request handler that finishes a deferred TLS handshake on its own thread, within the
+    server's request deadline, and refuses Host names the server does not answer to.
 
-    timeout = 30  # seconds a kept-alive or half-sent request may hold its thread
+    The deadline covers the handshake and the reading of each request; it ends when the
+    request is in: at its headers for a request without a body, and where a handler calls
+    `request_read()` after reading the body (replying may take longer: `/infer`, events)."""
+
+    timeout = 30  # seconds a kept-alive connection may wait idle for its next request
+    server: TlsThreadingServer
 
     def setup(self) -> None:
-        """Handshake (bounded by `timeout`) before reading the request."""
+        """Handshake (within the request deadline) before reading the request."""
+        self.server.deadlines.arm(self.request, self.server.limits.request_deadline_s)
         if isinstance(self.request, ssl.SSLSocket):
             self.request.settimeout(self.timeout)
             self.request.do_handshake()
         super().setup()
+
+    def handle_one_request(self) -> None:
+        """Read one request within the deadline (re-armed for each kept-alive request)."""
+        self.server.deadlines.arm(self.request, self.server.limits.request_deadline_s)
+        try:
+            super().handle_one_request()
+        finally:
+            self.request_read()
+
+    def parse_request(self) -> bool:
+        """Parse the request line and headers; refuse a Host this server does not answer to.
+        A request without a body is fully read here."""
+        if not super().parse_request():
+            return False
+        allowed = self.server.limits.allowed_hosts
+        if allowed is not None and host_of(self.headers.get("Host")) not in allowed:
+            self.close_connection = True
+            reason = (
+                "this server answers only to its loopback names (localhost, 127.0.0.1, ::1) "
+                "without a token: a page of another site cannot reach it through DNS rebinding"
+            )
+            send_reply(
+                self,
+                json_reply(HTTPStatus.MISDIRECTED_REQUEST, {"error": "host", "reason": reason}),
+                close=True,
+            )
+            return False
+        if self.command not in ("POST", "PUT", "PATCH"):
+            self.request_read()
+        return True
+
+    def request_read(self) -> None:
+        """The whole request is in: the deadline no longer applies to this connection."""
+        self.server.deadlines.disarm(self.request)

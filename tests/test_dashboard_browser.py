@@ -98,11 +98,11 @@ def test_the_page_shows_the_fleet_live(  # noqa: PLR0915 (one browser session, m
             assert response is not None
             assert response.status == 401
             assert page.goto(site.http.url + "events").status == 401  # type: ignore[union-attr]
-            assert page.goto(site.http.url + "?token=wrong").status == 401  # type: ignore[union-attr]
-            response = page.goto(f"{site.http.url}?token={TOKEN}")
+            assert page.goto(site.http.url + "?code=wrong").status == 401  # type: ignore[union-attr]
+            response = page.goto(f"{site.http.url}?code={site.http.gate.new_link()}")
             assert response is not None
             assert response.status == 200
-            assert "token" not in page.url  # redirected: the token left the address bar
+            assert "code" not in page.url  # redirected: the one-time code left the address bar
             page.wait_for_selector("#link.up")
 
             # the real node's row: its windows/s changes as results arrive

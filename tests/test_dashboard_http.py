@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -74,7 +75,7 @@ def bearer(token: str = TOKEN) -> dict[str, str]:
 @pytest.mark.parametrize(
     "headers",
     [{}, bearer("wrong"), bearer(TOKEN + "x"), {"Authorization": TOKEN},
-     {"Cookie": "imu_fleet_dashboard=" + "0" * 64}],
+     {"Cookie": "imu_fleet_session=" + "0" * 43}],
     ids=["missing", "wrong", "longer", "no-scheme", "forged-cookie"],
 )  # fmt: skip
 def test_without_the_token_everything_but_healthz_is_refused(
@@ -93,8 +94,10 @@ def test_bearer_and_the_one_time_link_open_it(dashboard: str) -> None:
     assert b'<script src="/static/app.js"' in body
     assert "script-src 'self'" in response.getheader("Content-Security-Policy")
     assert response.getheader("X-Content-Type-Options") == "nosniff"
-    assert get(dashboard, "/?token=wrong")[0] == 401
-    code, _, response = get(dashboard, f"/?token={TOKEN}")
+    assert get(dashboard, f"/?token={TOKEN}")[0] == 400  # the token never travels in a URL
+    assert get(dashboard, "/?code=made-up")[0] == 401
+    link = new_link(dashboard)
+    code, _, response = get(dashboard, link)
     assert code == 303
     assert response.getheader("Location") == "/"
     cookie = response.getheader("Set-Cookie")
@@ -105,6 +108,41 @@ def test_bearer_and_the_one_time_link_open_it(dashboard: str) -> None:
     assert get(dashboard, "/", session)[0] == 200
     assert get(dashboard, "/metrics", session)[0] == 200
     assert get(dashboard, "/metrics", bearer())[0] == 200
+    assert get(dashboard, link)[0] == 401  # a link works once
+    other = get(dashboard, new_link(dashboard))[2].getheader("Set-Cookie")
+    assert other.split(";", 1)[0] != session["Cookie"]  # each login its own session
+
+
+def new_link(url: str, token: str = TOKEN) -> str:
+    """`POST /login` with the bearer token: the path of a new one-time link."""
+    address = BrokerAddress.parse(url.replace("http://", "mqtt://").rstrip("/"))
+    conn = http.client.HTTPConnection(address.host, address.port, timeout=10)
+    conn.request("POST", "/login", headers=bearer(token))
+    response = conn.getresponse()
+    body = orjson.loads(response.read())
+    conn.close()
+    assert response.status == 200, body
+    return str(body["path"])
+
+
+def test_dashboard_link_prints_a_link_only_for_the_token(dashboard: str, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    done = subprocess.run(
+        [sys.executable, "-m", "fleet.cli", "dashboard-link", dashboard, "--token-file",
+         str(token_file)], capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    link = done.stdout.strip()
+    assert link.startswith(dashboard.rstrip("/") + "/?code=")
+    assert get(dashboard, link.removeprefix(dashboard.rstrip("/")))[0] == 303
+    token_file.write_text("wrong")
+    refused = subprocess.run(
+        [sys.executable, "-m", "fleet.cli", "dashboard-link", dashboard, "--token-file",
+         str(token_file)], capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert refused.returncode == 1
+    assert "HTTP 401" in refused.stderr
 
 
 def test_only_get_without_a_body(dashboard: str) -> None:

@@ -118,6 +118,11 @@ def run(settings: DashboardSettings) -> int:
         dashboard.http.url,
         os.getpid(),
     )
+    if not dashboard.http.gate.open:
+        link = f"{dashboard.http.url}?code={dashboard.http.gate.new_link()}"
+        logger.warning(  # for the person who started it: it works once, within five minutes
+            "open %s (once, within 5 minutes; more with `imu-fleet dashboard-link`)", link
+        )
     if not dashboard.session.wait_connected(10):
         logger.warning("no broker connection yet (%s): retrying", settings.connection.address)
     done.wait()

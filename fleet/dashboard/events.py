@@ -40,6 +40,8 @@ class Stream:
 
     events: queue.Queue[bytes]
     peer: str
+    login: str = ""
+    """Who opened it (fleet/dashboard/auth.py `Gate.login`): streams are capped per login."""
     lagged: bool = False
 
 
@@ -55,12 +57,14 @@ class Hub:
         view: DashboardView,
         *,
         max_clients: int = 32,
+        max_per_login: int = 4,
         queue_events: int = 256,
         tick_s: float = 0.2,
         keepalive_s: float = 15.0,
     ) -> None:
         self.view = view
         self.max_clients = max_clients
+        self.max_per_login = max_per_login
         self.keepalive_s = keepalive_s
         self._queue_events = queue_events
         self._tick_s = tick_s
@@ -89,13 +93,21 @@ class Hub:
                 _offer(stream, CLOSE)
             self._streams.clear()
 
-    def open(self, peer: str) -> Stream:
-        """A new stream that starts with a snapshot; TooManyClientsError when full."""
-        stream = Stream(queue.Queue(self._queue_events), peer)
+    def open(self, peer: str, login: str = "") -> Stream:
+        """A new stream that starts with a snapshot; TooManyClientsError when every slot is
+        taken, or `login` holds `max_per_login` streams already."""
+        stream = Stream(queue.Queue(self._queue_events), peer, login or f"peer:{peer}")
         stream.events.put_nowait(f"retry: {RETRY_MS}\n\n".encode())
         with self._lock:  # no delta is drained between this snapshot and the registration
             if len(self._streams) >= self.max_clients:
                 msg = f"{self.max_clients} pages are connected already"
+                raise TooManyClientsError(msg)
+            mine = sum(other.login == stream.login for other in self._streams)
+            if mine >= self.max_per_login:
+                msg = (
+                    f"this login holds {mine} event streams already (at most "
+                    f"{self.max_per_login}): close a page"
+                )
                 raise TooManyClientsError(msg)
             stream.events.put_nowait(sse("snapshot", self.view.snapshot()))
             self._streams.add(stream)

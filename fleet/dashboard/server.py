@@ -4,11 +4,14 @@
 |---|---|---|
 | `/healthz` | open | alive, broker connected, how much the view holds |
 | `/`, `/static/*` | yes | the page (static HTML, JS, CSS shipped in the package) |
-| `/?token=TOKEN` | the token | sets the session cookie and redirects to `/` |
+| `/?code=CODE` | a one-time link | opens a session (its cookie) and redirects to `/` |
+| `POST /login` | the token | `{"path": "/?code=CODE", "expires_in_s": 300}`: a new one-time link |
 | `/events` | yes | server-sent events (`events.Hub`) |
 | `/metrics` | yes | Prometheus text (`metrics`) |
 
-Only GET, no request body, a bounded number of connections and of event streams; every answer
+Only GET (and `POST /login` without a body), a bounded number of connections (overall and per
+address), of event streams (overall and per login), a deadline for reading each request, Host
+names checked when there is no token; every answer
 says `nosniff`, no referrer, no framing, no caching, and the page's Content-Security-Policy
 allows only its own script, style and event stream.
 """
@@ -28,22 +31,26 @@ from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
 from common.http import (
+    LOOPBACK_NAMES,
     BackgroundServer,
+    HttpLimits,
     Reply,
     TlsHandshakeHandler,
-    TlsThreadingServer,
+    is_loopback,
     json_reply,
     server_class,
 )
-from fleet.dashboard.auth import Gate
+from fleet.dashboard.auth import LINK_S, Gate
 from fleet.dashboard.events import CLOSE, Hub, TooManyClientsError
 from fleet.dashboard.metrics import CONTENT_TYPE
 
 logger = logging.getLogger(__name__)
 
-_TOKEN_IN_QUERY: Final = re.compile(r"token=[^&\s]*")
+_TOKEN_IN_QUERY: Final = re.compile(r"(token|code)=[^&\s]*")
 MAX_PATH: Final = 2048
 MAX_CONNECTIONS: Final = 128
+MAX_PER_CLIENT: Final = 16
+"""Connections one address may hold (pages with their event streams, and their fetches)."""
 """Connections served at once (event streams included); more are closed at once."""
 CSP: Final = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -73,26 +80,6 @@ def load_static() -> dict[str, tuple[bytes, str]]:
     return files
 
 
-class _BoundedServer(TlsThreadingServer):
-    """At most `MAX_CONNECTIONS` requests served at once; the next ones are closed."""
-
-    slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-    refused = 0
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.slots.acquire(blocking=False):
-            self.refused += 1
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.slots.release()
-
-
 class DashboardHttp:
     """Serves the dashboard on a background thread."""
 
@@ -112,10 +99,13 @@ class DashboardHttp:
         self.health = health
         self.static = load_static()
         self.closing = threading.Event()
-        server_type = type("DashboardServer", (_BoundedServer, server_class(listen[0])), {})
-        server: _BoundedServer = server_type(listen, _handler_for(self))
-        server.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        server = server_class(listen[0])(listen, _handler_for(self))
         server.tls = tls
+        server.limits = HttpLimits(
+            max_connections=MAX_CONNECTIONS,
+            max_per_client=MAX_PER_CLIENT,
+            allowed_hosts=LOOPBACK_NAMES if gate.open and is_loopback(listen[0]) else None,
+        )
         self._served = BackgroundServer(server, "dashboard-http")
 
     @property
@@ -161,15 +151,23 @@ def _handler_for(app: DashboardHttp) -> type[BaseHTTPRequestHandler]:
             if parts.path == "/healthz":
                 self._send(json_reply(HTTPStatus.OK, app.health()))
                 return
-            token = parse_qs(parts.query).get("token")
-            if parts.path == "/" and token and not app.gate.open:
-                self._login(token[0])
+            query = parse_qs(parts.query)
+            if parts.path == "/" and "token" in query:
+                self._refuse(
+                    HTTPStatus.BAD_REQUEST,
+                    "the token does not travel in a URL (it would stay in histories and logs): "
+                    "open a one-time link (`imu-fleet dashboard-link URL --token-file FILE`)",
+                )
                 return
-            if not app.gate.allows(self.headers.get("Authorization"), self.headers.get("Cookie")):
+            if parts.path == "/" and "code" in query and not app.gate.open:
+                self._redeem(query["code"][0])
+                return
+            login = app.gate.login(self.headers.get("Authorization"), self.headers.get("Cookie"))
+            if login is None:
                 self._unauthorized()
                 return
             if parts.path == "/events":
-                self._events()
+                self._events(login)
             elif parts.path == "/metrics":
                 self._send(Reply(HTTPStatus.OK, app.metrics(), CONTENT_TYPE))
             elif parts.path in app.static:
@@ -185,7 +183,19 @@ def _handler_for(app: DashboardHttp) -> type[BaseHTTPRequestHandler]:
             self._refuse(HTTPStatus.METHOD_NOT_ALLOWED, "the dashboard only answers GET")
 
         def do_POST(self) -> None:
-            self._not_allowed()
+            if urlsplit(self.path).path != "/login":
+                self._not_allowed()
+                return
+            if self.headers.get("Content-Length", "0") != "0" or self.headers.get(
+                "Transfer-Encoding"
+            ):
+                self._refuse(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "POST /login takes no body")
+                return
+            if app.gate.open or app.gate.login(self.headers.get("Authorization"), None) is None:
+                self._unauthorized()
+                return
+            answer = {"path": f"/?code={app.gate.new_link()}", "expires_in_s": LINK_S}
+            self._send(json_reply(HTTPStatus.OK, answer))
 
         def do_PUT(self) -> None:
             self._not_allowed()
@@ -202,23 +212,28 @@ def _handler_for(app: DashboardHttp) -> type[BaseHTTPRequestHandler]:
         def do_OPTIONS(self) -> None:
             self._not_allowed()
 
-        def _login(self, candidate: str) -> None:
-            if not app.gate.token_matches(candidate):
-                self._unauthorized()
+        def _redeem(self, code: str) -> None:
+            cookie = app.gate.redeem(code)
+            if cookie is None:
+                self._refuse(
+                    HTTPStatus.UNAUTHORIZED,
+                    "this link was used already or is older than five minutes: make a new one "
+                    "(`imu-fleet dashboard-link URL --token-file FILE`)",
+                )
                 return
             self._send(
                 Reply(
                     HTTPStatus.SEE_OTHER,
                     b"",
                     "text/plain",
-                    (("Location", "/"), ("Set-Cookie", app.gate.set_cookie())),
+                    (("Location", "/"), ("Set-Cookie", cookie)),
                 )
             )
 
-        def _events(self) -> None:
+        def _events(self, login: str) -> None:
             peer = str(self.client_address[0])
             try:
-                stream = app.hub.open(peer)
+                stream = app.hub.open(peer, login)
             except TooManyClientsError as exc:
                 self._send(
                     json_reply(
@@ -253,8 +268,8 @@ def _handler_for(app: DashboardHttp) -> type[BaseHTTPRequestHandler]:
 
         def _unauthorized(self) -> None:
             reason = (
-                "this dashboard needs its token: open /?token=TOKEN once in a browser (it sets "
-                "a cookie), or send `Authorization: Bearer TOKEN`"
+                "this dashboard needs its token: open a one-time link (`imu-fleet dashboard-link "
+                "URL --token-file FILE`), or send `Authorization: Bearer TOKEN`"
             )
             self._send(
                 json_reply(
@@ -288,7 +303,7 @@ def _handler_for(app: DashboardHttp) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(reply.body)
 
         def log_message(self, format: str, *args: Any) -> None:
-            line = _TOKEN_IN_QUERY.sub("token=<redacted>", format % args)
+            line = _TOKEN_IN_QUERY.sub(r"\1=<redacted>", format % args)
             logger.debug("http %s %s", self.client_address[0], line)
 
     return Handler

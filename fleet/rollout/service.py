@@ -30,7 +30,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 from common.http import (
+    LOOPBACK_NAMES,
     BackgroundServer,
+    HttpLimits,
     Reply,
     TlsHandshakeHandler,
     bearer_matches,
@@ -258,6 +260,7 @@ class ServiceHttp:
         registry = CollectorRegistry(auto_describe=True)
         registry.register(_ServiceCollector(service))
         server = server_class(host)((host, port), _handler(registry, service, token))
+        server.limits = HttpLimits(allowed_hosts=LOOPBACK_NAMES if token is None else None)
         self._served = BackgroundServer(server, "controller-http")
 
     @property

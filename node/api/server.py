@@ -21,10 +21,13 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from common.http import (
+    LOOPBACK_NAMES,
     BackgroundServer,
+    HttpLimits,
     Reply,
     TlsHandshakeHandler,
     bearer_matches,
+    is_loopback,
     json_reply,
     parse_listen,
     read_token_file,
@@ -71,6 +74,9 @@ class NodeHttp:
         self._registry = metrics_registry(sources)
         server = server_class(listen[0])(listen, _handler_for(self))
         server.tls = tls
+        server.limits = HttpLimits(  # without a token, answer to loopback names only
+            allowed_hosts=LOOPBACK_NAMES if token is None and is_loopback(listen[0]) else None
+        )
         self._served = BackgroundServer(server, "http")
 
     @property
@@ -199,6 +205,7 @@ def _handler_for(api: NodeHttp) -> type[BaseHTTPRequestHandler]:
                 )
                 return
             body = self.rfile.read(int(length))
+            self.request_read()  # the reply may take the inference's time, not the deadline's
             media_type = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip()
             self._send(api.infer(body, media_type or None))
 
