@@ -163,6 +163,12 @@ class NodeConfig(BrokerSettings):
         description="File holding the bearer token POST /infer and /metrics require "
         "(`Authorization: Bearer TOKEN`); /healthz and /readyz stay open",
     )
+    http_metrics_token_file: Path | None = Field(
+        None,
+        description="File holding the bearer token /metrics requires instead (the scrape role: "
+        "Prometheus then cannot run POST /infer, and an /infer client cannot read metrics); "
+        "unset: http_token_file guards /metrics too",
+    )
     http_tls_cert: Path | None = Field(None, description="HTTPS: certificate (PEM) for http_listen")
     http_tls_key: Path | None = Field(None, description="HTTPS: private key (PEM) of http_tls_cert")
     http_open: bool = Field(

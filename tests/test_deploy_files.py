@@ -413,6 +413,7 @@ def site_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     for name in ["ca.crt", f"node-{NODE_ID}.crt", f"node-{NODE_ID}.key"]:
         shutil.copy(site / "clients" / name, node_dir / name)
     (node_dir / "http-token").write_text("token\n")
+    (node_dir / "metrics-token").write_text("scrape\n")
     keys = generate_keys(root / "keys")
     (node_dir / "fleet-keys").mkdir()
     shutil.copy(keys.public, node_dir / "fleet-keys" / "fleet.pub")
@@ -422,7 +423,8 @@ def site_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     shutil.copy(
         site / "clients" / f"dashboard-{DASHBOARD}.password", secrets / "dashboard-password"
     )
-    for name in ["dashboard-token", "imu-node-token", "grafana-admin-password"]:
+    for name in ["dashboard-token", "dashboard-metrics-token", "imu-node-token",
+                 "grafana-admin-password"]:  # fmt: skip
         (secrets / name).write_text("x\n")
     return {
         "IMU_SITE_DIR": str(site),

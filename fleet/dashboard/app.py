@@ -35,6 +35,8 @@ class DashboardSettings:
     connection: Connection
     listen: str = DEFAULT_LISTEN
     token_file: Path | None = None
+    metrics_token_file: Path | None = None
+    """The scrape role's token: it opens /metrics only (the page token opens /metrics too)."""
     open: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -71,6 +73,11 @@ class Dashboard:
             self.hub,
             Gate(token.encode() if token else None, secure_cookie=tls is not None),
             metrics=lambda: render(registry),
+            metrics_token=(
+                read_token_file(settings.metrics_token_file, "--metrics-token-file").encode()
+                if settings.metrics_token_file
+                else None
+            ),
             health=self._health,
             tls=tls,
         )

@@ -22,6 +22,7 @@ def _dashboard(args: argparse.Namespace) -> int:
             connection=args.broker,
             listen=args.listen,
             token_file=args.token_file,
+            metrics_token_file=args.metrics_token_file,
             open=args.open,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
@@ -81,6 +82,11 @@ COMMANDS = [
                 "--token-file",
                 type=Path,
                 help="file holding the token the page, /events and /metrics require",
+            ),
+            arg(
+                "--metrics-token-file",
+                type=Path,
+                help="a separate token for Prometheus: it opens /metrics only, not the page",
             ),
             arg(
                 "--open",

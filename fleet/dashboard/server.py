@@ -36,6 +36,7 @@ from common.http import (
     HttpLimits,
     Reply,
     TlsHandshakeHandler,
+    bearer_matches,
     is_loopback,
     json_reply,
     server_class,
@@ -90,12 +91,15 @@ class DashboardHttp:
         gate: Gate,
         *,
         metrics: Callable[[], bytes],
+        metrics_token: bytes | None = None,
         health: Callable[[], dict[str, Any]],
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.hub = hub
         self.gate = gate
         self.metrics = metrics
+        self.metrics_token = metrics_token
+        """The scrape role's token: /metrics only."""
         self.health = health
         self.static = load_static()
         self.closing = threading.Event()
@@ -148,19 +152,7 @@ def _handler_for(app: DashboardHttp) -> type[BaseHTTPRequestHandler]:
                 self._refuse(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "GET takes no body")
                 return
             parts = urlsplit(self.path)
-            if parts.path == "/healthz":
-                self._send(json_reply(HTTPStatus.OK, app.health()))
-                return
-            query = parse_qs(parts.query)
-            if parts.path == "/" and "token" in query:
-                self._refuse(
-                    HTTPStatus.BAD_REQUEST,
-                    "the token does not travel in a URL (it would stay in histories and logs): "
-                    "open a one-time link (`imu-fleet dashboard-link URL --token-file FILE`)",
-                )
-                return
-            if parts.path == "/" and "code" in query and not app.gate.open:
-                self._redeem(query["code"][0])
+            if self._before_login(parts.path, parse_qs(parts.query)):
                 return
             login = app.gate.login(self.headers.get("Authorization"), self.headers.get("Cookie"))
             if login is None:
@@ -178,6 +170,29 @@ def _handler_for(app: DashboardHttp) -> type[BaseHTTPRequestHandler]:
                 self._send(
                     json_reply(HTTPStatus.NOT_FOUND, {"error": "not_found", "reason": reason})
                 )
+
+        def _before_login(self, path: str, query: dict[str, list[str]]) -> bool:
+            """Answer what needs no session (health, links, the scrape token); True if done."""
+            authorization = self.headers.get("Authorization")
+            if path == "/healthz":
+                self._send(json_reply(HTTPStatus.OK, app.health()))
+            elif path == "/" and "token" in query:
+                self._refuse(
+                    HTTPStatus.BAD_REQUEST,
+                    "the token does not travel in a URL (it would stay in histories and logs): "
+                    "open a one-time link (`imu-fleet dashboard-link URL --token-file FILE`)",
+                )
+            elif path == "/" and "code" in query and not app.gate.open:
+                self._redeem(query["code"][0])
+            elif (
+                path == "/metrics"
+                and app.metrics_token is not None
+                and bearer_matches(authorization, app.metrics_token)
+            ):
+                self._send(Reply(HTTPStatus.OK, app.metrics(), CONTENT_TYPE))
+            else:
+                return False
+            return True
 
         def _not_allowed(self) -> None:
             self._refuse(HTTPStatus.METHOD_NOT_ALLOWED, "the dashboard only answers GET")

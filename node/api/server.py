@@ -62,9 +62,11 @@ class NodeHttp:
         infer_timeout_s: float,
         token: str | None = None,
         tls: ssl.SSLContext | None = None,
+        metrics_token: str | None = None,
     ) -> None:
         self.sources = sources
         self._token = token.encode() if token else None
+        self._metrics_token = metrics_token.encode() if metrics_token else self._token
         self.tls = tls
         self._work = work
         self._ready = ready
@@ -98,9 +100,11 @@ class NodeHttp:
         self.closing = True
         self._served.stop()
 
-    def authorized(self, header: str | None) -> bool:
-        """True when no token is set, or `header` is `Bearer <the token>` (constant time)."""
-        return self._token is None or bearer_matches(header, self._token)
+    def authorized(self, header: str | None, *, scrape: bool = False) -> bool:
+        """True when no token is set, or `header` is `Bearer <the token>` (constant time); for
+        `/metrics` (`scrape`), the scrape token when one is set."""
+        token = self._metrics_token if scrape else self._token
+        return token is None or bearer_matches(header, token)
 
     # -- endpoints ---------------------------------------------------------------------------
 
@@ -176,7 +180,7 @@ def _handler_for(api: NodeHttp) -> type[BaseHTTPRequestHandler]:
             if route is None:
                 self._send(_not_found(self.path))
                 return
-            if path == "/metrics" and not self._authorized():
+            if path == "/metrics" and not self._authorized(scrape=True):
                 return
             self._send(route())
 
@@ -209,12 +213,11 @@ def _handler_for(api: NodeHttp) -> type[BaseHTTPRequestHandler]:
             media_type = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip()
             self._send(api.infer(body, media_type or None))
 
-        def _authorized(self) -> bool:
-            if api.authorized(self.headers.get("Authorization")):
+        def _authorized(self, *, scrape: bool = False) -> bool:
+            if api.authorized(self.headers.get("Authorization"), scrape=scrape):
                 return True
-            reason = (
-                "this endpoint needs `Authorization: Bearer TOKEN` (the node's http_token_file)"
-            )
+            which = "http_metrics_token_file" if scrape else "http_token_file"
+            reason = f"this endpoint needs `Authorization: Bearer TOKEN` (the node's {which})"
             self._send(
                 json_reply(
                     HTTPStatus.UNAUTHORIZED,
@@ -266,6 +269,11 @@ def open_node_http(
             infer_timeout_s=config.http_infer_timeout_s,
             token=token,
             tls=tls,
+            metrics_token=(
+                read_token_file(config.http_metrics_token_file, "http_metrics_token_file")
+                if config.http_metrics_token_file is not None
+                else None
+            ),
         )
     except ValueError as exc:  # an unreadable or empty token file
         raise ConfigError(str(exc)) from None
