@@ -37,7 +37,8 @@ from node.reporting import ErrorReporter
 from node.results import ResultPublisher
 from node.supervisor import Supervisor, Watched
 from node.telemetry import TelemetryLoop
-from node.updates.manager import ManagerSettings, ModelManager, open_configured_model, open_model
+from node.updates.manager import ManagerSettings, ModelManager
+from node.updates.startup import open_configured_model, open_model
 from runtime.pipeline import ModelPipeline, load_model
 from schemas import topics
 from schemas.messages import ErrorKind, NodeState
@@ -175,7 +176,7 @@ class NodeApp:
     @classmethod
     def open(cls, config: NodeConfig) -> NodeApp:
         """Read the configured bundle, pick and prove the backend, and build the node."""
-        pipeline, reason = open_configured_model(config)
+        pipeline, reason = open_configured_model(config, config.node_id or default_node_id())
         try:
             return cls(config, pipeline, reason)
         except BaseException:

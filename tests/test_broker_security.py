@@ -145,7 +145,10 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
     conf.write_text(secure_conf(shipped, ports, site, root / "data"))
     log = root / "mosquitto.log"
     with log.open("wb") as sink:
-        process = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=sink, stderr=sink)
+        line_buffered = ["stdbuf", "-oL"] if shutil.which("stdbuf") else []  # log lines at once
+        process = subprocess.Popen(
+            [*line_buffered, "mosquitto", "-c", str(conf)], stdout=sink, stderr=sink
+        )
     running = SecureBroker(site, rogue, ports, process, log)
     try:
         try:

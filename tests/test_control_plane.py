@@ -29,6 +29,7 @@ from helpers.mqtt import Probe
 from helpers.nodes import NodeFactory
 from helpers.waiting import unique, wait_until
 from node.app import NodeApp
+from node.errors import ConfigError
 from node.tools.local_broker import LocalBroker
 from schemas import topics
 from schemas.codec import encode
@@ -252,6 +253,42 @@ def test_keys_rotate_through_a_folder_of_trusted_keys(
     publish_bundle(rotated.path, broker.url)
     put(probe, app, issue(app, rotated.path, tmp_path / "new"))  # bundle and order: new key
     assert active(probe, app, "1.1.0")["following"]["key_id"] == new.key_id
+
+
+def test_retiring_the_old_key_never_leaves_a_node_unable_to_start(
+    start_node: NodeFactory, broker: LocalBroker, probe: Probe, signed: dict[str, Path],
+    keys: Path, tmp_path: Path,
+) -> None:  # fmt: skip
+    """The documented rotation, step by step: the new key in the trust folder, a bundle signed
+    with it rolled out, the old key removed, the node restarted. Its configured `model` (signed
+    with the retired key) is refused; it starts on the bundle it served last, and says why."""
+    trusted = tmp_path / "trusted"
+    trusted.mkdir()
+    (trusted / "fleet-2025.pub").write_bytes((keys / "fleet.pub").read_bytes())
+    new = generate_keys(tmp_path / "new")
+    (trusted / "fleet-2026.pub").write_bytes(new.public.read_bytes())  # step 1
+    settings = {
+        "model": signed["1.0.0"],
+        "trust_key": trusted,
+        "cache_dir": tmp_path / "cache",
+        "state_dir": tmp_path / "state",
+    }
+    app = start_node(**settings)
+    probe.subscribe(topics.node_model(app.node_id))
+    rotated = sign_bundle(read_bundle(signed["1.2.0"]), new.private, tmp_path / "r.tar")
+    assert rotated.path is not None
+    publish_bundle(rotated.path, broker.url)
+    put(probe, app, issue(app, rotated.path, tmp_path / "new"))  # step 2
+    active(probe, app, "1.2.0")
+    app.stop("restart after the rotation")
+    (trusted / "fleet-2025.pub").unlink()  # step 3
+    again = start_node(**settings, node_id=app.node_id)
+    assert again.worker.pipeline.ref.version == "1.2.0"
+    assert again.worker.pipeline.bundle.manifest.signature is not None
+    assert again.worker.pipeline.bundle.manifest.signature.key_id == new.key_id
+    again.stop("done")
+    with pytest.raises(ConfigError, match="imu-fleet bundle sign"):  # nothing served before
+        start_node(**{**settings, "state_dir": tmp_path / "empty"}, node_id=app.node_id)
 
 
 # -- fetching cannot hurt the node -----------------------------------------------------------------

@@ -275,3 +275,25 @@ def test_another_login_cannot_resume_a_dead_nodes_session(broker: SecureBroker) 
     finally:
         back.disconnect()
         back.loop_stop()
+
+
+def test_a_forged_result_is_attributable_to_the_login_that_sent_it(
+    broker: SecureBroker,  # noqa: F811
+) -> None:
+    """Any node may publish any sensor's result (share groups move sensors between nodes), so a
+    forged one cannot be refused; it is attributable: every connection's client id is its
+    login, whatever id it asked for, and mosquitto names it in its log (`log_type debug` adds a
+    line per PUBLISH: docs/security.md)."""
+    forger = machine_client(broker, "node-n2", "imu-node-n1")  # pretends to be n1
+    forger.loop_start()
+    try:
+        forged = orjson.dumps({"sensor_id": "s1", "node_id": "n1", "seq": 1})
+        forger.publish(topics.motifs("s1"), forged, qos=1).wait_for_publish(5)
+        wait_until(
+            lambda: "as node-n2 (" in broker.log.read_text(),
+            what="the broker naming the forger's login",
+        )
+        assert "as imu-node-n1" not in broker.log.read_text()
+    finally:
+        forger.disconnect()
+        forger.loop_stop()

@@ -34,15 +34,15 @@ from common.errors import EdgeError
 from common.mqtt.session import MqttSession
 from common.signing import Trust, load_trust, trust_store, verify_desired
 from node.config import NodeConfig, default_state_dir
-from node.errors import ConfigError
 from node.reporting import ErrorReporter
 from node.supervisor import thread_running
 from node.updates.desired_guard import FRESH_S, DesiredGuard, DesiredRefusedError, Scope
 from node.updates.fetch import FetchPolicy, add_to_cache, fetch_bundle
 from node.updates.freshness import CHECK_S as FRESHNESS_CHECK_S
 from node.updates.freshness import Freshness
+from node.updates.startup import remember_active
 from node.updates.versions import is_older
-from runtime.pipeline import ModelPipeline, open_pipeline
+from runtime.pipeline import ModelPipeline
 from schemas import topics
 from schemas.codec import encode
 from schemas.control import DesiredModel
@@ -334,6 +334,10 @@ class ModelManager:
             self._previous.close()
         self._previous, self._active, self._active_key = old, pipeline, key
         self._active_size = desired.bundle_size
+        if (
+            self.settings.state_file is not None
+        ):  # a restart starts from it (node/updates/startup.py)
+            remember_active(self.settings.state_file.parent, path)
         self._report(ModelLifecycle.ACTIVE)
         logger.info(
             "now serving %s %s (was %s %s), update took %.2f s",
@@ -424,25 +428,3 @@ def _parse_time(value: str) -> float:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=dt.UTC)
     return parsed.timestamp()
-
-
-def open_model(config: NodeConfig, bundle: Bundle) -> ModelPipeline:
-    """Load a bundle on the node's configured backend (with its fallback), golden-checked."""
-    pipeline, _ = open_pipeline(
-        bundle, config.backend, config.backend_options(), fallback=config.fallback
-    )
-    return pipeline
-
-
-def open_configured_model(config: NodeConfig) -> tuple[ModelPipeline, str]:
-    """The model a node starts with (`model`, checked against `trust_key`), and why its backend
-    was chosen; ConfigError when none is configured."""
-    if config.model is None:
-        msg = "no model: pass --model BUNDLE (build one with `imu-fleet bundle create`)"
-        raise ConfigError(msg)
-    trust = load_trust(config.trust_key) if config.trust_key is not None else None
-    bundle = read_bundle(config.model, trust=trust)  # signature first, then the files
-    pipeline, choice = open_pipeline(
-        bundle, config.backend, config.backend_options(), fallback=config.fallback
-    )
-    return pipeline, choice.reason

@@ -1,0 +1,108 @@
+"""Which model a node starts on: the configured bundle, or the last one it served.
+
+A node records the bundle it swapped to last (`active-bundle.json` in its state folder, the file
+in its cache). At start it opens the configured `model`; when that cannot be used (missing,
+corrupt, or no longer signed by a trusted key: the fleet key was rotated and the old public key
+removed), it starts on the recorded bundle instead, if that one verifies, and says so. So a key
+rotation never leaves a node unable to start (docs/security.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+import orjson
+
+from common.bundle import Bundle, read_bundle
+from common.errors import BundleError
+from common.signing import load_trust
+from node.config import NodeConfig, default_state_dir
+from node.errors import ConfigError
+from runtime.pipeline import ModelPipeline, open_pipeline
+
+logger = logging.getLogger(__name__)
+
+ACTIVE_FILE = "active-bundle.json"
+
+
+def remember_active(state_dir: Path, bundle_path: Path) -> None:
+    """Record the bundle now serving (its cached file) for the next start."""
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        partial = state_dir / f"{ACTIVE_FILE}.partial"
+        partial.write_bytes(orjson.dumps({"path": str(bundle_path)}))
+        with contextlib.suppress(OSError):
+            os.chmod(partial, 0o600)
+        partial.replace(state_dir / ACTIVE_FILE)
+    except OSError as exc:
+        logger.error("cannot record the active bundle in %s: %s", state_dir, exc)
+
+
+def remembered(state_dir: Path) -> Path | None:
+    """The bundle the node served last, when it recorded one that still exists."""
+    try:
+        path = Path(orjson.loads((state_dir / ACTIVE_FILE).read_bytes())["path"])
+    except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    return path if path.is_file() else None
+
+
+def open_model(config: NodeConfig, bundle: Bundle) -> ModelPipeline:
+    """Load a bundle on the node's configured backend (with its fallback), golden-checked."""
+    pipeline, _ = open_pipeline(
+        bundle, config.backend, config.backend_options(), fallback=config.fallback
+    )
+    return pipeline
+
+
+def open_configured_model(config: NodeConfig, node_id: str) -> tuple[ModelPipeline, str]:
+    """The model a node starts with, and why its backend was chosen.
+
+    The configured `model` (its signature checked against `trust_key` before its files are
+    read); when it cannot be used, the bundle the node served last. ConfigError, saying what to
+    do, when neither can."""
+    trust = load_trust(config.trust_key) if config.trust_key is not None else None
+    last = remembered(config.state_dir or default_state_dir(node_id))
+    bundle: Bundle | None = None
+    problem = None
+    if config.model is not None:
+        try:
+            bundle = read_bundle(config.model, trust=trust)
+        except BundleError as exc:
+            problem = str(exc)
+    if bundle is None and last is not None and last != config.model:
+        try:
+            bundle = read_bundle(last, trust=trust)
+        except BundleError as exc:
+            logger.error("the bundle this node served last (%s) is refused too: %s", last, exc)
+        else:
+            logger.error(
+                "starting on the bundle this node served last, %s %s (%s), instead of the "
+                "configured model: %s. Update `model` (or sign it with a trusted key: "
+                "`imu-fleet bundle sign BUNDLE --key fleet.key`)",
+                bundle.ref.name,
+                bundle.ref.version,
+                last,
+                problem or "none is configured",
+            )
+    if bundle is None:
+        if problem is not None:
+            raise ConfigError(problem + _sign_hint(problem))
+        msg = "no model: pass --model BUNDLE (build one with `imu-fleet bundle create`)"
+        raise ConfigError(msg)
+    pipeline, choice = open_pipeline(
+        bundle, config.backend, config.backend_options(), fallback=config.fallback
+    )
+    return pipeline, choice.reason
+
+
+def _sign_hint(problem: str) -> str:
+    if "unsigned" in problem or "not by a trusted key" in problem or "signed by key" in problem:
+        return (
+            "; sign it with the fleet key the node trusts (`imu-fleet bundle sign BUNDLE --key "
+            "fleet.key`), or put the signer's public key in trust_key"
+        )
+    return ""
