@@ -207,6 +207,17 @@ class RolloutRecord(Outbound):
     soak_until: Timestamp | None = Field(
         default=None, description="End of the current wave's soak (a resumed controller waits)"
     )
+    scope_previous: DesiredModel | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="What the rollout's scope (its group, else the fleet-wide desired state) "
+        "held before it, a fleet-signed state (null: nothing): a rollback restores it",
+    )
+    scope_set: bool = Field(
+        default=False,
+        exclude_if=lambda value: not value,
+        description="True once the rollout set its scope's desired state (on success)",
+    )
     signature: str | None = Field(
         default=None,
         exclude_if=lambda value: value is None,  # absent when unsigned: older readers take it

@@ -390,3 +390,40 @@ def test_pause_holds_the_rollout_and_resume_finishes_it(
     final = outcome[0]
     assert final.state is RolloutState.SUCCEEDED  # type: ignore[attr-defined]
     assert active_versions(nodes) == ["1.1.0", "1.1.0"]
+
+
+@ONNX_ONLY
+def test_a_rollback_after_success_restores_the_groups_desired_state_so_unpin_sticks(
+    start_node: NodeFactory,
+    controller: Controller,
+    published: dict[str, Path],
+    reference_bundle_path: Path,
+    probe: Probe,
+    tmp_path: Path,
+) -> None:
+    """The operator's journey of the report: rollout 1.1.0 succeeds, `rollback` moves every
+    node back, and the group's desired state still named 1.1.0, so a node added later (or an
+    `unpin`) went to the bad version. Now the rollback puts back what the group held before."""
+    from fleet.desired import desired_for, scoped
+
+    nodes = fleet(start_node, tmp_path, 2)
+    group = nodes[0].config.group
+    before = scoped(desired_for(reference_bundle_path), "group", group)  # the group on 1.0.0
+    probe.subscribe(topics.group_desired(group))
+    probe.publish(topics.group_desired(group), encode(before), retain=True)
+    wait_known(controller, nodes)
+    wait_until(lambda: controller.desired.current(topics.group_desired(group)) is not None)
+    record = controller.start("tcn-reference", "1.1.0", group=group, canary=1, waves=[100],
+                              wave_timeout_s=30)  # fmt: skip
+    final = controller.run(record)
+    assert final.state is RolloutState.SUCCEEDED
+    assert active_versions(nodes) == ["1.1.0"] * 2
+    rolled = controller.take_over(final, "rollback")  # `imu-fleet rollback ID`
+    assert "the group desired state is 1.0.0 again" in (rolled.reason or "") or rolled.state
+    wait_until(lambda: active_versions(nodes) == ["1.0.0"] * 2, 30, "the rollback")
+    restored = [m for m in probe.on(topics.group_desired(group)) if m.payload]
+    assert DesiredModel.model_validate_json(restored[-1].payload).version == "1.0.0"
+    controller.unpin([n.node_id for n in nodes])  # the runbook's next step
+    time.sleep(2.0)  # long enough for a node to start moving, were it told to
+    assert active_versions(nodes) == ["1.0.0"] * 2  # they follow the group: 1.0.0
+    probe.publish(topics.group_desired(group), b"", retain=True)

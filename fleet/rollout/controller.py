@@ -29,6 +29,7 @@ from common.signing import TrustStore, load_private_key, load_trust, sign_messag
 from fleet.desired import clear_payload, desired_topic
 from fleet.rollout.presence import Presence, presence_session
 from fleet.rollout.records import RolloutBook
+from fleet.rollout.renewal import DesiredBook
 from fleet.rollout.view import FleetView
 from fleet.rollout.waves import (
     HEARTBEAT_S,
@@ -96,6 +97,8 @@ class Controller(WaveDriver):
             self.trust = load_trust(trust_key)
         self._progress = progress
         self.book = RolloutBook(session, self.trust)
+        self.desired = DesiredBook(session, self.trust)
+        """The current group and fleet desired states (a rollback restores what it changed)."""
         self._applied: dict[str, str | None] = {}
         self._watching_since = time.time()
         """When this controller began to receive the fleet's telemetry."""
@@ -208,6 +211,7 @@ class Controller(WaveDriver):
             )
         )
         plan = plan_waves(targets, canary, waves or [10, 50, 100])
+        level, target = ("group", group) if group else ("fleet", "")
         record = RolloutRecord(
             rollout_id=rollout_id,
             desired=desired,
@@ -219,6 +223,7 @@ class Controller(WaveDriver):
             created_at=now,
             updated_at=now,
             gates=gates,
+            scope_previous=self.desired.current(desired_topic(level, target)),
         )
         soak = f", soak {gates.soak_s:g} s per wave" if gates else ", no health gates"
         return self._save(record, f"planned {len(targets)} nodes in {len(plan)} waves{soak}")

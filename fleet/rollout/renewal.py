@@ -45,6 +45,61 @@ def _level_of(topic: str) -> tuple[str, str] | None:
     return None
 
 
+class DesiredBook:
+    """The current desired state on every desired-state topic, as the broker retains it
+    (thread-safe). With `trust`, only messages a trusted key signed for that very topic count;
+    an older message re-retained over a newer one never replaces it."""
+
+    def __init__(self, session: MqttSession, trust: Trust | None) -> None:
+        self._trust = trust
+        self._current: dict[str, DesiredModel] = {}
+        self._lock = threading.Lock()
+        for topic_filter in FILTERS:
+            session.route(topic_filter, self._on_desired)
+
+    def current(self, topic: str) -> DesiredModel | None:
+        """What `topic` holds now (None: nothing, or a clear)."""
+        with self._lock:
+            desired = self._current.get(topic)
+        return None if desired is None or desired.cleared else desired
+
+    def items(self) -> dict[str, DesiredModel]:
+        """Topic -> its current message (clears included)."""
+        with self._lock:
+            return dict(self._current)
+
+    def replace(self, topic: str, desired: DesiredModel) -> None:
+        """Take our own new message for `topic` at once."""
+        with self._lock:
+            self._current[topic] = desired
+
+    def _on_desired(self, message: mqtt.MQTTMessage) -> None:
+        where = _level_of(message.topic)
+        if where is None:
+            return
+        if not message.payload:  # an unsigned clear
+            if self._trust is None:
+                with self._lock:
+                    self._current.pop(message.topic, None)
+            return
+        try:
+            desired = DesiredModel.model_validate_json(message.payload)
+            if self._trust is not None:
+                verify_desired(desired, self._trust)
+        except (ValidationError, SignatureError):
+            return  # not the fleet's: nodes refuse it themselves
+        level, target = where
+        if self._trust is not None and (
+            desired.scope != level or (desired.target or "") != (target if level != "fleet" else "")
+        ):
+            return  # signed for another topic: moved
+        with self._lock:
+            known = self._current.get(message.topic)
+            if known is not None and known.issued_at > desired.issued_at:
+                return  # an older order re-retained: never taken back
+            self._current[message.topic] = desired
+
+
 class Renewer:
     """Keeps the current signed desired states from expiring (thread-safe)."""
 
@@ -52,62 +107,34 @@ class Renewer:
         self,
         session: MqttSession,
         key: Ed25519PrivateKey,
-        trust: Trust,
+        book: DesiredBook,
         renew_s: float = RENEW_S,
     ) -> None:
         self._session = session
         self._key = key
-        self._trust = trust
+        self._book = book
         self.renew_s = renew_s
-        self._current: dict[str, DesiredModel] = {}
-        """Topic -> the newest verified message seen there."""
-        self._lock = threading.Lock()
         self.renewed = 0
         """Messages re-issued since start."""
-        for topic_filter in FILTERS:
-            session.route(topic_filter, self._on_desired)
 
     def renew_due(self, now: float | None = None) -> int:
         """Re-issue every current message issued `renew_s` ago or more; how many."""
         now = time.time() if now is None else now
-        with self._lock:
-            due = {
-                topic: desired
-                for topic, desired in self._current.items()
-                if now - desired.issued_at >= self.renew_s
-                and (desired.expires_at is None or desired.expires_at > now)
-            }
+        due = {
+            topic: desired
+            for topic, desired in self._book.items().items()
+            if now - desired.issued_at >= self.renew_s
+            and (desired.expires_at is None or desired.expires_at > now)
+            and desired.signature is not None
+        }
         for topic, desired in due.items():
             where = _level_of(topic)
             if where is None:
                 continue
             level, target = where
             renewed = scoped(desired, level, target, self._key)
-            with self._lock:
-                self._current[topic] = renewed
+            self._book.replace(topic, renewed)
             self._session.publish(desired_topic(level, target), encode(renewed), retain=True)
             self.renewed += 1
             logger.info("renewed %s (%s %s)", topic, desired.name, desired.version)
         return len(due)
-
-    def _on_desired(self, message: mqtt.MQTTMessage) -> None:
-        where = _level_of(message.topic)
-        if where is None:
-            return
-        if not message.payload:  # an unsigned clear: nothing current to renew there
-            with self._lock:
-                self._current.pop(message.topic, None)
-            return
-        try:
-            desired = DesiredModel.model_validate_json(message.payload)
-            verify_desired(desired, self._trust)
-        except (ValidationError, SignatureError):
-            return  # not ours to renew; nodes refuse it themselves
-        level, target = where
-        if desired.scope != level or (desired.target or "") != (target if level != "fleet" else ""):
-            return  # signed for another topic: moved
-        with self._lock:
-            known = self._current.get(message.topic)
-            if known is not None and known.issued_at > desired.issued_at:
-                return  # an older order re-retained: never renewed
-            self._current[message.topic] = desired

@@ -85,10 +85,10 @@ class ControllerService:
             broker, protocol=protocol, client_id=client_id, sign_key=sign_key, trust_key=trust_key
         )
         self.poll_s = poll_s
-        key, trust = self.controller.signing_key, self.controller.trust
+        key = self.controller.signing_key
         self.renewer = (
-            Renewer(self.controller.session, key, trust, renew_s)
-            if key is not None and trust is not None
+            Renewer(self.controller.session, key, self.controller.desired, renew_s)
+            if key is not None
             else None
         )
         """Keeps the current signed desired states from expiring (with a key only)."""

@@ -343,7 +343,7 @@ class WaveDriver:
                 payload = clear_payload("node", node_id, self._sign_key)
             self.session.publish(desired_topic("node", node_id), payload, retain=True)
         event = f"succeeded: {level} desired is now {record.desired.version}"
-        update: dict[str, object] = {"state": RolloutState.SUCCEEDED}
+        update: dict[str, object] = {"state": RolloutState.SUCCEEDED, "scope_set": True}
         if kept_back:
             event += f"; {len(kept_back)} failed nodes pinned to their previous model: " + (
                 ", ".join(sorted(kept_back))
@@ -369,9 +369,10 @@ class WaveDriver:
             nodes[node_id] = outcome.model_copy(
                 update={"state": NodeRolloutState.ROLLING_BACK, "failed": failed}
             )
+        restored = self._restore_scope(record)
         record = self._save(
             record.model_copy(update={"nodes": nodes, "state": state, "reason": reason}),
-            f"stopped: {reason}; rolling {len(moved)} nodes back",
+            f"stopped: {reason}; rolling {len(moved)} nodes back{restored}",
         )
         deadline = time.monotonic() + record.wave_timeout_s
         while True:
@@ -386,6 +387,23 @@ class WaveDriver:
         if waiting:
             summary += f"; not confirmed: {', '.join(sorted(waiting))}"
         return self._save(record.model_copy(update={"reason": summary}), f"stopped: {summary}")
+
+    def _restore_scope(self, record: RolloutRecord) -> str:
+        """A rollback after the rollout set its group's (or the fleet's) desired state puts
+        back what was there before (or clears it): new nodes, replaced ones and unpinned ones
+        then get the rolled-back-to version too. Returns what it did, for the record."""
+        if not record.scope_set:
+            return ""
+        level, target = ("group", record.group) if record.group else ("fleet", "")
+        before = record.scope_previous
+        if before is None or before.cleared:
+            payload = clear_payload(level, target or "", self._sign_key)
+            done = f"; cleared the {level} desired state it had set"
+        else:
+            payload = encode(scoped(before, level, target or "", self._sign_key))
+            done = f"; the {level} desired state is {before.version} again"
+        self.session.publish(desired_topic(level, target or ""), payload, retain=True)
+        return done
 
     def _confirm_rollback(self, record: RolloutRecord) -> tuple[RolloutRecord, list[str]]:
         """Mark as rolled back the nodes that report their previous model active again (or a

@@ -18,7 +18,7 @@ names for update systems:
   within `FRESH_S`: a captured order older than that is refused;
 - **clears** are orders too: with a trust key only a signed clear (`cleared: true`, dated by the
   fleet) counts, never an empty retained message; without one, an empty message clears and is
-  dated by the node's clock;
+  dated as the newest order it clears (an order issued after that one is taken);
 - a message dated more than an hour ahead of the node's clock is refused (a controller with a
   wrong clock would otherwise block that scope for everything issued before that date).
 
@@ -123,7 +123,10 @@ class DesiredGuard:
                         "(imu-fleet does when given --sign-key)"
                     )
                     raise DesiredRefusedError(msg)
-                self._remember(scope, self._clock(), None)
+                # dated as the newest order it clears, not by this node's clock: an order the
+                # fleet issued just before the clear reached the node stays newer than it
+                seen = self._seen.get(scope.key)
+                self._remember(scope, float(seen["issued_at"] or 0.0) if seen else 0.0, None)
                 return None
             self._check_signature(desired)
             self._check_scope(scope, desired)
