@@ -18,7 +18,7 @@ import orjson
 
 from common.bundle import Bundle, read_bundle
 from common.errors import BundleError
-from common.signing import load_trust
+from common.signing import SignatureError, load_trust
 from node.config import NodeConfig, default_state_dir
 from node.errors import ConfigError
 from runtime.pipeline import ModelPipeline, open_pipeline
@@ -67,12 +67,12 @@ def open_configured_model(config: NodeConfig, node_id: str) -> tuple[ModelPipeli
     trust = load_trust(config.trust_key) if config.trust_key is not None else None
     last = remembered(config.state_dir or default_state_dir(node_id))
     bundle: Bundle | None = None
-    problem = None
+    problem: BundleError | None = None
     if config.model is not None:
         try:
             bundle = read_bundle(config.model, trust=trust)
         except BundleError as exc:
-            problem = str(exc)
+            problem = exc
     if bundle is None and last is not None and last != config.model:
         try:
             bundle = read_bundle(last, trust=trust)
@@ -89,8 +89,8 @@ def open_configured_model(config: NodeConfig, node_id: str) -> tuple[ModelPipeli
                 problem or "none is configured",
             )
     if bundle is None:
-        if problem is not None:
-            raise ConfigError(problem + _sign_hint(problem))
+        if problem is not None:  # the reader's own error, with what fixes it
+            raise type(problem)(str(problem) + _sign_hint(problem)) from problem
         msg = "no model: pass --model BUNDLE (build one with `imu-fleet bundle create`)"
         raise ConfigError(msg)
     pipeline, choice = open_pipeline(
@@ -99,8 +99,8 @@ def open_configured_model(config: NodeConfig, node_id: str) -> tuple[ModelPipeli
     return pipeline, choice.reason
 
 
-def _sign_hint(problem: str) -> str:
-    if "unsigned" in problem or "not by a trusted key" in problem or "signed by key" in problem:
+def _sign_hint(problem: BundleError) -> str:
+    if isinstance(problem, SignatureError) and "bad signature" not in str(problem):
         return (
             "; sign it with the fleet key the node trusts (`imu-fleet bundle sign BUNDLE --key "
             "fleet.key`), or put the signer's public key in trust_key"
