@@ -77,11 +77,8 @@ def publish_bundle(
     session = MqttSession(
         connection.session_settings(f"imu-fleet-publish-{time.monotonic_ns() % 10**8}")
     )
-    session.start()
+    session.connect(10)
     try:
-        if not session.wait_connected(10):
-            msg = f"cannot connect to {broker}"
-            raise ConnectionError(msg)
         chunks = chunk_bundle(data, chunk_size)
         for index, chunk in enumerate(chunks):
             if not session.publish(topics.artifact_chunk(name, version, index), chunk, retain=True):

@@ -52,6 +52,8 @@ EXIT_WATCHDOG = 70
 """Exit status when the watchdog cannot free a stuck inference call (EX_SOFTWARE): restart."""
 STALL_S = 30.0
 """Windows waiting and none finished for this long (no backend call running) is a stall."""
+EXIT_CONFIG = 78
+"""Exit status when the broker keeps refusing this node's login as configured (EX_CONFIG)."""
 EXIT_DUPLICATE = 76
 """Exit status when another process took this node's session (EX_PROTOCOL): do not restart
 (the systemd unit has RestartPreventExitStatus=76), or the two would take it in turns."""
@@ -79,6 +81,7 @@ class NodeApp:
         spool_dir = (
             (config.spool_dir or default_spool_dir(self.node_id)) if config.spool_max_mb else None
         )
+        self.session.on_gave_up(lambda reason: self._fail(reason, EXIT_CONFIG))
         self.outbox = Outbox.open(self.session, spool_dir, config.spool_max_mb)  # takes a lock:
         try:  # released when anything below fails
             self._build(pipeline, identity, backend_reason)

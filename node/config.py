@@ -247,6 +247,23 @@ class NodeConfig(BrokerSettings):
         return self
 
     @model_validator(mode="after")
+    def _certificate_names_this_node(self) -> NodeConfig:
+        """A site certificate is made for one node (`node-ID`): another node id would connect
+        and then have every publish refused by the ACL, with nothing but 'not authorized'."""
+        if self.cert_file is None or self.node_id is None:
+            return self
+        name = certificate_name(Path(self.cert_file))
+        if name is not None and name.startswith("node-") and name != f"node-{self.node_id}":
+            msg = (
+                f"node_id is {self.node_id!r} but cert_file {self.cert_file} was made for "
+                f"{name!r}: set node_id = {name.removeprefix('node-')!r}, or use the "
+                f"certificate made for node-{self.node_id} (`imu-fleet pki add SITE node "
+                f"{self.node_id}`)"
+            )
+            raise ValueError(msg)
+        return self
+
+    @model_validator(mode="after")
     def _share_group_results(self) -> NodeConfig:
         if self.share_group and self.results_qos == 0:
             msg = (
@@ -311,3 +328,17 @@ def settings_reference() -> str:
         env = f"{ENV_PREFIX}{name.upper()}"
         rows.append(f"| `{name}` | `{env}` | {kind} | {shown} | {field.description or ''} |")
     return "\n".join(rows) + "\n"
+
+
+def certificate_name(path: Path) -> str | None:
+    """The common name of a PEM certificate (None when it cannot be read: the connection then
+    says why)."""
+    from cryptography import x509  # noqa: PLC0415 (only with a client certificate)
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
+    try:
+        certificate = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else None

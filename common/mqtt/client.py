@@ -18,6 +18,16 @@ from common.mqtt.address import BrokerAddress
 class ConnectRefusedError(EdgeError, ConnectionError):
     """The broker answered CONNECT with a failure reason code."""
 
+    def __init__(self, message: str, code: int | None = None, reason_text: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        """The CONNACK reason code (MQTT 5), or return code (3.1.1)."""
+        self.reason_text = reason_text
+
+
+class ConnectionSettingsError(EdgeError, ValueError):
+    """Connection settings that cannot work (e.g. a certificate and a key that do not match)."""
+
 
 @dataclass(frozen=True, slots=True)
 class SessionSettings:
@@ -81,12 +91,22 @@ def paho_client(s: SessionSettings) -> mqtt.Client:
     if s.username is not None:
         client.username_pw_set(s.username, s.password)
     if s.address.tls:
-        client.tls_set(
-            ca_certs=s.ca_file,
-            certfile=s.cert_file,
-            keyfile=s.key_file,
-            tls_version=ssl.PROTOCOL_TLS_CLIENT,
-        )
+        try:
+            client.tls_set(
+                ca_certs=s.ca_file,
+                certfile=s.cert_file,
+                keyfile=s.key_file,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        except ssl.SSLError as exc:
+            if "KEY_VALUES_MISMATCH" in str(exc):
+                msg = (
+                    f"cert_file {s.cert_file} and key_file {s.key_file} do not belong together: "
+                    "give the .crt and .key that `imu-fleet pki add` made for the same client"
+                )
+            else:
+                msg = f"cannot use ca_file/cert_file/key_file for TLS: {exc.reason or exc}"
+            raise ConnectionSettingsError(msg) from exc
     if s.will is not None:
         client.will_set(s.will[0], s.will[1], qos=1, retain=True)
     return client

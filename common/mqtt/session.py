@@ -35,6 +35,7 @@ from common.mqtt.client import (
     no_ack,
     paho_client,
 )
+from common.mqtt.refusals import Refusal, explain
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,9 @@ class _Route:
     qos: int
 
 
+MAX_REFUSALS = 3
+"""Refusals in a row that retrying cannot cure (bad login, untrusted certificate) before the
+session gives up with the reason, instead of retrying forever."""
 FLAP_S = 5.0
 """A connection that drops sooner than this after CONNACK counts as a flap: the next attempt
 waits, longer each time (e.g. two processes taking one client id from each other)."""
@@ -81,6 +85,12 @@ class MqttSession:
         self._ack_lock = threading.Lock()
         self._published_hooks: list[Callable[[int], None]] = []
         self._taken_over_hooks: list[Callable[[str], None]] = []
+        self.refusal: Refusal | None = None
+        """The last failed connection, explained (common/mqtt/refusals.py)."""
+        self.gave_up = threading.Event()
+        """Set when a refusal that retrying cannot cure came `MAX_REFUSALS` times in a row."""
+        self._permanent = 0
+        self._gave_up_hooks: list[Callable[[str], None]] = []
         self.taken_over = threading.Event()
         """Set when another connection took this client id's session over (no reconnect)."""
         self._client = self._make_client()
@@ -101,8 +111,32 @@ class MqttSession:
         return self._thread is None or self._thread.is_alive() or self._stop.is_set()
 
     def wait_connected(self, timeout: float) -> bool:
-        """Block until connected (or timeout); True when connected."""
-        return self._connected.wait(timeout)
+        """Block until connected (or timeout, or the session gave up); True when connected."""
+        deadline = time.monotonic() + timeout
+        while not self._connected.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+            if self.gave_up.is_set() or time.monotonic() >= deadline:
+                return False
+        return True
+
+    def connect(self, timeout: float = 10.0) -> None:
+        """Start and wait for the broker; ConnectionError saying why when it does not come (a
+        refusal explained: common/mqtt/refusals.py)."""
+        self.start()
+        if not self.wait_connected(timeout):
+            reason = self.connect_error()
+            self.stop()
+            msg = f"cannot connect to {self.settings.address}: {reason}"
+            raise ConnectionError(msg)
+
+    def connect_error(self) -> str:
+        """Why the session is not connected, as a person can act on it."""
+        if self.refusal is not None:
+            return str(self.refusal)
+        return self.counters.last_error or f"no connection to {self.settings.address} yet"
+
+    def on_gave_up(self, hook: Callable[[str], None]) -> None:
+        """Call `hook(reason)` when the session stops retrying a refused connection."""
+        self._gave_up_hooks.append(hook)
 
     def on_connected(self, hook: Callable[[], None]) -> None:
         """Also call `hook` on the network thread after every connection (after resubscribing)."""
@@ -284,6 +318,9 @@ class MqttSession:
             flaps = flaps + 1 if time.monotonic() - began < FLAP_S else 0
 
     def _connect_once(self, *, first: bool) -> None:
+        if self._stop.is_set():  # gave up, or stopping: no further attempt
+            msg = "stopping"
+            raise TimeoutError(msg)
         self._connack.clear()
         address = self.settings.address
         if first:
@@ -309,6 +346,8 @@ class MqttSession:
         deadline = time.monotonic() + CONNACK_TIMEOUT_S
         while not self._connack.is_set():
             rc = self._client.loop(timeout=0.05)
+            if self._connack.is_set():  # a refusal closes the line with its CONNACK
+                break
             if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
                 msg = f"connection to {address} lost before CONNACK ({rc.name})"
                 raise ConnectionError(msg)
@@ -318,7 +357,7 @@ class MqttSession:
         code = self._connack_code
         if code is not None and code.is_failure:
             msg = f"broker {address} refused the connection: {code}"
-            raise ConnectRefusedError(msg)
+            raise ConnectRefusedError(msg, code.value, str(code))
 
     def _pump(self) -> None:
         while not self._stop.is_set():
@@ -332,14 +371,33 @@ class MqttSession:
 
     def _log_retry(self, state: Any) -> None:
         outcome = state.outcome.exception() if state.outcome else None
-        self.counters.last_error = str(outcome)
+        if outcome is None:
+            return
+        refusal = explain(outcome, self.settings)
+        self.refusal = refusal
+        self.counters.last_error = str(refusal)
+        self._permanent = self._permanent + 1 if refusal.permanent else 0
+        if self._permanent >= MAX_REFUSALS:
+            self._give_up(f"{refusal} (refused {self._permanent} times in a row; not retrying)")
+            return
         logger.warning(
-            "cannot connect to %s (%s); retry %d in %.1f s",
-            self.settings.address,
-            outcome,
+            "cannot connect: %s; retry %d in %.1f s",
+            refusal,
             state.attempt_number,
             state.upcoming_sleep,
         )
+
+    def _give_up(self, reason: str) -> None:
+        """Stop retrying a connection that cannot succeed as configured; tell the hooks."""
+        logger.error("%s", reason)
+        self.counters.last_error = reason
+        self.gave_up.set()
+        self._stop.set()
+        for hook in self._gave_up_hooks:
+            try:
+                hook(reason)
+            except Exception:
+                logger.exception("on_gave_up hook failed")
 
     # -- paho callbacks (network thread) --------------------------------------------------
 

@@ -27,11 +27,4 @@ def new_session(broker: str | Connection, role: str, protocol: str) -> MqttSessi
 
 def connect(session: MqttSession) -> None:
     """Start the session and wait for the broker; ConnectionError when it does not answer."""
-    session.start()
-    if not session.wait_connected(CONNECT_TIMEOUT_S):
-        session.stop()
-        msg = (
-            f"cannot connect to {session.settings.address} within {CONNECT_TIMEOUT_S:.0f} s "
-            f"({session.counters.last_error or 'no answer'})"
-        )
-        raise ConnectionError(msg)
+    session.connect(CONNECT_TIMEOUT_S)

@@ -120,11 +120,7 @@ class Controller(WaveDriver):
         """A controller on its own connected session, announcing itself with a presence will."""
         session = presence_session(broker, protocol=protocol, client_id=client_id)
         controller = cls(session, sign_key=sign_key, trust_key=trust_key, progress=progress)
-        session.start()
-        if not session.wait_connected(timeout_s):
-            session.stop()
-            msg = f"cannot connect to {broker} within {timeout_s:g} s"
-            raise ConnectionError(msg)
+        session.connect(timeout_s)
         return controller
 
     @property

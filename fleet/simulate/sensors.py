@@ -105,11 +105,7 @@ class SensorSimulator:
 
     def start(self, connect_timeout: float = 10.0) -> None:
         """Connect and start publishing in a background thread."""
-        self._session.start()
-        if not self._session.wait_connected(connect_timeout):
-            self._session.stop()
-            msg = f"simulator could not connect to {self._session.settings.address}"
-            raise ConnectionError(msg)
+        self._session.connect(connect_timeout)
         self._thread = threading.Thread(target=self._run, name="sensor-simulator", daemon=True)
         self._thread.start()
 

@@ -203,14 +203,8 @@ def run_check(plan: CheckPlan, targets: Targets, progress: Progress | None = Non
     for sensor in sensors:
         session.route(topics.motifs(sensor), listener.on_result)
     session.route(topics.node_telemetry("+"), listener.on_telemetry, qos=0)
-    session.start()
+    session.connect(CONNECT_TIMEOUT_S)
     try:
-        if not session.wait_connected(CONNECT_TIMEOUT_S):
-            msg = (
-                f"cannot connect to {plan.broker} within {CONNECT_TIMEOUT_S:.0f} s "
-                f"({session.counters.last_error or 'no answer'})"
-            )
-            raise ConnectionError(msg)
         started = _drive(session, plan, sensors, listener, progress)
         _wait_for_results(plan, listener, progress)
     finally:

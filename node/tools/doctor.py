@@ -11,21 +11,21 @@ import importlib.metadata
 import os
 import shutil
 import subprocess
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+import psutil
 
 from common.bundle import Bundle, read_bundle
 from common.errors import EdgeError
+from common.mqtt.session import MqttSession
 from node.config import NodeConfig, default_spool_dir
 from node.identity import default_node_id, hardware_identity
 from node.mqtt.spool import spooled_bytes
+from node.presence import NODE_SESSION_EXPIRY_S, client_id_for
 from runtime.hailo_backend import ACCEPTS, import_hailo
 from runtime.pipeline import load_model
 
@@ -33,6 +33,10 @@ DRIVER_VERSION_FILE = Path("/sys/module/hailo_pci/version")
 DEVICE_NODE = Path("/dev/hailo0")
 HOT_C = 85.0
 """Chip temperature that deserves a warning (Hailo-8 throttles near its junction limit)."""
+
+
+BROKER_TIMEOUT_S = 8.0
+"""How long the broker check waits for a login (three refusals in a row end it sooner)."""
 
 
 class Level(StrEnum):
@@ -235,57 +239,88 @@ def _hailortcli(ctx: _Context) -> Iterator[Check]:
 
 
 def _broker(ctx: _Context) -> Iterator[Check]:
-    address = ctx.config.broker_address
-    version = (
-        MQTTProtocolVersion.MQTTv5
-        if ctx.config.mqtt_protocol == "5"
-        else (MQTTProtocolVersion.MQTTv311)
-    )
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, "imu-node-doctor", protocol=version)
-    if ctx.config.username:
-        password = ctx.config.password.get_secret_value() if ctx.config.password else None
-        client.username_pw_set(ctx.config.username, password)
-    if address.tls:
-        client.tls_set(ca_certs=str(ctx.config.ca_file) if ctx.config.ca_file else None)
-    answered = threading.Event()
-    outcome: list[str] = []
-
-    def on_connect(client: mqtt.Client, userdata: Any, flags: Any, code: Any, props: Any) -> None:
-        outcome.append(str(code))
-        answered.set()
-
-    client.on_connect = on_connect
-    try:
-        client.connect(str(address.host), address.port, keepalive=10)
-        client.loop_start()
-        answered.wait(5)
-    except OSError as exc:
+    """Log in exactly as the node does (the same settings, certificate and password file, the
+    same session code), unless the node runs: a broker that ties sessions to logins would
+    hand the node's session to the doctor, so then the node's own /readyz answers instead."""
+    config = ctx.config
+    address = config.broker_address
+    running = _running_node(config)
+    if running is not None:
+        connected, detail = running
+        level = Level.OK if connected else Level.FAIL
+        fix = "" if connected else "see the node's log for the refusal and its fix"
+        yield Check("broker", level, f"{address}: the running node says {detail}", fix)
+        return
+    process = _node_process()
+    if process is not None:
         yield Check(
             "broker",
-            Level.FAIL,
-            f"{address}: {exc}",
-            "is the broker running and reachable? check host, port, firewall",
+            Level.SKIP,
+            f"{address}: a node runs here ({process}): not logging in as it",
+            "a broker that ties sessions to logins would hand it the node's session; the node's "
+            "log names any refusal with its fix (or give the node http_listen: doctor asks it)",
         )
         return
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    if not outcome:
-        yield Check(
-            "broker",
-            Level.FAIL,
-            f"{address}: no answer in 5 s",
-            "wrong port or a TLS/plain mismatch (mqtt:// vs mqtts://)",
+    try:  # the node's own login, resuming (never wiping) the session the broker keeps for it,
+        # acknowledging nothing: windows queued for the node stay queued for the node
+        settings = config.connection().session_settings(
+            client_id=client_id_for(config.node_id or default_node_id()),
+            keepalive_s=10,
+            manual_ack=True,
+            session_expiry_s=NODE_SESSION_EXPIRY_S,
         )
-    elif outcome[0] != "Success":
-        yield Check(
-            "broker",
-            Level.FAIL,
-            f"{address} refused: {outcome[0]}",
-            "check username/password (IMU_NODE_PASSWORD) and the broker's ACL",
-        )
-    else:
-        yield Check("broker", Level.OK, f"{address} accepted MQTT {ctx.config.mqtt_protocol}")
+        session = MqttSession(settings)
+    except (ValueError, EdgeError) as exc:
+        yield Check("broker", Level.FAIL, f"{address}: {exc}", "fix the connection settings")
+        return
+    try:
+        session.connect(BROKER_TIMEOUT_S)
+    except ConnectionError:
+        refusal = session.refusal
+        reason = refusal.reason if refusal else session.connect_error()
+        fix = refusal.fix if refusal else "is the broker running and reachable?"
+        yield Check("broker", Level.FAIL, reason, fix)
+        return
+    session.stop()
+    how = "certificate" if config.cert_file else "password" if config.username else "anonymous"
+    yield Check("broker", Level.OK, f"{address} accepted MQTT {config.mqtt_protocol} ({how} login)")
+
+
+def _node_process() -> str | None:
+    """`pid N: COMMAND` of an `imu-node run` process on this machine, if one runs."""
+    me = os.getpid()
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        words = process.info["cmdline"] or []
+        runs_node = "run" in words and any(w.endswith(("imu-node", "node.cli")) for w in words[:3])
+        if runs_node and process.info["pid"] != me:
+            return f"pid {process.info['pid']}: {' '.join(words)[:80]}"
+    return None
+
+
+def _running_node(config: NodeConfig) -> tuple[bool, str] | None:
+    """(broker connected, what it says) from the node's own /readyz, when it answers."""
+    if not config.http_listen:
+        return None
+    import json  # noqa: PLC0415
+    import urllib.error  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    from common.http import parse_listen  # noqa: PLC0415
+
+    host, port = parse_listen(config.http_listen)
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104 (a bind address)
+    scheme = "https" if config.http_tls_cert else "http"
+    try:
+        with urllib.request.urlopen(  # noqa: S310 (our own node's address)
+            f"{scheme}://{host}:{port}/readyz", timeout=3
+        ) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as exc:  # 503: not ready, with its checks
+        body = json.loads(exc.read() or b"{}")
+    except (OSError, ValueError):
+        return None
+    connected = bool(body.get("checks", {}).get("broker_connected"))
+    return connected, "connected" if connected else "not connected"
 
 
 def _bundle(ctx: _Context) -> Iterator[Check]:
