@@ -9,6 +9,9 @@ commands of each package (fleet/cli.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,3 +95,21 @@ def examples_text(examples: Sequence[str]) -> str | None:
 
 def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+
+
+def run_main(program: str, main: Callable[[], int]) -> int:
+    """Run a CLI's `main`: its exit status, with the user's mistakes as one line and no
+    traceback. A closed output pipe (`imu-node config | head`) ends it quietly, and a
+    connection or file the user named that cannot be used says so in one line."""
+    try:
+        return main()
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):  # no more output: keep Python from complaining
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print(f"{program}: interrupted", file=sys.stderr)
+        return 130
+    except (ConnectionError, OSError) as exc:  # after the CLI's own, more precise handlers
+        print(f"{program}: {exc}", file=sys.stderr)
+        return 1

@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from common.cli import Command, add_commands
+from common.cli import Command, add_commands, run_main
 from common.errors import EdgeError
 from common.logs import configure_logging
 from common.mqtt.connection import connection_from_args
@@ -73,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `imu-fleet`."""
-    argv = sys.argv[1:] if argv is None else argv
+    return run_main("imu-fleet", lambda: _main(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["pki"]:
         from fleet.pki import main as pki_main  # noqa: PLC0415
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from common.cli import run_main
 from common.errors import EdgeError
 from common.logs import configure_logging
 from common.mqtt.connection import NoPasswordFlag, add_broker_arguments, connection_from_args
@@ -185,6 +186,10 @@ def _add_check(sub: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `imu-node`."""
+    return run_main("imu-node", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     commands = {
         "run": _run,
