@@ -13,6 +13,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
+from pydantic import ValidationError
+
 from common.bundle import parse_bundle, sha256_hex
 from common.errors import BundleError
 from common.mqtt.connection import Connection
@@ -21,6 +24,7 @@ from common.signing import load_private_key, sign_message
 from schemas import topics
 from schemas.codec import encode
 from schemas.control import ArtifactManifest
+from schemas.messages import NodeModelState, NodeState, NodeStatus
 
 logger = logging.getLogger(__name__)
 
@@ -71,14 +75,30 @@ def publish_bundle(
     bundle = parse_bundle(data, path=path)
     name, version = bundle.manifest.name, bundle.manifest.version
     manifest = artifact_manifest(data, name, version, chunk_size, url)
+    signature = bundle.manifest.signature
+    manifest = manifest.model_copy(
+        update={"bundle_key_id": signature.key_id if signature is not None else None}
+    )
     if key is not None:
         manifest = sign_message(manifest, key)
     connection = Connection.of(broker, protocol)
     session = MqttSession(
         connection.session_settings(f"imu-fleet-publish-{time.monotonic_ns() % 10**8}")
     )
+    strict = _StrictNodes()
+    if signature is None:  # would an online node refuse it? (their retained states say)
+        session.route(topics.NODES_MODEL_FILTER, strict.on_model, qos=0)
+        session.route(topics.NODES_STATUS_FILTER, strict.on_status, qos=0)
     session.connect(10)
     try:
+        if signature is None and strict.settled():
+            msg = (
+                f"{name} {version} is unsigned and {len(strict.nodes())} online nodes take only "
+                f"signed bundles ({', '.join(strict.nodes()[:5])}): sign it first (`imu-fleet "
+                "bundle sign "
+                f"{path} --key fleet.key`)"
+            )
+            raise BundleError(msg)
         chunks = chunk_bundle(data, chunk_size)
         for index, chunk in enumerate(chunks):
             if not session.publish(topics.artifact_chunk(name, version, index), chunk, retain=True):
@@ -108,3 +128,41 @@ def publish_bundle(
         chunk_size,
     )
     return manifest
+
+
+STRICT_WAIT_S = 0.5
+"""How long publish listens for the nodes' retained states before an unsigned bundle."""
+
+
+class _StrictNodes:
+    """Online nodes whose retained model state says they take only signed bundles."""
+
+    def __init__(self) -> None:
+        self._strict: set[str] = set()
+        self._online: set[str] = set()
+
+    def on_model(self, message: mqtt.MQTTMessage) -> None:
+        try:
+            state = NodeModelState.model_validate_json(message.payload)
+        except ValidationError:
+            return
+        if state.signatures_required:
+            self._strict.add(state.node_id)
+
+    def on_status(self, message: mqtt.MQTTMessage) -> None:
+        try:
+            status = NodeStatus.model_validate_json(message.payload)
+        except ValidationError:
+            return
+        if status.state is NodeState.ONLINE:
+            self._online.add(status.node_id)
+        else:
+            self._online.discard(status.node_id)
+
+    def nodes(self) -> list[str]:
+        return sorted(self._strict & self._online)
+
+    def settled(self) -> bool:
+        """After the retained states had time to arrive: True when an online node is strict."""
+        time.sleep(STRICT_WAIT_S)
+        return bool(self.nodes())

@@ -79,6 +79,12 @@ class ArtifactManifest(Outbound):
     )
     url: str | None = None
     published_at: Timestamp
+    bundle_key_id: str | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="The key that signed the bundle's own manifest (null: an unsigned bundle, "
+        "which nodes with a trust key refuse)",
+    )
     signature: str | None = Field(
         default=None,
         exclude_if=lambda value: value is None,  # absent when unsigned: older readers take it

@@ -474,3 +474,37 @@ def test_nodes_recorded_as_moving_but_never_told_are_told_by_the_next_controller
     finally:
         second.close()
         fleet.stop()
+
+
+def test_an_unsigned_bundle_is_refused_at_publish_and_at_rollout_when_nodes_require_signatures(
+    broker: LocalBroker, reference_bundle_path: Path, tmp_path: Path
+) -> None:
+    """The operator's report: `publish` said nothing and `rollout` burnt the canary on a bundle
+    every node refuses. Both now refuse before anything moves, naming the command that fixes it."""
+    from common.errors import BundleError
+
+    keys, _ = signed_site(broker, reference_bundle_path, tmp_path)
+    probe = Probe(broker.url)
+    node_id, group = unique("strict"), unique("grp")
+    stand_in(probe, node_id, group, "1.0.0")
+    unsigned = build_reference_bundle(tmp_path / "unsigned.tar", version="1.7.0", seed=8)
+    try:
+        with pytest.raises(BundleError, match="imu-fleet bundle sign"):
+            publish_bundle(unsigned, broker.url)
+        # published all the same (by a tool that did not check): the rollout still refuses
+        probe.publish(topics.node_status(node_id), b"", retain=True)  # nobody online: it goes
+        publish_bundle(unsigned, broker.url, sign_key=keys / "fleet.key")
+        stand_in(probe, node_id, group, "1.0.0")
+        controller = Controller.connect(broker.url, sign_key=keys / "fleet.key")
+        try:
+            wait_until(lambda: controller.view.get(node_id) is not None)
+            wait_until(lambda: controller.artifact("tcn-reference", "1.7.0") is not None)
+            with pytest.raises(RolloutError, match=r"unsigned bundle.*imu-fleet bundle sign"):
+                controller.start("tcn-reference", "1.7.0", group=group)
+            assert not [r for r in controller.records() if r.group == group]
+        finally:
+            controller.close()
+    finally:
+        for topic in (topics.node_status(node_id), topics.node_model(node_id)):
+            probe.publish(topic, b"", retain=True)
+        probe.close()

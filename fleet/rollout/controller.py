@@ -192,6 +192,15 @@ class Controller(WaveDriver):
             msg = f"no online node in {where} (see `imu-fleet nodes`)"
             raise RolloutError(msg)
         self.require_key_for(targets, "roll out to")
+        strict = self.strict_nodes(targets)
+        if strict and artifact.bundle_key_id is None:
+            msg = (
+                f"{name} {version} is an unsigned bundle and {len(strict)} of the nodes "
+                f"({', '.join(strict[:5])}) take only signed ones: they would refuse it, the "
+                "canary first. Sign it (`imu-fleet bundle sign BUNDLE --key fleet.key`), publish "
+                "it again, then roll it out"
+            )
+            raise RolloutError(msg)
         now = time.time()
         stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
         rollout_id = f"{name}-{version}-{stamp}-{secrets.token_hex(2)}"  # unique within a second

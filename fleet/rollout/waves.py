@@ -68,25 +68,26 @@ class WaveDriver:
     _watching_since: float
     _last_saved: dict[str, float]
 
-    def require_key_for(self, node_ids: list[str] | Iterable[str], action: str) -> None:
-        """Refuse up front to send unsigned desired states to nodes that take only signed ones
-        (they would refuse each, and a rollback would only look done)."""
-        if self._sign_key is not None:
-            return
-        strict = sorted(
+    def strict_nodes(self, node_ids: list[str] | Iterable[str]) -> list[str]:
+        """The nodes among `node_ids` that take only signed bundles and desired states."""
+        return sorted(
             n
             for n in node_ids
             if (v := self.view.get(n)) is not None
             and v.model is not None
             and v.model.signatures_required
         )
+
+    def require_key_for(self, node_ids: list[str] | Iterable[str], action: str) -> None:
+        """Refuse up front to send unsigned desired states to nodes that take only signed ones
+        (they would refuse each, and a rollback would only look done)."""
+        if self._sign_key is not None:
+            return
+        strict = self.strict_nodes(node_ids)
         if strict:
-            shown = ", ".join(strict[:5]) + (
-                f" and {len(strict) - 5} more" if len(strict) > 5 else ""
-            )
             msg = (
-                f"cannot {action} {shown} without signing: they take only signed desired states "
-                "(trust_key); pass --sign-key with the fleet key"
+                f"cannot {action} {_some(strict)} without signing: they take only signed desired "
+                "states (trust_key); pass --sign-key with the fleet key"
             )
             raise RolloutError(msg)
 
@@ -492,3 +493,9 @@ def _progress_of(view: NodeView | None, version: str) -> tuple[NodeRolloutState,
     if state.state is ModelLifecycle.FAILED and state.target and state.target.version == version:
         return NodeRolloutState.FAILED, state.last_error
     return NodeRolloutState.UPDATING, None
+
+
+def _some(node_ids: list[str]) -> str:
+    """The first few of `node_ids`, and how many more."""
+    more = f" and {len(node_ids) - 5} more" if len(node_ids) > 5 else ""
+    return ", ".join(node_ids[:5]) + more
