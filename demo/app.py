@@ -7,12 +7,16 @@ second until Ctrl-C or `--duration`; the same messages are visible from another 
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -98,6 +102,22 @@ class ResultBoard:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True, slots=True)
+class DemoOptions:
+    """What `imu-node demo` was asked for."""
+
+    duration: float | None
+    sensors: int
+    rate_hz: float
+    mode: SensorMode
+    broker: str | None
+    model: Path | None
+    hop: int
+    embedded: BrokerKind
+    http: str | None
+    node_id: str
+
+
 def run_demo(
     *,
     duration: float | None,
@@ -109,30 +129,75 @@ def run_demo(
     hop: int,
     embedded: BrokerKind = "auto",
     http: str | None = None,
+    node_id: str = "demo-node",
 ) -> int:
-    """Run the demo; returns the exit code."""
-    local = None if broker else LocalBroker(embedded).start()
+    """Run the demo; returns the exit code. Whatever way it ends (its duration, Ctrl-C,
+    SIGTERM, an error), the node, the sensors and the embedded broker stop and its files go."""
+    stop = threading.Event()
+
+    def on_signal(_number: int, _frame: object) -> None:
+        if stop.is_set():  # asked twice: the user is in a hurry
+            raise KeyboardInterrupt
+        stop.set()  # the main loop ends at its next tick; setup is never cut in the middle
+
+    previous: dict[int, Any] = {number: signal.signal(number, on_signal) for number in STOP_SIGNALS}
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(_restore, previous)
+        try:
+            options = DemoOptions(
+                duration, sensors, rate_hz, mode, broker, model, hop, embedded, http, node_id
+            )
+            return _run(cleanup, options, stop)
+        except KeyboardInterrupt:
+            print("\nstopping...", flush=True)
+            return 0
+
+
+def _run(cleanup: contextlib.ExitStack, options: DemoOptions, stop: threading.Event) -> int:
+    duration, sensors, rate_hz, mode = (
+        options.duration,
+        options.sensors,
+        options.rate_hz,
+        options.mode,
+    )
+    broker, model, hop, http = options.broker, options.model, options.hop, options.http
+    embedded, node_id = options.embedded, options.node_id
+    seen: list[ResultBoard] = []
+    cleanup.callback(_summary, seen, time.monotonic())  # runs last: after everything stopped
+    local = None
+    if not broker:
+        local = LocalBroker(embedded, detached=True).start()  # Ctrl-C is ours, not the broker's
+        cleanup.callback(local.stop)
     url = broker or (local.url if local else "")
     protocol = local.protocol if local else "5"
     bundle_path = model or ensure_reference_bundle()
     bundle = read_bundle(bundle_path)
+    # the node's spool, state and cache live as long as this demo: two demos never share them
+    work = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="imu-demo-")))
     config = load_config(
         broker=url,
-        node_id="demo-node",
+        node_id=node_id,
         model=bundle_path,
         mqtt_protocol=protocol,
         hop=hop,
         telemetry_interval_s=5.0,
         log_level="WARNING",
         http_listen=http,
+        spool_dir=work / "spool",
+        state_dir=work / "state",
+        cache_dir=work / "cache",
     )
     head = bundle.manifest.motif_head
     labels = head.labels if isinstance(head, PrototypeHead) else None
     app = NodeApp.open(config)
+    cleanup.callback(app.stop, "demo finished")
     board = ResultBoard(url, protocol)
+    seen.append(board)
+    cleanup.callback(board.session.stop)
     simulator = SensorSimulator(
         url, sensors=sensors, rate_hz=rate_hz, mode=mode, hop=hop, protocol=protocol
     )
+    cleanup.callback(simulator.stop)
     interactive = sys.stdout.isatty()
     port = BrokerAddress.parse(url).port
     kind = f"{local.kind}" if local else "external"
@@ -150,24 +215,39 @@ def run_demo(
         flush=True,
     )
     start = time.monotonic()
-    try:
-        app.start()
-        board.session.start()
-        board.session.wait_connected(10)
-        simulator.start()
-        while duration is None or time.monotonic() - start < duration:
-            time.sleep(1.0)
-            if interactive:
-                table = board.render(labels, time.monotonic() - start)
-                print("\x1b[H\x1b[J" + table, flush=True)
-        if not interactive:
-            print(board.render(labels, time.monotonic() - start), flush=True)
-    except KeyboardInterrupt:
+    app.start()
+    board.session.start()
+    board.session.wait_connected(10)
+    simulator.start()
+    while (duration is None or time.monotonic() - start < duration) and not stop.is_set():
+        stop.wait(1.0)
+        if interactive:
+            table = board.render(labels, time.monotonic() - start)
+            print("\x1b[H\x1b[J" + table, flush=True)
+    if stop.is_set():
         print("\nstopping...", flush=True)
-    finally:
-        simulator.stop()
-        app.stop("demo finished")
-        board.session.stop()
-        if local is not None:
-            local.stop()
+        return 0
+    if not interactive:
+        print(board.render(labels, time.monotonic() - start), flush=True)
     return 0 if board.sensors else 1
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _restore(previous: dict[int, Any]) -> None:
+    for number, handler in previous.items():
+        signal.signal(number, handler)
+
+
+def _summary(seen: list[ResultBoard], started: float) -> None:
+    """What the demo did, and what to try next."""
+    board = seen[0] if seen else None
+    windows = sum(view.windows for view in board.sensors.values()) if board else 0
+    sensors = len(board.sensors) if board else 0
+    print(
+        f"demo done: {windows} windows from {sensors} sensors in "
+        f"{time.monotonic() - started:.0f} s. Next: `imu-fleet dashboard --broker URL` shows a "
+        'fleet live (docs/dashboard.md); run a node on your broker: README, "Run a node".',
+        flush=True,
+    )

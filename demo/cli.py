@@ -48,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="also serve /healthz, /readyz, /metrics, POST /infer (e.g. 127.0.0.1:9108)",
     )
+    parser.add_argument(
+        "--node-id",
+        default="demo-node",
+        help="the demo node's id (demo-node); give another to run two demos on one --broker",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,4 +70,5 @@ def run(args: argparse.Namespace) -> int:
         hop=args.hop,
         embedded=args.embedded,
         http=args.http,
+        node_id=args.node_id,
     )

@@ -64,13 +64,21 @@ class LocalBroker:
     """Start with `start()` (or `with LocalBroker() as broker:`), connect to `broker.url`."""
 
     def __init__(
-        self, kind: BrokerKind = "auto", port: int | None = None, state_dir: Path | None = None
+        self,
+        kind: BrokerKind = "auto",
+        port: int | None = None,
+        state_dir: Path | None = None,
+        *,
+        detached: bool = False,
     ) -> None:
         """A broker of `kind` on `port` (a free one by default).
 
         `state_dir` (mosquitto only) keeps sessions, queued and retained messages across a stop
-        and a start, as a production broker with persistence does.
+        and a start, as a production broker with persistence does. `detached`: mosquitto runs
+        in a session of its own, so a Ctrl-C in the terminal reaches only its owner, which
+        stops it last (the demo), instead of killing it under the clients.
         """
+        self.detached = detached
         if kind == "auto":
             kind = "mosquitto" if shutil.which("mosquitto") else "amqtt"
         if kind == "mosquitto" and not shutil.which("mosquitto"):
@@ -164,7 +172,10 @@ class LocalBroker:
         conf.write_text(MOSQUITTO_CONF.format(port=self.port, user=user, persistence=persistence))
         log = (Path(self._workdir.name) / "mosquitto.log").open("wb")
         self._process = subprocess.Popen(
-            ["mosquitto", "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
+            ["mosquitto", "-c", str(conf)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=self.detached,
         )
 
     def _start_amqtt(self) -> None:
