@@ -190,6 +190,9 @@ def _run(cleanup: contextlib.ExitStack, options: DemoOptions, stop: threading.Ev
     head = bundle.manifest.motif_head
     labels = head.labels if isinstance(head, PrototypeHead) else None
     app = NodeApp.open(config)
+    if app is None:  # only a node without a model waits for the fleet; the demo has one
+        msg = "the demo's node did not open"
+        raise RuntimeError(msg)
     cleanup.callback(app.stop, "demo finished")
     board = ResultBoard(url, protocol)
     seen.append(board)

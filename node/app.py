@@ -177,9 +177,13 @@ class NodeApp:
         return self.presence.backend_reason
 
     @classmethod
-    def open(cls, config: NodeConfig) -> NodeApp:
-        """Read the configured bundle, pick and prove the backend, and build the node."""
-        pipeline, reason = open_configured_model(config, config.node_id or default_node_id())
+    def open(cls, config: NodeConfig, stopping: threading.Event | None = None) -> NodeApp | None:
+        """Read the configured bundle (or wait for the fleet's first one: None when `stopping`
+        is set meanwhile), pick and prove the backend, and build the node."""
+        opened = open_configured_model(config, config.node_id or default_node_id(), stopping)
+        if opened is None:
+            return None
+        pipeline, reason = opened
         try:
             return cls(config, pipeline, reason)
         except BaseException:

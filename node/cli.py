@@ -279,7 +279,6 @@ def _run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, **_overrides(args))
     configure_logging(config.log_level, json_lines=args.log_format == "json")
-    app = NodeApp.open(config)
     stop = threading.Event()
     received: list[str] = []
 
@@ -289,6 +288,10 @@ def _run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    app = NodeApp.open(config, stopping=stop)  # with no model, it waits for the fleet's first
+    if app is None:
+        logger.info("stopped while waiting for a first model (%s)", ", ".join(received))
+        return 0
     app.on_fatal = stop.set
     app.start()
     stop.wait()

@@ -54,7 +54,11 @@ class NodeConfig(BrokerSettings):
 
     node_id: str | None = Field(None, description="Defaults to a stable id derived from hardware")
     group: str = Field("default", description="Fleet group this node belongs to")
-    model: Path | None = Field(None, description="Model bundle to serve")
+    model: Path | None = Field(
+        None,
+        description="Model bundle to serve (unset: the bundle served last, else the node waits "
+        "for the fleet's first order)",
+    )
     trust_key: Path | None = Field(
         None,
         description="Fleet public key (PEM), or a folder of *.pub keys (rotation): refuse "

@@ -319,6 +319,8 @@ class ErrorReport(Outbound):
 class ModelLifecycle(StrEnum):
     """States of `fleet/nodes/{node_id}/model`."""
 
+    WAITING = "waiting"
+    """A node with no model yet (first boot from the fleet): it waits for a desired state."""
     DOWNLOADING = "downloading"
     VERIFYING = "verifying"
     WARMING = "warming"

@@ -325,7 +325,12 @@ def _running_node(config: NodeConfig) -> tuple[bool, str] | None:
 
 def _bundle(ctx: _Context) -> Iterator[Check]:
     if ctx.config.model is None:
-        yield Check("model bundle", Level.SKIP, "no --model given")
+        yield Check(
+            "model bundle",
+            Level.SKIP,
+            "none configured: the node serves the one it served last, or waits for the "
+            "fleet's first order",
+        )
         return
     try:
         ctx.bundle = read_bundle(ctx.config.model)

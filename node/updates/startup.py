@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from pathlib import Path
 
 import orjson
@@ -58,14 +59,25 @@ def open_model(config: NodeConfig, bundle: Bundle) -> ModelPipeline:
     return pipeline
 
 
-def open_configured_model(config: NodeConfig, node_id: str) -> tuple[ModelPipeline, str]:
+def open_configured_model(
+    config: NodeConfig, node_id: str, stopping: threading.Event | None = None
+) -> tuple[ModelPipeline, str] | None:
     """The model a node starts with, and why its backend was chosen.
 
     The configured `model` (its signature checked against `trust_key` before its files are
-    read); when it cannot be used, the bundle the node served last. ConfigError, saying what to
-    do, when neither can."""
+    read); when it cannot be used, the bundle the node served last; with neither configured
+    nor served, the first one the fleet orders (node/updates/first_boot.py; None when
+    `stopping` is set before it came). ConfigError, saying what to do, when nothing can."""
     trust = load_trust(config.trust_key) if config.trust_key is not None else None
     last = remembered(config.state_dir or default_state_dir(node_id))
+    if config.model is None and last is None and config.follow_desired:
+        from node.updates.first_boot import FirstBoot  # noqa: PLC0415 (its own session)
+
+        logger.warning("no model configured or served before: waiting for one from the fleet")
+        first = FirstBoot(config, node_id, stopping).wait()
+        if first is None:
+            return None
+        last = first
     bundle: Bundle | None = None
     problem: BundleError | None = None
     if config.model is not None:
@@ -79,14 +91,16 @@ def open_configured_model(config: NodeConfig, node_id: str) -> tuple[ModelPipeli
         except BundleError as exc:
             logger.error("the bundle this node served last (%s) is refused too: %s", last, exc)
         else:
-            logger.error(
-                "starting on the bundle this node served last, %s %s (%s), instead of the "
-                "configured model: %s. Update `model` (or sign it with a trusted key: "
-                "`imu-fleet bundle sign BUNDLE --key fleet.key`)",
+            log = logger.error if problem is not None else logger.info
+            log(
+                "starting on the bundle this node served last, %s %s (%s)%s",
                 bundle.ref.name,
                 bundle.ref.version,
                 last,
-                problem or "none is configured",
+                f", instead of the configured model: {problem}. Update `model` (or sign it with "
+                "a trusted key: `imu-fleet bundle sign BUNDLE --key fleet.key`)"
+                if problem is not None
+                else "",
             )
     if bundle is None:
         if problem is not None:  # the reader's own error, with what fixes it
