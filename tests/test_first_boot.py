@@ -37,7 +37,9 @@ def test_a_node_without_a_model_waits_then_serves_what_the_fleet_orders(
     signed = sign_bundle(read_bundle(reference_bundle_path), keys / "fleet.key", tmp_path / "s.tar")
     assert signed.path is not None
     node_id, group = unique("first"), unique("grp")
-    probe = Probe(broker.url).subscribe(topics.node_model(node_id), topics.node_status(node_id))
+    probe = Probe(broker.url).subscribe(
+        topics.node_model(node_id), topics.node_status(node_id), topics.node_errors(node_id)
+    )
     config = load_config(
         broker=broker.url, node_id=node_id, group=group, trust_key=keys / "fleet.pub",
         backend=backend, state_dir=tmp_path / "state", cache_dir=tmp_path / "cache",
@@ -55,6 +57,12 @@ def test_a_node_without_a_model_waits_then_serves_what_the_fleet_orders(
         birth = probe.wait_for(topics.node_status(node_id))[-1].json()
         assert (birth["state"], birth["model"]) == ("online", None)
         publish_bundle(signed.path, broker.url, sign_key=keys / "fleet.key")
+        # an insider's unsigned order for this node: refused, reported, the node waits on
+        probe.publish(topics.node_desired(node_id), encode(desired_for(signed.path)), retain=True)
+        refused = probe.wait_for(topics.node_errors(node_id))[-1].json()
+        assert refused["kind"] == "desired_refused", refused
+        assert opener.is_alive()
+        assert not opened
         order = scoped(
             desired_for(signed.path), "group", group, load_private_key(keys / "fleet.key")
         )
@@ -78,6 +86,7 @@ def test_a_node_without_a_model_waits_then_serves_what_the_fleet_orders(
         again.outbox.stop()
     finally:
         probe.publish(topics.group_desired(group), b"", retain=True)
+        probe.publish(topics.node_desired(node_id), b"", retain=True)
         probe.close()
 
 
