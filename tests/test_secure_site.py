@@ -146,3 +146,34 @@ def test_a_publish_the_broker_refuses_is_a_failure_not_a_success(
     assert done.returncode == 1
     assert "the broker refused" in done.stderr
     assert "Not authorized" in done.stderr
+
+
+@pytest.mark.parametrize(("sensor_id", "refused"), [("s2", False), ("s1", True)])
+def test_a_simulated_sensor_logs_in_with_its_certificate_and_a_refusal_fails_it(
+    broker: SecureBroker,  # noqa: F811
+    sensor_id: str,
+    refused: bool,
+) -> None:
+    """The operator's report: simulated sensors could not take a certificate's id, and a sensor
+    the broker refused every publish of still exited 0."""
+    spy = broker.session("fleet-ops")
+    spy.client.subscribe(topics.window(sensor_id), qos=1)
+    done = subprocess.run(
+        [sys.executable, "-m", "fleet.cli", "simulate", "sensors", "--sensor-id", sensor_id,
+         "--mode", "window", "--hop", "50", "--duration", "2",
+         "--broker", f"mqtts://localhost:{broker.ports['8883']}",
+         "--ca-file", str(broker.site.ca_cert),
+         "--cert-file", str(broker.site.client_file("sensor-s2", "crt")),
+         "--key-file", str(broker.site.client_file("sensor-s2", "key"))],
+        capture_output=True, text=True, timeout=60, env=subprocess_env("onnx"), check=False,
+    )  # fmt: skip
+    assert "Traceback" not in done.stderr
+    if refused:
+        assert done.returncode == 1, done.stderr
+        assert "refused" in done.stderr
+        assert "--sensor-id" in done.stderr
+        assert not [p for t, p in spy.messages if t == topics.window(sensor_id)]
+    else:
+        assert done.returncode == 0, done.stderr
+        assert "0 refused by the broker" in done.stderr
+        wait_until(lambda: any(t == topics.window(sensor_id) for t, _ in spy.messages))

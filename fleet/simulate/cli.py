@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from common.cli import Command, arg
@@ -25,25 +26,42 @@ def _sensors(args: argparse.Namespace) -> int:
         hop=args.hop,
         prefix=args.prefix,
         seed=args.seed,
+        sensor_ids=args.sensor_id or (),
         protocol=args.mqtt_protocol,
         encoding=args.encoding,
     )
+    ids = simulator.sensor_ids
     print(
-        f"publishing {args.sensors} sensors ({', '.join(simulator.sensor_ids[:3])}"
-        f"{', ...' if args.sensors > 3 else ''}) at {args.rate:g} Hz as {args.mode} to "
+        f"publishing {len(ids)} sensor{'s' if len(ids) > 1 else ''} ({', '.join(ids[:3])}"
+        f"{', ...' if len(ids) > 3 else ''}) at {args.rate:g} Hz as {args.mode} to "
         f"{args.broker}; Ctrl-C to stop",
         file=sys.stderr,
     )
+    started = time.monotonic()
+    calls = iter(range(1 << 62))
 
-    def progress(stats: object) -> None:
-        print(f"\r{stats}", end="", file=sys.stderr, flush=True)
+    def progress(stats: object) -> None:  # every second on a terminal, else every 10 s
+        line = f"{time.monotonic() - started:6.0f} s: {stats}"
+        if sys.stderr.isatty():
+            print(f"\r{line}", end="", file=sys.stderr, flush=True)
+        elif next(calls) % 10 == 9:
+            print(line, file=sys.stderr, flush=True)
 
     try:
         simulator.run_for(args.duration, progress)
     except KeyboardInterrupt:
         simulator.stop()
-    print(file=sys.stderr)
-    return 0
+    stats = simulator.stats()
+    print(f"\nsent: {stats}", file=sys.stderr)
+    if stats.refused:
+        print(
+            f"imu-fleet: the broker refused {stats.refused} publishes: a sensor's login may "
+            "publish only its own topics (imu/ID/...); with a certificate `sensor-ID`, pass "
+            "--sensor-id ID",
+            file=sys.stderr,
+        )
+        return 1
+    return 0 if stats.messages else 1
 
 
 def _nodes(args: argparse.Namespace) -> int:
@@ -101,8 +119,21 @@ SENSORS = Command(
         ),
         arg("--interval", type=float, default=0.1, help="seconds between messages"),
         arg("--prefix", default="sim", help="sensor ids are PREFIX-000, ... (sim)"),
+        arg(
+            "--sensor-id",
+            action="append",
+            metavar="ID",
+            help="this sensor id (repeat for more; instead of --sensors/--prefix): on a secured "
+            "site, the ID of the sensor-ID certificate the connection uses",
+        ),
         arg("--duration", type=float, default=None, help="seconds (default: forever)"),
-        arg("--seed", type=int, default=0, help="seed of the simulated signals (0)"),
+        arg(
+            "--seed",
+            type=int,
+            default=None,
+            help="seed of the simulated signals (default: one per sensor id, so two simulators "
+            "differ; set it to repeat a run)",
+        ),
     ],
     shared=broker_options,
     examples=[

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,6 +51,15 @@ class SimulatorStats:
     samples: int
     windows: int
     dropped: int
+    refused: int = 0
+    """Publishes the broker refused (PUBACK >= 128: the ACL, usually a sensor id that is not
+    the certificate's)."""
+
+    def __str__(self) -> str:
+        return (
+            f"{self.messages:,} messages ({self.samples:,} samples, {self.windows:,} windows), "
+            f"{self.dropped:,} dropped, {self.refused:,} refused by the broker"
+        )
 
 
 class SensorSimulator:
@@ -65,7 +75,8 @@ class SensorSimulator:
         interval_s: float = 0.1,
         hop: int = 50,
         prefix: str = "sim",
-        seed: int = 0,
+        seed: int | None = None,
+        sensor_ids: Sequence[str] = (),
         protocol: Literal["5", "3.1.1"] = "5",
         activity: Activity | None = None,
         encoding: WindowEncoding = "json",
@@ -81,13 +92,14 @@ class SensorSimulator:
         self.encoding = encoding
         self.interval_s = interval_s
         self.hop = hop
+        ids = list(sensor_ids) or [f"{prefix}-{i:03d}" for i in range(sensors)]
         self._sensors = [
-            _Sensor(f"{prefix}-{i:03d}", ImuSignalGenerator(rate_hz, seed + i, activity))
-            for i in range(sensors)
+            _Sensor(sensor_id, ImuSignalGenerator(rate_hz, _seed_of(sensor_id, seed, i), activity))
+            for i, sensor_id in enumerate(ids)
         ]
         self._session = MqttSession(
             Connection.of(broker, protocol).session_settings(
-                f"{prefix}-simulator-{seed}-{time.monotonic_ns() % 10**6}"
+                f"{ids[0]}-simulator-{time.monotonic_ns() % 10**6}"
             )
         )
         self._stop = threading.Event()
@@ -101,7 +113,8 @@ class SensorSimulator:
 
     def stats(self) -> SimulatorStats:
         """Counts so far."""
-        return SimulatorStats(self._messages, self._samples, self._windows, self._dropped)
+        refused = self._session.counters.publish_refused
+        return SimulatorStats(self._messages, self._samples, self._windows, self._dropped, refused)
 
     def start(self, connect_timeout: float = 10.0) -> None:
         """Connect and start publishing in a background thread."""
@@ -182,3 +195,9 @@ class SensorSimulator:
             self._messages += 1
         else:
             self._dropped += 1
+
+
+def _seed_of(sensor_id: str, seed: int | None, index: int) -> int:
+    """`seed + index` when a seed is given (reproducible runs), else one of the sensor id: two
+    simulators never send the same signal."""
+    return seed + index if seed is not None else zlib.crc32(sensor_id.encode())
