@@ -844,3 +844,26 @@ def test_unit_keeps_its_hardening_and_limits() -> None:
     target = 512 * 1024**2  # the node's RSS target (imu-node check --max-rss-mb 512)
     assert _memory(one("MemoryHigh")) <= target < _memory(one("MemoryMax"))
     assert 0 < int(one("CPUQuota").rstrip("%")) <= 400, "the Pi 5 has four cores"
+
+
+# --- the broker on Debian's package -------------------------------------------------------------
+
+DEBIAN_OWNS = ("persistence ", "persistence_location ", "log_dest ", "pid_file ")
+"""What Debian's /etc/mosquitto/mosquitto.conf sets already (mosquitto refuses a second value)."""
+
+
+def _settings(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_the_debian_drop_in_is_the_secure_configuration_without_what_debian_sets() -> None:
+    """compose/mosquitto-debian.conf cannot drift from compose/mosquitto-secure.conf."""
+    secure = _settings((COMPOSE / "mosquitto-secure.conf").read_text())
+    expected = [
+        line.replace("/mosquitto/config/", "/etc/mosquitto/imu/").replace(
+            "/mosquitto/certs/", "/etc/mosquitto/imu/"
+        )
+        for line in secure
+        if not line.startswith(DEBIAN_OWNS)
+    ]
+    assert _settings((COMPOSE / "mosquitto-debian.conf").read_text()) == expected

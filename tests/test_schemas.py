@@ -368,6 +368,7 @@ def test_outbound_enums() -> None:
         "warming",
         "active",
         "failed",
+        "waiting",
     }
     assert ErrorReport.model_validate(error_report()).kind is ErrorKind.INVALID
     assert ErrorReport.model_validate(error_report()).suppressed == 0

@@ -251,7 +251,7 @@ def _broker(ctx: _Context) -> Iterator[Check]:
         fix = "" if connected else "see the node's log for the refusal and its fix"
         yield Check("broker", level, f"{address}: the running node says {detail}", fix)
         return
-    process = _node_process()
+    process = _node_process(config.node_id or default_node_id())
     if process is not None:
         yield Check(
             "broker",
@@ -286,15 +286,45 @@ def _broker(ctx: _Context) -> Iterator[Check]:
     yield Check("broker", Level.OK, f"{address} accepted MQTT {config.mqtt_protocol} ({how} login)")
 
 
-def _node_process() -> str | None:
-    """`pid N: COMMAND` of an `imu-node run` process on this machine, if one runs."""
+def _node_process(node_id: str) -> str | None:
+    """`pid N: COMMAND` of an `imu-node run` process on this machine that is (or may be) the
+    node `node_id`: one started for another node id (its --node-id, or its --config file's
+    node_id) does not count."""
     me = os.getpid()
-    for process in psutil.process_iter(["pid", "cmdline"]):
+    for process in psutil.process_iter(["pid", "cmdline", "cwd"]):
         words = process.info["cmdline"] or []
         runs_node = "run" in words and any(w.endswith(("imu-node", "node.cli")) for w in words[:3])
-        if runs_node and process.info["pid"] != me:
+        if not runs_node or process.info["pid"] == me:
+            continue
+        if _node_id_of(words, process.info["cwd"]) in (None, node_id):
             return f"pid {process.info['pid']}: {' '.join(words)[:80]}"
     return None
+
+
+def _node_id_of(words: list[str], cwd: str | None) -> str | None:
+    """The node id a node's command line names (--node-id, or node_id in its --config), if
+    it can be read."""
+    import tomllib  # noqa: PLC0415
+
+    def value(flag: str) -> str | None:
+        for i, word in enumerate(words):
+            if word == flag and i + 1 < len(words):
+                return words[i + 1]
+            if word.startswith(f"{flag}="):
+                return word.partition("=")[2]
+        return None
+
+    named = value("--node-id")
+    if named is not None:
+        return named
+    config = value("--config")
+    if config is None:
+        return None
+    try:
+        found = tomllib.loads((Path(cwd or "/") / config).read_text()).get("node_id")
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, str) else None
 
 
 def _running_node(config: NodeConfig) -> tuple[bool, str] | None:

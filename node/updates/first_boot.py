@@ -31,7 +31,7 @@ from node.config import NodeConfig, default_state_dir
 from node.presence import NODE_SESSION_EXPIRY_S, client_id_for
 from node.updates.desired_guard import DesiredGuard, DesiredRefusedError, Scope
 from node.updates.fetch import FetchPolicy, fetch_bundle
-from node.updates.startup import remember_active
+from node.updates.last_served import remember_active
 from schemas import topics
 from schemas.codec import encode
 from schemas.control import DesiredModel

@@ -40,7 +40,7 @@ from node.updates.desired_guard import FRESH_S, DesiredGuard, DesiredRefusedErro
 from node.updates.fetch import FetchPolicy, add_to_cache, fetch_bundle
 from node.updates.freshness import CHECK_S as FRESHNESS_CHECK_S
 from node.updates.freshness import Freshness
-from node.updates.startup import remember_active
+from node.updates.last_served import remember_active
 from node.updates.versions import is_older
 from runtime.pipeline import ModelPipeline
 from schemas import topics

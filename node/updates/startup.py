@@ -9,46 +9,19 @@ rotation never leaves a node unable to start (docs/security.md).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import threading
-from pathlib import Path
-
-import orjson
 
 from common.bundle import Bundle, read_bundle
 from common.errors import BundleError
 from common.signing import SignatureError, load_trust
 from node.config import NodeConfig, default_state_dir
 from node.errors import ConfigError
+from node.updates.first_boot import FirstBoot
+from node.updates.last_served import remembered
 from runtime.pipeline import ModelPipeline, open_pipeline
 
 logger = logging.getLogger(__name__)
-
-ACTIVE_FILE = "active-bundle.json"
-
-
-def remember_active(state_dir: Path, bundle_path: Path) -> None:
-    """Record the bundle now serving (its cached file) for the next start."""
-    try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        partial = state_dir / f"{ACTIVE_FILE}.partial"
-        partial.write_bytes(orjson.dumps({"path": str(bundle_path)}))
-        with contextlib.suppress(OSError):
-            os.chmod(partial, 0o600)
-        partial.replace(state_dir / ACTIVE_FILE)
-    except OSError as exc:
-        logger.error("cannot record the active bundle in %s: %s", state_dir, exc)
-
-
-def remembered(state_dir: Path) -> Path | None:
-    """The bundle the node served last, when it recorded one that still exists."""
-    try:
-        path = Path(orjson.loads((state_dir / ACTIVE_FILE).read_bytes())["path"])
-    except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
-        return None
-    return path if path.is_file() else None
 
 
 def open_model(config: NodeConfig, bundle: Bundle) -> ModelPipeline:
@@ -71,8 +44,6 @@ def open_configured_model(
     trust = load_trust(config.trust_key) if config.trust_key is not None else None
     last = remembered(config.state_dir or default_state_dir(node_id))
     if config.model is None and last is None and config.follow_desired:
-        from node.updates.first_boot import FirstBoot  # noqa: PLC0415 (its own session)
-
         logger.warning("no model configured or served before: waiting for one from the fleet")
         first = FirstBoot(config, node_id, stopping).wait()
         if first is None:
