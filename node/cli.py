@@ -18,8 +18,13 @@ import orjson
 from common.cli import run_main
 from common.errors import EdgeError
 from common.logs import configure_logging
-from common.mqtt.connection import NoPasswordFlag, add_broker_arguments, connection_from_args
-from node.config import ENV_PREFIX, NodeConfig, load_config
+from common.mqtt.connection import (
+    Connection,
+    NoPasswordFlag,
+    add_broker_arguments,
+    connection_from_args,
+)
+from node.config import ENV_PREFIX, NodeConfig, certificate_name, load_config
 from node.errors import ConfigError
 from node.identity import default_node_id, hardware_identity
 
@@ -166,6 +171,14 @@ def _add_check(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     check.add_argument("--node", default=None, help="judge only this node id (default: any)")
+    check.add_argument(
+        "--sensor-id",
+        default=None,
+        metavar="ID",
+        help="publish as this sensor; on a secured site the check login's own name "
+        "(`imu-fleet pki add site/ check NAME` makes check-NAME; taken from its certificate "
+        "or user name when not given)",
+    )
     check.add_argument("--rate", type=float, default=40.0, help="windows per second (40)")
     check.add_argument("--duration", type=float, default=30.0, help="seconds of load (30)")
     check.add_argument("--sensors", type=int, default=1, help="simulated sensors sharing it (1)")
@@ -243,6 +256,13 @@ def _doctor(config: NodeConfig, *, as_json: bool) -> int:
     return 1 if any(c.level is Level.FAIL for c in checks) else 0
 
 
+def _check_login(connection: Connection) -> str | None:
+    """`check-NAME` when the check logs in as a check login (certificate CN or user name)."""
+    c = connection.credentials
+    name = certificate_name(Path(c.cert_file)) if c.cert_file else c.username
+    return name if name is not None and name.startswith("check-") else None
+
+
 def _check(args: argparse.Namespace) -> int:
     from node.tools.check import CheckPlan, Targets, format_report, progress_bar, run_check  # noqa: PLC0415
 
@@ -263,6 +283,7 @@ def _check(args: argparse.Namespace) -> int:
         grace_s=args.grace,
         node_id=args.node,
         protocol=connection.protocol,
+        sensor_id=args.sensor_id or _check_login(connection),
     )
     targets = Targets(args.p95_ms, args.min_rate, args.max_rss_mb, args.max_temp_c)
     try:

@@ -63,6 +63,7 @@ ROSTER: Final[dict[str, tuple[str, str, pki.Auth, bool]]] = {
     "dashboard-d1": ("dashboard", "d1", "password", True),
     # hashed in Python (pki.hash_password), not by mosquitto_passwd: the broker must accept it
     "dashboard-d2": ("dashboard", "d2", "password", False),
+    "check-c1": ("check", "c1", "cert", True),
     # revoked by test_removed_clients_lose_their_rights_on_sighup
     "dashboard-gone": ("dashboard", "gone", "password", True),
     "sensor-gone": ("sensor", "gone", "cert", True),
@@ -361,7 +362,7 @@ def sub(who: str, topic_filter: str, allowed: bool, probe: str | None = None) ->
 
 
 YES, NO = True, False
-S, N, F, D = "sensor-s1", "node-n1", "fleet-ctl", "dashboard-d1"
+S, N, F, D, C = "sensor-s1", "node-n1", "fleet-ctl", "dashboard-d1", "check-c1"
 
 CASES: Final[list[Case]] = [
     # sensors: their own window and samples, nothing else; they read nothing
@@ -433,6 +434,18 @@ CASES: Final[list[Case]] = [
     sub(F, "$share/recorders/imu/+/samples", YES, "imu/s1/samples"),
     sub(F, "fleet/controllers/+", YES, "fleet/controllers/c2"),
     sub(F, "$SYS/#", YES, "$SYS/broker/version"),
+    # imu-node check plays one sensor of its own and reads its results and node telemetry
+    pub(C, "imu/check-c1/window", YES),
+    pub(C, "imu/check-c1/samples", NO),
+    pub(C, "imu/s1/window", NO),
+    pub(C, "imu/check-c1/motifs", NO),
+    pub(C, "fleet/nodes/n1/telemetry", NO),
+    pub(C, "fleet/models/desired", NO),
+    sub(C, "imu/check-c1/motifs", YES),
+    sub(C, "fleet/nodes/+/telemetry", YES, "fleet/nodes/n1/telemetry"),
+    sub(C, "imu/+/motifs", NO, "imu/s1/motifs"),
+    sub(C, "imu/+/window", NO, "imu/s1/window"),
+    sub(C, "fleet/models/desired", NO),
     # dashboards read results, node reports and rollouts; they write nothing
     pub(D, "imu/s1/motifs", NO),
     pub(D, "imu/s1/window", NO),
@@ -471,6 +484,8 @@ def writer_for(topic: str) -> str | None:
     if parts[0] == "$SYS":
         return None
     if parts[0] == "imu":
+        if parts[1].startswith("check-") and parts[2] == "window":
+            return parts[1]  # the check login of that name
         return f"sensor-{parts[1]}" if parts[2] in {"window", "samples"} else "node-n2"
     if parts[:2] == ["fleet", "nodes"] and parts[3] != "desired":
         return f"node-{parts[2]}"

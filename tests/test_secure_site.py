@@ -177,3 +177,30 @@ def test_a_simulated_sensor_logs_in_with_its_certificate_and_a_refusal_fails_it(
         assert done.returncode == 0, done.stderr
         assert "0 refused by the broker" in done.stderr
         wait_until(lambda: any(t == topics.window(sensor_id) for t, _ in spy.messages))
+
+
+def test_imu_node_check_runs_on_a_secured_site_with_a_check_login(
+    broker: SecureBroker,  # noqa: F811
+    reference_bundle_path: Path,
+) -> None:
+    """The operator's report: `imu-node check` could not log in to a secured site at all. A
+    check login (`imu-fleet pki add site/ check NAME`) plays its one sensor, `check-NAME`, taken
+    from its certificate; it reads those results and the nodes' telemetry, nothing more."""
+    app = NodeApp.open(load_config(**node_config(broker, "n1", reference_bundle_path)))
+    app.start()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "node.cli", "check", "--rate", "5", "--duration", "2",
+             "--grace", "10", "--node", "n1", "--json", "--no-progress",
+             "--broker", f"mqtts://localhost:{broker.ports['8883']}",
+             "--ca-file", str(broker.site.ca_cert),
+             "--cert-file", str(broker.site.client_file("check-c1", "crt")),
+             "--key-file", str(broker.site.client_file("check-c1", "key"))],
+            capture_output=True, text=True, timeout=120, env=subprocess_env("onnx"), check=False,
+        )  # fmt: skip
+        assert done.returncode in (0, 1), done.stderr  # 1: a target missed on a busy machine
+        report = orjson.loads(done.stdout)
+        assert report["sent"] >= 10
+        assert (report["results"], report["lost"], report["nodes"]) == (report["sent"], 0, ["n1"])
+    finally:
+        app.stop()

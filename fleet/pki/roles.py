@@ -89,6 +89,18 @@ def fleet_grants(_name: str) -> tuple[Grant, ...]:
     )
 
 
+def check_grants(name: str) -> tuple[Grant, ...]:
+    """`imu-node check` on a secured site: it plays one sensor of its own (`check-NAME`, a name
+    no sensor login can take: sensors are `sensor-ID`), reads that sensor's results and the
+    nodes' telemetry, and nothing else."""
+    sensor = f"check-{name}"
+    return (
+        Grant("write", topics.window(sensor)),
+        Grant("read", topics.motifs(sensor)),
+        Grant("read", topics.node_telemetry("+")),
+    )
+
+
 def dashboard_grants(_name: str) -> tuple[Grant, ...]:
     """A dashboard reads results, node reports and rollout records; it writes nothing."""
     return (
@@ -116,6 +128,12 @@ ROLES: Final[dict[str, Role]] = {
             "controller/operators: desired state, artifacts, rollouts",
             "cert",
             fleet_grants,
+        ),
+        Role(
+            "check",
+            "imu-node check: one test sensor check-NAME, its results, node telemetry",
+            "cert",
+            check_grants,
         ),
         Role(
             "dashboard",

@@ -60,6 +60,9 @@ class CheckPlan:
     node_id: str | None = None
     """Judge only results and telemetry of this node (default: whichever serves the windows)."""
     protocol: str = "5"
+    sensor_id: str | None = None
+    """Publish as this one sensor (a `check-NAME` login of `imu-fleet pki` publishes as
+    `check-NAME` only); default: fresh `check-RUN-N` ids."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,11 +195,16 @@ Progress = Callable[[float, int, int, list[float]], None]
 def run_check(plan: CheckPlan, targets: Targets, progress: Progress | None = None) -> CheckReport:
     """Drive the node as `plan` says and judge it; ConnectionError when the broker is away."""
     run = uuid.uuid4().hex[:6]
-    sensors = [f"check-{run}-{i}" for i in range(plan.sensors)]
+    if plan.sensor_id is not None and plan.sensors != 1:
+        msg = f"--sensor-id {plan.sensor_id} is one sensor: leave --sensors at 1"
+        raise ValueError(msg)
+    sensors = (
+        [plan.sensor_id] if plan.sensor_id else [f"check-{run}-{i}" for i in range(plan.sensors)]
+    )
     listener = _Listener(set(sensors), plan.node_id)
     session = MqttSession(
         Connection.of(plan.broker, plan.protocol).session_settings(
-            f"imu-check-{run}",
+            plan.sensor_id or f"imu-check-{run}",
             max_pending_publishes=max(1000, int(plan.rate * plan.duration_s) + 100),
         )
     )
