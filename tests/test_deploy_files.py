@@ -672,12 +672,14 @@ def test_monitoring_mounts_what_prometheus_and_grafana_configurations_name(
     for rule_file in config["rule_files"]:
         assert str(PurePosixPath("/etc/prometheus") / rule_file) in mounted, rule_file
     secret_targets = {s["target"] for s in prometheus.spec["secrets"] if isinstance(s, dict)}
+    home = PurePosixPath("/etc/prometheus")  # relative paths resolve against the config's folder
     for job in config["scrape_configs"]:
         credentials = job.get("authorization", {}).get("credentials_file")
         if credentials:
+            credentials = str(home / credentials)
             assert credentials in secret_targets, f"{job['job_name']}: {credentials} not mounted"
         for sd in job.get("file_sd_configs", []):
-            for file in sd["files"]:
+            for file in (str(home / name) for name in sd["files"]):
                 assert file in mounted, f"{job['job_name']}: {file} not mounted"
                 for group in yaml.safe_load(mounted[file].read_text()) or []:
                     for target in group["targets"]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import subprocess
 import time
 import urllib.parse
@@ -160,6 +161,19 @@ def test_promtool_checks_the_shipped_config_and_rules(tmp_path: Path) -> None:
     for name in ("nodes.yml", "fleet.yml"):  # the shipped target lists parse as file_sd
         groups = yaml.safe_load((PROMETHEUS_DIR / name).read_text())
         assert all(isinstance(g["targets"], list) for g in groups), name
+
+
+def test_the_shipped_config_checks_on_a_host_without_docker(tmp_path: Path) -> None:
+    """The operator's report: `promtool check config` failed on a host because the file named
+    container paths. Copied as a folder (as onto Debian's /etc/prometheus) with the two tokens
+    in secrets/, the shipped file passes unchanged, checked from any folder."""
+    host = tmp_path / "etc" / "prometheus"
+    shutil.copytree(PROMETHEUS_DIR, host)
+    (host / "secrets").mkdir()
+    for token in ("imu-node-token", "imu-fleet-token"):
+        (host / "secrets" / token).write_text("secret\n")
+    out = promtool("check", "config", str(host / "prometheus.yml"), cwd=tmp_path)
+    assert f"SUCCESS: {len(alert_rules())} rules found" in out.stdout
 
 
 def test_every_alert_has_severity_for_and_a_runbook() -> None:
