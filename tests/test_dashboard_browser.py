@@ -26,7 +26,15 @@ from node.tools.local_broker import LocalBroker
 from schemas import topics
 from schemas.codec import encode
 from schemas.manifest import Manifest
-from schemas.messages import ModelLifecycle, ModelRef, NodeModelState
+from schemas.messages import (
+    ErrorKind,
+    ErrorReport,
+    ModelLifecycle,
+    ModelRef,
+    NodeModelState,
+    NodeState,
+    NodeStatus,
+)
 
 LABELS = ["rest", "walk", "run", "turn", "stairs", "shake",
           "sit-stand", "trot", "graze", "lie", "groom", "scratch"]  # fmt: skip
@@ -43,6 +51,13 @@ def labelled(source: Path, out: Path, labels: list[str]) -> Path:
     manifest = Manifest.model_validate({**bundle.manifest.model_dump(), "motif_labels": labels})
     write_bundle(out, manifest, bundle.files)
     return out
+
+
+def node_status_payload(node_id: str) -> bytes:
+    """An online status, as a node's birth says it."""
+    now = time.time()
+    return encode(NodeStatus(state=NodeState.ONLINE, node_id=node_id, instance="i1", ts=now,
+                             started_at=now, software_version="test"))  # fmt: skip
 
 
 @pytest.fixture
@@ -154,6 +169,28 @@ def test_the_page_shows_the_fleet_live(  # noqa: PLR0915 (one browser session, m
             assert page.query_selector("td.model b") is None
             assert page.evaluate("typeof window.pwned") == "undefined"
             probe.publish(topics.node_model(evil), b"", retain=True)
+
+            # a legend says what a node's mark in a wave means
+            legend = page.inner_text("#rollout-legend")
+            assert "rolled back" in legend
+            assert "failed a gate" in legend
+
+            # a sensor restart is an event, apart from faults
+            calm = unique("calm")
+            probe.publish(topics.node_errors(calm), encode(ErrorReport(
+                node_id=calm, ts=time.time(), kind=ErrorKind.SEQUENCE_RESET,
+                reason="sensor imu-3 restarted (seq 912 -> 0)",
+            )))  # fmt: skip
+            probe.publish(topics.node_status(calm), node_status_payload(calm), retain=True)
+            page.wait_for_selector(f'tr[data-node="{calm}"] td.err.event')
+            assert page.inner_text(f'tr[data-node="{calm}"] td.err').startswith("event:")
+            probe.publish(topics.node_status(calm), b"", retain=True)
+
+            # a node that stops is greyed, its figures blanked (not its last windows/s)
+            node.stop("test: greyed when stopped")
+            page.wait_for_selector(f"{row}.inactive", timeout=15_000)
+            for figure in ("wps", "p95", "queue", "temp"):
+                assert page.inner_text(f"{row} td.{figure}") == "\u2013", figure
 
             # phone width: nothing wider than the screen
             page.set_viewport_size({"width": 390, "height": 844})

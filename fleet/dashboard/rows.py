@@ -148,6 +148,8 @@ class NodeRow:
     model_state: str | None = None
     model_target: str | None = None
     model_error: str | None = None
+    model_ts: float | None = None
+    """When the node reported its model state (a failed move fades from the page after a while)."""
     labels: tuple[str, ...] | None = None
     telemetry_ts: float | None = None
     interval_s: float | None = None
@@ -184,6 +186,7 @@ class NodeRow:
                 "state": self.model_state,
                 "target": self.model_target,
                 "error": self.model_error,
+                "ts": self.model_ts,
                 "labels": list(self.labels) if self.labels else None,
             },
             "telemetry_ts": self.telemetry_ts,

@@ -158,6 +158,7 @@ class DashboardView:
     def _model_state(self, row: NodeRow, message: NodeModelState) -> None:
         t = self.limits.text_chars
         row.model_state = message.state.value
+        row.model_ts = message.ts
         row.model_name, row.model_version = (
             self._ref(message.active) if message.active else (None, None)
         )

@@ -62,6 +62,9 @@ function applyDelta(delta) {
   }
 }
 
+const OUTCOME_TTL_S = 1800;  // a failed move or an error older than this no longer calls for action
+const BENIGN = new Set(["sequence_reset"]);  // reported for the record: a sensor restarted
+
 function cell(row, label, cls, text) {
   const td = el("td", cls, text);
   td.setAttribute("data-label", label);
@@ -87,29 +90,36 @@ function renderNodes() {
     who.appendChild(el("b", null, id));
     if (n.group || n.host) who.appendChild(el("span", "sub", [n.group, n.host].filter(Boolean).join(" · ")));
     const st = nodeStatus(n);
+    const live = st === "online";  // an offline, stopped or silent node's figures are history
+    if (!live) tr.classList.add("inactive");
     const status = cell(tr, "status", "status");
     status.appendChild(el("span", `badge ${st}`, st));
     if (n.state !== "online" && n.reason) status.appendChild(el("span", "sub", n.reason));
     cell(tr, "backend", "backend", n.backend || "–");
     const model = cell(tr, "model", "model");
     model.appendChild(el("span", null, n.model.name ? `${n.model.name} ${n.model.version}` : "–"));
-    if (n.model.state) {
+    const failedLongAgo = n.model.state === "failed" && n.model.ts && serverNow() - n.model.ts > OUTCOME_TTL_S;
+    if (n.model.state && !failedLongAgo) {
       const sub = el("span", "sub");
       sub.appendChild(el("span", `badge ${n.model.state}`, n.model.state));
       if (n.model.target && n.model.state !== "active") sub.appendChild(document.createTextNode(` → ${n.model.target}`));
+      if (n.model.state === "failed") sub.appendChild(el("span", "when", ` ${ago(n.model.ts)}`));
       model.appendChild(sub);
     }
-    cell(tr, "windows/s", "num wps", fmt(n.windows_per_s, 1));
-    cell(tr, "p95 ms", "num p95", fmt(n.p95_ms, 1));
-    cell(tr, "queue", "num queue", n.queue_depth === null ? "–" : `${n.queue_depth}/${n.queue_capacity}`);
+    cell(tr, "windows/s", "num wps", live ? fmt(n.windows_per_s, 1) : "–");
+    cell(tr, "p95 ms", "num p95", live ? fmt(n.p95_ms, 1) : "–");
+    cell(tr, "queue", "num queue", !live || n.queue_depth === null ? "–" : `${n.queue_depth}/${n.queue_capacity}`);
     const temp = n.accelerator_temperature_c !== null ? `${fmt(n.temperature_c, 0)} / ${fmt(n.accelerator_temperature_c, 0)}` : fmt(n.temperature_c, 1);
-    cell(tr, "temp °C", "num temp", temp);
+    cell(tr, "temp °C", "num temp", live ? temp : "–");
     const err = cell(tr, "last error", "err");
     const last = n.last_error;
     if (last) {
-      err.appendChild(el("span", null, `${last.kind}: ${last.reason}`));
+      // a sensor that restarted its sequence is an event, not a fault; old errors fade
+      const kind = BENIGN.has(last.kind) ? "event" : (serverNow() - last.ts > OUTCOME_TTL_S ? "old" : "fault");
+      err.classList.add(kind);
+      err.appendChild(el("span", null, `${kind === "event" ? "event" : last.kind}: ${last.reason}`));
       err.appendChild(el("span", "sub", ago(last.ts)));
-    } else if (n.model.error) {
+    } else if (n.model.error && !failedLongAgo) {
       err.appendChild(el("span", null, n.model.error));
     }
     rows.push(tr);
