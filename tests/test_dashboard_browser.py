@@ -126,6 +126,10 @@ def test_the_page_shows_the_fleet_live(  # noqa: PLR0915 (one browser session, m
             no_rate = ("\u2013", "0.0")  # the page's dash for "none yet"
             wait_until(lambda: page.inner_text(f"{row} td.wps") not in no_rate, timeout=15,
                        what="the node's windows/s")  # fmt: skip
+            # its last hour: a sparkline of windows/s and p95, with a summary on hover
+            page.wait_for_selector(f"{row} td.spark svg.spark polyline.wps")
+            hover = page.text_content(f"{row} td.spark svg title") or ""
+            assert hover.startswith("last hour: windows/s up to"), hover
             assert page.inner_text(f"{row} td.backend") == "onnx"
             assert "tcn-reference 1.0.0" in page.inner_text(f"{row} td.model")
             first = page.inner_text("#stats")

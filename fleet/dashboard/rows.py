@@ -15,6 +15,9 @@ from schemas.control import RolloutRecord, RolloutState
 from schemas.messages import ErrorReport, MotifResult, NodeModelState, NodeStatus, Telemetry
 
 ACTIVE_ROLLOUT_STATES: Final = frozenset({RolloutState.RUNNING, RolloutState.PAUSED})
+HISTORY_POINTS: Final = 120
+HISTORY_STEP_S: Final = 30.0
+"""Per-node sparklines: at most one point per 30 s, over the last hour."""
 SUBSCRIPTIONS: Final = (
     topics.NODES_STATUS_FILTER,
     topics.NODES_MODEL_FILTER,
@@ -163,15 +166,33 @@ class NodeRow:
     dropped: int | None = None
     errors: int | None = None
     last_error: dict[str, Any] | None = None
+    history: deque[tuple[float, float | None, float | None, int]] = field(
+        default_factory=lambda: deque(maxlen=HISTORY_POINTS)
+    )
+    """(ts, windows/s, p95 ms, errors since the point before) for the sparklines."""
+    errors_base: int | None = None
+
+    def record(self, ts: float, windows_per_s: float | None, p95_ms: float | None) -> None:
+        """Add a sparkline point from the telemetry just read (at most one per step; errors
+        that came between two points count in the later one)."""
+        total = self.errors or 0
+        if self.history and ts - self.history[-1][0] < HISTORY_STEP_S:
+            return
+        new = 0 if self.errors_base is None else max(0, total - self.errors_base)
+        self.errors_base = total
+        self.history.append((round(ts, 1), windows_per_s, p95_ms, new))
 
     @property
     def online(self) -> bool:
         """True while the node's retained status says online."""
         return self.state == "online"
 
-    def as_json(self) -> dict[str, Any]:
-        """The row as the page reads it."""
+    def as_json(self, *, full_history: bool = False) -> dict[str, Any]:
+        """The row as the page reads it: with the whole sparkline history, or (in a delta) its
+        newest point, which the page appends."""
+        shown = self.history if full_history else list(self.history)[-1:]
         return {
+            "history": [list(point) for point in shown],
             "node_id": self.node_id,
             "state": self.state,
             "status_ts": self.status_ts,

@@ -188,6 +188,7 @@ class DashboardView:
         row.rss_mb = num(message.rss_mb, 1)
         row.dropped = sum(message.dropped.values())
         row.errors = sum(message.errors.values())
+        row.record(message.ts, row.windows_per_s, row.p95_ms)
         if row.model_state is None and message.model is not None:
             row.model_name, row.model_version = self._ref(message.model)
 
@@ -336,7 +337,7 @@ class DashboardView:
             return {
                 "now": time.time(),
                 "result_seq": self._result_seq,
-                "nodes": [row.as_json() for row in self._nodes.values()],
+                "nodes": [row.as_json(full_history=True) for row in self._nodes.values()],
                 "rollouts": [row.as_json(t) for row in self._rollouts.values()],
                 "sensors": [
                     {

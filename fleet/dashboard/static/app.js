@@ -43,7 +43,16 @@ function applySnapshot(snap) {
 }
 
 function applyDelta(delta) {
-  for (const n of delta.nodes) state.nodes.set(n.node_id, n);
+  for (const n of delta.nodes) {
+    // a delta carries the newest sparkline point only: append it to what the page has
+    const history = state.nodes.get(n.node_id)?.history || [];
+    for (const point of n.history) {
+      if (!history.length || point[0] > history[history.length - 1][0]) history.push(point);
+    }
+    while (history.length > HISTORY_POINTS) history.shift();
+    n.history = history;
+    state.nodes.set(n.node_id, n);
+  }
   for (const id of delta.removed_nodes) state.nodes.delete(id);
   for (const r of delta.rollouts) state.rollouts.set(r.rollout_id, r);
   for (const id of delta.removed_rollouts) state.rollouts.delete(id);
@@ -60,6 +69,44 @@ function applyDelta(delta) {
     sensor.ethogram.push({ n: r.n, ts: r.ts, motif: r.motif, confidence: r.confidence, label: r.label });
     if (sensor.ethogram.length > state.ethogramLength) sensor.ethogram.shift();
   }
+}
+
+const HISTORY_POINTS = 120, HISTORY_S = 3600;  // sparklines: the last hour
+const SVG = "http://www.w3.org/2000/svg";
+
+function sparkline(history) {
+  // windows/s and p95 each scaled to their own peak over the hour; a red mark where errors came
+  const w = 120, h = 26, svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("class", "spark"); svg.setAttribute("width", w); svg.setAttribute("height", h);
+  svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
+  const start = serverNow() - HISTORY_S;
+  const x = (ts) => Math.max(0, Math.min(w, ((ts - start) / HISTORY_S) * w)).toFixed(1);
+  const line = (index, cls) => {
+    const values = history.map((p) => p[index]).filter((v) => v !== null);
+    const peak = Math.max(...values, 1e-9);
+    const points = history.filter((p) => p[index] !== null)
+      .map((p) => `${x(p[0])},${(h - 2 - (p[index] / peak) * (h - 4)).toFixed(1)}`);
+    if (points.length === 1) points.push(points[0].replace(/^[^,]+/, (v) => String(Number(v) + 2)));
+    const poly = document.createElementNS(SVG, "polyline");
+    poly.setAttribute("class", cls); poly.setAttribute("points", points.join(" "));
+    svg.appendChild(poly);
+    return values.length ? Math.max(...values) : null;
+  };
+  const wps = line(1, "wps"), p95 = line(2, "p95");
+  let errors = 0;
+  for (const p of history) {
+    if (!p[3]) continue;
+    errors += p[3];
+    const mark = document.createElementNS(SVG, "line");
+    mark.setAttribute("class", "errors");
+    mark.setAttribute("x1", x(p[0])); mark.setAttribute("x2", x(p[0]));
+    mark.setAttribute("y1", 0); mark.setAttribute("y2", h);
+    svg.appendChild(mark);
+  }
+  const title = document.createElementNS(SVG, "title");
+  title.textContent = `last hour: windows/s up to ${fmt(wps, 1)}, p95 up to ${fmt(p95, 1)} ms, ${errors} errors`;
+  svg.appendChild(title);
+  return svg;
 }
 
 const OUTCOME_TTL_S = 1800;  // a failed move or an error older than this no longer calls for action
@@ -108,6 +155,8 @@ function renderNodes() {
     }
     cell(tr, "windows/s", "num wps", live ? fmt(n.windows_per_s, 1) : "–");
     cell(tr, "p95 ms", "num p95", live ? fmt(n.p95_ms, 1) : "–");
+    const spark = cell(tr, "last hour", "spark");
+    if (n.history && n.history.length) spark.appendChild(sparkline(n.history));
     cell(tr, "queue", "num queue", !live || n.queue_depth === null ? "–" : `${n.queue_depth}/${n.queue_capacity}`);
     const temp = n.accelerator_temperature_c !== null ? `${fmt(n.temperature_c, 0)} / ${fmt(n.accelerator_temperature_c, 0)}` : fmt(n.temperature_c, 1);
     cell(tr, "temp °C", "num temp", live ? temp : "–");
