@@ -116,8 +116,10 @@ def test_a_node_row_gathers_status_model_telemetry_and_errors() -> None:
     (row,) = view.snapshot()["nodes"]
     assert row["state"] == "online"
     assert row["backend"] == "hailo"
+    assert row["model"].pop("ts") > 0  # when it said so: a failed move fades after a while
     assert row["model"] == {"name": "tcn", "version": "1.1.0", "state": "active", "target": None,
                             "error": None, "labels": LABELS}  # fmt: skip
+    assert [point[1:] for point in row["history"]] == [[41.5, 3.5, 0]]  # the sparkline's start
     assert (row["windows_per_s"], row["p95_ms"], row["queue_depth"]) == (41.5, 3.5, 2)
     assert row["temperature_c"] == 51.5
     assert row["dropped"] == 3
