@@ -155,6 +155,13 @@ def test_the_page_shows_the_fleet_live(  # noqa: PLR0915 (one browser session, m
             assert "of 3" in page.inner_text(f"{rollout} .wavecount")
             wait_until(lambda: page.query_selector(f"{rollout} .chip.active") is not None,
                        timeout=20, what="a node active on the new version")  # fmt: skip
+            # its timeline: started, each wave, the verdict (as the dashboard saw them)
+            wait_until(lambda: "succeeded" in page.inner_text(f"{rollout} ol.timeline"),
+                       timeout=30, what="the rollout's verdict in its timeline")  # fmt: skip
+            timeline = page.inner_text(f"{rollout} ol.timeline")
+            assert "started: canary of 1" in timeline, timeline
+            assert "wave 3 started" in timeline, timeline
+            assert "wave 4" not in timeline, timeline  # there are three
             page.screenshot(path=str(SCREENSHOT), full_page=True)
 
             # broker-derived strings are text, never markup

@@ -198,6 +198,19 @@ def test_rollout_waves_and_ordering_of_writes() -> None:
     assert view.drain() is not None
 
 
+def test_a_rollout_timeline_records_waves_and_the_verdict_as_they_change() -> None:
+    view = DashboardView()
+    view.ingest(topics.rollout("r2"), rollout("r2", wave=1, updated_at=100))  # joined midway
+    view.ingest(topics.rollout("r2"), rollout("r2", wave=2, updated_at=110))
+    view.ingest(topics.rollout("r2"), rollout("r2", wave=3, updated_at=120,
+                                              state=RolloutState.SUCCEEDED))  # fmt: skip
+    view.ingest(topics.rollout("r2"), rollout("r2", wave=3, updated_at=120,
+                                              state=RolloutState.SUCCEEDED))  # fmt: skip
+    (r,) = view.snapshot()["rollouts"]
+    assert r["timeline"] == [[100.0, "first seen running, wave 2"], [110.0, "wave 3 started"],
+                             [120.0, "succeeded"]]  # fmt: skip
+
+
 def test_a_full_view_keeps_running_rollouts_and_online_nodes() -> None:
     view = DashboardView(Limits(max_nodes=2, max_rollouts=2))
     view.ingest(topics.node_status("a"), status("a"))

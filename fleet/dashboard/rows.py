@@ -15,6 +15,8 @@ from schemas.control import RolloutRecord, RolloutState
 from schemas.messages import ErrorReport, MotifResult, NodeModelState, NodeStatus, Telemetry
 
 ACTIVE_ROLLOUT_STATES: Final = frozenset({RolloutState.RUNNING, RolloutState.PAUSED})
+TIMELINE_EVENTS: Final = 24
+"""Timeline entries kept per rollout (the newest)."""
 HISTORY_POINTS: Final = 120
 HISTORY_STEP_S: Final = 30.0
 """Per-node sparklines: at most one point per 30 s, over the last hour."""
@@ -234,6 +236,17 @@ class RolloutRow:
     waves: list[list[dict[str, str | None]]]
     hidden_nodes: int
     failures: int
+    timeline: list[tuple[float, str]] = field(default_factory=list)
+    """What happened, as this dashboard saw the record change (waves, soaks, verdicts)."""
+
+    def followed_by(
+        self, head: RolloutRecord, waves: list[list[dict[str, str | None]]], hidden: int,
+        failures: int,
+    ) -> RolloutRow:  # fmt: skip
+        """The next version of this row, its timeline extended by what changed."""
+        events = rollout_events(self.head, self.failures, head, failures, len(waves))
+        timeline = (self.timeline + events)[-TIMELINE_EVENTS:]
+        return RolloutRow(head, waves, hidden, failures, timeline)
 
     @property
     def active(self) -> bool:
@@ -264,7 +277,47 @@ class RolloutRow:
             "created_at": h.created_at,
             "updated_at": h.updated_at,
             "reason": cut(h.reason, limit),
+            "timeline": [[ts, cut(text, limit)] for ts, text in self.timeline],
         }
+
+
+def wave_name(wave: int) -> str:
+    """`canary` for wave 0, else `wave N` (1-based, as the page counts)."""
+    return "canary" if wave == 0 else f"wave {wave + 1}"
+
+
+def rollout_events(
+    before: RolloutRecord | None,
+    failures_before: int,
+    after: RolloutRecord,
+    failures: int,
+    waves: int,
+) -> list[tuple[float, str]]:
+    """The timeline entries between two versions of a rollout record (`before` None: the first
+    one this dashboard sees)."""
+    at = after.updated_at
+    if before is None:
+        if after.state is RolloutState.RUNNING and after.wave == 0:
+            return [
+                (
+                    after.created_at,
+                    f"started: canary of {len(after.waves[0]) if after.waves else 0}",
+                )
+            ]
+        return [(at, f"first seen {after.state.value}, {wave_name(after.wave)}")]
+    events: list[tuple[float, str]] = []
+    if after.wave != before.wave and after.wave < waves:  # past the last one: the verdict
+        events.append((at, f"{wave_name(after.wave)} started"))
+    if after.soak_until is not None and after.soak_until != before.soak_until:
+        events.append((at, f"{wave_name(after.wave)} soaks {max(0, after.soak_until - at):.0f} s"))
+    if failures > failures_before:
+        events.append((at, f"{failures} failed of {after.max_failures} allowed"))
+    if after.state != before.state:
+        reason = (
+            f": {after.reason}" if after.reason and after.state not in ACTIVE_ROLLOUT_STATES else ""
+        )
+        events.append((at, f"{after.state.value}{reason}"))
+    return events
 
 
 @dataclass(slots=True)

@@ -38,6 +38,7 @@ from fleet.dashboard.rows import (
     cut,
     motif_name,
     num,
+    rollout_events,
 )
 from fleet.rollout.records import newer
 from schemas.control import RolloutRecord
@@ -265,7 +266,12 @@ class DashboardView:
                 shown += 1
             waves.append(cells)
         total = sum(len(w) for w in record.waves)
-        self._rollouts[ident] = RolloutRow(head, waves, total - shown, record.failures)
+        if known is not None:
+            row = known.followed_by(head, waves, total - shown, record.failures)
+        else:
+            events = rollout_events(None, 0, record, record.failures, len(waves))
+            row = RolloutRow(head, waves, total - shown, record.failures, events)
+        self._rollouts[ident] = row
         self._rollouts.move_to_end(ident)
         self._removed_rollouts.discard(ident)
         self._dirty_rollouts.add(ident)

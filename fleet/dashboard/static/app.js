@@ -203,6 +203,16 @@ function renderRollouts() {
     });
     if (r.hidden_nodes) div.appendChild(el("div", "sub", `and ${r.hidden_nodes} more nodes`));
     if (r.reason) div.appendChild(el("div", "sub", r.reason));
+    if (r.timeline && r.timeline.length) {
+      const line = el("ol", "timeline");
+      for (const [ts, text] of r.timeline) {
+        const item = el("li", null);
+        item.appendChild(el("time", null, new Date(ts * 1000).toLocaleTimeString()));
+        item.appendChild(document.createTextNode(` ${text}`));
+        line.appendChild(item);
+      }
+      div.appendChild(line);
+    }
     return div;
   });
   box.replaceChildren(...items);
