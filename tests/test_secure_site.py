@@ -204,3 +204,45 @@ def test_imu_node_check_runs_on_a_secured_site_with_a_check_login(
         assert (report["results"], report["lost"], report["nodes"]) == (report["sent"], 0, ["n1"])
     finally:
         app.stop()
+
+
+def test_a_retired_node_is_forgotten_through_the_acl_and_a_live_one_is_not(
+    broker: SecureBroker,  # noqa: F811
+    reference_bundle_path: Path,
+) -> None:
+    """The operator's report: a retired node could never be removed, and its offline alert fired
+    forever. `nodes forget` clears its retained status, model state and pin: the first two as the
+    node itself (only it may write them), the pin with the operator's fleet login."""
+    spy = broker.session("fleet-ops")
+    spy.client.subscribe("fleet/nodes/n2/#", qos=1)
+    app = NodeApp.open(load_config(**node_config(broker, "n2", reference_bundle_path)))
+    app.start()
+    wait_until(lambda: any(t == topics.node_model("n2") for t, _ in spy.messages))
+    command = [
+        sys.executable, "-m", "fleet.cli", "nodes", "forget", "n2",
+        "--node-credentials", str(broker.site.client_file("node-n2", "crt").parent),
+        "--node-broker", f"mqtts://localhost:{broker.ports['8883']}",
+        "--broker", f"mqtts://localhost:{broker.ports['8884']}", "--ca-file",
+        str(broker.site.ca_cert), "--username", "fleet-ops",
+        "--password-file", str(broker.site.client_file("fleet-ops", "password")),
+    ]  # fmt: skip
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(command, capture_output=True, text=True, timeout=120,
+                              env=subprocess_env("onnx"), check=False)  # fmt: skip
+
+    try:
+        online = run()  # a live node keeps its state: it would publish it again
+        assert online.returncode == 1, online.stdout + online.stderr
+        assert "left as is: n2: online" in online.stdout
+    finally:
+        app.stop("retired")
+    done = run()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "forgotten: n2" in done.stdout
+    assert "Traceback" not in done.stderr
+    reader = broker.session("dashboard-d1")  # a fresh subscriber: no retained state is left
+    reader.client.subscribe("fleet/nodes/n2/#", qos=1)
+    _, mid = reader.client.unsubscribe("fleet/nodes/n2/#")  # retained ones come before its ack
+    wait_until(lambda: mid in reader.acks, what="the UNSUBACK")
+    assert not [t for t, p in reader.messages if t.startswith("fleet/nodes/n2/") and p]

@@ -238,11 +238,34 @@ COMMANDS = [
         "table: node, online, model, state, windows/s, p95, what it follows",
         _lazy("cmd_nodes"),
         args=[
+            arg(
+                "forget",
+                nargs="*",
+                metavar="forget ID",
+                help="clear retired nodes' retained status, model state and pin from the broker "
+                "(they must be offline; logs in as each node with its pki certificate)",
+            ),
             arg("--wait", type=float, default=3.0, help="seconds to collect telemetry (3)"),
             arg("--json", action="store_true", help="one object per node, for scripts"),
+            arg(
+                "--node-credentials",
+                type=Path,
+                default=Path("site/clients"),
+                help="forget: folder with node-ID.crt and node-ID.key (site/clients)",
+            ),
+            arg(
+                "--node-broker",
+                default=None,
+                help="forget: where the nodes log in with certificates, when --broker is a "
+                "password port (e.g. mqtts://broker.local:8883)",
+            ),
         ],
         shared=broker_options,
-        examples=["imu-fleet nodes", "imu-fleet nodes --json | jq '.[] | select(.drift != null)'"],
+        examples=[
+            "imu-fleet nodes",
+            "imu-fleet nodes --json | jq '.[] | select(.drift != null)'",
+            "imu-fleet nodes forget pi-0042 --node-credentials site/clients   # a retired Pi",
+        ],
     ),
     Command(
         "unpin",

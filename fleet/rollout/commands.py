@@ -279,7 +279,9 @@ def _health_line(health: NodeHealth) -> str:
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
-    """`imu-fleet nodes [--json]`: one line (or object) per node."""
+    """`imu-fleet nodes [--json]`: one line (or object) per node; `nodes forget ID...`."""
+    if args.forget:
+        return _forget(args)
     with controller_session(args) as controller:
         time.sleep(args.wait)  # telemetry is periodic, not retained
         nodes = controller.view.nodes()
@@ -288,6 +290,28 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         return 0
     print(format_nodes(nodes))
     return 0
+
+
+def _forget(args: argparse.Namespace) -> int:
+    from fleet.rollout.retire import forget, still_known  # noqa: PLC0415
+
+    action, *node_ids = args.forget
+    if action != "forget" or not node_ids:
+        print("usage: imu-fleet nodes forget ID [ID ...]", file=sys.stderr)
+        return 2
+    with controller_session(args) as controller:
+        done = forget(controller, args.broker, node_ids, args.node_credentials, args.node_broker)
+    left = still_known(args.broker, done.cleared)
+    for node_id in done.cleared:
+        if node_id not in left:
+            print(f"forgotten: {node_id} (status, model state and pin cleared, read back)")
+    for node_id in left:
+        print(f"NOT confirmed: {node_id} still has a retained status or model state")
+    for node_id, why in done.refused.items():
+        print(f"left as is: {node_id}: {why}")
+    if done.cleared and not left:
+        print("revoke its login too: imu-fleet pki remove site/ node ID, then SIGHUP the broker")
+    return 0 if not left and not done.refused else 1
 
 
 def _node_json(view: NodeView) -> dict[str, object]:
