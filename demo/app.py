@@ -32,7 +32,6 @@ from node.app import NodeApp
 from node.config import load_config
 from node.tools.local_broker import BrokerKind, LocalBroker
 from schemas import topics
-from schemas.manifest import PrototypeHead
 
 
 @dataclass(slots=True)
@@ -187,8 +186,7 @@ def _run(cleanup: contextlib.ExitStack, options: DemoOptions, stop: threading.Ev
         state_dir=work / "state",
         cache_dir=work / "cache",
     )
-    head = bundle.manifest.motif_head
-    labels = head.labels if isinstance(head, PrototypeHead) else None
+    labels = bundle.manifest.shown_labels
     app = NodeApp.open(config)
     if app is None:  # only a node without a model waits for the fleet; the demo has one
         msg = "the demo's node did not open"

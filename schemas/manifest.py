@@ -22,6 +22,8 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    TypeAdapter,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -50,6 +52,7 @@ MotifLabel = Annotated[
 """One motif's human name: 1-32 characters, no control characters."""
 MotifLabels = Annotated[list[MotifLabel], Field(min_length=MOTIF_COUNT, max_length=MOTIF_COUNT)]
 """A name for each of the 12 motifs, in motif index order."""
+_MOTIF_LABELS: Final = TypeAdapter(MotifLabels)
 
 
 class _Frozen(BaseModel):
@@ -232,6 +235,20 @@ class Manifest(_Frozen):
     )
     expires_at: str | None = None
     signature: Signature | None = None
+
+    @property
+    def shown_labels(self) -> list[str] | None:
+        """The motif names dashboards show: `motif_labels`, else the motif head's own `labels`
+        when they are a valid name for each of the 12 motifs (older bundles kept them there)."""
+        if self.motif_labels is not None:
+            return list(self.motif_labels)
+        head_labels = self.motif_head.labels if self.motif_head is not None else None
+        if head_labels is None:
+            return None
+        try:
+            return list(_MOTIF_LABELS.validate_python(head_labels))
+        except ValidationError:
+            return None
 
     @field_validator("name")
     @classmethod

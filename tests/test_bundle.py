@@ -836,3 +836,22 @@ def test_kmeans_with_fewer_distinct_points_than_k_raises() -> None:
         kmeans(points, 4)
     centroids, _ = kmeans(points, 3)
     assert len(np.unique(centroids, axis=0)) == 3
+
+
+def test_motif_names_come_from_the_manifest_or_else_the_motif_head(tmp_path: Path) -> None:
+    """The operator's report: motif names were missing on the dashboard for bundles that carry
+    them in their motif head (the node published only `motif_labels`)."""
+    manifest = read_bundle(build_reference_bundle(tmp_path / "ref.tar")).manifest
+    head = manifest.motif_head
+    assert head is not None
+    names = [f"act-{i}" for i in range(12)]
+    in_head = manifest.model_copy(update={"motif_head": head.model_copy(update={"labels": names})})
+    assert in_head.shown_labels == names
+    both = in_head.model_copy(update={"motif_labels": ["x"] * 12})
+    assert both.shown_labels == ["x"] * 12  # the manifest's own names win
+    bad = manifest.model_copy(
+        update={"motif_head": head.model_copy(update={"labels": ["\x1b[31m"] * 12})}
+    )
+    assert bad.shown_labels is None  # not a valid name per motif: numbers, never junk
+    short = manifest.model_copy(update={"motif_head": head.model_copy(update={"labels": ["a"]})})
+    assert short.shown_labels is None

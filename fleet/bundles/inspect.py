@@ -41,8 +41,9 @@ def describe_bundle(bundle: Bundle) -> str:
         lines.append("motif head  linear 64 -> 12, softmax")
     else:
         lines.append("motif head  the model's own motif logits, softmax")
-    if m.motif_labels:
-        lines.append(f"motif names {', '.join(m.motif_labels)}")
+    if m.shown_labels:
+        where = "" if m.motif_labels else " (from the motif head)"
+        lines.append(f"motif names {', '.join(m.shown_labels)}{where}")
     lines.append(
         f"golden      {m.golden.count} windows (atol {m.golden.atol:g}, "
         f"min cosine {m.golden.min_cosine:g})"

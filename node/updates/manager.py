@@ -399,7 +399,7 @@ class ModelManager:
             active_sha256=self._active_key[2] if self._active_key else None,
             active_size=self._active_size,
             following=self._following(),
-            motif_labels=self._active.bundle.manifest.motif_labels,
+            motif_labels=self._active.bundle.manifest.shown_labels,
             signatures_required=self.settings.trusted_key is not None,
             stale_since=self._freshness.since,
             stale_reason=self._freshness.reason,
