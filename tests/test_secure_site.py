@@ -9,6 +9,7 @@ on 8884; the fleet CLI logs in with a password file or the environment. Nobody i
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from test_broker_security import SecureBroker, broker  # noqa: F401 (the secure broker fixture)
 from test_node_e2e import raw_window
 
+from fleet import pki
 from helpers.programs import subprocess_env
 from helpers.waiting import wait_until
 from node.app import NodeApp
@@ -246,3 +248,33 @@ def test_a_retired_node_is_forgotten_through_the_acl_and_a_live_one_is_not(
     _, mid = reader.client.unsubscribe("fleet/nodes/n2/#")  # retained ones come before its ack
     wait_until(lambda: mid in reader.acks, what="the UNSUBACK")
     assert not [t for t, p in reader.messages if t.startswith("fleet/nodes/n2/") and p]
+
+
+def test_simulated_nodes_log_in_as_themselves_on_a_secured_site(
+    broker: SecureBroker,  # noqa: F811
+    reference_bundle_path: Path,
+) -> None:
+    """The operator's report: `simulate nodes` could not log in to a secured site at all. Each
+    simulated node logs in with its own certificate (`pki add site/ node PREFIX-0000`, ...), so
+    the ACL gives it its own topics and nothing else."""
+    for name in ("simsec-0000", "simsec-0001"):
+        pki.add_client(broker.site.root, "node", name)
+    broker.process.send_signal(signal.SIGHUP)  # the broker re-reads the ACL
+    spy = broker.session("fleet-ops")
+    spy.client.subscribe("fleet/nodes/+/status", qos=1)
+    done = subprocess.run(
+        [sys.executable, "-m", "fleet.cli", "simulate", "nodes", "--count", "2",
+         "--prefix", "simsec", "--bundle", str(reference_bundle_path), "--duration", "3",
+         "--telemetry-interval", "1", "--give-up-after", "20",
+         "--broker", f"mqtts://localhost:{broker.ports['8883']}",
+         "--node-credentials", str(broker.site.client_file("node-simsec-0000", "crt").parent)],
+        capture_output=True, text=True, timeout=120, env=subprocess_env("onnx"), check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    births = {
+        orjson.loads(p)["node_id"]
+        for t, p in spy.messages
+        if t.startswith("fleet/nodes/simsec-") and p and orjson.loads(p)["state"] == "online"
+    }
+    assert births == {"simsec-0000", "simsec-0001"}
+    assert "Traceback" not in done.stderr

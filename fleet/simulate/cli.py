@@ -70,8 +70,12 @@ def _nodes(args: argparse.Namespace) -> int:
     def connected(done: int, total: int) -> None:
         print(f"\rconnected {done}/{total}", end="", file=sys.stderr, flush=True)
 
-    if args.broker.credentials != Credentials():
-        msg = "simulated nodes do not log in: run them against an open test broker"
+    if args.broker.credentials != Credentials() and args.node_credentials is None:
+        msg = (
+            "simulated nodes log in as themselves, each with its own certificate: give "
+            "--node-credentials site/clients (and --ca-file is not needed), or run them "
+            "against an open test broker"
+        )
         raise ValueError(msg)
     degrade = {}
     for item in args.degrade:
@@ -93,6 +97,7 @@ def _nodes(args: argparse.Namespace) -> int:
         progress=connected,
         degrade=degrade,
         give_up_s=args.give_up_after or None,
+        node_credentials=args.node_credentials,
     )
 
 
@@ -169,6 +174,14 @@ NODES = Command(
             metavar="VERSION=MODE",
             help="make nodes serving VERSION degrade once it is active, to try health gates: "
             "errors (every window fails), latency (+80 ms), crash (restart every interval)",
+        ),
+        arg(
+            "--node-credentials",
+            type=Path,
+            default=None,
+            metavar="DIR",
+            help="secured site: each node logs in with DIR/node-ID.crt and .key and DIR/ca.crt "
+            "(`imu-fleet pki add site/ node PREFIX-0000`, ... wrote them to site/clients)",
         ),
         arg(
             "--give-up-after",

@@ -43,7 +43,7 @@ from common.bundle import DEFAULT_MAX_BUNDLE_BYTES as MAX_BUNDLE_BYTES
 from common.bundle import read_bundle
 from common.errors import EdgeError
 from common.mqtt.address import BrokerAddress
-from common.mqtt.client import SessionSettings
+from common.mqtt.connection import Connection, Credentials
 from common.signing import load_trust
 from common.version import software_version
 from fleet.simulate.netloop import LoopSession, NetLoop
@@ -88,8 +88,8 @@ class _SimNode:
         self.instance = uuid.uuid4().hex[:12]
         self.metrics = NodeMetrics()
         will = (topics.node_status(node_id), self.status(NodeState.OFFLINE, "connection lost"))
-        settings = SessionSettings(
-            fleet.address, f"{node_id}-{self.instance[:6]}", fleet.protocol, will=will
+        settings = fleet.login(node_id).session_settings(
+            f"{node_id}-{self.instance[:6]}", will=will
         )
         self.session = LoopSession(settings, net, node_id, self._announce)
         self.reporter = ErrorReporter(node_id, self._publish_qos1, self.metrics)
@@ -216,11 +216,15 @@ class SimulatedFleet:
         trust_key: Path | None = None,
         file_url_root: Path | None = None,
         degrade: dict[str, Degradation] | None = None,
+        node_credentials: Path | None = None,
     ) -> None:
         if count < 1 or groups < 1 or telemetry_interval_s <= 0:
             msg = "need count >= 1, groups >= 1 and telemetry_interval_s > 0"
             raise ValueError(msg)
         self.broker, self.address, self.protocol = broker, BrokerAddress.parse(broker), protocol
+        self.node_credentials = node_credentials
+        """On a secured site: the folder with each node's `node-ID.crt`/`.key` (and `ca.crt`)
+        that `imu-fleet pki add site/ node ID` wrote; each simulated node logs in as itself."""
         self.node_ids = [f"{prefix}-{i:04d}" for i in range(count)]
         self.groups = [f"{prefix}-g{k}" for k in range(groups)]
         self.trusted = load_trust(trust_key) if trust_key else None
@@ -240,6 +244,19 @@ class SimulatedFleet:
         self._stopped = threading.Event()
         self._interrupted = threading.Event()
         self._telemetry = threading.Thread(target=self._telemetry_loop, daemon=True)
+
+    def login(self, node_id: str) -> Connection:
+        """How node `node_id` logs in: as itself with its certificate, or (an open test broker)
+        anonymously."""
+        if self.node_credentials is None:
+            return Connection(self.address, self.protocol)
+        folder = self.node_credentials
+        cert, key = folder / f"node-{node_id}.crt", folder / f"node-{node_id}.key"
+        if not cert.is_file() or not key.is_file():
+            msg = f"no {cert} or {key}: make it with `imu-fleet pki add site/ node {node_id}`"
+            raise FileNotFoundError(msg)
+        login = Credentials(ca_file=str(folder / "ca.crt"), cert_file=str(cert), key_file=str(key))
+        return Connection(self.address, self.protocol, login)
 
     def start(
         self, progress: Callable[[int, int], None] | None = None, timeout_s: float = 120.0
@@ -380,6 +397,7 @@ def simulate_nodes(
     progress: Callable[[int, int], None] | None = None,
     degrade: dict[str, Degradation] | None = None,
     give_up_s: float | None = GIVE_UP_S,
+    node_credentials: Path | None = None,
 ) -> int:
     """`imu-fleet simulate nodes`: run `count` nodes for `duration` s (None: until SIGINT or
     SIGTERM, which stop them cleanly within about `STOP_WAIT_S`; a second signal exits at once).
@@ -395,6 +413,7 @@ def simulate_nodes(
         protocol=protocol,
         trust_key=trust_key,
         degrade=degrade,
+        node_credentials=node_credentials,
     )
     signals = _stop_on_signals(fleet)
     gave_up = None
