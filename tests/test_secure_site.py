@@ -250,6 +250,24 @@ def test_a_retired_node_is_forgotten_through_the_acl_and_a_live_one_is_not(
     assert not [t for t, p in reader.messages if t.startswith("fleet/nodes/n2/") and p]
 
 
+def test_one_process_plays_many_sensors_each_with_its_own_certificate(
+    broker: SecureBroker,  # noqa: F811
+) -> None:
+    """The operator's report: N simulated sensors needed N certificates and N processes."""
+    spy = broker.session("fleet-ops")
+    spy.client.subscribe("imu/+/window", qos=1)
+    done = subprocess.run(
+        [sys.executable, "-m", "fleet.cli", "simulate", "sensors", "--sensor-id", "s1",
+         "--sensor-id", "s2", "--mode", "window", "--hop", "50", "--duration", "2",
+         "--broker", f"mqtts://localhost:{broker.ports['8883']}",
+         "--sensor-credentials", str(broker.site.client_file("sensor-s1", "crt").parent)],
+        capture_output=True, text=True, timeout=60, env=subprocess_env("onnx"), check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "0 refused by the broker" in done.stderr
+    wait_until(lambda: {t for t, _ in spy.messages} >= {"imu/s1/window", "imu/s2/window"})
+
+
 def test_simulated_nodes_log_in_as_themselves_on_a_secured_site(
     broker: SecureBroker,  # noqa: F811
     reference_bundle_path: Path,

@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.mqtt.address import BrokerAddress
-from common.mqtt.connection import Connection, Credentials
+from common.mqtt.connection import Connection
 from common.mqtt.session import MqttSession
+from fleet.pki.login import client_login
 from fleet.rollout.controller import Controller
 from schemas import topics
 
@@ -31,25 +31,6 @@ class Forgotten:
     cleared: list[str] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)
     """node id -> why it was left as it is."""
-
-
-def node_login(
-    fleet: Connection, node_id: str, credentials: Path, broker: str | None = None
-) -> Connection:
-    """The node's own login: its certificate, on `broker` (default: the fleet connection's; a
-    password login's port takes no certificate) with the fleet connection's CA."""
-    cert, key = credentials / f"node-{node_id}.crt", credentials / f"node-{node_id}.key"
-    for path in (cert, key):
-        if not path.is_file():
-            msg = (
-                f"no {path}: forget logs in as the node to clear what only it may write; pass "
-                "--node-credentials with the folder `imu-fleet pki` wrote it to (site/clients)"
-            )
-            raise FileNotFoundError(msg)
-    ca = fleet.credentials.ca_file or str(credentials / "ca.crt")
-    login = Credentials(ca_file=ca, cert_file=str(cert), key_file=str(key))
-    address = BrokerAddress.parse(broker) if broker else fleet.address
-    return Connection(address, fleet.protocol, login)
 
 
 def forget(
@@ -67,7 +48,7 @@ def forget(
             done.refused[node_id] = "online: stop it first (it would publish its state again)"
             continue
         try:
-            login = node_login(fleet, node_id, credentials, node_broker)
+            login = client_login(fleet, f"node-{node_id}", credentials, node_broker)
         except FileNotFoundError as exc:
             done.refused[node_id] = str(exc)
             continue

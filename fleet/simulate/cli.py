@@ -27,6 +27,7 @@ def _sensors(args: argparse.Namespace) -> int:
         prefix=args.prefix,
         seed=args.seed,
         sensor_ids=args.sensor_id or (),
+        sensor_credentials=args.sensor_credentials,
         protocol=args.mqtt_protocol,
         encoding=args.encoding,
     )
@@ -130,6 +131,15 @@ SENSORS = Command(
             metavar="ID",
             help="this sensor id (repeat for more; instead of --sensors/--prefix): on a secured "
             "site, the ID of the sensor-ID certificate the connection uses",
+        ),
+        arg(
+            "--sensor-credentials",
+            type=Path,
+            default=None,
+            metavar="DIR",
+            help="secured site: each sensor logs in on its own connection with "
+            "DIR/sensor-ID.crt and .key (`imu-fleet pki add site/ sensor ID` wrote them to "
+            "site/clients), so one process plays many sensors",
         ),
         arg("--duration", type=float, default=None, help="seconds (default: forever)"),
         arg(

@@ -43,9 +43,10 @@ from common.bundle import DEFAULT_MAX_BUNDLE_BYTES as MAX_BUNDLE_BYTES
 from common.bundle import read_bundle
 from common.errors import EdgeError
 from common.mqtt.address import BrokerAddress
-from common.mqtt.connection import Connection, Credentials
+from common.mqtt.connection import Connection
 from common.signing import load_trust
 from common.version import software_version
+from fleet.pki.login import client_login
 from fleet.simulate.netloop import LoopSession, NetLoop
 from fleet.simulate.shared_models import SharedModels
 from node.metrics import NodeMetrics
@@ -250,13 +251,9 @@ class SimulatedFleet:
         anonymously."""
         if self.node_credentials is None:
             return Connection(self.address, self.protocol)
-        folder = self.node_credentials
-        cert, key = folder / f"node-{node_id}.crt", folder / f"node-{node_id}.key"
-        if not cert.is_file() or not key.is_file():
-            msg = f"no {cert} or {key}: make it with `imu-fleet pki add site/ node {node_id}`"
-            raise FileNotFoundError(msg)
-        login = Credentials(ca_file=str(folder / "ca.crt"), cert_file=str(cert), key_file=str(key))
-        return Connection(self.address, self.protocol, login)
+        return client_login(
+            Connection(self.address, self.protocol), f"node-{node_id}", self.node_credentials
+        )
 
     def start(
         self, progress: Callable[[int, int], None] | None = None, timeout_s: float = 120.0

@@ -15,12 +15,14 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 from common.mqtt.connection import Connection
 from common.mqtt.session import MqttSession
+from fleet.pki.login import client_login
 from fleet.simulate.imu_signals import Activity, ImuSignalGenerator
 from schemas import topics
 from schemas.codec import encode_binary_window, encode_dict
@@ -63,7 +65,8 @@ class SimulatorStats:
 
 
 class SensorSimulator:
-    """N simulated sensors on one MQTT connection, paced by the wall clock."""
+    """N simulated sensors, paced by the wall clock: on one MQTT connection, or (a secured site,
+    `sensor_credentials`) each on its own, logged in with its own certificate."""
 
     def __init__(
         self,
@@ -80,6 +83,7 @@ class SensorSimulator:
         protocol: Literal["5", "3.1.1"] = "5",
         activity: Activity | None = None,
         encoding: WindowEncoding = "json",
+        sensor_credentials: Path | None = None,
     ) -> None:
         if sensors < 1 or rate_hz <= 0 or interval_s <= 0 or not 1 <= hop <= WINDOW_LENGTH:
             msg = "need sensors >= 1, rate_hz > 0, interval_s > 0 and 1 <= hop <= 100"
@@ -97,11 +101,21 @@ class SensorSimulator:
             _Sensor(sensor_id, ImuSignalGenerator(rate_hz, _seed_of(sensor_id, seed, i), activity))
             for i, sensor_id in enumerate(ids)
         ]
-        self._session = MqttSession(
-            Connection.of(broker, protocol).session_settings(
-                f"{ids[0]}-simulator-{time.monotonic_ns() % 10**6}"
+        connection = Connection.of(broker, protocol)
+        if sensor_credentials is None:
+            shared = MqttSession(
+                connection.session_settings(f"{ids[0]}-simulator-{time.monotonic_ns() % 10**6}")
             )
-        )
+            self._sessions = dict.fromkeys(ids, shared)
+        else:
+            self._sessions = {
+                sensor_id: MqttSession(
+                    client_login(
+                        connection, f"sensor-{sensor_id}", sensor_credentials
+                    ).session_settings(f"sensor-{sensor_id}")
+                )
+                for sensor_id in ids
+            }
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._messages = self._samples = self._windows = self._dropped = 0
@@ -113,12 +127,13 @@ class SensorSimulator:
 
     def stats(self) -> SimulatorStats:
         """Counts so far."""
-        refused = self._session.counters.publish_refused
+        refused = sum(session.counters.publish_refused for session in self._unique_sessions())
         return SimulatorStats(self._messages, self._samples, self._windows, self._dropped, refused)
 
     def start(self, connect_timeout: float = 10.0) -> None:
         """Connect and start publishing in a background thread."""
-        self._session.connect(connect_timeout)
+        for session in self._unique_sessions():
+            session.connect(connect_timeout)
         self._thread = threading.Thread(target=self._run, name="sensor-simulator", daemon=True)
         self._thread.start()
 
@@ -140,8 +155,12 @@ class SensorSimulator:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
-        self._session.wait_published(5)
-        self._session.stop()
+        for session in self._unique_sessions():
+            session.wait_published(5)
+            session.stop()
+
+    def _unique_sessions(self) -> list[MqttSession]:
+        return list({id(session): session for session in self._sessions.values()}.values())
 
     def _run(self) -> None:
         start = time.monotonic()
@@ -162,7 +181,7 @@ class SensorSimulator:
                 "rate_hz": self.rate_hz,
                 "samples": samples.round(5),
             }
-            self._send(topics.samples(sensor.sensor_id), encode_dict(payload))
+            self._send(sensor, topics.samples(sensor.sensor_id), encode_dict(payload))
             self._samples += len(samples)
         else:
             self._emit_windows(sensor, samples, t0)
@@ -181,17 +200,21 @@ class SensorSimulator:
                 topic = topics.window(sensor.sensor_id)
                 if self.encoding == "binary":
                     frame = encode_binary_window(window, sensor.window_seq)
-                    self._send(topic, frame, content_type=BINARY_CONTENT_TYPE)
+                    self._send(sensor, topic, frame, content_type=BINARY_CONTENT_TYPE)
                 else:
                     payload = {"x": window, "seq": sensor.window_seq, "t0": round(first, 4)}
-                    self._send(topic, encode_dict(payload))
+                    self._send(sensor, topic, encode_dict(payload))
                 sensor.window_seq += 1
                 self._windows += 1
         sensor.pending = buffer[-(WINDOW_LENGTH - 1) :]
 
-    def _send(self, topic: str, payload: bytes, content_type: str | None = None) -> None:
-        """Publish (QoS 1); the content type goes out on MQTT 5 only."""
-        if self._session.publish(topic, payload, qos=1, content_type=content_type):
+    def _send(
+        self, sensor: _Sensor, topic: str, payload: bytes, content_type: str | None = None
+    ) -> None:
+        """Publish (QoS 1) on the sensor's connection; the content type goes out on MQTT 5
+        only."""
+        session = self._sessions[sensor.sensor_id]
+        if session.publish(topic, payload, qos=1, content_type=content_type):
             self._messages += 1
         else:
             self._dropped += 1
