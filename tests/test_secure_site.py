@@ -248,6 +248,9 @@ def test_a_retired_node_is_forgotten_through_the_acl_and_a_live_one_is_not(
     _, mid = reader.client.unsubscribe("fleet/nodes/n2/#")  # retained ones come before its ack
     wait_until(lambda: mid in reader.acks, what="the UNSUBACK")
     assert not [t for t, p in reader.messages if t.startswith("fleet/nodes/n2/") and p]
+    again = run()  # forgotten: nothing left to clear, and it says so instead of "forgotten"
+    assert again.returncode == 1, again.stdout
+    assert "left as is: n2: no state of it on the broker" in again.stdout
 
 
 def test_one_process_plays_many_sensors_each_with_its_own_certificate(

@@ -44,7 +44,10 @@ def forget(
     done = Forgotten()
     for node_id in node_ids:
         view = controller.view.get(node_id)
-        if view is not None and view.online:
+        if view is None:
+            done.refused[node_id] = "no state of it on the broker (check the id: imu-fleet nodes)"
+            continue
+        if view.online:
             done.refused[node_id] = "online: stop it first (it would publish its state again)"
             continue
         try:
@@ -56,6 +59,7 @@ def forget(
         try:
             session.connect(CONNECT_TIMEOUT_S)
         except ConnectionError as exc:
+            session.stop()
             done.refused[node_id] = f"cannot log in as the node: {exc}"
             continue
         try:
