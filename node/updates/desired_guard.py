@@ -37,11 +37,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import orjson
+from pydantic import ValidationError
 
 from common.errors import EdgeError
 from common.signing import SignatureError, TrustStore, verify_desired
+from schemas import topics
 from schemas.control import DesiredModel
 
 logger = logging.getLogger(__name__)
@@ -82,6 +85,37 @@ class Scope:
 
     def __str__(self) -> str:
         return f"{self.level} {self.target}" if self.target else self.level
+
+    @classmethod
+    def of(cls, level: str, group: str, node_id: str) -> Scope:
+        """Level `level` as node `node_id` of group `group` follows it."""
+        return cls(level, {"fleet": None, "group": group, "node": node_id}[level])
+
+    @property
+    def topic(self) -> str:
+        """The retained topic this scope's desired state is published on."""
+        if self.level == "fleet":
+            return topics.FLEET_DESIRED
+        target = self.target or ""
+        return (
+            topics.group_desired(target) if self.level == "group" else topics.node_desired(target)
+        )
+
+
+LEVELS: Final = ("node", "group", "fleet")
+"""Desired-state levels, most specific first: a node follows the first one that is set."""
+
+
+def parse_desired(payload: bytes | bytearray) -> DesiredModel | None:
+    """A desired-state message: None for an empty one (it clears its level); ValueError saying
+    what is wrong with a malformed one."""
+    if not payload:
+        return None
+    try:
+        return DesiredModel.model_validate_json(payload)
+    except ValidationError as exc:
+        msg = f"invalid desired state: {exc.errors()[0]['msg']}"
+        raise ValueError(msg) from None
 
 
 def digest(desired: DesiredModel, raw: bytes | None = None) -> str:

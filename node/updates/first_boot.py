@@ -20,7 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from pydantic import ValidationError
 
 from common.bundle import read_bundle
 from common.errors import EdgeError
@@ -28,8 +27,16 @@ from common.mqtt.session import MqttSession
 from common.signing import load_trust
 from common.version import software_version
 from node.config import NodeConfig, default_state_dir
+from node.metrics import NodeMetrics
 from node.presence import NODE_SESSION_EXPIRY_S, client_id_for
-from node.updates.desired_guard import DesiredGuard, DesiredRefusedError, Scope
+from node.reporting import ErrorReporter
+from node.updates.desired_guard import (
+    LEVELS,
+    DesiredGuard,
+    DesiredRefusedError,
+    Scope,
+    parse_desired,
+)
 from node.updates.fetch import FetchPolicy, fetch_bundle
 from node.updates.last_served import remember_active
 from schemas import topics
@@ -37,7 +44,6 @@ from schemas.codec import encode
 from schemas.control import DesiredModel
 from schemas.messages import (
     ErrorKind,
-    ErrorReport,
     ModelLifecycle,
     NodeModelState,
     NodeState,
@@ -45,8 +51,6 @@ from schemas.messages import (
 )
 
 logger = logging.getLogger(__name__)
-
-LEVELS = ("node", "group", "fleet")
 
 
 class FirstBoot:
@@ -81,13 +85,12 @@ class FirstBoot:
             ),
             on_connected=self._announce,
         )
-        group = config.group
-        for level, topic in (
-            ("fleet", topics.FLEET_DESIRED),
-            ("group", topics.group_desired(group)),
-            ("node", topics.node_desired(node_id)),
-        ):
-            self.session.route(topic, self._handler(level, topic))
+        self._reporter = ErrorReporter(node_id, self.session.publish, NodeMetrics())
+        """The errors topic, rate-limited as a serving node's (an insider may flood the
+        desired topics)."""
+        for level in LEVELS:
+            scope = Scope.of(level, config.group, node_id)
+            self.session.route(scope.topic, self._handler(scope))
 
     def wait(self) -> Path | None:
         """The first model's verified bundle (cached); None when stopped before one came."""
@@ -139,34 +142,32 @@ class FirstBoot:
     def _refused(self, desired: DesiredModel, reason: str) -> None:
         logger.error("first model %s %s refused: %s", desired.name, desired.version, reason)
         self._report_model(ModelLifecycle.FAILED, desired, reason)
-        self._error(ErrorKind.MODEL, f"{desired.name} {desired.version} refused: {reason}")
+        self._reporter.report(
+            ErrorKind.MODEL, f"{desired.name} {desired.version} refused: {reason}"
+        )
         with self._lock:  # wait for another order, not this one again
             for level, known in self._desired.items():
                 if known == desired:
                     self._desired[level] = None
 
-    def _handler(self, level: str, topic: str) -> Callable[[mqtt.MQTTMessage], None]:
+    def _handler(self, scope: Scope) -> Callable[[mqtt.MQTTMessage], None]:
         def on_desired(message: mqtt.MQTTMessage) -> None:
-            self._on_desired(level, topic, message)
+            self._on_desired(scope, message)
 
         return on_desired
 
-    def _on_desired(self, level: str, topic: str, message: mqtt.MQTTMessage) -> None:
+    def _on_desired(self, scope: Scope, message: mqtt.MQTTMessage) -> None:
         try:
-            desired = DesiredModel.model_validate_json(message.payload) if message.payload else None
-        except ValidationError as exc:
-            self._error(ErrorKind.INVALID, f"invalid desired state: {exc.errors()[0]['msg']}")
-            return
-        scope = Scope(
-            level, {"fleet": None, "group": self.config.group, "node": self.node_id}[level]
-        )
-        try:
+            desired = parse_desired(message.payload)
             admitted = self._guard.admit(scope, desired, bytes(message.payload))
+        except ValueError as exc:
+            self._reporter.report(ErrorKind.INVALID, str(exc), topic=scope.topic)
+            return
         except DesiredRefusedError as exc:
-            self._error(ErrorKind.DESIRED_REFUSED, str(exc), topic)
+            self._reporter.report(ErrorKind.DESIRED_REFUSED, str(exc), topic=scope.topic)
             return
         with self._lock:
-            self._desired[level] = admitted
+            self._desired[scope.level] = admitted
         self._changed.set()
 
     def _effective(self) -> DesiredModel | None:
@@ -211,11 +212,6 @@ class FirstBoot:
             signatures_required=self._trust is not None,
         )
         self.session.publish(topics.node_model(self.node_id), encode(model), retain=True)
-
-    def _error(self, kind: ErrorKind, reason: str, topic: str | None = None) -> None:
-        report = ErrorReport(node_id=self.node_id, ts=time.time(), kind=kind, reason=reason,
-                             topic=topic)  # fmt: skip
-        self.session.publish(topics.node_errors(self.node_id), encode(report))
 
 
 WAITING = "waiting for its first model from the fleet"

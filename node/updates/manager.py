@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Protocol
 
 import paho.mqtt.client as mqtt
-from pydantic import ValidationError
 
 from common.bundle import Bundle, read_bundle, sha256_hex
 from common.errors import EdgeError
@@ -36,7 +35,14 @@ from common.signing import Trust, load_trust, trust_store, verify_desired
 from node.config import NodeConfig, default_state_dir
 from node.reporting import ErrorReporter
 from node.supervisor import thread_running
-from node.updates.desired_guard import FRESH_S, DesiredGuard, DesiredRefusedError, Scope
+from node.updates.desired_guard import (
+    FRESH_S,
+    LEVELS,
+    DesiredGuard,
+    DesiredRefusedError,
+    Scope,
+    parse_desired,
+)
 from node.updates.fetch import FetchPolicy, add_to_cache, fetch_bundle
 from node.updates.freshness import CHECK_S as FRESHNESS_CHECK_S
 from node.updates.freshness import Freshness
@@ -70,9 +76,6 @@ class Fetch(Protocol):
         policy: FetchPolicy | None = ...,
     ) -> Path:
         """Fetch (or find in the cache), check size and sha256, return the cached path."""
-
-
-_LEVELS = ("node", "group", "fleet")
 
 
 class RefusedError(EdgeError):
@@ -137,7 +140,7 @@ class ModelManager:
         self._active = active
         self._previous: ModelPipeline | None = None
         self._lock = threading.Lock()
-        self._desired: dict[str, DesiredModel | None] = dict.fromkeys(_LEVELS)
+        self._desired: dict[str, DesiredModel | None] = dict.fromkeys(LEVELS)
         trusted = settings.trusted_key
         self._guard = DesiredGuard(
             trust_store(trusted) if trusted is not None else None,
@@ -156,12 +159,8 @@ class ModelManager:
 
     def attach(self) -> None:
         """Follow the three desired-state topics (routes survive reconnects) and start."""
-        s = self.settings
-        for level, topic in (
-            ("fleet", topics.FLEET_DESIRED),
-            ("group", topics.group_desired(s.group)),
-            ("node", topics.node_desired(s.node_id)),
-        ):
+        for level in LEVELS:
+            topic = self._scope(level).topic
             self._session.route(topic, self._handler(level, topic))
         self._thread.start()
 
@@ -201,20 +200,15 @@ class ModelManager:
     # -- desired state ----------------------------------------------------------------------
 
     def _scope(self, level: str) -> Scope:
-        s = self.settings
-        return Scope(level, {"fleet": None, "group": s.group, "node": s.node_id}[level])
+        return Scope.of(level, self.settings.group, self.settings.node_id)
 
     def _handler(self, level: str, topic: str) -> Callable[[mqtt.MQTTMessage], None]:
         def on_desired(message: mqtt.MQTTMessage) -> None:
-            if not message.payload:
-                desired = None  # an empty retained message clears this level
-            else:
-                try:
-                    desired = DesiredModel.model_validate_json(message.payload)
-                except ValidationError as exc:
-                    reason = f"invalid desired state: {exc.errors()[0]['msg']}"
-                    self._reporter.report(ErrorKind.INVALID, reason, topic=topic)
-                    return
+            try:
+                desired = parse_desired(message.payload)  # empty: clears this level
+            except ValueError as exc:
+                self._reporter.report(ErrorKind.INVALID, str(exc), topic=topic)
+                return
             try:
                 desired = self._guard.admit(self._scope(level), desired, bytes(message.payload))
             except DesiredRefusedError as exc:
@@ -243,7 +237,7 @@ class ModelManager:
 
     def _followed_unlocked(self) -> tuple[str, DesiredModel] | None:
         return next(
-            ((level, d) for level in _LEVELS if (d := self._desired[level]) is not None), None
+            ((level, d) for level in LEVELS if (d := self._desired[level]) is not None), None
         )
 
     def _following(self) -> FollowedDesired | None:
