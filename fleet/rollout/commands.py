@@ -293,7 +293,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
 
 def _forget(args: argparse.Namespace) -> int:
-    from fleet.rollout.retire import forget, still_known  # noqa: PLC0415
+    from fleet.rollout.retire import forget  # noqa: PLC0415
 
     action, *node_ids = args.forget
     if action != "forget" or not node_ids:
@@ -301,7 +301,8 @@ def _forget(args: argparse.Namespace) -> int:
         return 2
     with controller_session(args) as controller:
         done = forget(controller, args.broker, node_ids, args.node_credentials, args.node_broker)
-    left = still_known(args.broker, done.cleared)
+    with controller_session(args) as controller:  # read back what the broker still holds
+        left = [node_id for node_id in done.cleared if controller.view.get(node_id) is not None]
     for node_id in done.cleared:
         if node_id not in left:
             print(f"forgotten: {node_id} (status, model state and pin cleared, read back)")

@@ -11,7 +11,6 @@ would take its session over). What was cleared is confirmed by reading the topic
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,13 +71,3 @@ def forget(
         controller.session.wait_published(CONNECT_TIMEOUT_S)
         done.cleared.append(node_id)
     return done
-
-
-def still_known(fleet: Connection, node_ids: list[str], settle_s: float = 1.5) -> list[str]:
-    """The nodes whose retained status or model state the broker still holds."""
-    controller = Controller.connect(fleet)
-    try:
-        time.sleep(settle_s)
-        return [n for n in node_ids if controller.view.get(n) is not None]
-    finally:
-        controller.close()
