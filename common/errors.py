@@ -13,4 +13,17 @@ class ModelContractError(BundleError):
     """The model file's inputs/outputs do not match the contract or its manifest."""
 
 
-__all__ = ["BundleError", "EdgeError", "ModelContractError"]
+class MissingExtraError(EdgeError):
+    """A command needs a package that this installation left out (the node image installs only
+    what `imu-node run` imports); the message names the extra that brings it."""
+
+    def __init__(self, package: str, *, extra: str, needed_for: str) -> None:
+        super().__init__(
+            f"{needed_for} needs the {package} package, which this installation does not have "
+            f"(the node image leaves it out): pip install 'imu-edge[{extra}]'"
+        )
+        self.package = package
+        self.extra = extra
+
+
+__all__ = ["BundleError", "EdgeError", "MissingExtraError", "ModelContractError"]

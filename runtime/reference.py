@@ -28,10 +28,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 
+from common.errors import MissingExtraError
 from schemas.limits import CHANNELS, LATENT_DIM, WINDOW_LENGTH
+
+try:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+except ModuleNotFoundError as missing:  # the node image: it serves bundles, never writes ONNX
+    raise MissingExtraError("onnx", extra="fleet", needed_for="the reference model") from missing
 
 __all__ = [
     "DILATIONS",

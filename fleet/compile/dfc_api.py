@@ -17,11 +17,15 @@ from types import ModuleType
 from typing import Any, Final
 
 import numpy as np
-import onnx
 
-from common.errors import BundleError
+from common.errors import BundleError, MissingExtraError
 from runtime.backend import FloatArray
 from schemas.limits import CHANNELS, LATENT_DIM, WINDOW_LENGTH
+
+try:
+    import onnx
+except ModuleNotFoundError as missing:
+    raise MissingExtraError("onnx", extra="fleet", needed_for="compiling for Hailo") from missing
 
 CALIBRATION_BATCH: Final = 8
 INSTALL_HINT: Final = (
