@@ -256,7 +256,11 @@ def test_copy_sources_exist_and_are_in_the_build_context() -> None:
             for source in command.value[:-1]:
                 path = ROOT / source
                 assert path.exists(), f"{command.original}: {source} is not in the repository"
-                assert not ignored(source.rstrip("/")), f"{source} is left out by .dockerignore"
+                # a folder reaches the builder when a file in it does (`*` then `!hailo/x`)
+                files = [f.relative_to(ROOT) for f in path.rglob("*") if f.is_file()]
+                assert not ignored(source.rstrip("/")) or any(not ignored(str(f)) for f in files), (
+                    f"{source} is left out by .dockerignore"
+                )
         for command in stage.all("RUN"):
             for item in command.flags:
                 if not item.startswith("--mount=") or "type=bind" not in item or "from=" in item:
@@ -264,6 +268,29 @@ def test_copy_sources_exist_and_are_in_the_build_context() -> None:
                 options = dict(o.partition("=")[::2] for o in item[len("--mount=") :].split(","))
                 source = options.get("source", ".")
                 assert (ROOT / source).exists(), f"{item}: {source} is not in the repository"
+
+
+BUILDER_NEUTRAL_FLAGS = {"COPY": {"--from", "--chown"}, "ADD": {"--chown"}, "RUN": set()}
+"""Instruction flags every builder takes: Docker's legacy builder refuses `RUN --mount`,
+`COPY --chmod` and `--link` (BuildKit only)."""
+
+
+def test_dockerfile_builds_with_every_builder() -> None:
+    """No `# syntax=` line (BuildKit would fetch its frontend from Docker Hub) and no BuildKit-only
+    flag: `docker build` with or without BuildKit, `podman build` and `buildah` all take it
+    (scripts/test-image builds it with podman)."""
+    text = (ROOT / "Dockerfile").read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.MULTILINE | re.IGNORECASE), (
+        "a syntax directive makes BuildKit pull a frontend image from Docker Hub"
+    )
+    for stage in stages():
+        for command in stage.commands:
+            allowed = BUILDER_NEUTRAL_FLAGS.get(command.cmd)
+            if allowed is None:
+                continue
+            for item in command.flags:
+                name = item.partition("=")[0]
+                assert name in allowed, f"{command.original}: {name} needs BuildKit"
 
 
 def test_dockerignore_keeps_secrets_and_clutter_out_but_the_project_in() -> None:
@@ -440,6 +467,22 @@ def compose_schema() -> dict[str, Any]:
     vendor = importlib.resources.files("check_jsonschema.builtin_schemas.vendor")
     schema: dict[str, Any] = json.loads((vendor / "compose-spec.json").read_text())
     return schema
+
+
+def test_compose_files_use_only_what_docker_compose_and_podman_compose_both_run() -> None:
+    """podman-compose (1.6) has no `configs:` (public files are read-only bind mounts instead),
+    and resolves an `extends` file from the working folder as well as from the file: a broker
+    service shared through `extends` stays next to the files that use it, in compose/. The
+    differences that remain are in docs/operations.md ("Containers")."""
+    for path in COMPOSE_FILES:
+        project = yaml.safe_load(path.read_text()) or {}
+        assert "configs" not in project, f"{path.name}: podman-compose does not support configs"
+        for name, service in (project.get("services") or {}).items():
+            assert "configs" not in service, f"{path.name} {name}: use a read-only bind mount"
+            extends = service.get("extends") or {}
+            if "file" in extends:
+                assert "/" not in extends["file"], f"{path.name} {name}: keep {extends} in compose/"
+                assert (COMPOSE / extends["file"]).is_file()
 
 
 def test_there_are_compose_files() -> None:
