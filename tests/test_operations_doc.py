@@ -75,9 +75,11 @@ def parses(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
 
 
 def check_compose(argv: list[str]) -> None:
-    """`docker compose -f FILE [--profile P] up -d | ps | ...`: the file, profile and services."""
-    assert argv[:2] == ["docker", "compose"], argv
-    file = ROOT / argv[argv.index("-f") + 1]
+    """`docker compose -f FILE [--profile P] up -d | ps | ...`: the file, profile and services;
+    `podman-compose -f FILE ...` likewise, run from compose/ (docs/operations.md says why)."""
+    assert argv[:2] == ["docker", "compose"] or argv[0] == "podman-compose", argv
+    folder = ROOT / "compose" if argv[0] == "podman-compose" else ROOT
+    file = folder / argv[argv.index("-f") + 1]
     assert file.is_file(), f"{file} does not exist"
     services = yaml.safe_load(file.read_text())["services"]
     words = argv[argv.index("-f") + 2 :]
@@ -117,8 +119,12 @@ def check(command: str) -> None:
             parses(pki.build_parser(), argv[2:])
         case "imu-fleet":
             parses(fleet_parser(), argv[1:])
-        case "docker":
+        case "docker" | "podman-compose":
             check_compose(argv)
+        case script if script.startswith("scripts/"):
+            path = ROOT / script
+            assert path.is_file(), f"no {script}"
+            assert path.stat().st_mode & 0o111, f"{script} is not executable"
         case "systemctl" | "journalctl":
             unit = argv[-1] if argv[0] == "systemctl" else argv[argv.index("-u") + 1]
             assert (ROOT / "compose" / f"{unit}.service").is_file(), f"no unit {unit}"
