@@ -5,7 +5,7 @@
 # layout and root's default rlimits (nofile, nproc) can exceed the hard limits of a sandbox
 # without CAP_SYS_RESOURCE, so runc fails with "error setting rlimit ... operation not
 # permitted". Unless the caller chose a configuration (CONTAINERS_CONF), use one that fits this
-# machine: runc, and rlimits no higher than this shell's hard limits.
+# machine: runc, netavark, and rlimits no higher than this shell's hard limits.
 
 IMAGE_CACHE="${IMU_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/imu-edge/images}"
 mkdir -p "$IMAGE_CACHE"
@@ -19,6 +19,10 @@ if [ -z "${CONTAINERS_CONF:-}" ]; then
   if [ "$nproc" = unlimited ] || [ "$nproc" -gt 16384 ]; then nproc=16384; fi
   runtime=""
   command -v runc >/dev/null && runtime='runtime = "runc"'
+  # Debian's podman ships a CNI configuration too; netavark (with aardvark-dns) resolves the
+  # compose service names, so say which to use rather than let podman guess.
+  backend=""
+  [ -x /usr/lib/podman/netavark ] && backend='network_backend = "netavark"'
   export CONTAINERS_CONF="$IMAGE_CACHE/containers.conf"
   cat > "$CONTAINERS_CONF" <<EOF
 # written by scripts/_podman.sh for this machine
@@ -26,6 +30,8 @@ if [ -z "${CONTAINERS_CONF:-}" ]; then
 default_ulimits = ["nofile=$nofile:$nofile", "nproc=$nproc:$nproc"]
 [engine]
 $runtime
+[network]
+$backend
 EOF
 fi
 

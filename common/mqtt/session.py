@@ -246,9 +246,13 @@ class MqttSession:
             return self._pending
 
     def wait_published(self, timeout: float) -> bool:
-        """Block until every publish is acknowledged; False on timeout."""
+        """Block until every publish is acknowledged; False on timeout, and at once once the
+        session was taken over (no acknowledgement can come: this process never reconnects)."""
         with self._pending_cv:
-            return self._pending_cv.wait_for(lambda: self._pending <= 0, timeout)
+            self._pending_cv.wait_for(
+                lambda: self._pending <= 0 or self.taken_over.is_set(), timeout
+            )
+            return self._pending <= 0
 
     def wait_settled(self, timeout: float) -> None:
         """Block until some publish is acknowledged (or dropped), at most `timeout` seconds."""
@@ -464,7 +468,7 @@ class MqttSession:
                     hook(reason)
                 except Exception:
                     logger.exception("on_taken_over hook failed")
-            self.taken_over.set()
+            self._mark_taken_over()
             return
         if not self._stop.is_set():
             self.counters.last_error = f"disconnected: {code}"
@@ -499,6 +503,11 @@ class MqttSession:
         if waiter is not None:
             waiter.set()
 
+    def _mark_taken_over(self) -> None:
+        self.taken_over.set()
+        with self._pending_cv:
+            self._pending_cv.notify_all()  # wait_published stops waiting for acks
+
     def _settle(self, count: int) -> None:
         with self._pending_cv:
             self._pending -= count
@@ -508,7 +517,7 @@ class MqttSession:
         """Stop reconnecting and drop the connection, for good: another process owns this
         client id's session (`taken_over` is set; `on_taken_over` hooks are not called)."""
         self.counters.last_error = reason
-        self.taken_over.set()
+        self._mark_taken_over()
         self._stop.set()
         self._client.disconnect()  # a clean DISCONNECT (no will: the other process serves),
         # written by the network thread as it leaves `_pump` (not here: this may run inside a
