@@ -24,6 +24,9 @@ DASHBOARD = "ops"
 CHECK = "ci"
 EDGE_PROJECT = "imu-edge"
 FLEET_PROJECT = "imu-fleet"
+EDGE = ["--project-name", EDGE_PROJECT, "-f", "edge.yml"]
+FLEET = ["--project-name", FLEET_PROJECT, "-f", "fleet.yml"]
+"""podman-compose's first arguments for each stack (run from compose/)."""
 NODE_UID = 10001
 BROKER_UID = 1883
 HTTP_TOKEN = "http-token-for-the-image-test"

@@ -17,7 +17,9 @@ import pytest
 
 from helpers.podman import (
     COMPOSE,
+    EDGE,
     EDGE_PROJECT,
+    FLEET,
     FLEET_PROJECT,
     Site,
     compose,
@@ -53,8 +55,8 @@ def stacks(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sit
     no_hailo.write_text(
         'services:\n  node:\n    devices: !reset []\n    environment:\n      PYTHONVERBOSE: "1"\n'
     )
-    edge = ["--project-name", EDGE_PROJECT, "-f", "edge.yml", "-f", str(no_hailo)]
-    fleet = ["--project-name", FLEET_PROJECT, "-f", "fleet.yml"]
+    edge = [*EDGE, "-f", str(no_hailo)]
+    fleet = FLEET
     try:
         compose(site, *edge, "up", "-d", "--no-build")
         wait_healthy(f"{EDGE_PROJECT}_mosquitto_1")

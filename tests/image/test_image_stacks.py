@@ -7,6 +7,7 @@ checks answer, the results reach the dashboard, and SIGTERM drains the node to e
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import os
@@ -21,14 +22,18 @@ import pytest
 from helpers.podman import (
     CHECK,
     DASHBOARD_TOKEN,
+    EDGE,
     EDGE_PROJECT,
+    FLEET,
     FLEET_PROJECT,
     HTTP_TOKEN,
     NODE_ID,
     Site,
+    compose,
     image_healthcheck,
     inspect,
     podman,
+    wait_healthy,
 )
 
 NODE = f"{EDGE_PROJECT}_node_1"
@@ -238,3 +243,26 @@ def test_sigterm_drains_the_node_to_exit_0(stacks: Site) -> None:
              if line.startswith("{")]  # fmt: skip
     said = [line["msg"] for line in lines if line.get("logger") == "node.app"]
     assert any(f"node {NODE_ID} stopped" in msg for msg in said), said[-5:]
+
+
+def test_the_fleet_stack_comes_up_with_its_own_broker(stacks: Site) -> None:
+    """Last: compose/fleet.yml as a whole (its broker from compose/broker.yml, the dashboard on
+    it), once the edge stack is down (both publish the broker's ports)."""
+    compose(stacks, *EDGE, "down", "-t", "30")
+    site_broker = {k: v for k, v in stacks.env.items() if k != "IMU_SITE_BROKER"}
+    compose(dataclasses.replace(stacks, env=site_broker), *FLEET, "up", "-d", "--no-build")
+    wait_healthy(f"{FLEET_PROJECT}_mosquitto_1")
+    wait_healthy(DASH)
+    assert inspect(DASH)["Config"]["Cmd"][2] == "mqtts://mosquitto:8884"
+
+    def health() -> dict[str, Any]:
+        connection = http.client.HTTPConnection("127.0.0.1", 8090, timeout=10)
+        connection.request("GET", "/healthz")
+        body: dict[str, Any] = json.loads(connection.getresponse().read())
+        connection.close()
+        return body
+
+    deadline = time.monotonic() + 60
+    while not health()["broker_connected"]:
+        assert time.monotonic() < deadline, "the dashboard never reached its stack's broker"
+        time.sleep(1)
