@@ -102,6 +102,11 @@ class LocalBroker:
         return f"mqtt://127.0.0.1:{self.port}"
 
     @property
+    def pid(self) -> int | None:
+        """The mosquitto process's id (None for the embedded broker, or when stopped)."""
+        return self._process.pid if self._process is not None else None
+
+    @property
     def protocol(self) -> Literal["5", "3.1.1"]:
         """The newest MQTT version this broker speaks."""
         return "5" if self.kind == "mosquitto" else "3.1.1"

@@ -1,0 +1,42 @@
+"""`python -m bench.cpu` end to end on tiny settings: every row is there, every window came
+back, the figures are positive and the peer really served (its results carry its id). Never
+timings."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+
+def test_the_cpu_bench_measures_node_peer_floor_and_ort(tmp_path: Path) -> None:
+    out = tmp_path / "cpu.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.cpu", "--hidden", "32", "--windows", "120", "--warmup",
+         "24", "--encodings", "json,binary", "--json", str(out)],
+        capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report: dict[str, Any] = orjson.loads(out.read_bytes())
+    assert math.isfinite(report["ort_us"])
+    assert report["ort_us"] > 0
+    assert set(report["floor_us"]) == {"json", "binary"}
+    rows = {row["variant"]: row for row in report["rows"]}
+    assert {row["server"] for row in rows.values()} == {"node", "peer"}
+    assert set(rows) == {
+        "peer json mqtt5", "node json qos1 workers1 mqtt5",
+        "peer binary mqtt5", "node binary qos1 workers1 mqtt5",
+    }  # fmt: skip
+    for name, row in rows.items():
+        assert row["lost"] == 0, name
+        served = {who for run in row["runs"] for who in run["served_by"]}
+        assert served, name
+        assert all(who.startswith(f"{row['server']}-") for who in served), (name, served)
+        for key in ("server_us", "broker_us", "generator_us", "windows_per_s"):
+            assert math.isfinite(row[key]), (name, key)
+            assert row[key] > 0, (name, key)
+    assert "node overhead / peer overhead" in done.stdout
