@@ -13,7 +13,7 @@ CPU per window minus ORT alone's; the ratio that matters is node overhead / peer
 
     python -m bench.cpu                      # JSON and binary, QoS 1, 1 worker, MQTT 5 (~2 min)
     python -m bench.cpu --full               # + QoS 0, 2 workers, MQTT 3.1.1
-    python -m bench.cpu --json cpu.json --repeat 3
+    python -m bench.cpu --json cpu.json --rounds 3   # interleaved rounds: medians
 """
 
 from __future__ import annotations
@@ -169,8 +169,8 @@ def measure(
 def run_variant(
     broker: LocalBroker, model: BenchModel, windows: np.ndarray, options: argparse.Namespace,
     variant: Variant, *, state: Path,
-) -> dict[str, Any]:  # fmt: skip
-    """Start the server of `variant`, measure --repeat bursts, stop it; the median figures."""
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Start the server of `variant`, measure --repeat bursts, stop it; the bursts."""
     runs = []
     if variant.server == "peer":
         peer = Peer(broker.url, model.bundle, variant.protocol, state / "peer.log")
@@ -191,6 +191,11 @@ def run_variant(
             group.wait_ready()
             runs = [measure(broker, group.processes[0].pid, windows, options, variant)
                     for _ in range(options.repeat)]  # fmt: skip
+    return runs
+
+
+def summary(variant: Variant, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A variant's row: the median of each figure over all its bursts."""
     figures = {key: statistics.median(r[key] for r in runs)
                for key in ("server_us", "broker_us", "generator_us", "windows_per_s")}  # fmt: skip
     return {"variant": variant.name, "server": variant.server, "encoding": variant.encoding,
@@ -246,7 +251,14 @@ def parser() -> argparse.ArgumentParser:
     add("--warmup", type=int, default=500, help="windows before each burst (500)")
     add("--sensors", type=int, default=12, help="sensors sharing the load (12)")
     add("--outstanding", type=int, default=64, help="windows in flight (64)")
-    add("--repeat", type=int, default=1, help="bursts per variant; the median is kept (1)")
+    add("--repeat", type=int, default=1, help="bursts per server start (1)")
+    add(
+        "--rounds",
+        type=int,
+        default=1,
+        help="times the whole variant list runs, interleaved, each server started afresh; "
+        "every figure is the median over all bursts (1; 3 or more on a busy machine)",
+    )
     add("--encodings", default="json,binary", help="json,binary")
     add("--full", action="store_true", help="also QoS 0, 2 workers and MQTT 3.1.1")
     add("--json", type=Path, help="write every figure here")
@@ -270,11 +282,16 @@ def main(argv: list[str] | None = None) -> int:
         progress(f"ONNX Runtime alone: {ort_us:.0f} us")
         floors = {e: floor(model, windows, options.windows, e) for e in options.encodings}
         progress(f"floor: {', '.join(f'{e} {v:.0f} us' for e, v in floors.items())}")
-        rows = []
+        chosen = variants(options)
+        bursts: dict[Variant, list[dict[str, Any]]] = {variant: [] for variant in chosen}
         with LocalBroker("mosquitto") as broker:
-            for variant in variants(options):
-                progress(f"{variant.name} ...")
-                rows.append(run_variant(broker, model, windows, options, variant, state=state))
+            for round_ in range(1, options.rounds + 1):  # interleaved: drift hits every variant
+                for variant in chosen:
+                    progress(f"round {round_}/{options.rounds}: {variant.name} ...")
+                    bursts[variant] += run_variant(
+                        broker, model, windows, options, variant, state=state
+                    )
+        rows = [summary(variant, runs) for variant, runs in bursts.items()]
         report(ort_us, floors, rows)
         if options.json:
             settings = {key: str(value) for key, value in vars(options).items()}

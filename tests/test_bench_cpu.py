@@ -17,7 +17,7 @@ def test_the_cpu_bench_measures_node_peer_floor_and_ort(tmp_path: Path) -> None:
     out = tmp_path / "cpu.json"
     done = subprocess.run(
         [sys.executable, "-m", "bench.cpu", "--hidden", "32", "--windows", "120", "--warmup",
-         "24", "--encodings", "json,binary", "--json", str(out)],
+         "24", "--encodings", "json,binary", "--rounds", "2", "--json", str(out)],
         capture_output=True, text=True, timeout=240, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -33,6 +33,7 @@ def test_the_cpu_bench_measures_node_peer_floor_and_ort(tmp_path: Path) -> None:
     }  # fmt: skip
     for name, row in rows.items():
         assert row["lost"] == 0, name
+        assert len(row["runs"]) == 2, name  # one burst per round
         served = {who for run in row["runs"] for who in run["served_by"]}
         assert served, name
         assert all(who.startswith(f"{row['server']}-") for who in served), (name, served)
