@@ -17,7 +17,8 @@ def test_the_cpu_bench_measures_node_peer_floor_and_ort(tmp_path: Path) -> None:
     out = tmp_path / "cpu.json"
     done = subprocess.run(
         [sys.executable, "-m", "bench.cpu", "--hidden", "32", "--windows", "120", "--warmup",
-         "24", "--encodings", "json,binary", "--rounds", "2", "--json", str(out)],
+         "24", "--encodings", "json,binary", "--rounds", "2", "--zero-cost-hailo",
+         "--json", str(out)],
         capture_output=True, text=True, timeout=240, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -29,7 +30,9 @@ def test_the_cpu_bench_measures_node_peer_floor_and_ort(tmp_path: Path) -> None:
     assert {row["server"] for row in rows.values()} == {"node", "peer"}
     assert set(rows) == {
         "peer json mqtt5", "node json qos1 workers1 mqtt5",
+        "node json qos1 workers1 mqtt5 hailo-zero-cost",
         "peer binary mqtt5", "node binary qos1 workers1 mqtt5",
+        "node binary qos1 workers1 mqtt5 hailo-zero-cost",
     }  # fmt: skip
     for name, row in rows.items():
         assert row["lost"] == 0, name
@@ -41,3 +44,4 @@ def test_the_cpu_bench_measures_node_peer_floor_and_ort(tmp_path: Path) -> None:
             assert math.isfinite(row[key]), (name, key)
             assert row[key] > 0, (name, key)
     assert "node overhead / peer overhead" in done.stdout
+    assert "one core sustains" in done.stdout

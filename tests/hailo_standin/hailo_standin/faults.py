@@ -34,6 +34,10 @@ make it fail like one (hailo-notes.md sections 1, 3 and 7):
 - `pyhailort_version`: what the compiled `_pyhailort` reports (default: the package's own);
   another value makes `import hailo_platform` fail as a mismatched install does. Read once,
   at import: set it through the variable for a subprocess.
+- `zero_cost`: a device whose compute costs the host nothing, for CPU benches (`bench.cpu
+  --backend hailo`): the ONNX twin remembers the outputs of the inputs it has run (up to 4,096)
+  and answers a repeated input from memory, so after a warm-up over a repeating set of windows
+  the host's CPU per window is the node's own. Outputs are the twin's, as without it.
 - `devices`: how many chips `Device.scan()` finds (default 1). Each VDevice without a shared
   group holds one, so tests that run several nodes in one process can give each its own chip.
 
@@ -78,6 +82,7 @@ class Faults:
     hang_until: str = "reset"
     async_queue_size: int = 0
     devices: int = 1
+    zero_cost: bool = False
     pyhailort_version: str = ""
 
     def __post_init__(self) -> None:

@@ -36,6 +36,9 @@ from hailo_platform.pyhailort._common import (
 from hailo_standin import faults
 from hailo_standin.fake_hef import FakeHef, StreamSpec
 
+ZERO_COST_MEMORY = 4096
+"""`zero_cost`: how many distinct inputs the twin remembers outputs for."""
+
 PIPELINE_TIMEOUT_S = 10.0
 """HailoRT's pipeline timeout (DEFAULT_VSTREAM_TIMEOUT_MS): when a hung frame is given up."""
 SHUTDOWN_WAIT_S = 10.0
@@ -95,6 +98,8 @@ class Twin:
         self.inputs = {s.name: self._pick(s, list(inputs), "input") for s in hef.inputs}
         self.outputs = {s.name: self._pick(s, outputs, "output") for s in hef.outputs}
         self.shapes = {name: inputs[onnx] for name, onnx in self.inputs.items()}
+        self._remembered: dict[bytes, list[Any]] = {}
+        """`zero_cost`: the outputs of each input run so far (bounded)."""
 
     @staticmethod
     def _pick(spec: StreamSpec, names: list[str], kind: str) -> str:
@@ -118,10 +123,21 @@ class Twin:
                     part = np.concatenate([part, np.zeros((chunk - count, part.shape[1]))])
                 tail = [d if isinstance(d, int) else -1 for d in self.shapes[name][1:]]
                 onnx_feeds[self.inputs[name]] = part.astype(np.float32).reshape(chunk, *tail)
-            got = self.session.run(list(self.outputs.values()), onnx_feeds)
+            got = self._run(onnx_feeds)
             for name, array in zip(self.outputs, got, strict=True):
                 results[name].append(np.asarray(array).reshape(chunk, -1)[:count])
         return {name: np.concatenate(parts) for name, parts in results.items()}
+
+    def _run(self, onnx_feeds: dict[str, npt.NDArray[np.float32]]) -> list[Any]:
+        if not faults.current().zero_cost:
+            return list(self.session.run(list(self.outputs.values()), onnx_feeds))
+        key = b"".join(feed.tobytes() for feed in onnx_feeds.values())
+        got = self._remembered.get(key)
+        if got is None:
+            got = list(self.session.run(list(self.outputs.values()), onnx_feeds))
+            if len(self._remembered) < ZERO_COST_MEMORY:
+                self._remembered[key] = got
+        return got
 
 
 class AsyncInferCompletionInfo:
