@@ -246,7 +246,7 @@ class MqttSession:
             return self._pending
 
     def wait_published(self, timeout: float) -> bool:
-        """Block until every publish is acknowledged; False on timeout, and at once once the
+        """Block until every publish is acknowledged; False on timeout, or at once when the
         session was taken over (no acknowledgement can come: this process never reconnects)."""
         with self._pending_cv:
             self._pending_cv.wait_for(
