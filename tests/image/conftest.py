@@ -57,14 +57,8 @@ def stacks(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sit
     )
     edge = [*EDGE, "-f", str(no_hailo)]
     fleet = FLEET
-    try:
-        compose(site, *edge, "up", "-d", "--no-build")
-        wait_healthy(f"{EDGE_PROJECT}_mosquitto_1")
-        wait_healthy(f"{EDGE_PROJECT}_node_1")
-        compose(site, *fleet, "up", "-d", "--no-build", "--no-deps", "fleet-dashboard")
-        wait_healthy(f"{FLEET_PROJECT}_fleet-dashboard_1")
-        yield site
-    finally:
+
+    def down() -> None:
         for project in (fleet, edge):
             subprocess.run(
                 ["podman-compose", *project, "down", "-v", "-t", "30"],
@@ -74,3 +68,14 @@ def stacks(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sit
                 timeout=180,
                 check=False,
             )
+
+    down()  # what an interrupted earlier run left (containers keep their names)
+    try:
+        compose(site, *edge, "up", "-d", "--no-build")
+        wait_healthy(f"{EDGE_PROJECT}_mosquitto_1")
+        wait_healthy(f"{EDGE_PROJECT}_node_1")
+        compose(site, *fleet, "up", "-d", "--no-build", "--no-deps", "fleet-dashboard")
+        wait_healthy(f"{FLEET_PROJECT}_fleet-dashboard_1")
+        yield site
+    finally:
+        down()
