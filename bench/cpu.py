@@ -19,7 +19,6 @@ CPU per window minus ORT alone's; the ratio that matters is node overhead / peer
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import subprocess
@@ -27,25 +26,24 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import orjson
 import psutil
 
 from bench.e2e_load import ENCODINGS, Encoding, Load, payloads
-from bench.e2e_nodes import NodeGroup, NodeSettings
-from bench.e2e_raw import BenchModel, reference_model
+from bench.e2e_nodes import STANDIN, NodeGroup, NodeSettings
+from bench.e2e_raw import BenchModel, reference_model, session
 from common.bundle import read_bundle
 from fleet.simulate.imu_signals import calibration_set
+from node.results import result_message
 from node.tools.local_broker import LocalBroker
+from node.work import WorkItem
 from runtime.backend import BackendOptions
 from runtime.pipeline import load_model
-from schemas import SCHEMA_VERSION
 from schemas.codec import decode_any_window, encode_dict
 
 
@@ -80,17 +78,14 @@ def per_window_us(seconds: float, windows: int) -> float:
 
 def ort_alone(model: BenchModel, windows: np.ndarray, count: int) -> float:
     """CPU us per window of ONNX Runtime alone (batch 1, 1 intra-op thread)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(model.onnx, options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    runner = session(model.onnx, threads=1)
+    name = runner.get_inputs()[0].name
     inputs = [model.normalised(w)[None] for w in windows]
     for x in inputs[:50]:
-        session.run(None, {name: x})
+        runner.run(None, {name: x})
     start = time.process_time()
     for i in range(count):
-        session.run(None, {name: inputs[i % len(inputs)]})
+        runner.run(None, {name: inputs[i % len(inputs)]})
     return per_window_us(time.process_time() - start, count)
 
 
@@ -105,13 +100,12 @@ def floor(model: BenchModel, windows: np.ndarray, count: int, encoding: Encoding
         for i in range(count):
             window = decode_any_window(bodies[i % len(bodies)], None)
             result = pipeline.run(window.x[None])
-            encode_dict({
-                "schema_version": SCHEMA_VERSION, "sensor_id": "s", "node_id": "n",
-                "seq": window.seq, "t0": window.t0, "t1": None, "model": ref,
-                "latent": result.latent[0], "motif_scores": result.scores[0],
-                "top_motif": int(np.argmax(result.scores[0])), "latency_ms": 0.1,
-                "ts": time.time(),
-            })  # fmt: skip
+            item = WorkItem("s", window.seq, window.t0, None, window.x, 0)
+            top = int(np.argmax(result.scores[0]))
+            encode_dict(result_message(
+                item, node_id="n", model=ref, latent=result.latent[0], scores=result.scores[0],
+                top=top, latency_ms=0.1,
+            ))  # fmt: skip
         return per_window_us(time.process_time() - start, count)
     finally:
         pipeline.close()
@@ -186,41 +180,21 @@ def run_variant(
             peer.stop()
     else:
         hailo = variant.backend == "hailo"
+        # on the stand-in with a zero-cost device: its twin answers repeated windows from memory
+        path = os.pathsep.join(filter(None, [str(STANDIN), os.environ.get("PYTHONPATH")]))
+        stand_in = (("PYTHONPATH", path), ("HAILO_STANDIN", "zero_cost=1"))
         settings = NodeSettings(
             broker=broker.url, bundle=zero_cost_bundle(model, state) if hailo else model.bundle,
             workers=str(variant.workers), protocol=variant.protocol, state_dir=state,
             extra=("--results-qos", str(variant.qos), "--backend", variant.backend),
+            env=stand_in if hailo else (),
         )  # fmt: skip
         node_id = f"node-{uuid.uuid4().hex[:6]}"
-        with stand_in_environment(hailo), NodeGroup(settings, [node_id]) as group:
+        with NodeGroup(settings, [node_id]) as group:
             group.wait_ready()
             runs = [measure(broker, group.processes[0].pid, windows, options, variant)
                     for _ in range(options.repeat)]  # fmt: skip
     return runs
-
-
-STANDIN = Path(__file__).resolve().parents[1] / "tests" / "hailo_standin"
-"""The `hailo_platform` stand-in (tests/hailo_standin), for `--zero-cost-hailo`."""
-
-
-@contextlib.contextmanager
-def stand_in_environment(active: bool) -> Iterator[None]:
-    """Nodes started inside see the Hailo stand-in with a zero-cost device (`zero_cost`: the
-    twin answers repeated windows from memory, so the model costs the host nothing)."""
-    if not active:
-        yield
-        return
-    saved = {name: os.environ.get(name) for name in ("PYTHONPATH", "HAILO_STANDIN")}
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(STANDIN), saved["PYTHONPATH"]]))
-    os.environ["HAILO_STANDIN"] = "zero_cost=1"
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def zero_cost_bundle(model: BenchModel, state: Path) -> Path:

@@ -41,6 +41,9 @@ class ShareMode:
         return ["--share-group", group]
 
 
+STANDIN = Path(__file__).resolve().parents[1] / "tests" / "hailo_standin"
+"""The `hailo_platform` stand-in (tests/hailo_standin): on PYTHONPATH, nodes run "on Hailo"."""
+
 SHARE_MODES = {
     "window": ShareMode("window", "MQTT 5 shared subscription on window topics (--share-group)"),
     "samples": ShareMode(
@@ -76,6 +79,8 @@ class NodeSettings:
     protocol: str
     state_dir: Path
     extra: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    """Variables set (or replaced) for the node processes only."""
 
 
 class NodeGroup:
@@ -94,7 +99,12 @@ class NodeGroup:
         self.settings = settings
         self._logs = [settings.state_dir / f"{node_id}.log" for node_id in ids]
         group_args = SHARE_MODES[mode].node_args(share) if share else []
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_STATE_HOME": str(settings.state_dir)}
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "XDG_STATE_HOME": str(settings.state_dir),
+            **dict(settings.env),
+        }
         self.processes: list[subprocess.Popen[bytes]] = []
         for node_id, log in zip(ids, self._logs, strict=True):
             with log.open("wb") as out:

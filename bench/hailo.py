@@ -22,18 +22,19 @@ from typing import Any
 
 import numpy as np
 
-STANDIN = Path(__file__).resolve().parents[1] / "tests" / "hailo_standin"
+from bench.e2e_nodes import STANDIN
+
 sys.path.insert(0, str(STANDIN))
 
-import hailo_platform as hp  # noqa: E402 (the stand-in, from the path above)
-from common.bundle import Bundle, read_bundle  # noqa: E402
-from fleet.bundles.reference import build_reference_bundle  # noqa: E402
-from fleet.simulate.imu_signals import calibration_set  # noqa: E402
-from hailo_standin import faults  # noqa: E402
-from hailo_standin.bundles import hailo_bundle  # noqa: E402
-from runtime.backend import BackendOptions  # noqa: E402
-from runtime.hailo_backend import HailoBackend  # noqa: E402
-from runtime.normalize import Normalizer  # noqa: E402
+import hailo_platform as hp
+from common.bundle import Bundle, read_bundle
+from fleet.bundles.reference import build_reference_bundle
+from fleet.simulate.imu_signals import calibration_set
+from hailo_standin import faults
+from hailo_standin.bundles import hailo_bundle
+from runtime.backend import BackendOptions
+from runtime.hailo_backend import HailoBackend
+from runtime.normalize import Normalizer
 
 
 def per_window_us(run: Any, windows: np.ndarray, batch: int, seconds: float = 1.5) -> float:

@@ -26,6 +26,27 @@ Publisher = Callable[[str, bytes, "Callable[[], None] | None"], bool]
 """(topic, payload, on_safe): queue a QoS 1 message; False when it could not be queued."""
 
 
+def result_message(
+    item: WorkItem, *, node_id: str, model: dict[str, str], latent: NDArray[np.float32],
+    scores: NDArray[np.float32], top: int, latency_ms: float,
+) -> dict[str, Any]:  # fmt: skip
+    """One window's result (schemas.messages.MotifResult's fields), ready for `encode_dict`."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "sensor_id": item.sensor_id,
+        "node_id": node_id,
+        "seq": item.seq,
+        "t0": item.t0,
+        "t1": item.t1,
+        "model": model,
+        "latent": latent,
+        "motif_scores": scores,
+        "top_motif": top,
+        "latency_ms": round(latency_ms, 3),
+        "ts": time.time(),
+    }
+
+
 class ResultPublisher:
     """Encodes a batch's results and queues them for the broker."""
 
@@ -59,20 +80,10 @@ class ResultPublisher:
         published = 0
         for i, item in enumerate(batch):
             latency_ms = (time.perf_counter_ns() - item.received_ns) / 1e6
-            message = {
-                "schema_version": SCHEMA_VERSION,
-                "sensor_id": item.sensor_id,
-                "node_id": self._node_id,
-                "seq": item.seq,
-                "t0": item.t0,
-                "t1": item.t1,
-                "model": ref,
-                "latent": result.latent[i],
-                "motif_scores": result.scores[i],
-                "top_motif": int(top[i]),
-                "latency_ms": round(latency_ms, 3),
-                "ts": time.time(),
-            }
+            message = result_message(
+                item, node_id=self._node_id, model=ref, latent=result.latent[i],
+                scores=result.scores[i], top=int(top[i]), latency_ms=latency_ms,
+            )  # fmt: skip
             latencies.append(latency_ms)
             if item.reply is not None:
                 replies.append((item.reply, message))

@@ -6,6 +6,29 @@ cd "$ROOT"
 VENV="${IMU_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
 
+# The Debian packages whose program is missing, one per line, each once. Arguments are
+# PROGRAM:PACKAGE, PROGRAM a name on PATH or an absolute path.
+missing_packages() {
+  local pair
+  for pair in "$@"; do
+    command -v "${pair%%:*}" >/dev/null || echo "${pair#*:}"
+  done | sort -u
+}
+
+# apt_install WHY PACKAGE...: install them with apt-get when run as root (a failed install
+# stops the script); returns 1, installing nothing, where it cannot.
+apt_install() {
+  local why="$1"
+  shift
+  [ "$#" -gt 0 ] || return 0
+  [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null || return 1
+  echo "installing $* ($why) ..." >&2
+  { apt-get update -qq >/dev/null && apt-get install -y -qq "$@" >/dev/null; } || {
+    echo "error: apt-get could not install $*" >&2
+    exit 1
+  }
+}
+
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
   echo "error: Python >= 3.11 is required (found: $("$PYTHON" --version 2>&1))" >&2
   exit 1

@@ -39,4 +39,3 @@ fi
 PYTHON_BASE="docker.io/library/python:3.11-slim-bookworm"
 BROKER_IMAGE="docker.io/library/eclipse-mosquitto:2"
 
-have_image() { podman image exists "$1"; }

@@ -10,13 +10,11 @@ header.
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 
 import pytest
 
 from helpers.podman import (
-    COMPOSE,
     EDGE,
     EDGE_PROJECT,
     FLEET,
@@ -60,14 +58,7 @@ def stacks(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sit
 
     def down() -> None:
         for project in (fleet, edge):
-            subprocess.run(
-                ["podman-compose", *project, "down", "-v", "-t", "30"],
-                cwd=COMPOSE,
-                env={**os.environ, **site.env},
-                capture_output=True,
-                timeout=180,
-                check=False,
-            )
+            compose(site, *project, "down", "-v", "-t", "30", check=False, timeout=180)
 
     down()  # what an interrupted earlier run left (containers keep their names)
     try:

@@ -21,6 +21,7 @@ import pytest
 
 from helpers.podman import (
     CHECK,
+    DASHBOARD,
     DASHBOARD_TOKEN,
     EDGE,
     EDGE_PROJECT,
@@ -32,9 +33,11 @@ from helpers.podman import (
     compose,
     image_healthcheck,
     inspect,
+    logs,
     podman,
     wait_healthy,
 )
+from helpers.waiting import wait_until
 
 NODE = f"{EDGE_PROJECT}_node_1"
 BROKER = f"{EDGE_PROJECT}_mosquitto_1"
@@ -64,8 +67,8 @@ def _tls(site: Site, role: str, name: str) -> list[str]:
 
 
 def _dashboard_login(site: Site) -> list[str]:
-    password = site.client("dashboard", "ops", "password").read_text().strip()
-    return ["-p", "8884", "-u", "dashboard-ops", "-P", password]
+    password = site.client("dashboard", DASHBOARD, "password").read_text().strip()
+    return ["-p", "8884", "-u", f"dashboard-{DASHBOARD}", "-P", password]
 
 
 def _rss_mb(container: str) -> float:
@@ -155,11 +158,10 @@ def test_serving_node_compiles_nothing(checked: dict[str, Any]) -> None:
     """Every module the node loaded, at start and while serving, came with its bytecode: the
     root is read-only, and compiling at run time cost 9 MB of RSS (the Dockerfile's warm-up
     imports name what to compile)."""
-    logs = podman("logs", NODE)
     compiled = sorted(
         {
             line.split("code object from ", 1)[1].strip("'")
-            for line in (logs.stdout + logs.stderr).splitlines()
+            for line in logs(NODE).splitlines()
             if line.startswith("# code object from") and "site-packages" in line
             and "__pycache__" not in line
         }
@@ -167,15 +169,23 @@ def test_serving_node_compiles_nothing(checked: dict[str, Any]) -> None:
     assert not compiled, f"compiled at run time (add them to the Dockerfile's warm-up): {compiled}"
 
 
+def _request(
+    port: int, method: str, path: str, body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, Any]]:  # fmt: skip
+    """One HTTP request to a published port on this host: the status and the JSON answer."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection.request(method, path, body=body, headers=headers or {})
+    answer = connection.getresponse()
+    data = answer.read()
+    connection.close()
+    return answer.status, json.loads(data) if data.startswith(b"{") else {}
+
+
 def test_http_side_answers_on_the_published_port(stacks: Site) -> None:
     def request(method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:  # fmt: skip
-        connection = http.client.HTTPConnection("127.0.0.1", 9108, timeout=10)
-        connection.request(method, path, body=body, headers=headers or {})
-        answer = connection.getresponse()
-        data = answer.read()
-        connection.close()
-        return answer.status, json.loads(data) if data.startswith(b"{") else {}
+        return _request(9108, method, path, body, headers)
 
     status, health = request("GET", "/healthz")
     assert status == 200
@@ -238,9 +248,7 @@ def test_sigterm_drains_the_node_to_exit_0(stacks: Site) -> None:
     podman("stop", "-t", "30", NODE, timeout=60)
     state = inspect(NODE)["State"]
     assert state["ExitCode"] == 0, state
-    logs = podman("logs", NODE)
-    lines = [json.loads(line) for line in (logs.stdout + logs.stderr).splitlines()
-             if line.startswith("{")]  # fmt: skip
+    lines = [json.loads(line) for line in logs(NODE).splitlines() if line.startswith("{")]
     said = [line["msg"] for line in lines if line.get("logger") == "node.app"]
     assert any(f"node {NODE_ID} stopped" in msg for msg in said), said[-5:]
 
@@ -255,14 +263,8 @@ def test_the_fleet_stack_comes_up_with_its_own_broker(stacks: Site) -> None:
     wait_healthy(DASH)
     assert inspect(DASH)["Config"]["Cmd"][2] == "mqtts://mosquitto:8884"
 
-    def health() -> dict[str, Any]:
-        connection = http.client.HTTPConnection("127.0.0.1", 8090, timeout=10)
-        connection.request("GET", "/healthz")
-        body: dict[str, Any] = json.loads(connection.getresponse().read())
-        connection.close()
-        return body
+    def connected() -> bool:
+        status, health = _request(8090, "GET", "/healthz")
+        return status == 200 and health["broker_connected"] is True
 
-    deadline = time.monotonic() + 60
-    while not health()["broker_connected"]:
-        assert time.monotonic() < deadline, "the dashboard never reached its stack's broker"
-        time.sleep(1)
+    wait_until(connected, timeout=60, what="the dashboard to reach its stack's broker")
