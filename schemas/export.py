@@ -1,4 +1,5 @@
-"""Write the JSON Schema of every message (and the bundle manifest), and the topic reference.
+"""Write the JSON Schema of every message (and the bundle manifest), the node's OpenAPI document
+(`openapi.json`) and the topic reference.
 
 Usage: `python -m schemas.export [--out docs/schemas] [--topics docs/topics.md]`.
 """
@@ -24,6 +25,7 @@ from schemas.messages import (
     Telemetry,
     WindowMessage,
 )
+from schemas.openapi import openapi_document
 from schemas.topics import CATALOGUE
 
 ALL_MESSAGES: tuple[type[BaseModel], ...] = (
@@ -57,6 +59,17 @@ def schema_documents() -> dict[str, bytes]:
         + b"\n"
         for model in models
     }
+
+
+OPENAPI_FILE = "openapi.json"
+"""The node's HTTP API, as `/openapi.json` serves it (schemas/openapi.py)."""
+
+
+def openapi_json() -> bytes:
+    """The OpenAPI document of the node's HTTP side, pretty and stable."""
+    return (
+        orjson.dumps(openapi_document(), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
+    )
 
 
 def topics_document() -> str:
@@ -116,6 +129,8 @@ def write_schemas(out: Path) -> list[Path]:
         path = out / name
         path.write_bytes(body)
         written.append(path)
+    (out / OPENAPI_FILE).write_bytes(openapi_json())
+    written.append(out / OPENAPI_FILE)
     return written
 
 

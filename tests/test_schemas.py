@@ -16,7 +16,14 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 from schemas import SCHEMA_VERSION, topics
-from schemas.export import ALL_MESSAGES, schema_documents, topics_document, write_schemas
+from schemas.export import (
+    ALL_MESSAGES,
+    OPENAPI_FILE,
+    openapi_json,
+    schema_documents,
+    topics_document,
+    write_schemas,
+)
 from schemas.export import main as export_main
 from schemas.limits import (
     CHANNEL_ORDER,
@@ -664,8 +671,8 @@ def test_committed_schema_is_up_to_date(name: str) -> None:
 def test_export_writes_the_documents(tmp_path: Path) -> None:
     out = tmp_path / "nested" / "schemas"
     written = write_schemas(out)
-    assert {p.name for p in written} == EXPECTED_FILES
-    documents = schema_documents()
+    assert {p.name for p in written} == EXPECTED_FILES | {OPENAPI_FILE}
+    documents = {**schema_documents(), OPENAPI_FILE: openapi_json()}
     for path in written:
         assert path.read_bytes() == documents[path.name]
     other = tmp_path / "cli"
