@@ -129,15 +129,17 @@ USER ${IMU_UID}:${IMU_GID}
 WORKDIR /var/lib/imu-node
 VOLUME ["/var/lib/imu-node"]
 
-# http_listen (IMU_NODE_HTTP_LISTEN): /healthz, /readyz, /metrics, POST /infer. The node binds
+# http_listen (IMU_NODE_HTTP_LISTEN): /healthz, /livez, /readyz, /status, /metrics, POST /infer
+# and the rest of the sidecar's API (docs/sidecar.md). The node binds
 # 127.0.0.1 unless told otherwise; 0.0.0.0:9108 needs http_token_file (docs/security.md).
 EXPOSE 9108
 
-# Liveness from inside the container: /healthz on the port of IMU_NODE_HTTP_LISTEN (9108 when
-# unset, e.g. with http_listen in node.toml), over loopback. Plain HTTP only: with http_tls_cert,
-# override the check. A node without http_listen reports unhealthy, on purpose.
+# Liveness from inside the container: /livez on the port of IMU_NODE_HTTP_LISTEN (9108 when
+# unset, e.g. with http_listen in node.toml), over loopback. Not /healthz: that one answers 503
+# while the node waits for its first model, which is no reason to restart it. Plain HTTP only:
+# with http_tls_cert, override the check. A node without http_listen reports unhealthy, on purpose.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('IMU_NODE_HTTP_LISTEN', '9108').rpartition(':')[2]; urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('IMU_NODE_HTTP_LISTEN', '9108').rpartition(':')[2]; urllib.request.urlopen(f'http://127.0.0.1:{port}/livez', timeout=4)"]
 
 # SIGTERM drains the queue, waits for the broker's acks, publishes `stopped` and exits 0: give it
 # time (docker stop -t 30, compose stop_grace_period).

@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--http",
         default=None,
         metavar="HOST:PORT",
-        help="also serve /healthz, /readyz, /metrics, POST /infer (e.g. 127.0.0.1:9108)",
+        help="also serve HTTP: /healthz, /livez, /status, /metrics, POST /infer, /docs "
+        "(e.g. 127.0.0.1:9108)",
     )
     parser.add_argument(
         "--node-id",

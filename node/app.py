@@ -63,8 +63,14 @@ class NodeApp:
     """One running node."""
 
     def __init__(
-        self, config: NodeConfig, pipeline: ModelPipeline, backend_reason: str = "requested"
+        self,
+        config: NodeConfig,
+        pipeline: ModelPipeline,
+        backend_reason: str = "requested",
+        http: NodeHttp | None = None,
     ) -> None:
+        """Build the node on a loaded `pipeline`; `http` is the HTTP side `open` started early
+        (opened here from `config.http_listen` when not given)."""
         self.config = config
         self.fatal: str | None = None
         """Why the node must exit with `fatal_status` (set once, by `_fail`), else None."""
@@ -84,12 +90,18 @@ class NodeApp:
         self.session.on_gave_up(lambda reason: self._fail(reason, EXIT_CONFIG))
         self.outbox = Outbox.open(self.session, spool_dir, config.spool_max_mb)  # takes a lock:
         try:  # released when anything below fails
-            self._build(pipeline, identity, backend_reason)
+            self._build(pipeline, identity, backend_reason, http)
         except BaseException:
             self.outbox.stop()
             raise
 
-    def _build(self, pipeline: ModelPipeline, identity: Identity, backend_reason: str) -> None:
+    def _build(
+        self,
+        pipeline: ModelPipeline,
+        identity: Identity,
+        backend_reason: str,
+        http: NodeHttp | None,
+    ) -> None:
         config = self.config
         slot = ModelSlot(pipeline)
         self.reporter = ErrorReporter(
@@ -169,7 +181,7 @@ class NodeApp:
         )
         resume(self.outbox, self.ingest.seen)
         self.supervisor = self._supervisor()
-        self.http = self._open_http() if config.http_listen else None
+        self.http = self._attach_http(http) if http or config.http_listen else None
 
     @property
     def backend_reason(self) -> str:
@@ -179,15 +191,27 @@ class NodeApp:
     @classmethod
     def open(cls, config: NodeConfig, stopping: threading.Event | None = None) -> NodeApp | None:
         """Read the configured bundle (or wait for the fleet's first one: None when `stopping`
-        is set meanwhile), pick and prove the backend, and build the node."""
-        opened = open_configured_model(config, config.node_id or default_node_id(), stopping)
-        if opened is None:
-            return None
-        pipeline, reason = opened
+        is set meanwhile), pick and prove the backend, and build the node.
+
+        The HTTP side (with `http_listen`) answers from the start: while the model is read or
+        awaited, `/livez` says alive and `/healthz` 503 says why the node cannot infer yet."""
+        node_id = config.node_id or default_node_id()
+        http = _early_http(config, node_id)
         try:
-            return cls(config, pipeline, reason)
+            opened = open_configured_model(config, node_id, stopping)
+            if opened is None:
+                if http is not None:
+                    http.stop()
+                return None
+            pipeline, reason = opened
+            try:
+                return cls(config, pipeline, reason, http)
+            except BaseException:
+                pipeline.close()  # release the device (or the session) this attempt opened
+                raise
         except BaseException:
-            pipeline.close()  # release the device (or the session) this attempt opened
+            if http is not None:
+                http.stop()
             raise
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -218,7 +242,8 @@ class NodeApp:
         self.outbox.start()
         self.session.start()
         if self.http is not None:
-            self.http.start()
+            if not self.http.started:
+                self.http.start()
             self.supervisor.watch(Watched("HTTP", self.http.is_alive))
         self.supervisor.start()
         ref, backend = self.worker.pipeline.ref, self.worker.pipeline.info.name
@@ -285,11 +310,12 @@ class NodeApp:
         self.worker.watch_progress(supervisor)
         return supervisor
 
-    def _open_http(self) -> NodeHttp:
+    def _attach_http(self, http: NodeHttp | None) -> NodeHttp:
         # imported only when asked for: prometheus-client and http.server cost memory on a Pi
         from node.api.prometheus import NodeSources  # noqa: PLC0415
         from node.api.server import open_node_http  # noqa: PLC0415
 
+        http = http or open_node_http(self.config, self.node_id)
         sources = NodeSources(
             node_id=self.node_id,
             group=self.config.group,
@@ -302,8 +328,11 @@ class NodeApp:
             pipeline=lambda: self.worker.pipeline,
             backend_health=self._backend_health,
             stale_since=lambda: self.manager.state.stale_since,
+            busy_seconds=self.worker.busy_seconds,
+            workers=self.worker.count,
         )
-        return open_node_http(self.config, sources, self.queue, self.readiness)
+        http.attach(sources, self.queue, self.readiness)
+        return http
 
     # -- health -----------------------------------------------------------------------------
 
@@ -352,3 +381,14 @@ class NodeApp:
         if rebuilt.info.name != failed.info.name:
             self.presence.backend_reason = reason
             self._announce()  # the retained status names the backend
+
+
+def _early_http(config: NodeConfig, node_id: str) -> NodeHttp | None:
+    """The HTTP side, serving before the model is there (None without `http_listen`)."""
+    if not config.http_listen:
+        return None
+    from node.api.server import open_node_http  # noqa: PLC0415 (as in _attach_http)
+
+    http = open_node_http(config, node_id)
+    http.start()
+    return http

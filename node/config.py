@@ -159,13 +159,14 @@ class NodeConfig(BrokerSettings):
     )
     http_listen: str | None = Field(
         None,
-        description="HOST:PORT for /healthz, /readyz, /metrics and POST /infer "
-        "(e.g. 0.0.0.0:9108); off when unset",
+        description="HOST:PORT for the HTTP side: /healthz, /livez, /readyz, /status, /metrics, "
+        "POST /infer, POST /test, /, /docs, /openapi.json (e.g. 0.0.0.0:9108); off when unset",
     )
     http_token_file: Path | None = Field(
         None,
-        description="File holding the bearer token POST /infer and /metrics require "
-        "(`Authorization: Bearer TOKEN`); /healthz and /readyz stay open",
+        description="File holding the bearer token POST /infer, POST /test, /status and /metrics "
+        "require (`Authorization: Bearer TOKEN`); /, /healthz, /livez, /readyz, /docs and "
+        "/openapi.json stay open",
     )
     http_metrics_token_file: Path | None = Field(
         None,

@@ -54,6 +54,8 @@ class NodeMetrics:
         self._interval_done = 0
         self._bucket_counts = np.zeros(len(LATENCY_BUCKETS_MS) + 1, dtype=np.int64)
         self._latency_sum_ms = 0.0
+        self.last_latency_ms: float | None = None
+        """The latest window's latency (the sidecar's `latency_ms`), None before the first."""
 
     def reset(self) -> None:
         """Start again from zero, as a new process does (the fleet simulator's crashes)."""
@@ -90,6 +92,8 @@ class NodeMetrics:
             buckets = np.searchsorted(LATENCY_BUCKETS_MS, latencies_ms, side="left")
             np.add.at(self._bucket_counts, buckets, 1)
             self._latency_sum_ms += float(sum(latencies_ms))
+            if latencies_ms:
+                self.last_latency_ms = latencies_ms[-1]
 
     def take_interval(self) -> IntervalStats:
         """Stats since the previous call, and start a new interval."""

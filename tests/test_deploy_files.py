@@ -206,7 +206,7 @@ class _Health(BaseHTTPRequestHandler):
     status = 200
 
     def do_GET(self) -> None:
-        code = self.status if self.path == "/healthz" else 404
+        code = self.status if self.path == "/livez" else 404
         self.send_response(code)
         self.end_headers()
 
@@ -225,7 +225,7 @@ def health_server() -> Iterator[tuple[ThreadingHTTPServer, type[_Health]]]:
     server.server_close()
 
 
-def test_image_healthcheck_asks_healthz_and_fails_when_it_does_not_answer(
+def test_image_healthcheck_asks_livez_and_fails_when_it_does_not_answer(
     health_server: tuple[ThreadingHTTPServer, type[_Health]],
 ) -> None:
     runtime = stages()[-1]
@@ -234,15 +234,15 @@ def test_image_healthcheck_asks_healthz_and_fails_when_it_does_not_answer(
     assert check.value[0] == "CMD", check.original
     argv = list(check.value[1:])
     assert argv[:2] == ["python", "-c"], f"slim images have no curl; use python -c: {argv}"
-    assert "/healthz" in argv[2]
+    assert "/livez" in argv[2], "liveness, not /healthz: that is 503 while a model is awaited"
     server, handler = health_server
     env = {**os.environ, "IMU_NODE_HTTP_LISTEN": f"0.0.0.0:{server.server_address[1]}"}
     probe = [sys.executable, "-c", argv[2]]
     ok = subprocess.run(probe, env=env, timeout=20, check=False)
-    assert ok.returncode == 0, "a 200 from /healthz must pass"
+    assert ok.returncode == 0, "a 200 from /livez must pass"
     handler.status = 503
     failing = subprocess.run(probe, env=env, timeout=20, stderr=-1, check=False)
-    assert failing.returncode != 0, "a 503 from /healthz must fail the health check"
+    assert failing.returncode != 0, "a 503 from /livez must fail the health check"
     env["IMU_NODE_HTTP_LISTEN"] = f"127.0.0.1:{free_port()}"
     down = subprocess.run(probe, env=env, timeout=20, stderr=-1, check=False)
     assert down.returncode != 0, "a node that does not answer must fail the health check"
@@ -611,7 +611,7 @@ def test_published_ports_are_the_ones_the_configurations_listen_on(
             host, port = parse_listen(str(env["IMU_NODE_HTTP_LISTEN"]))
             assert ports == {port}, f"{service.name}: http_listen port {port}, publishes {ports}"
             assert not is_loopback(host), f"{service.name}: http_listen {host} is unreachable"
-            assert f":{port}/healthz" in _healthcheck_text(service)
+            assert f":{port}/livez" in _healthcheck_text(service)
             seen.add("node")
         command = service.spec.get("command") or []
         if service.spec.get("entrypoint") == ["imu-fleet"] and command[:1] == ["dashboard"]:

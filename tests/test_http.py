@@ -132,8 +132,9 @@ def test_health_and_readiness(served: NodeApp, backend: str) -> None:
     assert status == 200
     health = json.loads(body)
     assert health["status"] == "ok"
+    assert health["ok"] is True
     assert health["backend"] == backend
-    assert health["model"]["version"] == "1.0.0"
+    assert (health["model"], health["model_version"]) == ("tcn-reference", "1.0.0")
     status, _, body = call(served, "GET", "/readyz")
     assert status == 200
     assert json.loads(body) == {

@@ -1,26 +1,28 @@
 """`/metrics`: the node's shared counters in Prometheus text format, read at scrape time.
 
 Nothing is counted twice: the collector reads the same `NodeMetrics`, session counters, queue
-and spool that telemetry reads. Process CPU, memory and file descriptors come from
-prometheus-client's own process collector.
+and spool that telemetry reads, and the sidecar's `hailo_*` names (node/api/sidecar.py) read
+the same figures again. Process CPU, memory and file descriptors come from prometheus-client's
+own process collector. While the node waits for its first model, only the sidecar's set (with
+`hailo_model_loaded` 0) and the process metrics are there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
-    HistogramMetricFamily,
     InfoMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
 
 from common.mqtt.session import MqttSession
+from node.api.sidecar import SidecarFigures, latency_family, sidecar_families
 from node.metrics import NodeMetrics
 from node.mqtt.outbox import Outbox
 from runtime.pipeline import ModelPipeline
@@ -59,18 +61,84 @@ class NodeSources:
     """(healthy, rebuilds and fallbacks, watchdog stalls)."""
     stale_since: Callable[[], float | None] = lambda: None
     """Since when the control plane is stale (node/updates/freshness.py), None while fresh."""
+    busy_seconds: Callable[[], float] = lambda: 0.0
+    """Seconds the workers spent in backend calls since start."""
+    workers: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessFacts:
+    """What the HTTP side knows before any model: for `/healthz`, `/status` and the sidecar set."""
+
+    node_id: str
+    software_version: str
+    started_unix: float
+    health_checks: Callable[[], int]
+
+
+def device_name(pipeline: ModelPipeline) -> str:
+    """The sidecar's `device`: the accelerator's architecture (e.g. hailo8), or cpu."""
+    architecture = pipeline.info.detail.get("architecture")
+    return str(architecture).lower() if architecture else pipeline.info.device.split()[0]
+
+
+def file_sha256(pipeline: ModelPipeline, name: str) -> str | None:
+    """The manifest's sha256 of the bundle file `name`, when the bundle has it."""
+    entry = pipeline.bundle.manifest.files.get(name)
+    return entry.sha256 if entry is not None else None
 
 
 class NodeCollector(Collector):
-    """Yields `imu_node_*` metrics from the node's live state."""
+    """Yields `imu_node_*` and the sidecar's `hailo_*` metrics from the node's live state."""
 
-    def __init__(self, sources: NodeSources) -> None:
+    def __init__(
+        self,
+        facts: ProcessFacts,
+        sources: Callable[[], NodeSources | None],
+        utilization: Callable[[], float | None],
+    ) -> None:
+        self.facts = facts
         self.sources = sources
+        self.utilization = utilization
 
     def collect(self) -> Iterator[Metric]:
         """One consistent-enough snapshot per scrape."""
-        s = self.sources
+        s = self.sources()
+        if s is None:  # waiting for a first model
+            yield from sidecar_families(self._figures(None, None))
+            return
         pipeline = s.pipeline()
+        temperature = pipeline.backend.temperature()
+        yield from self._node(s, pipeline, temperature)
+        yield from sidecar_families(self._figures(s, temperature))
+
+    def _figures(self, s: NodeSources | None, temperature: float | None) -> SidecarFigures:
+        facts = self.facts
+        waiting = SidecarFigures(
+            facts.started_unix, facts.software_version, facts.health_checks(), model_loaded=False
+        )
+        if s is None:
+            return waiting
+        pipeline = s.pipeline()
+        _, done, _, _, errors = s.metrics.totals()
+        return replace(
+            waiting,
+            model_loaded=True,
+            model=pipeline.ref.name,
+            model_version=pipeline.ref.version,
+            backend=pipeline.info.name,
+            device=device_name(pipeline),
+            hef_sha256=file_sha256(pipeline, "model.hef") or "",
+            windows_inferred=done,
+            errors=sum(errors.values()),
+            latency=s.metrics.latency_histogram(),
+            temperature_c=temperature,
+            utilization_percent=self.utilization(),
+        )
+
+    def _node(
+        self, s: NodeSources, pipeline: ModelPipeline, temperature: float | None
+    ) -> Iterator[Metric]:
         info = InfoMetricFamily("imu_node", "What this node is and serves")
         info.add_metric(
             [],
@@ -142,7 +210,11 @@ class NodeCollector(Collector):
                 "Frames the device's async queue holds (asked of the device at configure)",
                 value=queue,
             )
-        temperature = pipeline.backend.temperature()
+        yield CounterMetricFamily(
+            "imu_node_backend_busy_seconds",
+            "Seconds the workers spent in backend calls",
+            value=s.busy_seconds(),
+        )
         if temperature is not None:
             yield GaugeMetricFamily(
                 "imu_node_accelerator_temperature_celsius", "Accelerator chip", value=temperature
@@ -150,17 +222,10 @@ class NodeCollector(Collector):
 
     @staticmethod
     def _latency(metrics: NodeMetrics) -> Iterator[Metric]:
-        histogram = metrics.latency_histogram()
-        buckets = [
-            (f"{bound / 1000:g}", count)
-            for bound, count in zip(histogram.bounds_ms, histogram.cumulative, strict=False)
-        ]
-        buckets.append(("+Inf", histogram.cumulative[-1]))
-        yield HistogramMetricFamily(
+        yield latency_family(
             "imu_node_window_latency_seconds",
             "Message arrival to result queued, per window",
-            buckets=buckets,
-            sum_value=histogram.sum_ms / 1000,
+            metrics.latency_histogram(),
         )
 
     @staticmethod
@@ -190,10 +255,14 @@ class NodeCollector(Collector):
             )
 
 
-def metrics_registry(sources: NodeSources) -> CollectorRegistry:
+def metrics_registry(
+    facts: ProcessFacts,
+    sources: Callable[[], NodeSources | None],
+    utilization: Callable[[], float | None],
+) -> CollectorRegistry:
     """A registry holding the node collector and the process collector."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NodeCollector(sources))
+    registry.register(NodeCollector(facts, sources, utilization))
     ProcessCollector(registry=registry)
     return registry
 

@@ -131,6 +131,7 @@ class InferenceWorker:
         self._busy_since: float | None = None
         self._busy_pipeline: ModelPipeline | None = None
         self._busy_lock = threading.Lock()
+        self._busy_total_s = 0.0
         self.processed = 0
         """Windows this worker has finished or given up since start (the supervisor's progress)."""
         self._stop = threading.Event()
@@ -168,6 +169,12 @@ class InferenceWorker:
             if self._busy_since is None or self._busy_pipeline is None:
                 return None
             return self._busy_since, self._busy_pipeline
+
+    def busy_seconds(self) -> float:
+        """Seconds spent in backend calls since start, the running one included."""
+        with self._busy_lock:
+            running = 0.0 if self._busy_since is None else time.monotonic() - self._busy_since
+            return self._busy_total_s + running
 
     def stop(self, timeout: float) -> bool:
         """Finish what is queued, then stop; False if the queue did not drain in time."""
@@ -247,6 +254,8 @@ class InferenceWorker:
                 return pipeline.run(windows)
             finally:
                 with self._busy_lock:
+                    if self._busy_since is not None:
+                        self._busy_total_s += time.monotonic() - self._busy_since
                     self._busy_since = self._busy_pipeline = None
 
     @staticmethod

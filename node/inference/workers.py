@@ -282,6 +282,10 @@ class WorkerPool:
         calls = [call for worker in self.workers if (call := worker.busy()) is not None]
         return min(calls, key=lambda call: call[0]) if calls else None
 
+    def busy_seconds(self) -> float:
+        """Seconds all workers spent in backend calls since start."""
+        return sum(worker.busy_seconds() for worker in self.workers)
+
     def watches(self) -> list[Watched]:
         """One supervised thread per worker ("inference worker" when there is one)."""
         if len(self.workers) == 1:

@@ -59,7 +59,7 @@ def test_image_runs_imu_node_as_uid_10001_with_its_health_check(image: str) -> N
     assert health[:1] == ["CMD"], (
         "no HEALTHCHECK in the image: podman and buildah keep it only with --format docker"
     )
-    assert "/healthz" in " ".join(health)
+    assert "/livez" in " ".join(health)
 
 
 def test_bundle_building_in_the_node_image_says_what_to_install(image: str) -> None:

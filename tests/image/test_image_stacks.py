@@ -187,10 +187,15 @@ def test_http_side_answers_on_the_published_port(stacks: Site) -> None:
                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:  # fmt: skip
         return _request(9108, method, path, body, headers)
 
+    # healthy (/livez) comes as soon as HTTP answers; /healthz once the model serves
+    wait_until(lambda: request("GET", "/healthz")[0] == 200, timeout=60, what="/healthz 200")
     status, health = request("GET", "/healthz")
     assert status == 200
-    assert health["node_id"] == NODE_ID
-    assert health["backend"] == "onnx"
+    assert (health["ok"], health["node_id"], health["backend"]) == (True, NODE_ID, "onnx")
+    assert request("GET", "/livez")[0] == 200
+    assert request("GET", "/status")[0] == 401, "/status without the token"
+    status, test = request("POST", "/test", None, {"Authorization": f"Bearer {HTTP_TOKEN}"})
+    assert (status, test.get("latent_shape")) == (200, [64]), test
     status, ready = request("GET", "/readyz")
     assert status == 200, ready
     assert ready["ready"] is True
