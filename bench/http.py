@@ -30,20 +30,51 @@ from fleet.simulate.imu_signals import calibration_set
 from node.tools.local_broker import LocalBroker, free_port, wait_for_port
 
 
-def post_windows(port: int, bodies: list[bytes], latencies: list[float]) -> None:
-    """POST each body in turn on one keep-alive connection; append each latency in ms."""
+def post_windows(
+    port: int, bodies: list[bytes], latencies: list[float], failed: list[str] | None = None
+) -> None:
+    """POST each body in turn on one keep-alive connection; append each answered latency in ms,
+    and each failure (a status other than 200, a refused or dropped connection) to `failed`
+    (raise on the first one when it is None)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     headers = {"Content-Type": "application/json"}
     for body in bodies:
         started = time.perf_counter()
-        connection.request("POST", "/infer", body=body, headers=headers)
-        response = connection.getresponse()
-        response.read()
-        if response.status != 200:
-            msg = f"POST /infer answered {response.status}"
+        try:
+            connection.request("POST", "/infer", body=body, headers=headers)
+            response = connection.getresponse()
+            response.read()
+            problem = None if response.status == 200 else f"HTTP {response.status}"
+        except (OSError, http.client.HTTPException) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+            connection.close()  # and the next request opens a new one
+        if problem is None:
+            latencies.append((time.perf_counter() - started) * 1000)
+        elif failed is None:
+            msg = f"POST /infer failed: {problem}"
             raise RuntimeError(msg)
-        latencies.append((time.perf_counter() - started) * 1000)
+        else:
+            failed.append(problem)
     connection.close()
+
+
+def wait_healthy(port: int, timeout: float) -> None:
+    """Wait until the node's `/healthz` answers 200 (a model serves)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            connection.request("GET", "/healthz")
+            if connection.getresponse().status == 200:
+                return
+        except (OSError, http.client.HTTPException):
+            pass
+        finally:
+            connection.close()
+        if time.monotonic() > deadline:
+            msg = f"the node on port {port} did not become healthy in {timeout:g} s"
+            raise TimeoutError(msg)
+        time.sleep(0.1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,17 +110,20 @@ def main(argv: list[str] | None = None) -> int:
             env={**os.environ, "XDG_STATE_HOME": tmp},
         )
         try:
-            wait_for_port(port, 30)
+            wait_for_port(port, 30)  # HTTP answers before the model is loaded:
+            wait_healthy(port, 60)  # /healthz is 200 once it serves
             post_windows(port, bodies[:100], [])  # warm up
             serial: list[float] = []
             started = time.perf_counter()
             post_windows(port, bodies, serial)
             serial_rate = len(bodies) / (time.perf_counter() - started)
             parallel: list[float] = []
+            failed: list[str] = []
             share = len(bodies) // args.clients
             threads = [
                 threading.Thread(
-                    target=post_windows, args=(port, bodies[i * share : (i + 1) * share], parallel)
+                    target=post_windows,
+                    args=(port, bodies[i * share : (i + 1) * share], parallel, failed),
                 )
                 for i in range(args.clients)
             ]
@@ -98,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 thread.start()
             for thread in threads:
                 thread.join()
-            parallel_rate = share * args.clients / (time.perf_counter() - started)
+            parallel_rate = len(parallel) / (time.perf_counter() - started)  # answered ones
         finally:
             node.terminate()
             node.wait(30)
@@ -112,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     print(line("raw ONNX Runtime, batch 1", raw["call_ms"], raw["windows_per_s"]))
     print(line("POST /infer, 1 client", percentiles(serial), serial_rate))
     print(line(f"POST /infer, {args.clients} clients", percentiles(parallel), parallel_rate))
+    print(f"failed with {args.clients} clients: {len(failed)} of {share * args.clients}"
+          + (f" (first: {failed[0]})" if failed else ""))  # fmt: skip
     print(
         f"ratio to raw: 1 client {serial_rate / raw['windows_per_s']:.2f}x, "
         f"{args.clients} clients {parallel_rate / raw['windows_per_s']:.2f}x"

@@ -127,6 +127,23 @@ def host_of(header: str | None) -> str:
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
+def _say_over_capacity(sock: socket.socket, limits: HttpLimits) -> None:
+    """Best effort, never blocking the accepting thread: a 503 that says which cap was hit, so
+    a client sees a reason rather than a reset."""
+    reason = (
+        f"over this server's connection caps ({limits.max_per_client} per client address, "
+        f"{limits.max_connections} in all): reuse keep-alive connections or retry shortly"
+    )
+    body = encode_dict({"error": "busy", "reason": reason}) + b"\n"
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+    )
+    with contextlib.suppress(OSError):
+        sock.setblocking(False)
+        sock.send(head.encode() + body)
+
+
 class _Deadlines:
     """One thread per server that cuts off requests past their deadline (SHUT_RDWR makes the
     handler's blocked read return)."""
@@ -203,6 +220,8 @@ class TlsThreadingServer(ThreadingHTTPServer):
                 refused = False
         if refused:
             logger.warning("http: refused a connection from %s (connection caps)", peer)
+            if not isinstance(request, ssl.SSLSocket):  # TLS would need a handshake first
+                _say_over_capacity(request, self.limits)
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)

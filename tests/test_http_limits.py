@@ -9,25 +9,28 @@ holder could take every event stream of the dashboard.
 from __future__ import annotations
 
 import http.client
+import json
+import select
 import socket
+from dataclasses import replace
 
 import pytest
 
-from common.http import HttpLimits
 from fleet.dashboard.events import Hub, TooManyClientsError
 from fleet.dashboard.view import DashboardView
 from helpers.nodes import NodeFactory
 from helpers.waiting import wait_until
 from node.app import NodeApp
+from schemas.openapi import ENDPOINTS
 
 
 @pytest.fixture
 def node(start_node: NodeFactory) -> NodeApp:
     app = start_node(http_listen="127.0.0.1:0")
     assert app.http is not None
-    app.http._served.server.limits = HttpLimits(  # a short deadline, the default caps
-        request_deadline_s=2.0, allowed_hosts=app.http._served.server.limits.allowed_hosts
-    )
+    server = app.http._served.server
+    server.limits = replace(server.limits, request_deadline_s=2.0)  # a short deadline
+
     return app
 
 
@@ -49,11 +52,19 @@ def trickle(app: NodeApp) -> socket.socket:
     return sock
 
 
+def closed_of(sockets: list[socket.socket]) -> set[socket.socket]:
+    """The sockets the server closed or refused, found in one wait (a sweep of per-socket
+    timeouts would outlast the request deadline it is there to observe)."""
+    readable, _, _ = select.select(sockets, [], [], 0.05)
+    return {sock for sock in readable if closed_by_server(sock)}
+
+
 def closed_by_server(sock: socket.socket) -> bool:
-    """True when the server closed (or reset) the connection."""
+    """True when the server closed (or reset) the connection, or refused it with its 503."""
     try:
         sock.settimeout(0.05)
-        return sock.recv(1) == b""
+        data = sock.recv(4096)
+        return data == b"" or data.startswith(b"HTTP/1.1 503")
     except TimeoutError:
         return False
     except OSError:
@@ -61,11 +72,14 @@ def closed_by_server(sock: socket.socket) -> bool:
 
 
 def test_tricklers_are_capped_per_client_and_cut_at_the_request_deadline(node: NodeApp) -> None:
-    sockets = [trickle(node) for _ in range(12)]
+    assert node.http is not None
+    cap = node.http._served.server.limits.max_per_client
+    sockets = [trickle(node) for _ in range(cap + 4)]
     try:
-        wait_until(lambda: sum(closed_by_server(s) for s in sockets) >= 4, 10, "the cap")
-        held = [s for s in sockets if not closed_by_server(s)]
-        assert len(held) == HttpLimits().max_per_client  # the others were closed at accept
+        wait_until(lambda: len(closed_of(sockets)) >= 4, 10, "the cap")
+        closed = closed_of(sockets)
+        held = [s for s in sockets if s not in closed]
+        assert len(held) == cap  # the others were closed at accept
         assert healthz(node, source="127.0.0.2") == 200  # another client is served meanwhile
 
         def still_trickling() -> bool:
@@ -90,6 +104,55 @@ def test_a_loopback_node_without_a_token_answers_only_to_loopback_names(node: No
     port = node.http.address[1]
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost", f"[::1]:{port}"):
         assert healthz(node, host=host) == 200, host
+
+
+def test_a_client_over_the_cap_is_told_why(node: NodeApp) -> None:
+    """Closed at accept, but with a 503 that names the cap (plain HTTP), not a bare reset."""
+    assert node.http is not None
+    cap = node.http._served.server.limits.max_per_client
+    held = [trickle(node) for _ in range(cap)]
+    try:
+        wait_until(lambda: node.http is not None and _held(node) >= cap, 10, "the cap to fill")
+        late = socket.create_connection(node.http.address, timeout=10)
+        answer = late.makefile("rb").read()
+        late.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), answer[:200]
+        assert b"Retry-After: 1" in head
+        reply = json.loads(body)
+        assert reply["error"] == "busy"
+        assert f"{cap} per client address" in reply["reason"]
+    finally:
+        for sock in held:
+            sock.close()
+    assert healthz(node, source="127.0.0.2") == 200
+
+
+def _held(node: NodeApp) -> int:
+    assert node.http is not None
+    server = node.http._served.server
+    with server._held_lock:
+        return sum(server._held.values())
+
+
+def test_every_endpoint_has_the_limits(node: NodeApp) -> None:
+    """The sidecar's endpoints sit behind the same Host check and request deadline."""
+    assert node.http is not None
+    for endpoint in ENDPOINTS:
+        conn = http.client.HTTPConnection(*node.http.address, timeout=10)
+        conn.request(endpoint.method, endpoint.path, headers={"Host": "evil.example"})
+        assert conn.getresponse().status == 421, endpoint.key
+        conn.close()
+    for path in ("/test", "/infer"):  # a body that trickles in is cut at the deadline
+        sock = socket.create_connection(node.http.address, timeout=10)
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{{".encode()
+        )
+        # closed by the server at its 2 s deadline, no answer (the handler's own read timeout
+        # is 30 s: past this socket's 10 s, recv would raise instead)
+        assert sock.recv(1024) == b"", path
+        sock.close()
+    assert healthz(node) == 200
 
 
 def test_one_login_cannot_take_every_event_stream() -> None:
