@@ -153,8 +153,9 @@ class NodeHttp:
         self._version = software_version()
         self.facts = ProcessFacts(node_id, self._version, time.time(), lambda: self._health_checks)
         self._registry = metrics_registry(self.facts, self._sources, self._utilization)
-        self._openapi = orjson.dumps(openapi_document())
-        self._docs = render_docs(openapi_document())
+        document = openapi_document()
+        self._openapi = orjson.dumps(document)
+        self._docs = render_docs(document)
         server = server_class(listen[0])(listen, _handler_for(self))
         server.tls = tls
         server.limits = HttpLimits(  # without a token, answer to loopback names only
