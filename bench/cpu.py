@@ -186,7 +186,8 @@ def run_variant(
         settings = NodeSettings(
             broker=broker.url, bundle=zero_cost_bundle(model, state) if hailo else model.bundle,
             workers=str(variant.workers), protocol=variant.protocol, state_dir=state,
-            extra=("--results-qos", str(variant.qos), "--backend", variant.backend),
+            extra=("--results-qos", str(variant.qos), "--backend", variant.backend,
+                   *options.node_args.split()),
             env=stand_in if hailo else (),
         )  # fmt: skip
         node_id = f"node-{uuid.uuid4().hex[:6]}"
@@ -289,6 +290,11 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also the node on the Hailo stand-in with a zero-cost device: the model costs the "
         "host nothing, so its CPU per window is all a Pi with a Hailo-8 pays",
+    )
+    add(
+        "--node-args",
+        default="",
+        help="more `imu-node run` options for every node variant (e.g. '--batch-wait-ms 1')",
     )
     add("--json", type=Path, help="write every figure here")
     return p
