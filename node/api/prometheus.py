@@ -68,9 +68,8 @@ class NodeSources:
 
 @dataclass(frozen=True, slots=True)
 class ProcessFacts:
-    """What the HTTP side knows before any model: for `/healthz`, `/status` and the sidecar set."""
+    """What `/metrics` knows before any model: the sidecar set's version, start time and checks."""
 
-    node_id: str
     software_version: str
     started_unix: float
     health_checks: Callable[[], int]

@@ -115,8 +115,7 @@ class Attached:
 
 def model_reply(model: BaseModel, status: HTTPStatus = HTTPStatus.OK, **headers: str) -> Reply:
     """A JSON answer from one of the contract's models (schemas/http.py)."""
-    body = orjson.dumps(model.model_dump(mode="json")) + b"\n"
-    return Reply(status, body, headers=tuple(headers.items()))
+    return json_reply(status, model.model_dump(mode="json"), **headers)
 
 
 def error_reply(status: HTTPStatus, error: str, reason: str, **headers: str) -> Reply:
@@ -151,7 +150,7 @@ class NodeHttp:
         self._health_checks = 0
         self._lock = threading.Lock()
         self._version = software_version()
-        self.facts = ProcessFacts(node_id, self._version, time.time(), lambda: self._health_checks)
+        self.facts = ProcessFacts(self._version, time.time(), lambda: self._health_checks)
         self._registry = metrics_registry(self.facts, self._sources, self._utilization)
         document = openapi_document()
         self._openapi = orjson.dumps(document)
