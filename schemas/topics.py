@@ -106,6 +106,11 @@ def controller(controller_id: str) -> str:
     return f"fleet/controllers/{controller_id}"
 
 
+def site_link(site: str) -> str:
+    """Retained state of a site's bridge to the fleet broker: `1` up, `0` down (its will)."""
+    return f"fleet/sites/{site}/link"
+
+
 def shared(filter_: str, group: str | None) -> str:
     """Wrap a filter in an MQTT 5 shared subscription when a share group is given."""
     return f"$share/{group}/{filter_}" if group else filter_
@@ -262,5 +267,14 @@ CATALOGUE: Final[tuple[TopicSpec, ...]] = (
         True,
         "ControllerPresence",
         "Retained while a controller runs; its empty will clears it when it dies.",
+    ),
+    TopicSpec(
+        "fleet/sites/{site}/link",
+        "site bridge + will",
+        1,
+        True,
+        "bytes",
+        "`1` while a site broker's bridge to the fleet broker is up, `0` when it went down "
+        "(mosquitto's bridge notification).",
     ),
 )

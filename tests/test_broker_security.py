@@ -64,6 +64,8 @@ ROSTER: Final[dict[str, tuple[str, str, pki.Auth, bool]]] = {
     # hashed in Python (pki.hash_password), not by mosquitto_passwd: the broker must accept it
     "dashboard-d2": ("dashboard", "d2", "password", False),
     "check-c1": ("check", "c1", "cert", True),
+    # a site broker's bridge (as on a fleet broker): speaks for node n1 and sensor s1's results
+    "bridge-farm": ("bridge", "farm", "cert", True),
     # revoked by test_removed_clients_lose_their_rights_on_sighup
     "dashboard-gone": ("dashboard", "gone", "password", True),
     "sensor-gone": ("sensor", "gone", "cert", True),
@@ -124,7 +126,8 @@ def make_site(root: Path) -> tuple[pki.Layout, pki.Layout]:
     site = pki.Layout(root / "site")
     pki.init_site(site.root, site="test", hosts=("localhost", "127.0.0.1"))
     for role, name, auth, tool in ROSTER.values():
-        pki.add_client(site.root, role, name, auth=auth, use_tool=None if tool else False)
+        scope = {"nodes": ("n1",), "sensors": ("s1",)} if role == "bridge" else {}
+        pki.add_client(site.root, role, name, auth=auth, use_tool=None if tool else False, **scope)
     rogue = pki.Layout(root / "rogue")
     pki.init_site(rogue.root, site="rogue")
     pki.add_client(rogue.root, "node", "n1")
@@ -363,6 +366,7 @@ def sub(who: str, topic_filter: str, allowed: bool, probe: str | None = None) ->
 
 YES, NO = True, False
 S, N, F, D, C = "sensor-s1", "node-n1", "fleet-ctl", "dashboard-d1", "check-c1"
+B = "bridge-farm"
 
 CASES: Final[list[Case]] = [
     # sensors: their own window and samples, nothing else; they read nothing
@@ -446,6 +450,34 @@ CASES: Final[list[Case]] = [
     sub(C, "imu/+/motifs", NO, "imu/s1/motifs"),
     sub(C, "imu/+/window", NO, "imu/s1/window"),
     sub(C, "fleet/models/desired", NO),
+    # a site's bridge: desired state, artifacts and rollouts down; its own nodes' reports, its
+    # link and its chosen sensors' results up; nothing of another site's, no sensor data
+    pub(B, "fleet/nodes/n1/status", YES),
+    pub(B, "fleet/nodes/n1/telemetry", YES),
+    pub(B, "fleet/nodes/n1/model", YES),
+    pub(B, "fleet/nodes/n1/errors", YES),
+    pub(B, "fleet/sites/farm/link", YES),
+    pub(B, "imu/s1/motifs", YES),
+    pub(B, "imu/s2/motifs", NO),
+    pub(B, "fleet/nodes/n2/status", NO),
+    pub(B, "fleet/nodes/n2/telemetry", NO),
+    pub(B, "fleet/sites/other/link", NO),
+    pub(B, "fleet/nodes/n1/desired", NO),
+    pub(B, "fleet/models/desired", NO),
+    pub(B, "fleet/groups/line-3/desired", NO),
+    pub(B, "fleet/artifacts/m/1.0.0/manifest", NO),
+    pub(B, "fleet/rollouts/r1", NO),
+    pub(B, "imu/s1/window", NO),
+    sub(B, "fleet/models/desired", YES),
+    sub(B, "fleet/groups/+/desired", YES, "fleet/groups/line-3/desired"),
+    sub(B, "fleet/nodes/n1/desired", YES),
+    sub(B, "fleet/artifacts/#", YES, "fleet/artifacts/m/1.0.0/chunks/0"),
+    sub(B, "fleet/rollouts/+", YES, "fleet/rollouts/r1"),
+    sub(B, "fleet/nodes/n2/desired", NO),
+    sub(B, "fleet/nodes/+/status", NO, "fleet/nodes/n2/status"),
+    sub(B, "imu/+/window", NO, "imu/s1/window"),
+    sub(B, "imu/+/motifs", NO, "imu/s2/motifs"),
+    sub(B, "$SYS/#", NO, "$SYS/broker/version"),
     # dashboards read results, node reports and rollouts; they write nothing
     pub(D, "imu/s1/motifs", NO),
     pub(D, "imu/s1/window", NO),

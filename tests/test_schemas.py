@@ -95,6 +95,7 @@ BUILDERS: dict[str, Callable[..., str]] = {
     "fleet/groups/{group}/desired": topics.group_desired,
     "fleet/rollouts/{rollout_id}": topics.rollout,
     "fleet/controllers/{controller_id}": topics.controller,
+    "fleet/sites/{site}/link": topics.site_link,
 }
 
 
@@ -120,6 +121,7 @@ def test_catalogue_covers_design_and_builders() -> None:
         *artifacts,
         "fleet/rollouts/{rollout_id}",
         "fleet/controllers/{controller_id}",
+        "fleet/sites/{site}/link",
     }
     for spec in topics.CATALOGUE:
         assert spec.qos in (0, 1, 2)

@@ -26,6 +26,7 @@ installed (the password goes through its stdin, never its command line), else by
 
 from __future__ import annotations
 
+from fleet.pki.bridges import BridgeKit, render_bridge_conf, write_bridge_kit
 from fleet.pki.cli import build_parser, main
 from fleet.pki.errors import PkiError
 from fleet.pki.passwords import hash_password, hash_with_mosquitto_passwd, verify_password
@@ -44,6 +45,7 @@ __all__ = [
     "ROLES",
     "AddResult",
     "Auth",
+    "BridgeKit",
     "Client",
     "Grant",
     "Layout",
@@ -60,7 +62,9 @@ __all__ = [
     "main",
     "remove_client",
     "render_acl",
+    "render_bridge_conf",
     "sync_broker_files",
     "username_for",
     "verify_password",
+    "write_bridge_kit",
 ]

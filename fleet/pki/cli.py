@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 from typing import Final
 
+from fleet.pki.bridges import DEFAULT_FILES_DIR, write_bridge_kit
 from fleet.pki.certs import LEAF_DAYS
 from fleet.pki.errors import PkiError
 from fleet.pki.registry import Layout, load_site
@@ -32,6 +33,8 @@ Roles (the ACL grants nothing else):
   fleet      writes desired state, artifacts, rollouts, controller presence; reads fleet/#,
              imu/+/window|samples|motifs and $SYS/#
   dashboard  reads imu/+/motifs, fleet/nodes/+/status|telemetry|model|errors, fleet/rollouts/#
+  bridge     (on a fleet broker, one per site: `bridge`) reads desired state, artifacts and
+             rollouts; writes only its own nodes' fleet/nodes/{id}/* and fleet/sites/{site}/link
 
 Logins: machines (sensor, node, fleet) get a certificate whose CN is the username, used on the
 8883 listener (client certificate required). Dashboards get a password, used on 8884 (TLS) or on
@@ -52,6 +55,9 @@ examples:
   imu-fleet pki add site/ dashboard grafana          # password in clients/*.password
   imu-fleet pki list site/
   imu-fleet pki remove site/ dashboard grafana       # revoked: no rights left
+
+  # on a fleet broker's folder: a site broker's bridge, its ACL block and its files
+  imu-fleet pki bridge site/ farm-a --node pi-01 --fleet-host fleet.example.com --out farm-a/
 
   # the broker re-reads passwd and the ACL on SIGHUP (certificates only on restart)
   docker compose -f compose/docker-compose.yml kill -s HUP mosquitto
@@ -108,6 +114,22 @@ SUBCOMMANDS: Final[dict[str, tuple[str, str]]] = {
         "or after upgrading this tool's roles).\n\n  imu-fleet pki acl site/",
     ),
     "list": ("list the clients, their roles and logins", "  imu-fleet pki list site/"),
+    "bridge": (
+        "let a site broker bridge to this fleet broker: its login, ACL and configuration",
+        "On the fleet broker's SITE_DIR (site/ below), register bridge-SITE with a certificate\n"
+        "from the fleet CA and an ACL that lets it write only its own --node topics (status,\n"
+        "telemetry, model, errors), its link state and the results of --results-for sensors,\n"
+        "and read desired state, artifacts and rollout records. Then write into --out what the\n"
+        "site broker\n"
+        "needs: bridge-SITE.conf (a mosquitto `connection` block, TLS, topics per direction,\n"
+        "link notifications on fleet/sites/SITE/link), fleet-ca.crt and the bridge's\n"
+        "certificate and key. Sensor windows never cross. Given again, the nodes and sensors\n"
+        "replace the previous ones.\n\n"
+        "  imu-fleet pki bridge site/ farm-a --node pi-01 --node pi-02 \\\n"
+        "      --fleet-host fleet.example.com --out farm-a-bridge/\n"
+        "  # the fleet broker: kill -HUP (new ACL). The site broker: copy farm-a-bridge/ to\n"
+        "  # /mosquitto/config/bridge/, append bridge-farm-a.conf to mosquitto.conf, restart.",
+    ),
 }
 
 
@@ -130,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         commands[name].add_argument("site_dir", type=Path, metavar="SITE_DIR")
     init, server, add = commands["init"], commands["server"], commands["add"]
+    _bridge_arguments(commands["bridge"])
     init.add_argument("--site", help="site name (default: the folder's name)")
     for command in (init, server):
         command.add_argument(
@@ -165,6 +188,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _bridge_arguments(bridge: argparse.ArgumentParser) -> None:
+    bridge.add_argument("site", metavar="SITE", help="the site's name (its bridge is bridge-SITE)")
+    bridge.add_argument(
+        "--node", action="append", required=True, metavar="NODE_ID",
+        help="a node of the site (repeat): the only nodes the bridge may speak for",
+    )  # fmt: skip
+    bridge.add_argument(
+        "--results-for", action="append", default=[], metavar="SENSOR_ID",
+        help="a sensor whose results go up to the fleet (repeat; default: results stay)",
+    )  # fmt: skip
+    bridge.add_argument(
+        "--fleet-host", required=True, metavar="HOST[:PORT]",
+        help="the fleet broker as the site reaches it: one of its certificate's names (port 8883)",
+    )  # fmt: skip
+    bridge.add_argument("--out", type=Path, required=True, help="folder for the site's files")
+    bridge.add_argument(
+        "--files-dir", default=DEFAULT_FILES_DIR,
+        help="where --out's files will be on the site broker (default %(default)s)",
+    )  # fmt: skip
+
+
 def _say(*lines: str) -> None:
     """CLI output on stdout."""
     sys.stdout.write("".join(f"{line}\n" for line in lines))
@@ -188,7 +232,28 @@ def _run(args: argparse.Namespace) -> None:
         hosts = issue_server_cert(root, args.host)
         _say(f"server certificate for {', '.join(hosts)}; restart the broker to load it")
     elif args.command == "add":
+        if args.role == "bridge":
+            msg = "a bridge needs its nodes and a configuration: use `imu-fleet pki bridge`"
+            raise PkiError(msg)
         _run_add(args, layout)
+    elif args.command == "bridge":
+        kit = write_bridge_kit(
+            root, args.site, args.out, fleet_host=args.fleet_host, nodes=tuple(args.node),
+            sensors=tuple(args.results_for), files_dir=args.files_dir,
+        )  # fmt: skip
+        for path in kit.files:
+            _say(f"wrote {path}")
+        carried = (
+            f" and carry the results of {', '.join(kit.client.sensors)}"
+            if kit.client.sensors
+            else "; results stay on the site"
+        )
+        _say(
+            f"{kit.client.username} may speak for {', '.join(kit.client.nodes)}{carried}",
+            f"fleet broker: send it SIGHUP to load the new ACL ({layout.acl_file})",
+            f"site broker: copy {args.out}/ to {args.files_dir}/, add {kit.conf.name} to its "
+            "mosquitto.conf, restart it",
+        )
     elif args.command == "remove":
         client = remove_client(root, username_for(args.role, args.name))
         _say(f"removed {client.username}; send the broker SIGHUP to apply")

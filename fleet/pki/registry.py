@@ -91,7 +91,14 @@ class Site:
             "hosts": self.hosts,
             "broker_owner": list(self.broker_owner) if self.broker_owner else None,
             "clients": {
-                username: {"role": c.role, "name": c.name, "cert": c.cert, "password": c.password}
+                username: {
+                    "role": c.role,
+                    "name": c.name,
+                    "cert": c.cert,
+                    "password": c.password,
+                    **({"nodes": list(c.nodes)} if c.nodes else {}),
+                    **({"sensors": list(c.sensors)} if c.sensors else {}),
+                }
                 for username, c in sorted(self.clients.items())
             },
         }
@@ -110,6 +117,8 @@ class Site:
                 name=entry["name"],
                 cert=bool(entry["cert"]),
                 password=bool(entry["password"]),
+                nodes=tuple(entry.get("nodes", ())),
+                sensors=tuple(entry.get("sensors", ())),
             )
             for username, entry in data["clients"].items()
         }

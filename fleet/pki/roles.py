@@ -33,7 +33,7 @@ class Role:
     name: str
     summary: str
     default_auth: Auth
-    grants: Callable[[str], tuple[Grant, ...]]
+    grants: Callable[[Client], tuple[Grant, ...]]
 
 
 def sensor_grants(sensor_id: str) -> tuple[Grant, ...]:
@@ -101,6 +101,33 @@ def check_grants(name: str) -> tuple[Grant, ...]:
     )
 
 
+def bridge_grants(client: Client) -> tuple[Grant, ...]:
+    """A site broker's bridge to the fleet broker (`bridge-SITE`), on the fleet broker.
+
+    Down to the site it reads desired state (fleet-wide, every group's, its own nodes'),
+    artifacts and rollout records. Up to the fleet it writes its own nodes' status, telemetry,
+    model and errors, its link state, and results only of the sensors the site chose: a
+    compromised site cannot speak for another site's nodes. Sensor windows never leave a site.
+    """
+    down = (
+        Grant("read", topics.FLEET_DESIRED),
+        Grant("read", topics.group_desired("+")),
+        *(Grant("read", topics.node_desired(node)) for node in client.nodes),
+        Grant("read", topics.artifact("+", "+", "#")),
+        Grant("read", topics.ROLLOUTS_FILTER),
+    )
+    up = [Grant("write", topics.site_link(client.name))]
+    for node in client.nodes:
+        up += [
+            Grant("write", topics.node_status(node)),
+            Grant("write", topics.node_telemetry(node)),
+            Grant("write", topics.node_model(node)),
+            Grant("write", topics.node_errors(node)),
+        ]
+    up += [Grant("write", topics.motifs(sensor)) for sensor in client.sensors]
+    return (*down, *up)
+
+
 def dashboard_grants(_name: str) -> tuple[Grant, ...]:
     """A dashboard reads results, node reports and rollout records; it writes nothing."""
     return (
@@ -116,30 +143,41 @@ def dashboard_grants(_name: str) -> tuple[Grant, ...]:
 ROLES: Final[dict[str, Role]] = {
     role.name: role
     for role in (
-        Role("sensor", "publishes imu/{id}/window|samples only", "cert", sensor_grants),
+        Role(
+            "sensor",
+            "publishes imu/{id}/window|samples only",
+            "cert",
+            lambda c: sensor_grants(c.name),
+        ),
         Role(
             "node",
             "sensor data in, results and its own fleet/nodes/{id}/* out",
             "cert",
-            node_grants,
+            lambda c: node_grants(c.name),
         ),
         Role(
             "fleet",
             "controller/operators: desired state, artifacts, rollouts",
             "cert",
-            fleet_grants,
+            lambda c: fleet_grants(c.name),
         ),
         Role(
             "check",
             "imu-node check: one test sensor check-NAME, its results, node telemetry",
             "cert",
-            check_grants,
+            lambda c: check_grants(c.name),
         ),
         Role(
             "dashboard",
             "read-only: results, node reports, rollout records",
             "password",
-            dashboard_grants,
+            lambda c: dashboard_grants(c.name),
+        ),
+        Role(
+            "bridge",
+            "a site broker's bridge: desired state down, its own nodes' reports up",
+            "cert",
+            bridge_grants,
         ),
     )
 }
@@ -153,6 +191,10 @@ class Client:
     name: str
     cert: bool
     password: bool
+    nodes: tuple[str, ...] = ()
+    """A bridge's site nodes: the only nodes it may speak for on the fleet broker."""
+    sensors: tuple[str, ...] = ()
+    """A bridge's sensors whose results go up to the fleet (none: results stay on the site)."""
 
     @property
     def username(self) -> str:
@@ -161,7 +203,7 @@ class Client:
 
     def grants(self) -> tuple[Grant, ...]:
         """The ACL lines of this client, its role's grants expanded for its name."""
-        return ROLES[self.role].grants(self.name)
+        return ROLES[self.role].grants(self)
 
 
 def username_for(role: str, name: str) -> str:

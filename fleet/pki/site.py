@@ -28,6 +28,7 @@ from fleet.pki.files import parse_owner, write_atomic
 from fleet.pki.passwords import make_password_hash, read_password_file, render_password_file
 from fleet.pki.registry import Layout, Site, load_site, save_site
 from fleet.pki.roles import ROLES, Auth, Client, render_acl, username_for
+from schemas import topics
 
 DEFAULT_HOSTS: Final = ("localhost", "127.0.0.1")
 
@@ -121,16 +122,21 @@ def add_client(
     new_password: bool = False,
     days: int = LEAF_DAYS,
     use_tool: bool | None = None,
+    nodes: Sequence[str] = (),
+    sensors: Sequence[str] = (),
 ) -> AddResult:
     """Register `{role}-{name}` and make what it lacks: certificate + key, password, ACL block.
 
     Idempotent: an existing certificate (signed by the current CA) and password are kept unless
     `renew` / `new_password`; `auth` only ever adds a login method (use `remove` to take one
-    away). The ACL and the password file are rewritten from site.json at the end.
+    away). A bridge (role `bridge`, name = its site) takes the `nodes` it speaks for and the
+    `sensors` whose results it carries up; given again, they replace the previous ones. The ACL
+    and the password file are rewritten from site.json at the end.
     """
     layout = Layout(root)
     site = load_site(layout)
     username = username_for(role, name)
+    _check_scope(role, nodes, sensors)
     wanted = auth or ROLES[role].default_auth
     before = site.clients.get(username)
     client = Client(
@@ -138,6 +144,8 @@ def add_client(
         name=name,
         cert=wanted in {"cert", "both"} or (before is not None and before.cert),
         password=wanted in {"password", "both"} or (before is not None and before.password),
+        nodes=tuple(dict.fromkeys(nodes)) or (before.nodes if before is not None else ()),
+        sensors=tuple(dict.fromkeys(sensors)) or (before.sensors if before is not None else ()),
     )
     if client.password and ":" in username:
         msg = f"{username!r} contains ':', which a mosquitto password file cannot hold; use cert"
@@ -156,6 +164,17 @@ def add_client(
         root, new_passwords={username: password} if password else None, use_tool=use_tool
     )
     return AddResult(client=client, written=tuple(written), new_password=password)
+
+
+def _check_scope(role: str, nodes: Sequence[str], sensors: Sequence[str]) -> None:
+    """Nodes and sensors only for a bridge, each a valid id; a bridge speaks for some node."""
+    if role != "bridge" and (nodes or sensors):
+        msg = f"--node and --results-for belong to a bridge, not to a {role}"
+        raise PkiError(msg)
+    for value in (*nodes, *sensors):
+        if not topics.is_valid_id(value):
+            msg = f"{value!r} is not a node or sensor id (one topic level: letters, digits, _.:-)"
+            raise PkiError(msg)
 
 
 def _ensure_client_cert(layout: Layout, username: str, *, renew: bool, days: int) -> list[Path]:

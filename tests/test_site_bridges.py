@@ -1,0 +1,303 @@
+"""Sites bridged to a fleet broker with mosquitto's own bridges, exactly as `imu-fleet pki bridge`
+writes them: three real mosquitto processes on loopback.
+
+The fleet broker runs compose/mosquitto-secure.conf (TLS, client certificates, the generated
+ACL). Each site broker runs a loopback listener for its own clients plus the `connection` block
+from its bridge kit, and reaches the fleet broker over TLS with the bridge's certificate.
+
+Absence is proved without waiting for a timeout: a site publishes what must not cross, then a
+marker that must. One bridge connection carries a site's messages in order, so once the marker
+is at the fleet, anything sent before it that was going to cross has crossed.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from test_broker_security import COMPOSE, NOT_AUTHORIZED, Session, open_session, secure_conf
+
+from fleet import pki
+from helpers.processes import stop_process
+from helpers.waiting import wait_until
+from node.tools.local_broker import free_port, wait_for_port
+from schemas import topics
+
+pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto")
+
+ACCEPTED = (0, 16)
+"""PUBACK codes of an accepted publish: success, and "no matching subscribers"."""
+SITES = {"farm-a": ("a1", "sa"), "farm-b": ("b1", "sb")}
+"""site -> (its node, the sensor whose results it sends up)."""
+
+
+@dataclass
+class Broker:
+    """One running mosquitto: its port for clients, its configuration and log."""
+
+    port: int
+    conf: Path
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Broker:
+        with self.log.open("ab") as sink:
+            self.process = subprocess.Popen(
+                ["mosquitto", "-c", str(self.conf)], stdout=sink, stderr=sink
+            )
+        try:
+            wait_for_port(self.port)
+        except TimeoutError:
+            pytest.fail(f"mosquitto did not start:\n{self.log.read_text()}")
+        return self
+
+    def kill(self) -> None:
+        """Gone without a goodbye, as a site whose uplink is cut."""
+        assert self.process is not None
+        stop_process(self.process, signal.SIGKILL)
+
+
+@dataclass
+class Fleet:
+    """The fleet broker, its site folder, and the two site brokers bridged to it."""
+
+    layout: pki.Layout
+    fleet: Broker
+    tls_port: int
+    sites: dict[str, Broker]
+    kits: dict[str, Path]
+
+    def fleet_session(self, username: str) -> Session:
+        """A certificate login on the fleet broker (the operators' `fleet-ctl`, or a bridge's)."""
+        files = (self.layout.client_file(username, "crt"), self.layout.client_file(username, "key"))
+        session = open_session(self.tls_port, ca=self.layout.ca_cert, cert=files)
+        assert session.wait_connack() == 0, f"{username}: {self.fleet.log.read_text()[-2000:]}"
+        return session
+
+    def site_session(self, site: str) -> Session:
+        """A client of a site broker (its own loopback listener)."""
+        session = open_session(self.sites[site].port)
+        assert session.wait_connack() == 0
+        return session
+
+
+def site_conf(port: int, data: Path, kit: Path) -> str:
+    """A site broker: a loopback listener for its clients, and the bridge kit's block."""
+    return (
+        f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+        f"persistence true\npersistence_location {data}/\n"
+        f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
+        "log_dest stdout\nlog_type error\nlog_type warning\nlog_type notice\n\n" + kit.read_text()
+    )
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    root = tmp_path_factory.mktemp("sites")
+    layout = pki.Layout(root / "fleet-site")
+    pki.init_site(layout.root, site="fleet", hosts=("localhost", "127.0.0.1"))
+    pki.add_client(layout.root, "fleet", "ctl")
+    ports = {"8883": free_port(), "8884": free_port(), "1883": free_port()}
+    kits: dict[str, Path] = {}
+    for site, (node, sensor) in SITES.items():
+        kit = root / f"{site}-kit"
+        argv = ["bridge", str(layout.root), site, "--node", node, "--results-for", sensor,
+                "--fleet-host", f"localhost:{ports['8883']}", "--out", str(kit),
+                "--files-dir", str(kit)]  # fmt: skip
+        assert pki.main(argv) == 0
+        kits[site] = kit / f"bridge-{site}.conf"
+    (root / "fleet-data").mkdir()
+    conf = root / "fleet.conf"
+    shipped = (COMPOSE / "mosquitto-secure.conf").read_text()
+    conf.write_text(secure_conf(shipped, ports, layout, root / "fleet-data"))
+    fleet_broker = Broker(ports["8883"], conf, root / "fleet.log").start()
+    for port in ports.values():
+        wait_for_port(port)
+    sites: dict[str, Broker] = {}
+    for site, kit in kits.items():
+        port, data = free_port(), root / f"{site}-data"
+        data.mkdir()
+        (root / f"{site}.conf").write_text(site_conf(port, data, kit))
+        sites[site] = Broker(port, root / f"{site}.conf", root / f"{site}.log").start()
+    running = Fleet(layout, fleet_broker, ports["8883"], sites, kits)
+    try:
+        yield running
+    finally:
+        for broker in (*sites.values(), fleet_broker):
+            if broker.process is not None:
+                stop_process(broker.process)
+
+
+def token() -> bytes:
+    return uuid.uuid4().hex.encode()
+
+
+def link(session: Session, site: str) -> bytes | None:
+    """The last link state of `site` a session subscribed to fleet/sites/+/link has seen."""
+    states = [body for topic, body in session.messages if topic == topics.site_link(site)]
+    return states[-1] if states else None
+
+
+# -- the kit -----------------------------------------------------------------------------------
+
+
+def test_the_kit_carries_only_the_sites_own_topics(fleet: Fleet) -> None:
+    conf = fleet.kits["farm-a"].read_text()
+    lines = [line for line in conf.splitlines() if line.startswith("topic ")]
+    assert "topic fleet/nodes/a1/status out 1" in lines
+    assert "topic imu/sa/motifs out 1" in lines
+    assert "topic fleet/groups/+/desired in 1" in lines
+    assert not [line for line in lines if "b1" in line or "/window" in line or "/samples" in line]
+    assert "notification_topic fleet/sites/farm-a/link" in conf
+    assert "bridge_insecure false" in conf
+    acl = fleet.layout.acl_file.read_text()
+    block = acl.split("user bridge-farm-a\n", 1)[1].split("\n\n", 1)[0]
+    assert "topic write fleet/nodes/a1/status" in block
+    assert "b1" not in block
+    assert "imu/+/window" not in block
+
+
+# -- links, down and up ------------------------------------------------------------------------
+
+
+def test_each_site_link_is_up_and_says_so_on_the_fleet(fleet: Fleet) -> None:
+    spy = fleet.fleet_session("fleet-ctl")
+    try:
+        spy.subscribe("fleet/sites/+/link")
+        for site in SITES:
+            wait_until(lambda site=site: link(spy, site) == b"1", 20, f"{site}'s link up")
+    finally:
+        spy.close()
+
+
+def test_desired_state_and_artifacts_go_down_and_stay_retained_at_each_site(fleet: Fleet) -> None:
+    ctl = fleet.fleet_session("fleet-ctl")
+    order, chunk, only_a1 = token(), token(), token()
+    try:
+        assert ctl.publish(topics.group_desired("line"), order, retain=True) == 0
+        assert ctl.publish(topics.artifact_chunk("m", "9.9.9", 0), chunk, retain=True) == 0
+        assert ctl.publish(topics.node_desired("a1"), only_a1, retain=True) == 0
+        for site in SITES:
+            late = fleet.site_session(site)  # subscribes after the fact: retained at the site
+            try:
+                late.subscribe(topics.group_desired("+"))
+                late.subscribe("fleet/artifacts/#")
+                late.subscribe("fleet/nodes/+/desired")
+                assert late.wait_for(order, 20), f"{site}: the group order"
+                assert late.wait_for(chunk), f"{site}: the artifact chunk"
+                if site == "farm-a":
+                    assert late.wait_for(only_a1), "farm-a: its node's own order"
+                else:  # barrier: farm-b's subscriptions are answered, a1's order never came
+                    late.unsubscribe("fleet/nodes/+/desired")
+                    assert not late.got(only_a1), "a1's order reached farm-b"
+            finally:
+                late.close()
+    finally:
+        ctl.publish(topics.group_desired("line"), b"", retain=True)
+        ctl.publish(topics.node_desired("a1"), b"", retain=True)
+        ctl.close()
+
+
+def test_a_site_sends_up_its_nodes_reports_and_chosen_results_and_nothing_else(
+    fleet: Fleet,
+) -> None:
+    spy = fleet.fleet_session("fleet-ctl")  # reads fleet/#, imu/+/window and imu/+/motifs
+    site = fleet.site_session("farm-a")
+    try:
+        for topic_filter in ("fleet/nodes/+/+", "imu/+/motifs", "imu/+/window"):
+            spy.subscribe(topic_filter)
+        stays = {
+            topics.window("sa"): token(),  # sensor data never leaves a site
+            topics.motifs("sx"): token(),  # a sensor whose results the site keeps
+            topics.node_status("b1"): token(),  # another site's node
+        }
+        for topic, body in stays.items():
+            assert site.publish(topic, body) in ACCEPTED
+        goes = {
+            topics.node_telemetry("a1"): token(),
+            topics.motifs("sa"): token(),
+            topics.node_status("a1"): token(),  # last: the marker
+        }
+        for topic, body in goes.items():
+            assert site.publish(topic, body) in ACCEPTED
+        for topic, body in goes.items():
+            assert spy.wait_for(body, 20), f"{topic} did not reach the fleet"
+        crossed = [topic for topic, body in stays.items() if spy.got(body)]
+        assert not crossed, f"crossed the bridge: {crossed}"
+    finally:
+        site.publish(topics.node_status("a1"), b"", retain=True)
+        site.close()
+        spy.close()
+
+
+def test_a_site_bridge_login_cannot_speak_for_another_site(fleet: Fleet) -> None:
+    """farm-a's bridge certificate in an attacker's hands: farm-a's broker is down, and the
+    certificate logs in to the fleet broker as a client of its own."""
+    farm_a = fleet.sites["farm-a"]
+    assert farm_a.process is not None
+    stop_process(farm_a.process)  # its login is one session: the attacker holds it now
+    rogue = fleet.fleet_session("bridge-farm-a")
+    spy = fleet.fleet_session("fleet-ctl")
+    try:
+        spy.subscribe("fleet/#")
+        refused = {
+            topics.node_status("b1"): token(),
+            topics.node_model("b1"): token(),
+            topics.site_link("farm-b"): token(),
+            topics.group_desired("line"): token(),
+            topics.node_desired("a1"): token(),
+            topics.FLEET_DESIRED: token(),
+            topics.artifact_chunk("m", "6.6.6", 0): token(),
+        }
+        codes = {topic: rogue.publish(topic, body) for topic, body in refused.items()}
+        assert set(codes.values()) == {NOT_AUTHORIZED}, codes
+        marker = token()
+        assert rogue.publish(topics.node_status("a1"), marker) == 0  # its own node: allowed
+        assert spy.wait_for(marker)
+        assert not [topic for topic, body in refused.items() if spy.got(body)]
+    finally:
+        rogue.close()
+        farm_a.start()
+        back, site = token(), fleet.site_session("farm-a")
+        wait_until(lambda: site.publish(topics.node_telemetry("a1"), back) in ACCEPTED and
+                   spy.wait_for(back, 1), 30, "farm-a's bridge back")  # fmt: skip
+        site.close()
+        spy.close()
+
+
+def test_a_lost_link_reads_down_and_the_site_converges_when_it_returns(fleet: Fleet) -> None:
+    spy = ctl = fleet.fleet_session("fleet-ctl")  # one login, one session: both roles
+    first, rollback = token(), token()
+    try:
+        spy.subscribe("fleet/sites/+/link")
+        wait_until(lambda: link(spy, "farm-b") == b"1", 20, "farm-b's link up")
+        assert ctl.publish(topics.group_desired("line"), first, retain=True) == 0
+        fleet.sites["farm-b"].kill()
+        wait_until(lambda: link(spy, "farm-b") == b"0", 30, "farm-b's link down (its will)")
+        assert link(spy, "farm-a") == b"1", "farm-a is not affected"
+        # a rollback while farm-b is away
+        assert ctl.publish(topics.group_desired("line"), rollback, retain=True) == 0
+        fleet.sites["farm-b"].start()
+        wait_until(lambda: link(spy, "farm-b") == b"1", 30, "farm-b's link back")
+        late = fleet.site_session("farm-b")
+        try:
+            late.subscribe(topics.group_desired("line"))
+            assert late.wait_for(rollback, 20), "farm-b did not converge to the rollback"
+            late.unsubscribe(topics.group_desired("line"))
+            states = [
+                body for topic, body in late.messages if topic == topics.group_desired("line")
+            ]
+            assert states[-1] == rollback, "a stale order is retained at farm-b"
+        finally:
+            late.close()
+    finally:
+        ctl.publish(topics.group_desired("line"), b"", retain=True)
+        ctl.close()
