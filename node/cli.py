@@ -66,6 +66,7 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
         ("--telemetry-interval", "telemetry_interval_s", float),
         ("--mqtt-protocol", "mqtt_protocol", str),
         ("--share-group", "share_group", str),
+        ("--site", "site", str),
         ("--sensors", "sensors", str),
         ("--results-qos", "results_qos", int),
         ("--username", "username", str),

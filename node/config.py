@@ -54,6 +54,11 @@ class NodeConfig(BrokerSettings):
 
     node_id: str | None = Field(None, description="Defaults to a stable id derived from hardware")
     group: str = Field("default", description="Fleet group this node belongs to")
+    site: str | None = Field(
+        None,
+        description="The site this node is at, when site brokers are bridged to a fleet broker "
+        "(its status says it; fleet tools group nodes by site)",
+    )
     model: Path | None = Field(
         None,
         description="Model bundle to serve (unset: the bundle served last, else the node waits "
@@ -203,7 +208,7 @@ class NodeConfig(BrokerSettings):
         "INFO", description="Log threshold (JSON lines on stderr)"
     )
 
-    @field_validator("node_id", "group", "share_group")
+    @field_validator("node_id", "group", "share_group", "site")
     @classmethod
     def _identifier(cls, value: str | None) -> str | None:
         if value is not None and not is_valid_id(value):

@@ -48,6 +48,7 @@ class Identity:
     group: str | None
     share_group: str | None
     hop: int
+    site: str | None = None
 
     @classmethod
     def of(cls, config: NodeConfig, node_id: str, instance: str, started_at: float) -> Identity:
@@ -60,6 +61,7 @@ class Identity:
             group=config.group,
             share_group=config.share_group,
             hop=config.hop,
+            site=config.site,
         )
 
 
@@ -85,6 +87,7 @@ def status_message(
             model=pipeline.ref,
             config_digest=me.config_digest,
             group=me.group,
+            site=me.site,
             share_group=me.share_group,
             hop=me.hop,
             host=socket.gethostname(),

@@ -176,6 +176,11 @@ class NodeStatus(Outbound):
     model: ModelRef | None = None
     config_digest: str | None = None
     group: str | None = None
+    site: str | None = Field(
+        default=None,
+        description="The site whose broker this node uses, when sites are bridged to a fleet "
+        "broker (docs/scaling.md)",
+    )
     share_group: str | None = Field(
         default=None,
         description="The share group whose sensors this node divides with the group's other live "

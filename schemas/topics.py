@@ -34,6 +34,7 @@ NODES_MODEL_FILTER: Final = "fleet/nodes/+/model"
 NODES_TELEMETRY_FILTER: Final = "fleet/nodes/+/telemetry"
 ROLLOUTS_FILTER: Final = "fleet/rollouts/+"
 CONTROLLERS_FILTER: Final = "fleet/controllers/+"
+SITE_LINKS_FILTER: Final = "fleet/sites/+/link"
 
 
 def window(sensor_id: str) -> str:

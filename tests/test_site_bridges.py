@@ -12,11 +12,13 @@ is at the fleet, anything sent before it that was going to cross has crossed.
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
 import signal
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,10 +28,16 @@ import pytest
 from test_broker_security import COMPOSE, NOT_AUTHORIZED, Session, open_session, secure_conf
 
 from fleet import pki
+from fleet.rollout.commands import format_nodes
+from fleet.rollout.view import NodeView
 from helpers.processes import stop_process
+from helpers.programs import subprocess_env
 from helpers.waiting import wait_until
+from node.app import NodeApp
+from node.config import load_config
 from node.tools.local_broker import free_port, wait_for_port
 from schemas import topics
+from schemas.messages import NodeState, NodeStatus
 
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto")
 
@@ -105,6 +113,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     layout = pki.Layout(root / "fleet-site")
     pki.init_site(layout.root, site="fleet", hosts=("localhost", "127.0.0.1"))
     pki.add_client(layout.root, "fleet", "ctl")
+    pki.add_client(layout.root, "fleet", "ops")  # the fleet CLI's own login
     ports = {"8883": free_port(), "8884": free_port(), "1883": free_port()}
     kits: dict[str, Path] = {}
     for site, (node, sensor) in SITES.items():
@@ -301,3 +310,70 @@ def test_a_lost_link_reads_down_and_the_site_converges_when_it_returns(fleet: Fl
     finally:
         ctl.publish(topics.group_desired("line"), b"", retain=True)
         ctl.close()
+
+
+# -- the fleet tools see sites -----------------------------------------------------------------
+
+
+def fleet_nodes(fleet: Fleet) -> dict[str, dict[str, object]]:
+    """`imu-fleet nodes --json` against the fleet broker, as an operator (fleet-ops)."""
+    layout = fleet.layout
+    done = subprocess.run(
+        [sys.executable, "-m", "fleet.cli", "nodes", "--json", "--wait", "1",
+         "--broker", f"mqtts://localhost:{fleet.tls_port}", "--ca-file", str(layout.ca_cert),
+         "--cert-file", str(layout.client_file("fleet-ops", "crt")),
+         "--key-file", str(layout.client_file("fleet-ops", "key"))],
+        capture_output=True, text=True, timeout=60, env=subprocess_env("onnx"), check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return {row["node_id"]: row for row in json.loads(done.stdout)}
+
+
+def test_a_node_behind_a_down_link_reads_site_unreachable_not_offline(
+    fleet: Fleet, reference_bundle_path: Path, tmp_path: Path
+) -> None:
+    """A real node at farm-a says its site; the fleet tools group it there, and when the link
+    drops they say the site is unreachable (the node may well be serving it)."""
+    config = load_config(
+        broker=f"mqtt://127.0.0.1:{fleet.sites['farm-a'].port}", node_id="a1", site="farm-a",
+        model=reference_bundle_path, backend="onnx", state_dir=tmp_path / "state",
+        spool_dir=tmp_path / "spool", cache_dir=tmp_path / "cache",
+    )  # fmt: skip
+    app = NodeApp.open(config)
+    assert app is not None
+    app.start()
+    try:
+        wait_until(
+            lambda: fleet_nodes(fleet).get("a1", {}).get("state") == "online", 30,
+            "a1's birth at the fleet, through farm-a's bridge",
+        )  # fmt: skip
+        row = fleet_nodes(fleet)["a1"]
+        assert (row["site"], row["site_link"]) == ("farm-a", "up")
+        fleet.sites["farm-a"].kill()
+        wait_until(
+            lambda: fleet_nodes(fleet)["a1"]["state"] == "site unreachable", 30,
+            "a1 behind farm-a's down link",
+        )  # fmt: skip
+        row = fleet_nodes(fleet)["a1"]
+        assert row["site_link"] == "DOWN"
+        assert row["online"] is True, "the last status that crossed: a1 was serving"
+    finally:
+        fleet.sites["farm-a"].start()
+        app.stop("test finished")
+
+
+def test_the_nodes_table_groups_by_site_and_names_down_links() -> None:
+    def view(node_id: str, site: str | None) -> NodeView:
+        status = NodeStatus(state=NodeState.ONLINE, node_id=node_id, instance="i", ts=1.0,
+                            site=site)  # fmt: skip
+        return NodeView(node_id, status=status)
+
+    nodes = [view("b1", "farm-b"), view("a1", "farm-a"), view("hq1", None)]
+    table = format_nodes(nodes, {"farm-a": True, "farm-b": False}).splitlines()
+    rows = {line.split()[0]: line for line in table[1:4]}
+    assert [line.split()[0] for line in table[1:4]] == ["hq1", "a1", "b1"]  # by site, then id
+    assert rows["b1"].split()[1:4] == ["farm-b", "site", "unreachable"]
+    assert rows["a1"].split()[1:3] == ["farm-a", "yes"]
+    assert "sites (bridge to this broker): farm-a up, farm-b DOWN; 1 nodes behind a down link" \
+        in table[-1]  # fmt: skip
+    assert "site" not in format_nodes([view("hq1", None)]).splitlines()[0].split()

@@ -284,12 +284,24 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         return _forget(args)
     with controller_session(args) as controller:
         time.sleep(args.wait)  # telemetry is periodic, not retained
-        nodes = controller.view.nodes()
+        nodes, links = controller.view.nodes(), controller.view.links()
     if args.json:
-        print(json.dumps([_node_json(view) for view in nodes], indent=2))
+        print(json.dumps([_node_json(view, links) for view in nodes], indent=2))
         return 0
-    print(format_nodes(nodes))
+    print(format_nodes(nodes, links))
     return 0
+
+
+SITE_UNREACHABLE = "site unreachable"
+"""A node at a site whose bridge to the fleet broker is down: its last status is stale."""
+
+
+def node_state(view: NodeView, links: dict[str, bool]) -> str:
+    """online, offline, stopped, stopping, or `site unreachable` (its site's link is down: what
+    the fleet broker holds of it may be stale, and it may well be serving its site)."""
+    if view.site is not None and links.get(view.site) is False:
+        return SITE_UNREACHABLE
+    return view.status.state.value if view.status else "unknown"
 
 
 def _forget(args: argparse.Namespace) -> int:
@@ -315,7 +327,7 @@ def _forget(args: argparse.Namespace) -> int:
     return 0 if not left and not done.refused else 1
 
 
-def _node_json(view: NodeView) -> dict[str, object]:
+def _node_json(view: NodeView, links: dict[str, bool]) -> dict[str, object]:
     model, telemetry = view.model, view.telemetry
     following = model.following if model else None
     running = model.active.version if model and model.active else None
@@ -325,6 +337,9 @@ def _node_json(view: NodeView) -> dict[str, object]:
     return {
         "node_id": view.node_id,
         "online": view.online,
+        "state": node_state(view, links),
+        "site": view.site,
+        "site_link": None if view.site is None else _link_word(links.get(view.site)),
         "group": view.group,
         "model": model.active.model_dump(mode="json") if model and model.active else None,
         "model_state": model.state.value if model else None,
@@ -340,14 +355,21 @@ def _node_json(view: NodeView) -> dict[str, object]:
     }
 
 
-def format_nodes(nodes: list[NodeView]) -> str:
-    """The nodes table."""
+def _link_word(up: bool | None) -> str:
+    return "unknown" if up is None else "up" if up else "DOWN"
+
+
+def format_nodes(nodes: list[NodeView], links: dict[str, bool] | None = None) -> str:
+    """The nodes table, grouped by site when nodes say theirs (docs/scaling.md, many sites)."""
+    links = links or {}
+    by_site = any(view.site for view in nodes)
+    site_column = f" {'site':<12}" if by_site else ""
     lines = [
-        f"{'node':<24} {'online':<7} {'group':<12} {'model':<28} {'state':<11} "
+        f"{'node':<24}{site_column} {'online':<7} {'group':<12} {'model':<28} {'state':<11} "
         f"{'backend':<8} {'win/s':>7} {'p95 ms':>7}  {'follows (node-level = a pin)':<24} drift"
     ]
     drifting = stale = 0
-    for view in nodes:
+    for view in sorted(nodes, key=lambda v: (v.site or "", v.node_id)):
         model = view.model
         active = f"{model.active.name} {model.active.version}" if model and model.active else "-"
         telemetry = view.telemetry
@@ -358,8 +380,12 @@ def format_nodes(nodes: list[NodeView]) -> str:
         if model is not None and model.stale_since is not None:
             stale += 1
             drift = f"{drift}; STALE since {_ago(model.stale_since)}"
+        online = "yes" if view.online else "no"
+        if node_state(view, links) == SITE_UNREACHABLE:
+            online = SITE_UNREACHABLE
+        site = f" {view.site or '-':<12}" if by_site else ""
         lines.append(
-            f"{view.node_id:<24} {'yes' if view.online else 'no':<7} {view.group or '-':<12} "
+            f"{view.node_id:<24}{site} {online:<7} {view.group or '-':<12} "
             f"{active:<28} {model.state if model else '-':<11} "
             f"{(model.backend or '-') if model else '-':<8} {rate:>7} "
             f"{f'{p95:.1f}' if p95 is not None else '-':>7}  {follows:<24} {drift}"
@@ -368,6 +394,12 @@ def format_nodes(nodes: list[NodeView]) -> str:
         f"{len(nodes)} nodes, {sum(v.online for v in nodes)} online, {drifting} not running "
         "what they follow; follows = the desired state a node obeys (node-level = a pin)"
     )
+    sites = sorted({view.site for view in nodes if view.site} | set(links))
+    if sites:
+        unreachable = sum(node_state(v, links) == SITE_UNREACHABLE for v in nodes)
+        behind = f"; {unreachable} nodes behind a down link show their last known state"
+        states = ", ".join(f"{site} {_link_word(links.get(site))}" for site in sites)
+        lines.append(f"sites (bridge to this broker): {states}{behind if unreachable else ''}")
     if stale:
         lines.append(
             f"{stale} nodes have a STALE control plane: what they follow expired without a "

@@ -48,6 +48,11 @@ class NodeView:
         """The group from the node's birth message."""
         return self.status.group if self.status else None
 
+    @property
+    def site(self) -> str | None:
+        """The site from the node's status (None: not at a bridged site)."""
+        return self.status.site if self.status else None
+
 
 class FleetView:
     """Subscribes to every node's status, model and telemetry and keeps the latest."""
@@ -55,6 +60,7 @@ class FleetView:
     def __init__(self, session: MqttSession) -> None:
         self._session = session
         self._nodes: dict[str, NodeView] = {}
+        self._links: dict[str, bool] = {}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         for topic_filter, model, attribute in (
@@ -63,6 +69,17 @@ class FleetView:
             (topics.NODES_TELEMETRY_FILTER, Telemetry, "telemetry"),
         ):
             session.route(topic_filter, self._handler(model, attribute))
+        session.route(topics.SITE_LINKS_FILTER, self._on_link)
+
+    def _on_link(self, message: mqtt.MQTTMessage) -> None:
+        """A site bridge's notification: `1` up, `0` down; empty clears a retired site."""
+        site = message.topic.split("/")[2]
+        with self._changed:
+            if message.payload in (b"1", b"0"):
+                self._links[site] = message.payload == b"1"
+            elif not message.payload:
+                self._links.pop(site, None)
+            self._changed.notify_all()
 
     def _handler(self, model: type[BaseModel], attribute: str) -> Handler:
         def on_message(message: mqtt.MQTTMessage) -> None:
@@ -89,6 +106,16 @@ class FleetView:
         """Every node seen, sorted by id."""
         with self._lock:
             return [self._nodes[k] for k in sorted(self._nodes)]
+
+    def links(self) -> dict[str, bool]:
+        """Each bridged site's link to this broker: True up, False down."""
+        with self._lock:
+            return dict(self._links)
+
+    def reachable(self, view: NodeView) -> bool:
+        """False when the node is at a site whose bridge reads down: its status is stale."""
+        with self._lock:
+            return view.site is None or self._links.get(view.site, True)
 
     def get(self, node_id: str) -> NodeView | None:
         """One node's view."""

@@ -189,6 +189,7 @@ class FirstBoot:
                 started_at=self._started,
                 software_version=software_version(),
                 group=self.config.group,
+                site=self.config.site,
                 host=socket.gethostname(),
                 reason=reason,
             )
