@@ -27,8 +27,13 @@ from pathlib import Path
 import pytest
 from test_broker_security import COMPOSE, NOT_AUTHORIZED, Session, open_session, secure_conf
 
+from common.mqtt.address import BrokerAddress
+from common.mqtt.connection import Connection, Credentials
 from fleet import pki
+from fleet.bundles.reference import build_reference_bundle
+from fleet.distribution import publish_bundle
 from fleet.rollout.commands import format_nodes
+from fleet.rollout.controller import Controller
 from fleet.rollout.view import NodeView
 from helpers.processes import stop_process
 from helpers.programs import subprocess_env
@@ -37,6 +42,7 @@ from node.app import NodeApp
 from node.config import load_config
 from node.tools.local_broker import free_port, wait_for_port
 from schemas import topics
+from schemas.control import RolloutState
 from schemas.messages import NodeState, NodeStatus
 
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto")
@@ -114,6 +120,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     pki.init_site(layout.root, site="fleet", hosts=("localhost", "127.0.0.1"))
     pki.add_client(layout.root, "fleet", "ctl")
     pki.add_client(layout.root, "fleet", "ops")  # the fleet CLI's own login
+    pki.add_client(layout.root, "fleet", "rollout")  # the rollout controller's
     ports = {"8883": free_port(), "8884": free_port(), "1883": free_port()}
     kits: dict[str, Path] = {}
     for site, (node, sensor) in SITES.items():
@@ -377,3 +384,74 @@ def test_the_nodes_table_groups_by_site_and_names_down_links() -> None:
     assert "sites (bridge to this broker): farm-a up, farm-b DOWN; 1 nodes behind a down link" \
         in table[-1]  # fmt: skip
     assert "site" not in format_nodes([view("hq1", None)]).splitlines()[0].split()
+
+
+# -- a rollout across sites, and a rollback while one is away ---------------------------------
+
+
+def site_node(fleet: Fleet, site: str, node: str, bundle: Path, root: Path, group: str) -> NodeApp:
+    """A real node at `site`, on its site broker, following `group`."""
+    config = load_config(
+        broker=f"mqtt://127.0.0.1:{fleet.sites[site].port}", node_id=node, site=site,
+        group=group, model=bundle, backend="onnx", state_dir=root / node / "state",
+        spool_dir=root / node / "spool", cache_dir=root / node / "cache",
+        telemetry_interval_s=0.5,
+    )  # fmt: skip
+    app = NodeApp.open(config)
+    assert app is not None
+    app.start()
+    return app
+
+
+def test_a_rollout_crosses_sites_and_a_rollback_reaches_the_site_that_was_away(
+    fleet: Fleet, reference_bundle_path: Path, tmp_path: Path
+) -> None:
+    """The operator's journey across two bridged sites: artifacts published once on the fleet
+    broker, a rollout whose waves reach a node at each site, then a rollback issued while
+    farm-b's link is down. The controller confirms only farm-a's node and names the other; when
+    farm-b is back, its node runs the version the fleet finally chose."""
+    layout = fleet.layout
+    connection = Connection(
+        BrokerAddress.parse(f"mqtts://localhost:{fleet.tls_port}"),
+        credentials=Credentials(
+            ca_file=str(layout.ca_cert),
+            cert_file=str(layout.client_file("fleet-rollout", "crt")),
+            key_file=str(layout.client_file("fleet-rollout", "key")),
+        ),
+    )
+    newer = build_reference_bundle(tmp_path / "1.1.0.tar", version="1.1.0", seed=8)
+    publish_bundle(newer, connection)  # retained on the fleet broker; crosses each link once
+    group = "line"
+    nodes = {"farm-a": "a1", "farm-b": "b1"}
+    apps = {site: site_node(fleet, site, node, reference_bundle_path, tmp_path, group)
+            for site, node in nodes.items()}  # fmt: skip
+    controller = Controller.connect(connection, client_id="fleet-rollout")
+    try:
+        wait_until(
+            lambda: all((v := controller.view.get(n)) is not None and v.online and v.model
+                        for n in nodes.values())
+            and controller.artifact("tcn-reference", "1.1.0") is not None,
+            30, "the controller to see both sites' nodes and the published version",
+        )  # fmt: skip
+        record = controller.start("tcn-reference", "1.1.0", group=group, canary=1, waves=[100],
+                                  wave_timeout_s=20)  # fmt: skip
+        final = controller.run(record)
+        assert final.state is RolloutState.SUCCEEDED, final.reason
+        assert {app.worker.pipeline.ref.version for app in apps.values()} == {"1.1.0"}
+        fleet.sites["farm-b"].kill()  # farm-b's uplink is cut
+        rolled = controller.take_over(final, "rollback")
+        assert apps["farm-a"].worker.pipeline.ref.version == "1.0.0"
+        assert "rolled back 1 of 2 moved nodes; not confirmed: b1" in (rolled.reason or ""), (
+            rolled.reason
+        )
+        assert apps["farm-b"].worker.pipeline.ref.version == "1.1.0"  # away: not reached yet
+        fleet.sites["farm-b"].start()  # back: the bridge delivers what the fleet queued for it
+        wait_until(
+            lambda: apps["farm-b"].worker.pipeline.ref.version == "1.0.0", 60,
+            "farm-b's node to converge to the rollback",
+        )  # fmt: skip
+        assert {app.worker.pipeline.ref.version for app in apps.values()} == {"1.0.0"}
+    finally:
+        controller.close()
+        for app in apps.values():
+            app.stop("test finished")
