@@ -224,6 +224,13 @@ class RolloutRecord(Outbound):
         exclude_if=lambda value: not value,
         description="True once the rollout set its scope's desired state (on success)",
     )
+    site_hold_s: float | None = Field(
+        default=None,
+        ge=0,
+        exclude_if=lambda value: value is None,
+        description="How long past the wave timeout a node whose site link is down is held, "
+        "neither failed nor done (null: the controller's default, 600 s)",
+    )
     signature: str | None = Field(
         default=None,
         exclude_if=lambda value: value is None,  # absent when unsigned: older readers take it

@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from fleet import pki
 from fleet.bundles.reference import build_reference_bundle
 from fleet.distribution import publish_bundle
 from fleet.rollout.commands import format_nodes
-from fleet.rollout.controller import Controller
+from fleet.rollout.controller import Controller, plan_waves_by_site
 from fleet.rollout.view import NodeView
 from helpers.processes import stop_process
 from helpers.programs import subprocess_env
@@ -42,7 +43,7 @@ from node.app import NodeApp
 from node.config import load_config
 from node.tools.local_broker import free_port, wait_for_port
 from schemas import topics
-from schemas.control import RolloutState
+from schemas.control import NodeRolloutState, RolloutRecord, RolloutState
 from schemas.messages import NodeState, NodeStatus
 
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto")
@@ -389,6 +390,19 @@ def test_the_nodes_table_groups_by_site_and_names_down_links() -> None:
 # -- a rollout across sites, and a rollback while one is away ---------------------------------
 
 
+def fleet_connection(fleet: Fleet, username: str) -> Connection:
+    """The fleet broker, with `username`'s certificate."""
+    layout = fleet.layout
+    return Connection(
+        BrokerAddress.parse(f"mqtts://localhost:{fleet.tls_port}"),
+        credentials=Credentials(
+            ca_file=str(layout.ca_cert),
+            cert_file=str(layout.client_file(username, "crt")),
+            key_file=str(layout.client_file(username, "key")),
+        ),
+    )
+
+
 def site_node(fleet: Fleet, site: str, node: str, bundle: Path, root: Path, group: str) -> NodeApp:
     """A real node at `site`, on its site broker, following `group`."""
     config = load_config(
@@ -410,15 +424,7 @@ def test_a_rollout_crosses_sites_and_a_rollback_reaches_the_site_that_was_away(
     broker, a rollout whose waves reach a node at each site, then a rollback issued while
     farm-b's link is down. The controller confirms only farm-a's node and names the other; when
     farm-b is back, its node runs the version the fleet finally chose."""
-    layout = fleet.layout
-    connection = Connection(
-        BrokerAddress.parse(f"mqtts://localhost:{fleet.tls_port}"),
-        credentials=Credentials(
-            ca_file=str(layout.ca_cert),
-            cert_file=str(layout.client_file("fleet-rollout", "crt")),
-            key_file=str(layout.client_file("fleet-rollout", "key")),
-        ),
-    )
+    connection = fleet_connection(fleet, "fleet-rollout")
     newer = build_reference_bundle(tmp_path / "1.1.0.tar", version="1.1.0", seed=8)
     publish_bundle(newer, connection)  # retained on the fleet broker; crosses each link once
     group = "line"
@@ -452,6 +458,111 @@ def test_a_rollout_crosses_sites_and_a_rollback_reaches_the_site_that_was_away(
         )  # fmt: skip
         assert {app.worker.pipeline.ref.version for app in apps.values()} == {"1.0.0"}
     finally:
+        controller.unpin(list(nodes.values()))  # the rollback's node-level orders
+        controller.close()
+        for app in apps.values():
+            app.stop("test finished")
+
+
+def test_waves_by_site_put_a_canary_in_one_site_then_that_site_then_the_rest() -> None:
+    sites = {"farm-b": ["b2", "b1"], "farm-a": ["a2", "a1", "a3"], "": ["hq1"], "farm-c": ["c1"]}
+    assert plan_waves_by_site(sites, canary=1) == [["a1"], ["a2", "a3"], ["b1", "b2", "c1", "hq1"]]
+    assert plan_waves_by_site({"farm-a": ["a1"]}, canary=1) == [["a1"]]
+    assert plan_waves_by_site({"": ["n2", "n1"]}, canary=1) == [["n1"], ["n2"]]
+    assert plan_waves_by_site({}, canary=1) == []
+
+
+def test_a_rollout_by_site_holds_a_site_whose_link_is_down_and_finishes_when_it_returns(
+    fleet: Fleet, reference_bundle_path: Path, tmp_path: Path
+) -> None:
+    """farm-b's link is down when its wave comes: its node is held past the wave timeout,
+    neither failed (no rollback of farm-a) nor counted as done; when the link returns, the
+    queued order reaches it, it reports the new version, and the rollout succeeds."""
+    connection = fleet_connection(fleet, "fleet-rollout")
+    newer = build_reference_bundle(tmp_path / "1.1.0.tar", version="1.1.0", seed=8)
+    publish_bundle(newer, connection)
+    group, nodes = "held", {"farm-a": "a1", "farm-b": "b1"}
+    apps = {site: site_node(fleet, site, node, reference_bundle_path, tmp_path, group)
+            for site, node in nodes.items()}  # fmt: skip
+    controller = Controller.connect(connection, client_id="fleet-rollout")
+    ran: list[RolloutRecord] = []
+    try:
+        wait_until(
+            lambda: all((v := controller.view.get(n)) is not None and v.online and v.model
+                        for n in nodes.values())
+            and controller.artifact("tcn-reference", "1.1.0") is not None,
+            30, "the controller to see both sites' nodes and the published version",
+        )  # fmt: skip
+        record = controller.start("tcn-reference", "1.1.0", group=group, canary=1, by_site=True,
+                                  wave_timeout_s=3, site_hold_s=300)  # fmt: skip
+        assert record.waves == [["a1"], ["b1"]]
+        fleet.sites["farm-b"].kill()
+        wait_until(lambda: controller.view.links().get("farm-b") is False, 30, "farm-b down")
+        driver = threading.Thread(target=lambda: ran.append(controller.run(record)), daemon=True)
+        driver.start()
+
+        def held() -> bool:
+            latest = controller.record(record.rollout_id)
+            return latest is not None and (latest.nodes["b1"].error or "").startswith("held:")
+
+        wait_until(held, 60, "b1 held behind farm-b's down link")
+        latest = controller.record(record.rollout_id)
+        assert latest is not None
+        assert latest.state is RolloutState.RUNNING
+        assert latest.nodes["b1"].state is NodeRolloutState.UPDATING  # neither failed nor done
+        assert latest.nodes["a1"].state is NodeRolloutState.ACTIVE
+        fleet.sites["farm-b"].start()
+        driver.join(120)
+        assert ran, "the rollout did not finish after farm-b came back"
+        assert ran[0].state is RolloutState.SUCCEEDED, ran[0].reason
+        assert {app.worker.pipeline.ref.version for app in apps.values()} == {"1.1.0"}
+    finally:
+        controller.session.publish(topics.group_desired(group), b"", retain=True)
+        controller.close()
+        for app in apps.values():
+            app.stop("test finished")
+
+
+def test_a_site_down_past_its_hold_fails_the_wave_and_ends_on_the_rollback(
+    fleet: Fleet, reference_bundle_path: Path, tmp_path: Path
+) -> None:
+    """The hold is bounded: past it, the node behind the down link fails, the rollout rolls
+    back, and when the site returns its node takes the queued orders in turn and ends on the
+    version the fleet finally chose (its previous one)."""
+    connection = fleet_connection(fleet, "fleet-rollout")
+    newer = build_reference_bundle(tmp_path / "1.1.0.tar", version="1.1.0", seed=8)
+    publish_bundle(newer, connection)
+    group, nodes = "bounded", {"farm-a": "a1", "farm-b": "b1"}
+    apps = {site: site_node(fleet, site, node, reference_bundle_path, tmp_path, group)
+            for site, node in nodes.items()}  # fmt: skip
+    controller = Controller.connect(connection, client_id="fleet-rollout")
+    try:
+        wait_until(
+            lambda: all((v := controller.view.get(n)) is not None and v.online and v.model
+                        for n in nodes.values())
+            and controller.artifact("tcn-reference", "1.1.0") is not None,
+            30, "the controller to see both sites' nodes and the published version",
+        )  # fmt: skip
+        record = controller.start("tcn-reference", "1.1.0", group=group, canary=1, by_site=True,
+                                  wave_timeout_s=3, site_hold_s=1)  # fmt: skip
+        fleet.sites["farm-b"].kill()
+        wait_until(lambda: controller.view.links().get("farm-b") is False, 30, "farm-b down")
+        final = controller.run(record)
+        assert final.state is RolloutState.FAILED
+        assert final.nodes["b1"].error == (
+            "site farm-b stayed unreachable past the wave timeout and its hold"
+        )
+        assert "not confirmed: b1" in (final.reason or ""), final.reason
+        assert apps["farm-a"].worker.pipeline.ref.version == "1.0.0"
+        fleet.sites["farm-b"].start()
+        wait_until(
+            lambda: apps["farm-b"].worker.pipeline.ref.version == "1.0.0"
+            and (v := controller.view.get("b1")) is not None and v.model is not None
+            and v.model.active is not None and v.model.active.version == "1.0.0",
+            60, "b1 on the version the fleet finally chose",
+        )  # fmt: skip
+    finally:
+        controller.unpin(list(nodes.values()))
         controller.close()
         for app in apps.values():
             app.stop("test finished")

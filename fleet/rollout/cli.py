@@ -62,6 +62,18 @@ ROLLOUT = Command(
         arg("--max-failures", type=int, default=0, help="failed nodes tolerated"),
         arg("--wave-timeout", type=float, default=120.0, help="seconds per wave"),
         arg(
+            "--by-site",
+            action="store_true",
+            help="wave by the sites nodes name: --canary nodes in the first site, the rest of "
+            "that site, then every other node (instead of --waves)",
+        ),
+        arg(
+            "--site-hold",
+            type=float,
+            help="seconds past the wave timeout a node behind a down site link is held, neither "
+            "failed nor done (600)",
+        ),
+        arg(
             "--soak",
             type=float,
             group=GATES,

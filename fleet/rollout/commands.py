@@ -97,6 +97,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             max_failures=args.max_failures,
             wave_timeout_s=args.wave_timeout,
             gates=gates,
+            by_site=args.by_site,
+            site_hold_s=args.site_hold,
         )
         left_out = {n: f for n, f in pins.items() if n not in record.nodes}
         if left_out and not args.clear_pins:

@@ -69,6 +69,19 @@ def plan_waves(node_ids: list[str], canary: int, percents: list[int]) -> list[li
     return waves
 
 
+def plan_waves_by_site(sites: dict[str, list[str]], canary: int) -> list[list[str]]:
+    """Canary nodes in the first site (by name), then the rest of that site, then every other
+    node (nodes that name no site last): a bad version meets one site before the others."""
+    named = sorted(site for site in sites if site)
+    order = [*named, *([""] if "" in sites else [])]
+    if not order:
+        return []
+    first = sorted(sites[order[0]])
+    waves = [first[: max(canary, 1)], first[max(canary, 1) :]]
+    waves.append(sorted(n for site in order[1:] for n in sites[site]))
+    return [wave for wave in waves if wave]
+
+
 class Controller(WaveDriver):
     """Runs rollouts over one MQTT session.
 
@@ -169,11 +182,15 @@ class Controller(WaveDriver):
         max_failures: int = 0,
         wave_timeout_s: float = 120.0,
         gates: RolloutGates | None = None,
+        by_site: bool = False,
+        site_hold_s: float | None = None,
     ) -> RolloutRecord:
         """Plan a rollout of a published version over the online nodes (of a group).
 
         `gates` (see `default_gates`) make every wave soak and judge its nodes' health; None
-        passes a wave as soon as its nodes report the version active."""
+        passes a wave as soon as its nodes report the version active. `by_site` waves by the
+        sites nodes name (`plan_waves_by_site`) instead of by percentages; `site_hold_s` is how
+        long a node behind a down site link is held past the wave timeout (default 600 s)."""
         artifact = self.book.artifact(name, version)
         refused = self.book.refused(topics.artifact_manifest(name, version))
         if artifact is None and refused:
@@ -215,7 +232,14 @@ class Controller(WaveDriver):
                 issued_at=now,
             )
         )
-        plan = plan_waves(targets, canary, waves or [10, 50, 100])
+        if by_site:
+            sites: dict[str, list[str]] = {}
+            for node_id in targets:
+                view = self.view.get(node_id)
+                sites.setdefault((view.site if view else None) or "", []).append(node_id)
+            plan = plan_waves_by_site(sites, canary)
+        else:
+            plan = plan_waves(targets, canary, waves or [10, 50, 100])
         level, target = ("group", group) if group else ("fleet", "")
         record = RolloutRecord(
             rollout_id=rollout_id,
@@ -229,6 +253,7 @@ class Controller(WaveDriver):
             updated_at=now,
             gates=gates,
             scope_previous=self.desired.current(desired_topic(level, target)),
+            site_hold_s=site_hold_s,
         )
         soak = f", soak {gates.soak_s:g} s per wave" if gates else ", no health gates"
         return self._save(record, f"planned {len(targets)} nodes in {len(plan)} waves{soak}")

@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[RolloutRecord, str], None]
+SITE_HOLD_S = 600.0
+"""How long past the wave timeout a node behind a down site link is held (neither failed nor
+done) when the record does not say: a site's uplink down for minutes is common, and a node
+there has not failed anything."""
 HEARTBEAT_S = 5.0
 """A running controller republishes its record at least this often."""
 PAUSE_POLL_S = 0.2
@@ -156,12 +160,20 @@ class WaveDriver:
                 retain=True,
             )
         deadline = time.monotonic() + record.wave_timeout_s
+        hold_until = deadline + (
+            record.site_hold_s if record.site_hold_s is not None else SITE_HOLD_S
+        )
         last_save = time.monotonic()
+        released: dict[str, float] = {}  # held nodes whose link is back: their own deadline
         while True:
             record = self._obey(record)
             if record.state is not RolloutState.RUNNING:
                 return record
-            record, changed = self._collect(record, wave, expired=time.monotonic() > deadline)
+            now = time.monotonic()
+            record, changed = self._collect(
+                record, wave, expired=now > deadline, hold_over=now > hold_until,
+                released=released,
+            )  # fmt: skip
             if record.failures > record.max_failures:
                 reason = f"{record.failures} nodes failed (budget {record.max_failures})"
                 return self._roll_back(record, reason, RolloutState.FAILED)
@@ -265,11 +277,25 @@ class WaveDriver:
         return record
 
     def _collect(
-        self, record: RolloutRecord, wave: list[str], *, expired: bool
+        self,
+        record: RolloutRecord,
+        wave: list[str],
+        *,
+        expired: bool,
+        hold_over: bool = False,
+        released: dict[str, float] | None = None,
     ) -> tuple[RolloutRecord, bool]:
+        """The wave's nodes that reported active or failed.
+
+        Past the wave timeout a node still updating fails, unless its site's link to this
+        broker is down: it is then held (still updating, its `error` says why) until the hold
+        runs out. When its link comes back it gets a wave timeout of its own (`released`: node
+        -> monotonic deadline) to take the order the fleet broker queued for its site."""
+        released = {} if released is None else released
         nodes = dict(record.nodes)
         changed = False
         target = record.desired.version
+        now = time.monotonic()
         for node_id in wave:
             outcome = nodes[node_id]
             if outcome.state is not NodeRolloutState.UPDATING:
@@ -277,7 +303,30 @@ class WaveDriver:
             view = self.view.get(node_id)
             state, error = _progress_of(view, target)
             if state is NodeRolloutState.UPDATING and expired:
-                state, error = NodeRolloutState.FAILED, "no active report within the wave timeout"
+                unreachable = view is not None and not self.view.reachable(view)
+                note: str | None = None
+                if unreachable and not hold_over:
+                    note = f"held: site {view.site if view else '?'} unreachable (link down)"
+                    released.pop(node_id, None)
+                elif (outcome.error or "").startswith(("held:", "released:")) and not hold_over:
+                    due = released.setdefault(node_id, now + record.wave_timeout_s)
+                    if now <= due:
+                        note = (
+                            f"released: site {view.site if view else '?'} is back; "
+                            f"{record.wave_timeout_s:g} s to take the order"
+                        )
+                if note is not None:
+                    if outcome.error != note:
+                        nodes[node_id] = outcome.model_copy(update={"error": note})
+                        changed = True
+                    continue
+                site = view.site if view else "?"
+                state = NodeRolloutState.FAILED
+                error = (
+                    f"site {site} stayed unreachable past the wave timeout and its hold"
+                    if unreachable
+                    else "no active report within the wave timeout"
+                )
             if state is not NodeRolloutState.UPDATING:
                 nodes[node_id] = outcome.model_copy(update={"state": state, "error": error})
                 changed = True
@@ -408,7 +457,8 @@ class WaveDriver:
 
     def _confirm_rollback(self, record: RolloutRecord) -> tuple[RolloutRecord, list[str]]:
         """Mark as rolled back the nodes that report their previous model active again (or a
-        model other than the new one, when none was known); returns the others."""
+        model other than the new one, when none was known); returns the others. A node behind
+        a down site link is not confirmed: what the fleet holds of it predates the order."""
         nodes, waiting = dict(record.nodes), []
         for node_id, outcome in record.nodes.items():
             if outcome.state is not NodeRolloutState.ROLLING_BACK:
@@ -419,6 +469,8 @@ class WaveDriver:
             heading = state.target if state and state.state is not ModelLifecycle.FAILED else None
             back = (
                 active is not None
+                and view is not None
+                and self.view.reachable(view)  # a stale report is no confirmation
                 and active.version != record.desired.version
                 and (outcome.previous is None or active.version == outcome.previous.version)
                 and (heading is None or heading.version != record.desired.version)
