@@ -26,7 +26,7 @@ from fleet.pki.certs import LEAF_DAYS
 from fleet.pki.errors import PkiError
 from fleet.pki.files import write_atomic
 from fleet.pki.registry import Layout
-from fleet.pki.roles import Client
+from fleet.pki.roles import Client, bridge_routes
 from fleet.pki.site import add_client
 from schemas import topics
 
@@ -43,27 +43,6 @@ class BridgeKit:
     client: Client
     conf: Path
     files: tuple[Path, ...]
-
-
-def bridge_topics(client: Client) -> list[tuple[str, str, int]]:
-    """(pattern, direction, qos) lines of `client`'s bridge; the same topics its ACL grants."""
-    down = [
-        (topics.FLEET_DESIRED, "in", 1),
-        (topics.group_desired("+"), "in", 1),
-        *((topics.node_desired(node), "in", 1) for node in client.nodes),
-        (topics.artifact("+", "+", "#"), "in", 1),
-        (topics.ROLLOUTS_FILTER, "in", 1),
-    ]
-    up: list[tuple[str, str, int]] = []
-    for node in client.nodes:
-        up += [
-            (topics.node_status(node), "out", 1),
-            (topics.node_telemetry(node), "out", 0),
-            (topics.node_model(node), "out", 1),
-            (topics.node_errors(node), "out", 1),
-        ]
-    up += [(topics.motifs(sensor), "out", 1) for sensor in client.sensors]
-    return down + up
 
 
 def render_bridge_conf(client: Client, fleet_address: str, files_dir: str) -> str:
@@ -92,8 +71,9 @@ def render_bridge_conf(client: Client, fleet_address: str, files_dir: str) -> st
         "notifications_local_only false",
         f"notification_topic {topics.site_link(site)}",
     ]
-    lines += [f"topic {pattern} {direction} {qos}" for pattern, direction, qos in
-              bridge_topics(client)]  # fmt: skip
+    down, up = bridge_routes(client)
+    lines += [f"topic {pattern} in {qos}" for pattern, qos in down]
+    lines += [f"topic {pattern} out {qos}" for pattern, qos in up]
     return "\n".join(lines) + "\n"
 
 

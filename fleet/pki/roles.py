@@ -101,31 +101,43 @@ def check_grants(name: str) -> tuple[Grant, ...]:
     )
 
 
-def bridge_grants(client: Client) -> tuple[Grant, ...]:
-    """A site broker's bridge to the fleet broker (`bridge-SITE`), on the fleet broker.
+def bridge_routes(client: Client) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """What a site's bridge carries, (down, up) as (topic filter, QoS): the one list both its
+    ACL block and its `connection` block (fleet/pki/bridges.py) are made from.
 
-    Down to the site it reads desired state (fleet-wide, every group's, its own nodes'),
-    artifacts and rollout records. Up to the fleet it writes its own nodes' status, telemetry,
-    model and errors, its link state, and results only of the sensors the site chose: a
-    compromised site cannot speak for another site's nodes. Sensor windows never leave a site.
+    Down to the site: desired state (fleet-wide, every group's, its own nodes'), artifacts and
+    rollout records. Up to the fleet: its own nodes' status, telemetry, model and errors, and
+    results only of the sensors the site chose. Sensor windows and samples never leave a site.
     """
-    down = (
-        Grant("read", topics.FLEET_DESIRED),
-        Grant("read", topics.group_desired("+")),
-        *(Grant("read", topics.node_desired(node)) for node in client.nodes),
-        Grant("read", topics.artifact("+", "+", "#")),
-        Grant("read", topics.ROLLOUTS_FILTER),
-    )
-    up = [Grant("write", topics.site_link(client.name))]
+    down = [
+        (topics.FLEET_DESIRED, 1),
+        (topics.group_desired("+"), 1),
+        *((topics.node_desired(node), 1) for node in client.nodes),
+        (topics.artifact("+", "+", "#"), 1),
+        (topics.ROLLOUTS_FILTER, 1),
+    ]
+    up: list[tuple[str, int]] = []
     for node in client.nodes:
         up += [
-            Grant("write", topics.node_status(node)),
-            Grant("write", topics.node_telemetry(node)),
-            Grant("write", topics.node_model(node)),
-            Grant("write", topics.node_errors(node)),
+            (topics.node_status(node), 1),
+            (topics.node_telemetry(node), 0),
+            (topics.node_model(node), 1),
+            (topics.node_errors(node), 1),
         ]
-    up += [Grant("write", topics.motifs(sensor)) for sensor in client.sensors]
-    return (*down, *up)
+    up += [(topics.motifs(sensor), 1) for sensor in client.sensors]
+    return down, up
+
+
+def bridge_grants(client: Client) -> tuple[Grant, ...]:
+    """A site broker's bridge to the fleet broker (`bridge-SITE`), on the fleet broker: it reads
+    what goes down, and writes what goes up and its link state (`bridge_routes`). A
+    compromised site cannot speak for another site's nodes."""
+    down, up = bridge_routes(client)
+    return (
+        *(Grant("read", topic) for topic, _ in down),
+        Grant("write", topics.site_link(client.name)),
+        *(Grant("write", topic) for topic, _ in up),
+    )
 
 
 def dashboard_grants(_name: str) -> tuple[Grant, ...]:
