@@ -16,7 +16,7 @@ import orjson
 def test_the_cpu_bench_measures_node_peer_floor_and_ort(tmp_path: Path) -> None:
     out = tmp_path / "cpu.json"
     done = subprocess.run(
-        [sys.executable, "-m", "bench.cpu", "--hidden", "32", "--windows", "120", "--warmup",
+        [sys.executable, "-m", "bench.cpu", "--hidden", "32", "--windows", "600", "--warmup",
          "24", "--encodings", "json,binary", "--rounds", "2", "--zero-cost-hailo",
          "--json", str(out)],
         capture_output=True, text=True, timeout=240, check=False,
@@ -42,6 +42,8 @@ def test_the_cpu_bench_measures_node_peer_floor_and_ort(tmp_path: Path) -> None:
         assert all(who.startswith(f"{row['server']}-") for who in served), (name, served)
         for key in ("server_us", "broker_us", "generator_us", "windows_per_s"):
             assert math.isfinite(row[key]), (name, key)
-            assert row[key] > 0, (name, key)
+            # /proc counts CPU in 10 ms ticks: the broker's ~0.1 ms per window over a short
+            # burst can round to none, so it may be 0; the others cost more and may not
+            assert row[key] >= 0 if key == "broker_us" else row[key] > 0, (name, key)
     assert "node overhead / peer overhead" in done.stdout
     assert "one core sustains" in done.stdout
