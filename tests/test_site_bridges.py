@@ -566,3 +566,41 @@ def test_a_site_down_past_its_hold_fails_the_wave_and_ends_on_the_rollback(
         controller.close()
         for app in apps.values():
             app.stop("test finished")
+
+
+def test_after_a_fleet_broker_restart_the_bridges_return_and_retained_state_holds(
+    fleet: Fleet,
+) -> None:
+    """The other end: the fleet broker restarts (clean stop, its persistence kept). Its
+    retained orders survive, both site bridges reconnect by themselves, reports cross up again
+    and a new order crosses down to both sites."""
+    order, later = token(), token()
+    ctl = fleet.fleet_session("fleet-ctl")
+    assert ctl.publish(topics.group_desired("restart"), order, retain=True) == 0
+    ctl.close()
+    assert fleet.fleet.process is not None
+    stop_process(fleet.fleet.process)
+    fleet.fleet.start()
+    spy = fleet.fleet_session("fleet-ctl")
+    sites = {site: fleet.site_session(site) for site in SITES}
+    try:
+        spy.subscribe(topics.group_desired("restart"))
+        assert spy.wait_for(order), "the retained order did not survive the restart"
+        spy.subscribe("fleet/nodes/+/telemetry")
+        for site, (node, _) in SITES.items():
+            marker = token()
+
+            def crossed(site: str = site, node: str = node, marker: bytes = marker) -> bool:
+                sites[site].publish(topics.node_telemetry(node), marker)
+                return spy.wait_for(marker, 1)
+
+            wait_until(crossed, 90, f"{site}'s bridge back after the fleet broker's restart")
+        assert spy.publish(topics.group_desired("restart"), later, retain=True) == 0
+        for site, session in sites.items():
+            session.subscribe(topics.group_desired("restart"))
+            assert session.wait_for(later, 20), f"{site}: the order given after the restart"
+    finally:
+        spy.publish(topics.group_desired("restart"), b"", retain=True)
+        spy.close()
+        for session in sites.values():
+            session.close()
