@@ -93,7 +93,7 @@ def latency_family(name: str, documentation: str, histogram: LatencyHistogram | 
 
 
 def sidecar_families(f: SidecarFigures) -> Iterator[Metric]:
-    """The sidecar's metric set, every name present from the first scrape."""
+    """The sidecar's metric set: model info, temperature and utilization when they exist."""
     yield CounterMetricFamily(
         "hailo_inference_requests",
         "Windows inferred, MQTT and HTTP (= imu_node_windows_inferred_total)",
