@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 from fleet.distribution import publish_bundle
 from fleet.rollout.controller import Controller, RolloutError, send_command
-from fleet.rollout.view import NodeView
+from fleet.rollout.view import NodeView, behind_down_link
 from schemas.control import NodeHealth, NodeRolloutState, RolloutRecord, RolloutState
 from schemas.messages import NodeModelState
 
@@ -301,7 +301,7 @@ SITE_UNREACHABLE = "site unreachable"
 def node_state(view: NodeView, links: dict[str, bool]) -> str:
     """online, offline, stopped, stopping, or `site unreachable` (its site's link is down: what
     the fleet broker holds of it may be stale, and it may well be serving its site)."""
-    if view.site is not None and links.get(view.site) is False:
+    if behind_down_link(view, links):
         return SITE_UNREACHABLE
     return view.status.state.value if view.status else "unknown"
 

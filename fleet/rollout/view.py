@@ -54,6 +54,12 @@ class NodeView:
         return self.status.site if self.status else None
 
 
+def behind_down_link(view: NodeView, links: dict[str, bool]) -> bool:
+    """True when the node names a site whose bridge reads down: what this broker holds of it is
+    stale (a site no link was heard from counts as reachable)."""
+    return view.site is not None and links.get(view.site) is False
+
+
 class FleetView:
     """Subscribes to every node's status, model and telemetry and keeps the latest."""
 
@@ -115,7 +121,7 @@ class FleetView:
     def reachable(self, view: NodeView) -> bool:
         """False when the node is at a site whose bridge reads down: its status is stale."""
         with self._lock:
-            return view.site is None or self._links.get(view.site, True)
+            return not behind_down_link(view, self._links)
 
     def get(self, node_id: str) -> NodeView | None:
         """One node's view."""

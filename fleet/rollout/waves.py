@@ -304,15 +304,16 @@ class WaveDriver:
             state, error = _progress_of(view, target)
             if state is NodeRolloutState.UPDATING and expired:
                 unreachable = view is not None and not self.view.reachable(view)
+                site = view.site if view else None
                 note: str | None = None
                 if unreachable and not hold_over:
-                    note = f"held: site {view.site if view else '?'} unreachable (link down)"
+                    note = f"held: site {site} unreachable (link down)"
                     released.pop(node_id, None)
                 elif (outcome.error or "").startswith(("held:", "released:")) and not hold_over:
                     due = released.setdefault(node_id, now + record.wave_timeout_s)
                     if now <= due:
                         note = (
-                            f"released: site {view.site if view else '?'} is back; "
+                            f"released: site {site} is back; "
                             f"{record.wave_timeout_s:g} s to take the order"
                         )
                 if note is not None:
@@ -320,7 +321,6 @@ class WaveDriver:
                         nodes[node_id] = outcome.model_copy(update={"error": note})
                         changed = True
                     continue
-                site = view.site if view else "?"
                 state = NodeRolloutState.FAILED
                 error = (
                     f"site {site} stayed unreachable past the wave timeout and its hold"

@@ -104,21 +104,22 @@ class NodeCollector(Collector):
         """One consistent-enough snapshot per scrape."""
         s = self.sources()
         if s is None:  # waiting for a first model
-            yield from sidecar_families(self._figures(None, None))
+            yield from sidecar_families(self._figures(None, None, None))
             return
         pipeline = s.pipeline()
         temperature = pipeline.backend.temperature()
         yield from self._node(s, pipeline, temperature)
-        yield from sidecar_families(self._figures(s, temperature))
+        yield from sidecar_families(self._figures(s, pipeline, temperature))
 
-    def _figures(self, s: NodeSources | None, temperature: float | None) -> SidecarFigures:
+    def _figures(
+        self, s: NodeSources | None, pipeline: ModelPipeline | None, temperature: float | None
+    ) -> SidecarFigures:
         facts = self.facts
         waiting = SidecarFigures(
             facts.started_unix, facts.software_version, facts.health_checks(), model_loaded=False
         )
-        if s is None:
+        if s is None or pipeline is None:
             return waiting
-        pipeline = s.pipeline()
         _, done, _, _, errors = s.metrics.totals()
         return replace(
             waiting,

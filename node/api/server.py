@@ -23,6 +23,7 @@ a node waiting for its first model from the fleet answers `/livez` 200 and `/hea
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import queue
@@ -111,6 +112,13 @@ class Attached:
     work: queue.Queue[WorkItem]
     ready: Callable[[], dict[str, bool]]
     utilization: UtilizationMeter
+
+
+@functools.cache
+def hailort_installed() -> bool:
+    """Whether `hailo_platform` is installed, looked up once (without importing it: an ONNX node
+    on a Pi with HailoRT need not pay for loading it)."""
+    return importlib.util.find_spec("hailo_platform") is not None
 
 
 def model_reply(model: BaseModel, status: HTTPStatus = HTTPStatus.OK, **headers: str) -> Reply:
@@ -303,7 +311,7 @@ class NodeHttp:
                 group=self.group,
                 uptime_s=self.uptime_s(),
                 status=state,
-                hailort_available=importlib.util.find_spec("hailo_platform") is not None,
+                hailort_available=hailort_installed(),
                 model=ModelStatus(
                     loaded=pipeline is not None,
                     name=pipeline.ref.name if pipeline else None,
