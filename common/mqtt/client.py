@@ -6,7 +6,6 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -110,10 +109,6 @@ def paho_client(s: SessionSettings) -> mqtt.Client:
     if s.will is not None:
         client.will_set(s.will[0], s.will[1], qos=1, retain=True)
     return client
-
-
-def loop_writes(client: mqtt.Client, userdata: Any, sock: Any) -> None:
-    """Nothing to do: `_pump`'s `client.loop()` writes whatever is queued."""
 
 
 def no_ack() -> None:

@@ -1,10 +1,11 @@
 """One MQTT session on paho-mqtt 2.x's public API, with our own reconnect policy.
 
-A named network thread drives `client.loop()`. It connects with exponential backoff and jitter
-(tenacity), waits for the CONNACK, resubscribes every route on each connection and then calls the
-`on_connected` hook (birth message, retained state). When the connection drops it goes back to
-connecting. Handlers run on that thread and are isolated: an exception is logged with its topic
-and dispatch goes on. Publishes from any thread are counted until acknowledged, so shutdown can
+A named network thread drives the client's socket (`SocketPump`: paho's `loop()` on poll, so
+any descriptor number works). It connects with exponential backoff and jitter (tenacity), waits
+for the CONNACK, resubscribes every route on each connection and then calls the `on_connected`
+hook (birth message, retained state). When the connection drops it goes back to connecting.
+Handlers run on that thread and are isolated: an exception is logged with its topic and dispatch
+goes on. Publishes from any thread are counted until acknowledged, so shutdown can
 wait for every result to reach the broker.
 """
 
@@ -31,10 +32,10 @@ from common.mqtt.client import (
     ConnectRefusedError,
     SessionCounters,
     SessionSettings,
-    loop_writes,
     no_ack,
     paho_client,
 )
+from common.mqtt.pump import SocketPump
 from common.mqtt.refusals import Refusal, explain
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class MqttSession:
         self.taken_over = threading.Event()
         """Set when another connection took this client id's session over (no reconnect)."""
         self._client = self._make_client()
+        self._io = SocketPump(self._client)
 
     @property
     def protocol_is_v5(self) -> bool:
@@ -278,6 +280,8 @@ class MqttSession:
         except (OSError, ValueError):  # socket already gone
             logger.debug("disconnect on a closed socket")
         self._connected.clear()
+        if self._thread is None or not self._thread.is_alive():
+            self._io.close()
 
     def _flush(self) -> None:
         """Write what paho has queued (only when the network thread is not writing)."""
@@ -349,7 +353,7 @@ class MqttSession:
             self._client.reconnect()
         deadline = time.monotonic() + CONNACK_TIMEOUT_S
         while not self._connack.is_set():
-            rc = self._client.loop(timeout=0.05)
+            rc = self._io.step(0.05)
             if self._connack.is_set():  # a refusal closes the line with its CONNACK
                 break
             if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
@@ -365,7 +369,7 @@ class MqttSession:
 
     def _pump(self) -> None:
         while not self._stop.is_set():
-            rc = self._client.loop(timeout=0.05)
+            rc = self._io.step(0.05)
             if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
                 logger.warning(
                     "connection to %s lost (%s); reconnecting", self.settings.address, rc.name
@@ -412,10 +416,9 @@ class MqttSession:
         client.on_publish = self._handle_publish
         client.on_socket_open = self._handle_socket_open
         # Only the network thread writes to the socket: a publish from another thread queues
-        # the packet and wakes the loop (paho's external-loop mode), instead of writing itself
-        # while holding paho's message lock (two threads on one socket; a lock-order deadlock
-        # with callbacks that publish).
-        client.on_socket_register_write = loop_writes
+        # the packet and wakes the loop (paho's external-loop mode, set up by `SocketPump`),
+        # instead of writing itself while holding paho's message lock (two threads on one
+        # socket; a lock-order deadlock with callbacks that publish).
         client.on_unsubscribe = self._handle_unsubscribe
         return client
 
