@@ -139,9 +139,13 @@ class DecodedSamples:
     rate_hz: float | None
 
 
+WIRE = "wire"
+"""The serialization context key `encode` sets: a model may leave out what parsing restores."""
+
+
 def encode(message: BaseModel) -> bytes:
     """Serialise any message model to compact JSON bytes."""
-    return orjson.dumps(message.model_dump(mode="json", exclude_none=False))
+    return orjson.dumps(message.model_dump(mode="json", exclude_none=False, context={WIRE: True}))
 
 
 def encode_dict(payload: dict[str, Any]) -> bytes:

@@ -94,6 +94,8 @@ class MqttSession:
         self._gave_up_hooks: list[Callable[[str], None]] = []
         self.taken_over = threading.Event()
         """Set when another connection took this client id's session over (no reconnect)."""
+        self.max_packet_size: int | None = None
+        """The largest packet the broker takes, from its CONNACK (MQTT 5; None: not said)."""
         self._client = self._make_client()
         self._io = SocketPump(self._client)
 
@@ -432,6 +434,7 @@ class MqttSession:
         self, client: mqtt.Client, userdata: Any, flags: Any, code: ReasonCode, properties: Any
     ) -> None:
         self._connack_code = code
+        self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
         self._connack.set()
         if code.is_failure:
             self.counters.last_error = str(code)

@@ -65,7 +65,7 @@ ROLLOUT = Command(
             "--by-site",
             action="store_true",
             help="wave by the sites nodes name: --canary nodes in the first site, the rest of "
-            "that site, then every other node (instead of --waves)",
+            "that site, then each other site in turn (instead of --waves)",
         ),
         arg(
             "--site-hold",

@@ -34,6 +34,7 @@ from fleet.rollout.view import FleetView
 from fleet.rollout.waves import (
     HEARTBEAT_S,
     MAX_DEFAULT_SOAK_S,
+    RECORD_OVERHEAD,
     SOAK_INTERVALS,
     Progress,
     RolloutError,
@@ -41,7 +42,15 @@ from fleet.rollout.waves import (
 )
 from schemas import topics
 from schemas.codec import encode
-from schemas.control import ArtifactManifest, DesiredModel, NodeOutcome, RolloutGates, RolloutRecord
+from schemas.control import (
+    ArtifactManifest,
+    DesiredModel,
+    NodeHealth,
+    NodeOutcome,
+    NodeRolloutState,
+    RolloutGates,
+    RolloutRecord,
+)
 from schemas.messages import FollowedDesired
 
 if TYPE_CHECKING:
@@ -70,15 +79,16 @@ def plan_waves(node_ids: list[str], canary: int, percents: list[int]) -> list[li
 
 
 def plan_waves_by_site(sites: dict[str, list[str]], canary: int) -> list[list[str]]:
-    """Canary nodes in the first site (by name), then the rest of that site, then every other
-    node (nodes that name no site last): a bad version meets one site before the others."""
+    """Canary nodes in the first site (by name), then the rest of that site, then each other
+    site in turn (nodes that name no site last): a bad version meets one site before the
+    others, and one site's link carries one wave's orders and reports at a time."""
     named = sorted(site for site in sites if site)
     order = [*named, *([""] if "" in sites else [])]
     if not order:
         return []
     first = sorted(sites[order[0]])
     waves = [first[: max(canary, 1)], first[max(canary, 1) :]]
-    waves.append(sorted(n for site in order[1:] for n in sites[site]))
+    waves += [sorted(sites[site]) for site in order[1:]]
     return [wave for wave in waves if wave]
 
 
@@ -255,8 +265,48 @@ class Controller(WaveDriver):
             scope_previous=self.desired.current(desired_topic(level, target)),
             site_hold_s=site_hold_s,
         )
+        self._check_record_fits(record)
         soak = f", soak {gates.soak_s:g} s per wave" if gates else ", no health gates"
         return self._save(record, f"planned {len(targets)} nodes in {len(plan)} waves{soak}")
+
+    def _check_record_fits(self, record: RolloutRecord) -> None:
+        """Refuse a rollout whose record would outgrow the broker's packet limit once every node
+        has moved and been judged: a record names each node with its outcome, and a broker
+        closes the connection of a client that sends a larger packet."""
+        limit = self.session.max_packet_size
+        if limit is None or not record.nodes:
+            return
+        health = None
+        if record.gates is not None:  # figures as wide as real ones
+            health = NodeHealth(
+                passed=True, soak_samples=99, windows=999_999, error_rate=0.012345,
+                reference_error_rate=0.012345, p95_ms=123.45, reference_p95_ms=123.45,
+                results_ratio=0.99, reference_results_ratio=0.99,
+            )  # fmt: skip
+        now = time.time()
+        nodes = {
+            node_id: outcome.model_copy(
+                update={
+                    "state": NodeRolloutState.ACTIVE,
+                    "moved_at": now,
+                    "previous": self._previous_of(self.view.get(node_id), record),
+                    "health": health,
+                }
+            )
+            for node_id, outcome in record.nodes.items()
+        }
+        full = record.model_copy(update={"nodes": nodes, "controller": self._owner})
+        if self._sign_key is not None:
+            full = sign_message(full, self._sign_key)
+        size = len(encode(full)) + RECORD_OVERHEAD
+        if size > limit:
+            msg = (
+                f"this rollout's record would reach {size:,} bytes once its {len(nodes):,} nodes "
+                f"have moved (about {size // len(nodes):,} bytes per node), and the broker takes "
+                f"packets up to {limit:,} (its max_packet_size). Roll out one group at a time "
+                "(--group), or raise max_packet_size on the fleet broker (docs/scaling.md)"
+            )
+            raise RolloutError(msg)
 
     def targets(self, group: str | None = None) -> list[str]:
         """The online nodes a rollout of `group` (None: the fleet) would move."""

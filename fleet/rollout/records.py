@@ -63,6 +63,8 @@ class RolloutBook:
         self._records: dict[str, RolloutRecord] = {}
         self._artifacts: dict[tuple[str, str], ArtifactManifest] = {}
         self._refused: dict[str, Refused] = {}
+        self._sent: dict[str, bytes] = {}
+        """Topic -> the record payload this process last published there."""
         self._trust = trust
         self._lock = threading.Lock()
         session.route(topics.ROLLOUTS_FILTER, self._on_record)
@@ -114,9 +116,18 @@ class RolloutBook:
             self._records[record.rollout_id] = record
             return record, None
 
+    def sent(self, topic: str, payload: bytes) -> None:
+        """Note a record this process publishes: its echo from the broker is skipped unparsed
+        (a record names every node, and parsing a 10,000-node one takes a quarter second)."""
+        with self._lock:
+            self._sent[topic] = payload
+
     def _on_record(self, message: mqtt.MQTTMessage) -> None:
         if not message.payload:
             return
+        with self._lock:
+            if self._sent.get(message.topic) == message.payload:
+                return  # our own write: already held
         try:
             record = RolloutRecord.model_validate_json(message.payload)
         except ValidationError:

@@ -60,6 +60,10 @@ def behind_down_link(view: NodeView, links: dict[str, bool]) -> bool:
     return view.site is not None and links.get(view.site) is False
 
 
+SETTLE_S = 0.1
+"""After a change, how long `wait_changed` lets more arrive before its caller looks again."""
+
+
 class FleetView:
     """Subscribes to every node's status, model and telemetry and keeps the latest."""
 
@@ -146,6 +150,10 @@ class FleetView:
             return [t for t in view.history if start <= t.ts < end] if view else []
 
     def wait_changed(self, timeout: float) -> None:
-        """Block until any node message arrives (or timeout)."""
+        """Block until any node message arrives (or timeout), then let more arrive for
+        `SETTLE_S`: a waiting loop looks at most 1/SETTLE_S times a second, however many
+        thousands of nodes report."""
         with self._changed:
-            self._changed.wait(timeout)
+            if not self._changed.wait(timeout):
+                return
+        time.sleep(SETTLE_S)

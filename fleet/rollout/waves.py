@@ -38,6 +38,11 @@ done) when the record does not say: a site's uplink down for minutes is common, 
 there has not failed anything."""
 HEARTBEAT_S = 5.0
 """A running controller republishes its record at least this often."""
+PROGRESS_SAVE_S = 1.0
+"""A wave's progress (nodes reporting in) is written to its record at most this often: a record
+names every node, and a wave of thousands would otherwise rewrite it thousands of times."""
+RECORD_OVERHEAD = 512
+"""Bytes of a record's PUBLISH packet besides its payload (topic, header, properties), at most."""
 PAUSE_POLL_S = 0.2
 """How often a paused controller looks for the operator's next command."""
 BASELINE_S = 600.0
@@ -163,7 +168,7 @@ class WaveDriver:
         hold_until = deadline + (
             record.site_hold_s if record.site_hold_s is not None else SITE_HOLD_S
         )
-        last_save = time.monotonic()
+        last_save, unsaved = time.monotonic(), False
         released: dict[str, float] = {}  # held nodes whose link is back: their own deadline
         while True:
             record = self._obey(record)
@@ -188,9 +193,11 @@ class WaveDriver:
                         return self._roll_back(record, reason, RolloutState.FAILED)
                 record = record.model_copy(update={"wave": index + 1, "soak_until": None})
                 return self._save(record, f"wave {index + 1} passed")
-            if changed or time.monotonic() - last_save > HEARTBEAT_S:
+            unsaved = unsaved or changed
+            since = time.monotonic() - last_save
+            if (unsaved and since > PROGRESS_SAVE_S) or since > HEARTBEAT_S:
                 record = self._save(record, f"wave {index + 1}: {len(pending)} nodes pending")
-                last_save = time.monotonic()
+                last_save, unsaved = time.monotonic(), False
             self.view.wait_changed(0.5)
 
     def _soak(self, record: RolloutRecord, wave: list[str]) -> RolloutRecord:
@@ -363,17 +370,14 @@ class WaveDriver:
             return None
         if state.active.version == record.desired.version:
             return None
-        rollout_id = record.rollout_id
-        return self._sign(
-            DesiredModel(
-                name=state.active.name,
-                version=state.active.version,
-                bundle_sha256=state.active_sha256,
-                bundle_size=state.active_size or 0,
-                rollback=True,
-                rollout_id=rollout_id,
-                issued_at=time.time(),
-            )
+        return DesiredModel(  # unsigned: `scoped` issues and signs it afresh when it is used
+            name=state.active.name,
+            version=state.active.version,
+            bundle_sha256=state.active_sha256,
+            bundle_size=state.active_size or 0,
+            rollback=True,
+            rollout_id=record.rollout_id,
+            issued_at=time.time(),
         )
 
     def _finish(self, record: RolloutRecord) -> RolloutRecord:
@@ -512,7 +516,18 @@ class WaveDriver:
         if self._sign_key is not None:  # others act only on records a fleet key signed
             record = sign_message(record, self._sign_key)
             self.book.put(record)
-        self.session.publish(topics.rollout(record.rollout_id), encode(record), retain=True)
+        payload = encode(record)
+        limit = self.session.max_packet_size
+        if limit is not None and len(payload) + RECORD_OVERHEAD > limit:
+            msg = (
+                f"{record.rollout_id}: its record is now {len(payload):,} bytes and the broker "
+                f"takes packets up to {limit:,} (its max_packet_size); it would close this "
+                "connection. Raise max_packet_size on the fleet broker, then `imu-fleet resume "
+                f"{record.rollout_id}`"
+            )
+            raise RolloutError(msg)
+        self.book.sent(topics.rollout(record.rollout_id), payload)
+        self.session.publish(topics.rollout(record.rollout_id), payload, retain=True)
         logger.info("%s: %s", record.rollout_id, event)
         if self._progress is not None:
             self._progress(record, event)
