@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pwd
 import re
 import shutil
 import signal
@@ -43,6 +42,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from fleet import pki
+from fleet.pki.local_brokers import fleet_broker_conf
 from helpers.processes import stop_process
 from node.tools.local_broker import free_port, wait_for_port
 
@@ -101,26 +101,6 @@ class SecureBroker:
         return self.site.client_file(username, "password").read_text().strip()
 
 
-def secure_conf(shipped: str, ports: dict[str, int], site: pki.Layout, data: Path) -> str:
-    """The shipped configuration with only its listener ports and file paths changed."""
-    local = re.sub(
-        r"^listener (\d+)",
-        lambda m: f"listener {ports[m.group(1)]}",
-        shipped,
-        flags=re.MULTILINE,
-    )
-    for standard, actual in (
-        ("/mosquitto/config/", site.broker_config),
-        ("/mosquitto/certs/", site.broker_certs),
-        ("/mosquitto/data/", data),
-    ):
-        local = local.replace(standard, f"{actual}/")
-    settings = [line for line in local.splitlines() if not line.startswith("#")]
-    assert not [line for line in settings if "/mosquitto/" in line], "a path was not substituted"
-    # as root, mosquitto would switch to a `mosquitto` user that cannot read the 0600 keys
-    return local + f"\nuser {pwd.getpwuid(os.geteuid()).pw_name}\n"
-
-
 def make_site(root: Path) -> tuple[pki.Layout, pki.Layout]:
     """The test site (ROSTER) and a rogue site whose CA also issued a `node-n1` certificate."""
     site = pki.Layout(root / "site")
@@ -146,7 +126,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
     shipped = (COMPOSE / "mosquitto-secure.conf").read_text()
     (root / "data").mkdir()
     conf = root / "mosquitto.conf"
-    conf.write_text(secure_conf(shipped, ports, site, root / "data"))
+    conf.write_text(fleet_broker_conf(shipped, ports, site, root / "data"))
     log = root / "mosquitto.log"
     with log.open("wb") as sink:
         line_buffered = ["stdbuf", "-oL"] if shutil.which("stdbuf") else []  # log lines at once
@@ -450,7 +430,7 @@ CASES: Final[list[Case]] = [
     sub(C, "imu/+/motifs", NO, "imu/s1/motifs"),
     sub(C, "imu/+/window", NO, "imu/s1/window"),
     sub(C, "fleet/models/desired", NO),
-    # a site's bridge: desired state, artifacts and rollouts down; its own nodes' reports, its
+    # a site's bridge: desired state and artifacts down; its own nodes' reports, its
     # link and its chosen sensors' results up; nothing of another site's, no sensor data
     pub(B, "fleet/nodes/n1/status", YES),
     pub(B, "fleet/nodes/n1/telemetry", YES),
@@ -472,13 +452,13 @@ CASES: Final[list[Case]] = [
     sub(B, "fleet/groups/+/desired", YES, "fleet/groups/line-3/desired"),
     sub(B, "fleet/nodes/n1/desired", YES),
     sub(B, "fleet/artifacts/#", YES, "fleet/artifacts/m/1.0.0/chunks/0"),
-    sub(B, "fleet/rollouts/+", YES, "fleet/rollouts/r1"),
+    sub(B, "fleet/rollouts/+", NO, "fleet/rollouts/r1"),
     sub(B, "fleet/nodes/n2/desired", NO),
     sub(B, "fleet/nodes/+/status", NO, "fleet/nodes/n2/status"),
     sub(B, "imu/+/window", NO, "imu/s1/window"),
     sub(B, "imu/+/motifs", NO, "imu/s2/motifs"),
     sub(B, "$SYS/#", NO, "$SYS/broker/version"),
-    # dashboards read results, node reports and rollouts; they write nothing
+    # dashboards read results, node reports, rollouts and site links; they write nothing
     pub(D, "imu/s1/motifs", NO),
     pub(D, "imu/s1/window", NO),
     pub(D, "fleet/nodes/n1/status", NO),
@@ -488,6 +468,7 @@ CASES: Final[list[Case]] = [
     sub(D, "imu/+/motifs", YES, "imu/s1/motifs"),
     sub(D, "fleet/nodes/+/status", YES, "fleet/nodes/n1/status"),
     sub(D, "fleet/nodes/+/telemetry", YES, "fleet/nodes/n2/telemetry"),
+    sub(D, "fleet/sites/+/link", YES, "fleet/sites/farm/link"),
     sub(D, "fleet/nodes/+/model", YES, "fleet/nodes/n1/model"),
     sub(D, "fleet/nodes/+/errors", YES, "fleet/nodes/n1/errors"),
     sub(D, "fleet/rollouts/#", YES, "fleet/rollouts/r1"),
@@ -521,6 +502,8 @@ def writer_for(topic: str) -> str | None:
         return f"sensor-{parts[1]}" if parts[2] in {"window", "samples"} else "node-n2"
     if parts[:2] == ["fleet", "nodes"] and parts[3] != "desired":
         return f"node-{parts[2]}"
+    if parts[:2] == ["fleet", "sites"]:
+        return f"bridge-{parts[2]}"  # a link's state is its bridge's notification
     return "fleet-ctl"
 
 

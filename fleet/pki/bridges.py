@@ -5,9 +5,9 @@ the fleet CA; its ACL block from `roles.bridge_grants`), then writes what the si
 into one folder: the `connection` block to add to its mosquitto.conf, the fleet CA, and the
 bridge's certificate and key. The bridge carries, per direction:
 
-- down, fleet -> site: desired state (fleet-wide, every group's, its own nodes'), artifacts
-  (retained at the site: each crosses the link once, however many nodes fetch it) and rollout
-  records;
+- down, fleet -> site: desired state (fleet-wide, every group's, its own nodes') and
+  artifacts (retained at the site: each crosses the link once, however many nodes fetch it);
+  not rollout records, which no node reads;
 - up, site -> fleet: its own nodes' status, telemetry, model and errors, and results only for
   the sensors the site chose;
 - never: sensor windows and samples, which stay on the site.
@@ -50,7 +50,7 @@ def render_bridge_conf(client: Client, fleet_address: str, files_dir: str) -> st
     site, username = client.name, client.username
     lines = [
         f"# Bridge of site {site!r} to the fleet broker: written by `imu-fleet pki bridge`.",
-        "# Down: desired state, artifacts, rollout records. Up: this site's nodes' reports"
+        "# Down: desired state, artifacts. Up: this site's nodes' reports"
         + (" and the chosen sensors' results." if client.sensors else "."),
         "# Sensor windows stay on the site. The fleet broker's ACL for this login grants the",
         "# same topics and nothing else. Add this block to the site broker's mosquitto.conf.",
@@ -94,7 +94,10 @@ def write_bridge_kit(
     no port is given); HOST must be one of the fleet broker certificate's names.
     """
     if not nodes:
-        msg = f"a bridge speaks for the site's nodes: give them with --node (site {site!r})"
+        msg = (
+            f"a bridge speaks for the site's nodes: give them with --node or --nodes-file "
+            f"(site {site!r})"
+        )
         raise PkiError(msg)
     host, sep, port = fleet_host.rpartition(":")
     if not sep or not port.isdigit():

@@ -128,7 +128,10 @@ SUBCOMMANDS: Final[dict[str, tuple[str, str]]] = {
         "  imu-fleet pki bridge site/ farm-a --node pi-01 --node pi-02 \\\n"
         "      --fleet-host fleet.example.com --out farm-a-bridge/\n"
         "  # the fleet broker: kill -HUP (new ACL). The site broker: copy farm-a-bridge/ to\n"
-        "  # /mosquitto/config/bridge/, append bridge-farm-a.conf to mosquitto.conf, restart.",
+        "  # /mosquitto/config/bridge/, append bridge-farm-a.conf to mosquitto.conf, restart.\n"
+        "  # many nodes: one id per line in a file\n"
+        "  imu-fleet pki bridge site/ farm-b --nodes-file farm-b.nodes \\\n"
+        "      --fleet-host fleet.example.com --out farm-b-bridge/",
     ),
 }
 
@@ -191,8 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _bridge_arguments(bridge: argparse.ArgumentParser) -> None:
     bridge.add_argument("site", metavar="SITE", help="the site's name (its bridge is bridge-SITE)")
     bridge.add_argument(
-        "--node", action="append", required=True, metavar="NODE_ID",
+        "--node", action="append", default=[], metavar="NODE_ID",
         help="a node of the site (repeat): the only nodes the bridge may speak for",
+    )  # fmt: skip
+    bridge.add_argument(
+        "--nodes-file", type=Path, metavar="FILE",
+        help="more of the site's nodes, one id per line (blank lines and # comments skipped)",
     )  # fmt: skip
     bridge.add_argument(
         "--results-for", action="append", default=[], metavar="SENSOR_ID",
@@ -207,6 +214,23 @@ def _bridge_arguments(bridge: argparse.ArgumentParser) -> None:
         "--files-dir", default=DEFAULT_FILES_DIR,
         help="where --out's files will be on the site broker (default %(default)s)",
     )  # fmt: skip
+
+
+def read_node_ids(path: Path) -> list[str]:
+    """Node ids from a file, one per line; blank lines and `#` comments are skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        msg = f"--nodes-file {path}: cannot read it ({exc})"
+        raise PkiError(msg) from exc
+    return [line for raw in text.splitlines() if (line := raw.split("#", 1)[0].strip())]
+
+
+def _some(names: tuple[str, ...], shown: int = 5) -> str:
+    """`a, b, c` or, for many, `a, b, c, d, e and 2,495 more`."""
+    if len(names) <= shown:
+        return ", ".join(names)
+    return f"{', '.join(names[:shown])} and {len(names) - shown:,} more"
 
 
 def _say(*lines: str) -> None:
@@ -237,8 +261,9 @@ def _run(args: argparse.Namespace) -> None:
             raise PkiError(msg)
         _run_add(args, layout)
     elif args.command == "bridge":
+        nodes = [*args.node, *(read_node_ids(args.nodes_file) if args.nodes_file else ())]
         kit = write_bridge_kit(
-            root, args.site, args.out, fleet_host=args.fleet_host, nodes=tuple(args.node),
+            root, args.site, args.out, fleet_host=args.fleet_host, nodes=tuple(nodes),
             sensors=tuple(args.results_for), files_dir=args.files_dir,
         )  # fmt: skip
         for path in kit.files:
@@ -249,7 +274,7 @@ def _run(args: argparse.Namespace) -> None:
             else "; results stay on the site"
         )
         _say(
-            f"{kit.client.username} may speak for {', '.join(kit.client.nodes)}{carried}",
+            f"{kit.client.username} may speak for {_some(kit.client.nodes)}{carried}",
             f"fleet broker: send it SIGHUP to load the new ACL ({layout.acl_file})",
             f"site broker: copy {args.out}/ to {args.files_dir}/, add {kit.conf.name} to its "
             "mosquitto.conf, restart it",

@@ -105,16 +105,17 @@ def bridge_routes(client: Client) -> tuple[list[tuple[str, int]], list[tuple[str
     """What a site's bridge carries, (down, up) as (topic filter, QoS): the one list both its
     ACL block and its `connection` block (fleet/pki/bridges.py) are made from.
 
-    Down to the site: desired state (fleet-wide, every group's, its own nodes'), artifacts and
-    rollout records. Up to the fleet: its own nodes' status, telemetry, model and errors, and
-    results only of the sensors the site chose. Sensor windows and samples never leave a site.
+    Down to the site: desired state (fleet-wide, every group's, its own nodes'), which is how a
+    rollout controls nodes, and artifacts. Up to the fleet: its own nodes' status, telemetry,
+    model and errors, and results only of the sensors the site chose. Sensor windows and
+    samples never leave a site. Rollout records stay at the fleet too: no node reads one, and
+    the controller rewrites a record (hundreds of bytes per node) every few seconds.
     """
     down = [
         (topics.FLEET_DESIRED, 1),
         (topics.group_desired("+"), 1),
         *((topics.node_desired(node), 1) for node in client.nodes),
         (topics.artifact("+", "+", "#"), 1),
-        (topics.ROLLOUTS_FILTER, 1),
     ]
     up: list[tuple[str, int]] = []
     for node in client.nodes:
@@ -141,7 +142,8 @@ def bridge_grants(client: Client) -> tuple[Grant, ...]:
 
 
 def dashboard_grants(_name: str) -> tuple[Grant, ...]:
-    """A dashboard reads results, node reports and rollout records; it writes nothing."""
+    """A dashboard reads results, node reports, rollout records and site links; it writes
+    nothing."""
     return (
         Grant("read", topics.motifs("+")),
         Grant("read", topics.node_status("+")),
@@ -149,6 +151,7 @@ def dashboard_grants(_name: str) -> tuple[Grant, ...]:
         Grant("read", topics.node_model("+")),
         Grant("read", topics.node_errors("+")),
         Grant("read", topics.rollout("#")),
+        Grant("read", topics.SITE_LINKS_FILTER),
     )
 
 
@@ -181,7 +184,7 @@ ROLES: Final[dict[str, Role]] = {
         ),
         Role(
             "dashboard",
-            "read-only: results, node reports, rollout records",
+            "read-only: results, node reports, rollout records, site links",
             "password",
             lambda c: dashboard_grants(c.name),
         ),
