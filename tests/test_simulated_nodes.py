@@ -118,7 +118,7 @@ def test_nodes_come_online_with_group_births_and_telemetry(
     broker: LocalBroker, start_fleet: FleetFactory, probe: Probe
 ) -> None:
     prefix = unique("sim")
-    fleet = start_fleet(groups=2, telemetry_interval_s=0.5, prefix=prefix)
+    fleet = start_fleet(groups=2, telemetry_interval_s=0.5, prefix=prefix, site="farm-x")
     assert fleet.node_ids[:2] == [f"{prefix}-0000", f"{prefix}-0001"]
     assert fleet.groups == [f"{prefix}-g0", f"{prefix}-g1"]
     probe.subscribe("fleet/nodes/+/status", "fleet/nodes/+/model", "fleet/nodes/+/telemetry")
@@ -132,6 +132,7 @@ def test_nodes_come_online_with_group_births_and_telemetry(
     for index, node_id in enumerate(fleet.node_ids):
         body = status[node_id]
         assert body["group"] == fleet.groups[index % 2]
+        assert body["site"] == "farm-x"
         assert (body["backend"], body["model"]["version"]) == ("onnx", "1.0.0")
         assert body["backend_reason"] == SIMULATED
     wait_all(probe, fleet, "model", active("1.0.0"))

@@ -99,6 +99,7 @@ def _nodes(args: argparse.Namespace) -> int:
         degrade=degrade,
         give_up_s=args.give_up_after or None,
         node_credentials=args.node_credentials,
+        site=args.site,
     )
 
 
@@ -169,6 +170,12 @@ NODES = Command(
         arg("--bundle", type=Path, required=True, help="the model they start on"),
         arg("--prefix", default="sim", help="node ids are PREFIX-0000, ... (sim)"),
         arg("--groups", type=int, default=1, help="spread over PREFIX-g0.. (1)"),
+        arg(
+            "--site",
+            default=None,
+            help="the site every node names in its status, for nodes on a site broker bridged "
+            "to the fleet broker (`imu-fleet pki bridge`); none by default",
+        ),
         arg("--duration", type=float, default=None, help="seconds (default: forever)"),
         arg("--trust-key", type=Path, help="fleet public key the nodes require"),
         arg(
