@@ -296,3 +296,27 @@ def test_any_stream_of_junk_leaves_the_view_bounded_and_serialisable(
     orjson.dumps(view.drain())
     counted = sum(view.counts().rejected.values()) + sum(view.counts().messages.values())
     assert counted == 2 * len(stream)
+
+
+def test_site_links_and_each_nodes_site_reach_the_page() -> None:
+    view = DashboardView(Limits(max_sites=2))
+    located = encode(NodeStatus(state=NodeState.ONLINE, node_id="a1", instance="i1",
+                                ts=time.time(), site="farm-a"))  # fmt: skip
+    assert view.ingest(topics.node_status("a1"), located) is None
+    assert view.ingest(topics.site_link("farm-a"), b"1", retained=True) is None
+    snapshot = view.snapshot()
+    assert snapshot["sites"] == {"farm-a": True}
+    assert next(n for n in snapshot["nodes"] if n["node_id"] == "a1")["site"] == "farm-a"
+    view.drain()
+    assert view.ingest(topics.site_link("farm-a"), b"0") is None
+    assert view.drain()["sites"] == {"farm-a": False}  # type: ignore[index]
+    assert view.drain() is None, "an unchanged map is not sent again"
+    # only `1`, `0` or a clear; a bounded number of sites
+    assert view.ingest(topics.site_link("farm-a"), b"up") is Reject.INVALID
+    assert view.ingest(topics.site_link("farm-a"), b"1" * 100_000) is Reject.INVALID
+    assert view.ingest(topics.site_link("farm-b"), b"1") is None
+    assert view.ingest(topics.site_link("farm-c"), b"1") is Reject.OVER_CAPACITY
+    assert view.ingest(topics.site_link("farm-b"), b"") is None  # retired: its slot is free
+    assert view.ingest(topics.site_link("farm-c"), b"1") is None
+    assert view.snapshot()["sites"] == {"farm-a": False, "farm-c": True}
+    assert view.ingest("fleet/sites/farm-a/link/extra", b"1") is Reject.BAD_TOPIC

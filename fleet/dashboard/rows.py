@@ -27,6 +27,7 @@ SUBSCRIPTIONS: Final = (
     topics.node_errors("+"),
     topics.ROLLOUTS_FILTER,
     topics.MOTIFS_FILTER,
+    topics.SITE_LINKS_FILTER,
 )
 """Every topic filter the dashboard reads: all within the read-only dashboard role's grants."""
 
@@ -40,6 +41,8 @@ class Kind(StrEnum):
     ERRORS = "errors"
     ROLLOUT = "rollout"
     RESULT = "result"
+    LINK = "link"
+    """A site bridge's link state (`fleet/sites/{site}/link`: `1` up, `0` down)."""
 
 
 class Reject(StrEnum):
@@ -83,8 +86,11 @@ class Limits:
     """Results kept per sensor (the ethogram's span: 120 windows at 2/s is one minute)."""
     max_payload_bytes: int = 64 * 1024
     """Largest node report or result read; a result is ~1.5 KB, telemetry ~1 KB."""
-    max_rollout_bytes: int = 1024 * 1024
-    """Largest rollout record read (a 1,000-node rollout is ~300 KB)."""
+    max_rollout_bytes: int = 16 * 1024 * 1024
+    """Largest rollout record read: a record names every node of its rollout, up to ~700 bytes
+    each once judged (docs/scaling.md), so 16 MiB holds a 20,000-node rollout."""
+    max_sites: int = 1000
+    """Site links held (a site whose link message was cleared frees its slot)."""
     max_rollout_nodes: int = 2000
     """Nodes of one rollout shown; the rest are counted."""
     max_pending_results: int = 5000
@@ -105,6 +111,8 @@ def classify(topic: str) -> tuple[Kind, str] | None:
         kind, ident = _NODE_KINDS[parts[3]], parts[2]
     elif len(parts) == 3 and parts[:2] == ["fleet", "rollouts"]:
         kind, ident = Kind.ROLLOUT, parts[2]
+    elif len(parts) == 4 and parts[:2] == ["fleet", "sites"] and parts[3] == "link":
+        kind, ident = Kind.LINK, parts[2]
     else:
         return None
     return (kind, ident) if topics.is_valid_id(ident) else None
@@ -144,6 +152,8 @@ class NodeRow:
     """online, stopping, offline, stopped; None before a status arrived."""
     status_ts: float | None = None
     group: str | None = None
+    site: str | None = None
+    """The site whose broker the node uses (sites bridged to the fleet broker)."""
     host: str | None = None
     software_version: str | None = None
     reason: str | None = None
@@ -199,6 +209,7 @@ class NodeRow:
             "state": self.state,
             "status_ts": self.status_ts,
             "group": self.group,
+            "site": self.site,
             "host": self.host,
             "software_version": self.software_version,
             "reason": self.reason,

@@ -70,6 +70,9 @@ class DashboardView:
         self._removed_rollouts: set[str] = set()
         self._removed_sensors: set[str] = set()
         self._pending: deque[dict[str, Any]] = deque(maxlen=self.limits.max_pending_results)
+        self._links: dict[str, bool] = {}
+        """Site -> its bridge's link is up."""
+        self._dirty_links = False
 
     # -- input --------------------------------------------------------------------------------
 
@@ -83,6 +86,8 @@ class DashboardView:
         found = classify(topic)
         if retained and found is not None and found[0] is Kind.RESULT:
             reason: Reject | None = Reject.RETAINED
+        elif found is not None and found[0] is Kind.LINK:
+            reason = self._link(found[1], payload)
         else:
             reason = self._ingest(topic, payload, now)
         if reason is not None:
@@ -132,6 +137,7 @@ class DashboardView:
         if isinstance(message, NodeStatus):
             row.state, row.status_ts = message.state.value, message.ts
             row.group, row.host = cut(message.group, t), cut(message.host, t)
+            row.site = cut(message.site, t)
             row.software_version = cut(message.software_version, t)
             row.reason = cut(message.reason, t)
             row.backend = cut(message.backend, t) or row.backend
@@ -150,6 +156,21 @@ class DashboardView:
                 "suppressed": message.suppressed,
             }
         self._dirty_nodes.add(ident)
+        return None
+
+    def _link(self, site: str, payload: bytes) -> Reject | None:
+        """A site bridge's notification: `1` up, `0` down, empty: the site was retired."""
+        if payload not in (b"1", b"0", b""):
+            return Reject.INVALID
+        with self._lock:
+            self.counters.messages[Kind.LINK] += 1
+            if not payload:
+                self._links.pop(site, None)
+            elif site in self._links or len(self._links) < self.limits.max_sites:
+                self._links[site] = payload == b"1"
+            else:
+                return Reject.OVER_CAPACITY
+            self._dirty_links = True
         return None
 
     def _ref(self, ref: ModelRef) -> tuple[str | None, str | None]:
@@ -345,6 +366,7 @@ class DashboardView:
                 "result_seq": self._result_seq,
                 "nodes": [row.as_json(full_history=True) for row in self._nodes.values()],
                 "rollouts": [row.as_json(t) for row in self._rollouts.values()],
+                "sites": dict(sorted(self._links.items())),
                 "sensors": [
                     {
                         "sensor_id": row.sensor_id,
@@ -372,6 +394,7 @@ class DashboardView:
                 or self._removed_rollouts
                 or self._removed_sensors
                 or self._pending
+                or self._dirty_links
             ):
                 return None
             t = self.limits.text_chars
@@ -385,6 +408,9 @@ class DashboardView:
                 "results": list(self._pending),
                 "stats": self._stats(),
             }
+            if self._dirty_links:  # the whole map: sites are few, and one may have gone
+                delta["sites"] = dict(sorted(self._links.items()))
+                self._dirty_links = False
             self._dirty_nodes.clear()
             self._dirty_rollouts.clear()
             self._removed_nodes.clear()

@@ -12,10 +12,12 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import cast
 
 from fleet.distribution import publish_bundle
 from fleet.rollout.controller import Controller, RolloutError, send_command
-from fleet.rollout.view import NodeView, behind_down_link
+from fleet.rollout.view import FleetView, NodeView, behind_down_link
 from schemas.control import NodeHealth, NodeRolloutState, RolloutRecord, RolloutState
 from schemas.messages import NodeModelState
 
@@ -218,7 +220,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             print(
                 json.dumps(
-                    [{**r.model_dump(mode="json"), "failures": r.failures} for r in records],
+                    [
+                        {
+                            **r.model_dump(mode="json"),
+                            "failures": r.failures,
+                            "sites": Sites.of_view(controller.view, r).summary(r),
+                        }
+                        for r in records
+                    ],
                     indent=2,
                 )
             )
@@ -231,7 +240,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         for record in records:
             active = record.state in (RolloutState.RUNNING, RolloutState.PAUSED)
             driven = controller.is_driven(record) if active else None
-            print(format_record(record, detailed=bool(args.rollout), driven=driven))
+            sites = Sites.of_view(controller.view, record)
+            print(format_record(record, detailed=bool(args.rollout), driven=driven, sites=sites))
         for forged in refused:
             print(
                 f"REFUSED {forged.topic}: {forged.reason}; no controller with the fleet key acts "
@@ -241,11 +251,58 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 1 if refused else 0
 
 
-def format_record(record: RolloutRecord, *, detailed: bool, driven: bool | None = None) -> str:
+@dataclass(frozen=True, slots=True)
+class Sites:
+    """Where a rollout's nodes are: each node's site (None: it names none) and each site's
+    link, from the fleet broker's view."""
+
+    of: dict[str, str | None]
+    links: dict[str, bool]
+
+    @classmethod
+    def of_view(cls, view: FleetView, record: RolloutRecord) -> Sites:
+        """The sites of `record`'s nodes as `view` knows them."""
+        return cls(
+            {n: (v.site if (v := view.get(n)) else None) for n in record.nodes}, view.links()
+        )
+
+    def named(self) -> bool:
+        return any(self.of.values())
+
+    def summary(self, record: RolloutRecord) -> dict[str, dict[str, object]]:
+        """Per site (`-` for nodes that name none): its link and its nodes' states."""
+        found: dict[str, dict[str, object]] = {}
+        for node_id, outcome in record.nodes.items():
+            site = self.of.get(node_id) or "-"
+            entry = found.setdefault(
+                site,
+                {"link": None if site == "-" else _link_word(self.links.get(site)), "nodes": {}},
+            )
+            states = cast("dict[str, int]", entry["nodes"])
+            state = "held" if (outcome.error or "").startswith("held:") else str(outcome.state)
+            states[state] = states.get(state, 0) + 1
+        return dict(sorted(found.items(), key=lambda kv: (kv[0] == "-", kv[0])))  # none last
+
+
+def _site_line(site: str, entry: dict[str, object]) -> str:
+    states = cast("dict[str, int]", entry["nodes"])
+    counts = ", ".join(f"{count} {state}" for state, count in sorted(states.items()))
+    where = "no site" if site == "-" else f"site {site} (link {entry['link']})"
+    return f"  {where}: {counts}"
+
+
+def format_record(
+    record: RolloutRecord,
+    *,
+    detailed: bool,
+    driven: bool | None = None,
+    sites: Sites | None = None,
+) -> str:
     """A rollout as text: one line, or a line per node (with the health gates' figures).
 
     `driven` (for running or paused rollouts) says whether a live controller drives it; when
-    not, the line tells the operator how to take it over.
+    not, the line tells the operator how to take it over. With `sites` naming any, a line per
+    site follows (its link and its nodes' states), and the detailed nodes are grouped by site.
     """
     age = time.time() - record.updated_at
     gates = f"  soak {record.gates.soak_s:g} s" if record.gates else "  no gates"
@@ -257,12 +314,23 @@ def format_record(record: RolloutRecord, *, detailed: bool, driven: bool | None 
     ]
     if driven is False:
         lines[0] += f"  [no live controller: imu-fleet resume {record.rollout_id}]"
-    if detailed:
-        for node, o in sorted(record.nodes.items(), key=lambda kv: (kv[1].wave, kv[0])):
-            mark = " FAILED" if o.failed and o.state is not NodeRolloutState.FAILED else ""
-            lines.append(f"  {node:<24} wave {o.wave + 1:<3} {o.state:<12}{mark} {o.error or ''}")
-            if o.health is not None:
-                lines.append(f"  {'':<24} {_health_line(o.health)}")
+    by_site = sites is not None and sites.named()
+    summary = sites.summary(record) if sites is not None and by_site else {}
+    if not detailed:
+        lines += [_site_line(site, entry) for site, entry in summary.items()]
+        return "\n".join(lines)
+    site_of = sites.of if sites is not None and by_site else {}
+    last: str | None = None
+    for node, o in sorted(
+        record.nodes.items(), key=lambda kv: (site_of.get(kv[0]) or "~", kv[1].wave, kv[0])
+    ):
+        if by_site and (site := site_of.get(node) or "-") != last:
+            lines.append(_site_line(site, summary[site]))
+            last = site
+        mark = " FAILED" if o.failed and o.state is not NodeRolloutState.FAILED else ""
+        lines.append(f"  {node:<24} wave {o.wave + 1:<3} {o.state:<12}{mark} {o.error or ''}")
+        if o.health is not None:
+            lines.append(f"  {'':<24} {_health_line(o.health)}")
     return "\n".join(lines)
 
 

@@ -3,7 +3,7 @@
 "use strict";
 
 const state = {
-  nodes: new Map(), rollouts: new Map(), sensors: new Map(),
+  nodes: new Map(), rollouts: new Map(), sensors: new Map(), sites: {},
   resultSeq: 0, skew: 0, ethogramLength: 120, stats: null, dirty: false,
 };
 
@@ -31,6 +31,7 @@ function ago(ts) {
 function applySnapshot(snap) {
   state.nodes.clear(); state.rollouts.clear(); state.sensors.clear();
   state.resultSeq = snap.result_seq;
+  state.sites = snap.sites || {};
   state.ethogramLength = snap.limits.ethogram_length;
   for (const n of snap.nodes) state.nodes.set(n.node_id, n);
   for (const r of snap.rollouts) state.rollouts.set(r.rollout_id, r);
@@ -54,6 +55,7 @@ function applyDelta(delta) {
     state.nodes.set(n.node_id, n);
   }
   for (const id of delta.removed_nodes) state.nodes.delete(id);
+  if (delta.sites) state.sites = delta.sites;  // the whole map of site -> link up
   for (const r of delta.rollouts) state.rollouts.set(r.rollout_id, r);
   for (const id of delta.removed_rollouts) state.rollouts.delete(id);
   for (const id of delta.removed_sensors) state.sensors.delete(id);
@@ -120,6 +122,8 @@ function cell(row, label, cls, text) {
 }
 
 function nodeStatus(n) {
+  // a node behind a site bridge that is down: its last report is all the fleet has of it
+  if (n.site && state.sites[n.site] === false) return "unreachable";
   const stale = n.state === "online" && n.telemetry_ts && n.interval_s &&
     serverNow() - n.telemetry_ts > 3 * n.interval_s + 2;
   return stale ? "stale" : (n.state || "unknown");
@@ -127,10 +131,19 @@ function nodeStatus(n) {
 
 function renderNodes() {
   const body = document.querySelector("#nodes tbody");
-  const ids = [...state.nodes.keys()].sort();
+  // grouped by site when nodes name theirs (sites bridged to this broker), nodes naming none last
+  const siteOf = (id) => state.nodes.get(id).site || "";
+  const ids = [...state.nodes.keys()].sort((a, b) =>
+    (siteOf(a) === "") - (siteOf(b) === "") || siteOf(a).localeCompare(siteOf(b)) || a.localeCompare(b));
+  const bySite = ids.some((id) => siteOf(id));
   const rows = [];
+  let lastSite = null;
   for (const id of ids) {
     const n = state.nodes.get(id);
+    if (bySite && siteOf(id) !== lastSite) {
+      lastSite = siteOf(id);
+      rows.push(siteRow(lastSite, ids.filter((other) => siteOf(other) === lastSite).length));
+    }
     const tr = el("tr");
     tr.setAttribute("data-node", id);
     const who = cell(tr, "node", "node");
@@ -175,6 +188,19 @@ function renderNodes() {
   }
   body.replaceChildren(...rows);
   document.getElementById("nodes-empty").hidden = rows.length > 0;
+}
+
+function siteRow(site, count) {
+  const tr = el("tr", "site");
+  const td = el("td");
+  td.colSpan = 10;
+  td.appendChild(el("b", null, site ? `site ${site}` : "no site"));
+  const up = site ? state.sites[site] : undefined;
+  const link = up === undefined ? "link unknown" : (up ? "link up" : "link DOWN: last known state");
+  if (site) td.appendChild(el("span", `badge ${up === false ? "unreachable" : (up ? "online" : "stale")}`, link));
+  td.appendChild(el("span", "sub", `${count} node${count === 1 ? "" : "s"}`));
+  tr.appendChild(td);
+  return tr;
 }
 
 function renderRollouts() {
