@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fleet.rollout.health import cohort_figures, figures, judge
+from fleet.rollout.health import Report, cohort_figures, figures, judge
 from schemas.control import RolloutGates
 from schemas.messages import LatencySummary, Telemetry
 
@@ -20,19 +20,19 @@ def report(
     results: int | None = None,
     p95: float | None = 3.0,
     uptime: float | None = None,
-) -> Telemetry:
-    """One telemetry message at time `t` with counters since start."""
-    return Telemetry(
+) -> Report:
+    """What the gates keep of one telemetry message at time `t` with counters since start."""
+    return Report.of(Telemetry(
         node_id="n", ts=t, interval_s=1.0, uptime_s=uptime if uptime is not None else t,
         backend="onnx", model=None, windows_in=windows, windows_done=windows,
         results_published=windows if results is None else results, windows_per_s=10.0,
         latency_ms=LatencySummary(count=10, p50=p95, p95=p95, p99=p95, max=p95),
         batch_mean=1.0, queue_depth=0, queue_capacity=512, dropped={}, redelivered=0,
         errors=errors or {}, cpu_percent=None, rss_mb=80.0, peak_rss_mb=80.0, temperature_c=None,
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
-def healthy_run(start: float, count: int = 5, p95: float = 3.0) -> list[Telemetry]:
+def healthy_run(start: float, count: int = 5, p95: float = 3.0) -> list[Report]:
     return [report(start + i, windows=int(10 * (start + i)), p95=p95) for i in range(count)]
 
 

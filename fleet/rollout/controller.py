@@ -126,6 +126,7 @@ class Controller(WaveDriver):
         self._watching_since = time.time()
         """When this controller began to receive the fleet's telemetry."""
         self._last_saved: dict[str, float] = {}
+        self._save_cost = 0.0
         """Rollout id -> when this controller last wrote its record (monotonic)."""
 
     @classmethod

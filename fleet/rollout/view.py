@@ -15,6 +15,7 @@ import paho.mqtt.client as mqtt
 from pydantic import BaseModel, ValidationError
 
 from common.mqtt.session import Handler, MqttSession
+from fleet.rollout.health import Report
 from schemas import topics
 from schemas.messages import NodeModelState, NodeState, NodeStatus, Telemetry
 
@@ -33,8 +34,8 @@ class NodeView:
     model: NodeModelState | None = None
     telemetry: Telemetry | None = None
     seen: float = 0.0
-    history: deque[Telemetry] = field(default_factory=lambda: deque(maxlen=HISTORY))
-    """The latest telemetry messages, oldest first (health gates compare them)."""
+    history: deque[Report] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    """What the health gates read of its latest telemetry messages, oldest first."""
     last_offline: float = 0.0
     """When its status last said anything but online (0: never seen so)."""
 
@@ -105,7 +106,7 @@ class FleetView:
                 setattr(view, attribute, value)
                 view.seen = time.time()
                 if isinstance(value, Telemetry):
-                    view.history.append(value)
+                    view.history.append(Report.of(value))
                 elif isinstance(value, NodeStatus) and value.state is not NodeState.ONLINE:
                     view.last_offline = view.seen
                 self._changed.notify_all()
@@ -132,7 +133,7 @@ class FleetView:
         with self._lock:
             return self._nodes.get(node_id)
 
-    def soak_reports(self, node_id: str, start: float) -> tuple[Telemetry | None, list[Telemetry]]:
+    def soak_reports(self, node_id: str, start: float) -> tuple[Report | None, list[Report]]:
         """A node's reports about the time since `start`: those whose interval (telemetry
         reports on the `interval_s` before its stamp) began at or after it; and the report just
         before the first of them (its counters are where the soak's deltas start)."""
@@ -143,7 +144,7 @@ class FleetView:
         first = history.index(inside[0]) if inside else len(history)
         return (history[first - 1] if first > 0 else None), inside
 
-    def telemetry_between(self, node_id: str, start: float, end: float) -> list[Telemetry]:
+    def telemetry_between(self, node_id: str, start: float, end: float) -> list[Report]:
         """A node's kept telemetry stamped in [start, end), oldest first."""
         with self._lock:
             view = self._nodes.get(node_id)
