@@ -60,6 +60,7 @@ from runtime.backend import (
 from runtime.pipeline import ModelPipeline
 from schemas import topics
 from schemas.codec import encode
+from schemas.control import DesiredModel
 from schemas.messages import ErrorKind, NodeState, NodeStatus, Telemetry
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,23 @@ CONNECT_BATCH = 50
 Degradation = Literal["errors", "latency", "crash"]
 DEGRADED_LATENCY_MS = 80.0
 """What `latency` degradation adds to each reported latency (over the 50 ms target)."""
+UPDATE_SLOTS = 4
+"""Model updates under way at once in one simulator process. Each node's manager has a thread;
+2,500 of them updating at once left the one network thread so little of the GIL that every node
+of the site missed its keepalive mid-swap (bench.sites, 10,000 nodes). A real node is a process
+of its own and updates alone."""
+
+
+class _SimManager(ModelManager):
+    """The node's own model manager, whose updates wait for one of the simulator's slots."""
+
+    def __init__(self, slots: threading.Semaphore, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = slots
+
+    def _update(self, desired: DesiredModel, key: tuple[str, str, str]) -> None:
+        with self._slots:
+            super()._update(desired, key)
 
 
 class _SimNode:
@@ -94,7 +112,8 @@ class _SimNode:
         )
         self.session = LoopSession(settings, net, node_id, self._announce)
         self.reporter = ErrorReporter(node_id, self._publish_qos1, self.metrics)
-        self.manager = ModelManager(
+        self.manager = _SimManager(
+            fleet.update_slots,
             ManagerSettings(
                 node_id,
                 group,
@@ -246,6 +265,7 @@ class SimulatedFleet:
             self._temp = tempfile.TemporaryDirectory(prefix="imu-sim-cache-")
         self.cache_dir = cache_dir or Path(self._temp.name)  # type: ignore[union-attr]
         self.models = SharedModels()
+        self.update_slots = threading.Semaphore(UPDATE_SLOTS)
         self.degrade: dict[str, Degradation] = dict(degrade or {})
         """Model version -> how a node serving it degrades (tests of health gates)."""
         self._interval = telemetry_interval_s
