@@ -93,6 +93,13 @@ def examples_text(examples: Sequence[str]) -> str | None:
     return "\n".join([title, *(f"  {line}" for line in examples)])
 
 
+def some_of(names: Sequence[str], shown: int = 5) -> str:
+    """Names for a message: `a, b, c` or, for many, `a, b, c, d, e and 2,495 more`."""
+    if len(names) <= shown:
+        return ", ".join(names)
+    return f"{', '.join(names[:shown])} and {len(names) - shown:,} more"
+
+
 def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
 

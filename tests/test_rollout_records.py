@@ -11,6 +11,8 @@ the work of writing it grow with the fleet.
 
 from __future__ import annotations
 
+import math
+import re
 import shutil
 import subprocess
 import time
@@ -33,7 +35,7 @@ from fleet.simulate.nodes import SimulatedFleet
 from helpers.mqtt import Probe
 from helpers.processes import stop_process
 from helpers.waiting import unique, wait_until
-from node.tools.local_broker import free_port, wait_for_port
+from node.tools.local_broker import LocalBroker, free_port, wait_for_port
 from schemas import topics
 from schemas.codec import encode
 from schemas.control import (
@@ -131,12 +133,51 @@ def test_a_rollout_whose_record_would_outgrow_the_brokers_packets_is_refused_bef
             probe.subscribe("fleet/rollouts/+", "fleet/nodes/+/desired")
             with pytest.raises(RolloutError, match="max_packet_size") as refused:
                 controller.start("tcn-reference", "1.1.0", canary=1,
-                                 gates=RolloutGates(soak_s=1.0))  # fmt: skip
+                                 gates=RolloutGates(soak_s=5.0))  # fmt: skip
             assert "80 nodes" in str(refused.value)
             assert "--group" in str(refused.value)
             time.sleep(1.0)
             assert not probe.messages, "nothing was written and no node was told"
             assert controller.session.is_connected
+        finally:
+            controller.close()
+    finally:
+        probe.close()
+        fleet.stop()
+
+
+@pytest.mark.parametrize("soak_s", [1.0, 2.0])
+def test_a_soak_shorter_than_the_nodes_telemetry_interval_is_refused_before_moving(
+    broker: LocalBroker, tmp_path: Path, soak_s: float
+) -> None:
+    """No report of a node reporting every 3 s lies inside a 2 s soak: each node would fail
+    "no telemetry during the soak" (seen with bench.sites: 2 s on nodes reporting every 5 s).
+    Refused up front, with what to do."""
+    base = build_reference_bundle(tmp_path / "base.tar")
+    new = build_reference_bundle(tmp_path / "new.tar", version="1.1.0", seed=8)
+    publish_bundle(new, broker.url)
+    group = unique("slow")
+    fleet = SimulatedFleet(broker.url, base, count=3, prefix=group, cache_dir=tmp_path / "cache",
+                           telemetry_interval_s=3)  # fmt: skip
+    probe = Probe(broker.url)
+    try:
+        fleet.start(timeout_s=60)
+        controller = Controller.connect(broker.url, client_id=unique("ctl"))
+        try:
+
+            def reported() -> bool:
+                return all(len(controller.view.telemetry_between(n, 0, math.inf)) >= 2
+                           for n in fleet.node_ids)  # fmt: skip
+
+            wait_until(reported, 30, "two reports of every node (the first covers its start)")
+            probe.subscribe("fleet/rollouts/+", f"fleet/groups/{group}-g0/desired")
+            with pytest.raises(RolloutError, match="shorter than the telemetry interval") as no:
+                controller.start("tcn-reference", "1.1.0", group=f"{group}-g0", canary=1,
+                                 gates=RolloutGates(soak_s=soak_s))  # fmt: skip
+            assert f"{group}-0000, {group}-0001, {group}-0002 (up to 3." in str(no.value)
+            assert re.search(r"Soak at least \d+ s", str(no.value)), no.value
+            time.sleep(0.5)
+            assert not [m for m in probe.messages if group in m.topic or group in str(m.payload)]
         finally:
             controller.close()
     finally:

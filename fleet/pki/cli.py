@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 from typing import Final
 
+from common.cli import some_of
 from fleet.pki.bridges import DEFAULT_FILES_DIR, write_bridge_kit
 from fleet.pki.certs import LEAF_DAYS
 from fleet.pki.errors import PkiError
@@ -226,13 +227,6 @@ def read_node_ids(path: Path) -> list[str]:
     return [line for raw in text.splitlines() if (line := raw.split("#", 1)[0].strip())]
 
 
-def _some(names: tuple[str, ...], shown: int = 5) -> str:
-    """`a, b, c` or, for many, `a, b, c, d, e and 2,495 more`."""
-    if len(names) <= shown:
-        return ", ".join(names)
-    return f"{', '.join(names[:shown])} and {len(names) - shown:,} more"
-
-
 def _say(*lines: str) -> None:
     """CLI output on stdout."""
     sys.stdout.write("".join(f"{line}\n" for line in lines))
@@ -274,7 +268,7 @@ def _run(args: argparse.Namespace) -> None:
             else "; results stay on the site"
         )
         _say(
-            f"{kit.client.username} may speak for {_some(kit.client.nodes)}{carried}",
+            f"{kit.client.username} may speak for {some_of(kit.client.nodes)}{carried}",
             f"fleet broker: send it SIGHUP to load the new ACL ({layout.acl_file})",
             f"site broker: copy {args.out}/ to {args.files_dir}/, add {kit.conf.name} to its "
             "mosquitto.conf, restart it",

@@ -78,7 +78,8 @@ ROLLOUT = Command(
             type=float,
             group=GATES,
             help="seconds each wave soaks (default: 3 telemetry intervals of its nodes, 30 s at "
-            "the default 10 s)",
+            "the default 10 s); at least one interval, or the rollout is refused: only reports "
+            "that begin inside the soak count",
         ),
         arg(
             "--max-error-rate",

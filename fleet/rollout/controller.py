@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from common.cli import some_of
 from common.mqtt.connection import Connection
 from common.mqtt.session import MqttSession
 from common.signing import TrustStore, load_private_key, load_trust, sign_message, trust_of
@@ -30,7 +31,7 @@ from fleet.desired import clear_payload, desired_topic
 from fleet.rollout.presence import Presence, presence_session
 from fleet.rollout.records import RolloutBook
 from fleet.rollout.renewal import DesiredBook
-from fleet.rollout.view import FleetView
+from fleet.rollout.view import SLACK_S, FleetView
 from fleet.rollout.waves import (
     HEARTBEAT_S,
     MAX_DEFAULT_SOAK_S,
@@ -59,6 +60,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STALE_S = 3 * HEARTBEAT_S
+SOAK_LATENESS = 1.1
+"""A soak is refused when a node's telemetry interval is longer than it by more than this
+factor: a busy node's report comes a little late, and a soak of its nominal interval works."""
 """A running record not updated for this long has lost its controller."""
 
 
@@ -266,9 +270,34 @@ class Controller(WaveDriver):
             scope_previous=self.desired.current(desired_topic(level, target)),
             site_hold_s=site_hold_s,
         )
+        self._check_soak_spans_a_report(targets, gates)
         self._check_record_fits(record)
         soak = f", soak {gates.soak_s:g} s per wave" if gates else ", no health gates"
         return self._save(record, f"planned {len(targets)} nodes in {len(plan)} waves{soak}")
+
+    def _check_soak_spans_a_report(self, node_ids: list[str], gates: RolloutGates | None) -> None:
+        """Refuse a soak shorter than a node's telemetry interval (that of its latest report):
+        the gates judge the reports whose interval began inside the soak, so such a node would
+        fail each time with "no telemetry during the soak" (seen: `--soak 2` on nodes reporting
+        every 5 s)."""
+        if gates is None:
+            return
+        slow = {
+            n: v.telemetry.interval_s
+            for n in node_ids
+            if (v := self.view.get(n)) is not None
+            and v.telemetry is not None
+            and v.telemetry.interval_s > gates.soak_s * SOAK_LATENESS + SLACK_S
+        }
+        if slow:
+            longest = max(slow.values())
+            msg = (
+                f"a {gates.soak_s:g} s soak is shorter than the telemetry interval of "
+                f"{some_of(sorted(slow))} (up to {longest:.1f} s): no report of theirs would "
+                f"fall inside it and each would fail its gates. Soak at least {math.ceil(longest)} "
+                "s (leave --soak out for 3 intervals), or lower telemetry_interval_s on those nodes"
+            )
+            raise RolloutError(msg)
 
     def _check_record_fits(self, record: RolloutRecord) -> None:
         """Refuse a rollout whose record would outgrow the broker's packet limit once every node

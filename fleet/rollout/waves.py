@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
+from common.cli import some_of
 from common.errors import EdgeError
 from common.mqtt.session import MqttSession
 from common.signing import sign_desired, sign_message
@@ -100,7 +101,7 @@ class WaveDriver:
         strict = self.strict_nodes(node_ids)
         if strict:
             msg = (
-                f"cannot {action} {_some(strict)} without signing: they take only signed desired "
+                f"cannot {action} {some_of(strict)} without signing: they take only signed desired "
                 "states (trust_key); pass --sign-key with the fleet key"
             )
             raise RolloutError(msg)
@@ -568,9 +569,3 @@ def _progress_of(view: NodeView | None, version: str) -> tuple[NodeRolloutState,
     if state.state is ModelLifecycle.FAILED and state.target and state.target.version == version:
         return NodeRolloutState.FAILED, state.last_error
     return NodeRolloutState.UPDATING, None
-
-
-def _some(node_ids: list[str]) -> str:
-    """The first few of `node_ids`, and how many more."""
-    more = f" and {len(node_ids) - 5} more" if len(node_ids) > 5 else ""
-    return ", ".join(node_ids[:5]) + more
