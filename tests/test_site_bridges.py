@@ -13,8 +13,6 @@ is at the fleet, anything sent before it that was going to cross has crossed.
 from __future__ import annotations
 
 import json
-import os
-import pwd
 import shutil
 import signal
 import subprocess
@@ -26,14 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_broker_security import COMPOSE, NOT_AUTHORIZED, Session, open_session, secure_conf
+from test_broker_security import COMPOSE, NOT_AUTHORIZED, Session, open_session
 
 from common.mqtt.address import BrokerAddress
 from common.mqtt.connection import Connection, Credentials
 from fleet import pki
 from fleet.bundles.reference import build_reference_bundle
 from fleet.distribution import publish_bundle
-from fleet.rollout.commands import format_nodes
+from fleet.pki.local_brokers import fleet_broker_conf, site_broker_conf
+from fleet.rollout.commands import Sites, format_nodes, format_record
 from fleet.rollout.controller import Controller, plan_waves_by_site
 from fleet.rollout.view import NodeView
 from helpers.processes import stop_process
@@ -43,7 +42,7 @@ from node.app import NodeApp
 from node.config import load_config
 from node.tools.local_broker import free_port, wait_for_port
 from schemas import topics
-from schemas.control import NodeRolloutState, RolloutRecord, RolloutState
+from schemas.control import DesiredModel, NodeOutcome, NodeRolloutState, RolloutRecord, RolloutState
 from schemas.messages import NodeState, NodeStatus
 
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto")
@@ -104,16 +103,6 @@ class Fleet:
         return session
 
 
-def site_conf(port: int, data: Path, kit: Path) -> str:
-    """A site broker: a loopback listener for its clients, and the bridge kit's block."""
-    return (
-        f"listener {port} 127.0.0.1\nallow_anonymous true\n"
-        f"persistence true\npersistence_location {data}/\n"
-        f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
-        "log_dest stdout\nlog_type error\nlog_type warning\nlog_type notice\n\n" + kit.read_text()
-    )
-
-
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     root = tmp_path_factory.mktemp("sites")
@@ -134,7 +123,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     (root / "fleet-data").mkdir()
     conf = root / "fleet.conf"
     shipped = (COMPOSE / "mosquitto-secure.conf").read_text()
-    conf.write_text(secure_conf(shipped, ports, layout, root / "fleet-data"))
+    conf.write_text(fleet_broker_conf(shipped, ports, layout, root / "fleet-data"))
     fleet_broker = Broker(ports["8883"], conf, root / "fleet.log").start()
     for port in ports.values():
         wait_for_port(port)
@@ -142,7 +131,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     for site, kit in kits.items():
         port, data = free_port(), root / f"{site}-data"
         data.mkdir()
-        (root / f"{site}.conf").write_text(site_conf(port, data, kit))
+        (root / f"{site}.conf").write_text(site_broker_conf(port, data, kit.read_text(), shipped))
         sites[site] = Broker(port, root / f"{site}.conf", root / f"{site}.log").start()
     running = Fleet(layout, fleet_broker, ports["8883"], sites, kits)
     try:
@@ -387,6 +376,40 @@ def test_the_nodes_table_groups_by_site_and_names_down_links() -> None:
     assert "site" not in format_nodes([view("hq1", None)]).splitlines()[0].split()
 
 
+def test_status_shows_a_rollout_per_site_with_its_link_and_held_nodes() -> None:
+    desired = DesiredModel(name="m", version="1.1.0", bundle_sha256="a" * 64, bundle_size=1,
+                           issued_at=1.0)  # fmt: skip
+    held = "held: site farm-b unreachable (link down)"
+    record = RolloutRecord(
+        rollout_id="m-1.1.0-x", desired=desired, waves=[["a1"], ["b1", "hq1"]], max_failures=0,
+        wave_timeout_s=60, created_at=1.0, updated_at=1.0,
+        nodes={
+            "a1": NodeOutcome(wave=0, state=NodeRolloutState.ACTIVE),
+            "b1": NodeOutcome(wave=1, state=NodeRolloutState.UPDATING, error=held),
+            "hq1": NodeOutcome(wave=1, state=NodeRolloutState.UPDATING),
+        },
+    )  # fmt: skip
+    sites = Sites({"a1": "farm-a", "b1": "farm-b", "hq1": None}, {"farm-a": True, "farm-b": False})
+    brief = format_record(record, detailed=False, sites=sites).splitlines()
+    assert brief[1:] == [
+        "  site farm-a (link up): 1 active",
+        "  site farm-b (link DOWN): 1 held",
+        "  no site: 1 updating",
+    ]
+    lines = format_record(record, detailed=True, sites=sites).splitlines()
+    heads = [line.strip() for line in lines if line.startswith("  site") or "no site" in line]
+    assert heads == [
+        "site farm-a (link up): 1 active",
+        "site farm-b (link DOWN): 1 held",
+        "no site: 1 updating",
+    ]
+    b1 = next(line for line in lines if line.split()[0] == "b1")
+    assert lines.index(b1) == lines.index("  site farm-b (link DOWN): 1 held") + 1
+    assert held in b1
+    unnamed = Sites({"a1": None, "b1": None, "hq1": None}, {})
+    assert format_record(record, detailed=False, sites=unnamed).count("\n") == 0
+
+
 # -- a rollout across sites, and a rollback while one is away ---------------------------------
 
 
@@ -464,9 +487,10 @@ def test_a_rollout_crosses_sites_and_a_rollback_reaches_the_site_that_was_away(
             app.stop("test finished")
 
 
-def test_waves_by_site_put_a_canary_in_one_site_then_that_site_then_the_rest() -> None:
+def test_waves_by_site_put_a_canary_in_one_site_then_that_site_then_each_other_site() -> None:
     sites = {"farm-b": ["b2", "b1"], "farm-a": ["a2", "a1", "a3"], "": ["hq1"], "farm-c": ["c1"]}
-    assert plan_waves_by_site(sites, canary=1) == [["a1"], ["a2", "a3"], ["b1", "b2", "c1", "hq1"]]
+    assert plan_waves_by_site(sites, canary=1) == [["a1"], ["a2", "a3"], ["b1", "b2"], ["c1"],
+                                                   ["hq1"]]  # fmt: skip
     assert plan_waves_by_site({"farm-a": ["a1"]}, canary=1) == [["a1"]]
     assert plan_waves_by_site({"": ["n2", "n1"]}, canary=1) == [["n1"], ["n2"]]
     assert plan_waves_by_site({}, canary=1) == []
@@ -604,3 +628,68 @@ def test_after_a_fleet_broker_restart_the_bridges_return_and_retained_state_hold
         spy.close()
         for session in sites.values():
             session.close()
+
+
+def test_a_killed_fleet_broker_returns_with_what_it_saved_and_the_sites_follow_it(
+    fleet: Fleet,
+) -> None:
+    """The fleet broker killed, not stopped: mosquitto writes its retained messages to disk on
+    its autosave (60 s), on SIGUSR1 and on a clean stop, so an order given after the last save
+    is gone when it returns. The sites then follow what the fleet broker holds: each bridge
+    subscribes again and gets the saved order, retained, in place of the newer one. Publishing
+    the fleet's choice again (the controller service renews its orders) brings every site to it.
+    """
+    topic = topics.group_desired("crash")
+    saved, lost = token(), token()
+    ctl = fleet.fleet_session("fleet-ctl")
+    sites = {site: fleet.site_session(site) for site in SITES}
+    try:
+        for session in sites.values():
+            session.subscribe(topic)
+        assert ctl.publish(topic, saved, retain=True) == 0
+        for site, session in sites.items():
+            assert session.wait_for(saved, 20), f"{site}: the first order"
+        assert fleet.fleet.process is not None
+        database = fleet.fleet.conf.parent / "fleet-data" / "mosquitto.db"
+        before = database.stat().st_mtime_ns if database.exists() else 0
+        fleet.fleet.process.send_signal(signal.SIGUSR1)  # mosquitto saves its database now
+        wait_until(lambda: database.exists() and database.stat().st_mtime_ns > before, 10,
+                   "the fleet broker's save")  # fmt: skip
+        assert ctl.publish(topic, lost, retain=True) == 0
+        for site, session in sites.items():
+            assert session.wait_for(lost, 20), f"{site}: the second order"
+        ctl.close()
+        fleet.fleet.kill()
+        fleet.fleet.start()
+        spy = ctl = fleet.fleet_session("fleet-ctl")
+        spy.subscribe(topic)
+        assert spy.wait_for(saved), "the saved order is what the fleet broker holds"
+        assert lost not in [body for t, body in spy.messages if t == topic]
+        for site in SITES:
+            fresh = fleet.site_session(site)
+            try:
+                fresh.subscribe(topic)
+                wait_until(lambda fresh=fresh: retained_now(fresh, topic) == saved, 90,
+                           f"{site} follows the fleet broker's saved order")  # fmt: skip
+            finally:
+                fresh.close()
+        assert ctl.publish(topic, lost, retain=True) == 0  # the fleet's choice, given again
+        for site in SITES:
+            fresh = fleet.site_session(site)
+            try:
+                fresh.subscribe(topic)
+                wait_until(lambda fresh=fresh: retained_now(fresh, topic) == lost, 30,
+                           f"{site} holds the fleet's choice again")  # fmt: skip
+            finally:
+                fresh.close()
+    finally:
+        ctl.publish(topic, b"", retain=True)
+        ctl.close()
+        for session in sites.values():
+            session.close()
+
+
+def retained_now(session: Session, topic: str) -> bytes | None:
+    """What a site holds retained on `topic`: the newest message `session` got there."""
+    bodies = [body for t, body in session.messages if t == topic]
+    return bodies[-1] if bodies else None
