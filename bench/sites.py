@@ -51,6 +51,7 @@ from fleet import pki
 from fleet.bundles.reference import build_reference_bundle
 from fleet.distribution import publish_bundle
 from fleet.pki.local_brokers import fleet_broker_conf, site_broker_conf
+from fleet.pki.login import client_login
 from fleet.rollout.controller import Controller
 from fleet.simulate.nodes import raise_open_files
 from node.tools.local_broker import free_port, wait_for_port
@@ -127,14 +128,10 @@ def split(total: int, parts: int) -> list[int]:
 
 
 def fleet_login(layout: pki.Layout, port: int, username: str) -> Connection:
-    return Connection(
-        BrokerAddress.parse(f"mqtts://localhost:{port}"),
-        credentials=Credentials(
-            ca_file=str(layout.ca_cert),
-            cert_file=str(layout.client_file(username, "crt")),
-            key_file=str(layout.client_file(username, "key")),
-        ),
-    )
+    """`username` on the fleet broker with the certificate `imu-fleet pki` made for it."""
+    broker = Connection(BrokerAddress.parse(f"mqtts://localhost:{port}"),
+                        credentials=Credentials(ca_file=str(layout.ca_cert)))  # fmt: skip
+    return client_login(broker, username, layout.clients)
 
 
 def start_brokers(

@@ -186,10 +186,11 @@ class NodeOutcome(Outbound):
         body: dict[str, Any] = handler(self)
         if not (info.context or {}).get(WIRE):
             return body
+        fields = type(self).model_fields
         return {
             name: value
             for name, value in body.items()
-            if name == "wave" or getattr(self, name) != type(self).model_fields[name].default
+            if fields[name].is_required() or getattr(self, name) != fields[name].default
         }
 
 

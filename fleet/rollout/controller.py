@@ -60,10 +60,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STALE_S = 3 * HEARTBEAT_S
+"""A running record not updated for this long has lost its controller."""
 SOAK_LATENESS = 1.1
 """A soak is refused when a node's telemetry interval is longer than it by more than this
 factor: a busy node's report comes a little late, and a soak of its nominal interval works."""
-"""A running record not updated for this long has lost its controller."""
 
 
 def plan_waves(node_ids: list[str], canary: int, percents: list[int]) -> list[list[str]]:
@@ -130,8 +130,8 @@ class Controller(WaveDriver):
         self._watching_since = time.time()
         """When this controller began to receive the fleet's telemetry."""
         self._last_saved: dict[str, float] = {}
-        self._save_cost = 0.0
         """Rollout id -> when this controller last wrote its record (monotonic)."""
+        self._save_cost = 0.0
 
     @classmethod
     def connect(

@@ -8,8 +8,8 @@ version, expiry, size, shape, golden) is the node's own code. Shared, to fit 1,0
 * one cache folder, fetched into in single flight (each node still checks the file's sha256);
 * one golden-checked ONNX Runtime session per bundle sha256 (refusals remembered likewise); each
   node gets its own `ModelPipeline` on it; the swap only replaces the node's reference;
-* one network thread. paho's `loop()` uses select(), which fails on descriptors above 1023, so a
-  process cannot run more than ~330 `MqttSession` threads; one epoll loop drives them all here.
+* one network thread: an `MqttSession` per node would be a thread per node; one epoll loop
+  drives them all here.
 
 Sensors are not simulated: per telemetry interval a node counts one golden window, run once per
 model version and round of telemetry on the shared session, so `windows_per_s` and latency count
